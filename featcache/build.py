@@ -1,0 +1,241 @@
+"""``featcache build``: run a teacher once over a dataset split and cache its features.
+
+The loop: a DataLoader yields test-pipeline batches, the teacher runs with forward hooks (and
+stops after the last hooked module, skipping heads and NMS), and a background writer encodes
+and stores each sample while the teacher computes the next. Resuming is the default: rows whose
+records say complete are skipped. Under torchrun every rank builds the rows it owns.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from featcache import codecs, format, models, store
+from featcache.errors import CacheMismatchError, InvalidFeatureError
+from featcache.teacher import Teacher
+from featcache.world import World, close_world, init_world
+from featcache.writer import BackgroundWriter, CacheWriter
+
+logger = logging.getLogger("featcache.build")
+DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
+
+
+@dataclass
+class BuildOptions:
+    teacher_config: str
+    checkpoint: str
+    out: str
+    layers: Sequence[str] = DEFAULT_LAYERS
+    split: str = "train"
+    codec: str | None = None
+    cfg_options: dict[str, Any] = field(default_factory=dict)
+    force: bool = False
+    batch_size: int = 1
+    num_workers: int = 1
+    device: str | None = None
+    storage_options: dict[str, Any] | None = None
+    rows: Sequence[int] | None = None  # rebuild only these rows (verify --repair)
+    writer_depth: int = 4
+    trust_globals: Sequence[str] = ()
+    progress: bool = True
+
+
+@dataclass
+class BuildResult:
+    location: str
+    total: int
+    written: int
+    already_complete: int
+    invalid_keys: list[str]
+    seconds: float
+    stored_bytes: int
+    raw_bytes: int
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("featcache", "torch", "mmdet3d", "mmdet", "mmengine", "mmcv", "spconv", "zarr", "numcodecs", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _pipeline_list(dataset_cfg) -> list[dict[str, Any]]:
+    return json.loads(json.dumps(dataset_cfg.get("pipeline", []), default=str))
+
+
+def _mismatches(existing: format.Manifest, wanted: dict[str, Any]) -> list[str]:
+    have = existing.identity()
+    return [f"{name}: cache has {have[name]!r}, this build has {wanted[name]!r}"
+            for name in wanted if have.get(name) != wanted[name]]
+
+
+class Builder:
+    """One build run; see :func:`build_cache`."""
+
+    def __init__(self, options: BuildOptions) -> None:
+        self.options = options
+        self.world: World = init_world()
+        self.device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.teacher = Teacher(options.teacher_config, options.checkpoint, options.layers, split=options.split,
+                               cfg_options=options.cfg_options, device=self.device,
+                               trust_globals=options.trust_globals)
+        self.modules, self.cfg, self.keys = self.teacher.modules, self.teacher.cfg, self.teacher.keys
+        self.dataset_cfg = self.teacher.dataset_cfg
+        self.invalid_keys: list[str] = []
+
+    # -- identity ---------------------------------------------------------------------------
+    def _identity(self, layer_names: list[str], codec_by_layer: dict[str, codecs.CodecSpec]) -> dict[str, Any]:
+        return {
+            "teacher_model_sha256": format.sha256_text(self.cfg.model.pretty_text if hasattr(self.cfg.model, "pretty_text")
+                                                       else json.dumps(self.cfg.model.to_dict(), sort_keys=True, default=str)),
+            "checkpoint_sha256": self._checkpoint_sha256,
+            "layers": [(name, codec_by_layer[name].name) for name in layer_names],
+            "dataset_id": format.dataset_identity(self.keys),
+            "num_samples": len(self.keys),
+            "pipeline_sha256": format.sha256_text(json.dumps(_pipeline_list(self.dataset_cfg), sort_keys=True, default=str)),
+        }
+
+    def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:
+        names = list(shapes)
+        codec_by_layer = codecs.parse_codec_option(self.options.codec, names)
+        identity = self._identity(names, codec_by_layer)
+        layers = tuple(format.LayerSpec(name=name, module=name.rsplit(".", 1)[0] if name not in self.modules else name,
+                                        index=None if name in self.modules else int(name.rsplit(".", 1)[1]),
+                                        shape=shapes[name], codec=codec_by_layer[name]) for name in names)
+        return format.Manifest(
+            layers=layers, num_samples=len(self.keys), dataset_id=identity["dataset_id"],
+            teacher_config=self.cfg.pretty_text, teacher_config_path=os.path.abspath(str(
+                models.resolve_config_path(self.options.teacher_config))),
+            teacher_model_sha256=identity["teacher_model_sha256"], checkpoint_sha256=self._checkpoint_sha256,
+            pipeline=_pipeline_list(self.dataset_cfg), split=self.options.split, versions=library_versions(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
+                   "cfg_options": self.options.cfg_options, "keys_from": "token / sample_idx / lidar file name"})
+
+    # -- teacher ----------------------------------------------------------------------------
+    def _loader(self, rows: Sequence[int]):
+        return self.teacher.loader(rows, self.options.batch_size, self.options.num_workers)
+
+    def _open_or_create(self) -> CacheWriter:
+        options, out = self.options, self.options.out
+        exists = store.exists(out, options.storage_options)
+        if exists and not options.force:
+            writer = CacheWriter.open(out, options.storage_options)
+            names = writer.manifest.layer_names
+            modules = writer.manifest.extra.get("modules")
+            problems = [] if modules == list(self.modules) else [
+                f"modules: cache has {modules}, this build has {list(self.modules)}"]
+            problems += _mismatches(writer.manifest, self._identity(names, codecs.parse_codec_option(options.codec, names)))
+            if problems:
+                raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
+                                         "\nUse another --out, or --force to erase it and start over.")
+            return writer
+        if self.world.is_main:
+            if exists:
+                logger.warning("--force: erasing the cache at %s", out)
+            rows, keys, batch = next(iter(self._loader([0])))
+            features = self.teacher.features(batch)
+            shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
+            writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options)
+            self._write_directly(writer, rows[0], keys[0], {name: value[0] for name, value in features.items()})
+        self.world.barrier()
+        return writer if self.world.is_main else CacheWriter.open(out, options.storage_options)
+
+    def _write_directly(self, writer: CacheWriter, row: int, key: str, features: dict[str, np.ndarray]) -> None:
+        try:
+            writer.write_sample(row, features)
+        except InvalidFeatureError as exc:
+            writer.mark_invalid(row)
+            self._report_invalid(key, exc)
+
+    def _report_invalid(self, key: str, exc: Exception) -> None:
+        self.invalid_keys.append(key)
+        logger.error("sample %r: teacher output not finite (%s); not cached, marked invalid", key, exc)
+
+    # -- run --------------------------------------------------------------------------------
+    def run(self) -> BuildResult:
+        start = time.perf_counter()
+        self._checkpoint_sha256 = format.sha256_file(self.options.checkpoint)
+        writer = self._open_or_create()
+        if self.options.rows is not None:
+            writer.clear([row for row in self.options.rows if self.world.owns(row)])
+        status = writer.status()
+        wanted = set(range(len(self.keys))) if self.options.rows is None else set(self.options.rows)
+        rows = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_MISSING]
+        already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
+                          and status[row] == format.STATUS_COMPLETE))
+        background = BackgroundWriter(writer, depth=self.options.writer_depth, on_invalid=self._report_invalid)
+        progress = _Progress(len(rows), writer, enabled=self.options.progress and self.world.is_main,
+                             rank_note=f" (rank 0 of {self.world.size})" if self.world.size > 1 else "")
+        try:
+            if rows:
+                for batch_rows, batch_keys, batch in self._loader(rows):
+                    features = self.teacher.features(batch)
+                    for position, (row, key) in enumerate(zip(batch_rows, batch_keys)):
+                        background.submit(row, key, {name: value[position] for name, value in features.items()})
+                    progress.update(len(batch_rows))
+        finally:
+            # whatever was computed before a failure is still written
+            background.close()
+            progress.close()
+        self.world.barrier()
+        if self.world.is_main:
+            final = writer.status()
+            writer.set_progress(complete=int((final == format.STATUS_COMPLETE).sum()),
+                                invalid=int((final == format.STATUS_INVALID).sum()),
+                                missing=int((final == format.STATUS_MISSING).sum()))
+        result = BuildResult(location=self.options.out, total=len(self.keys), written=writer.stats.samples,
+                             already_complete=already, invalid_keys=list(self.invalid_keys),
+                             seconds=time.perf_counter() - start, stored_bytes=writer.stats.stored_bytes,
+                             raw_bytes=writer.stats.raw_bytes)
+        return result
+
+
+class _Progress:
+    """tqdm bar with samples/s, ETA (tqdm's own) and MB/s written, bytes/sample (from the writer)."""
+
+    def __init__(self, total: int, writer: CacheWriter, enabled: bool, rank_note: str = "") -> None:
+        self.writer = writer
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="sample", desc=f"featcache build{rank_note}", dynamic_ncols=True)
+
+    def update(self, count: int) -> None:
+        if self.bar is None:
+            return
+        stats = self.writer.stats
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        if stats.samples:
+            self.bar.set_postfix_str(f"{stats.stored_bytes / elapsed / 1e6:.1f} MB/s written, "
+                                     f"{stats.stored_bytes / stats.samples / 1e6:.2f} MB/sample "
+                                     f"({stats.raw_bytes / max(stats.stored_bytes, 1):.1f}x smaller than fp32)",
+                                     refresh=False)
+        self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_cache(options: BuildOptions) -> BuildResult:
+    """Build (or resume, or with ``rows`` repair) the cache ``options.out``; see :class:`BuildOptions`."""
+    builder = Builder(options)
+    try:
+        return builder.run()
+    finally:
+        close_world(builder.world)

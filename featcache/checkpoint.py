@@ -1,0 +1,147 @@
+"""Load OpenMMLab checkpoints safely under torch's ``weights_only`` unpickler.
+
+torch>=2.6 loads with ``weights_only=True`` by default, which refuses every type outside its
+allow-list. Real mmdet3d/mmengine checkpoints hold numpy scalars, dtypes and arrays (in ``meta``
+and in the message hub) and mmengine's ``HistoryBuffer``; mmengine 0.10.7's ``load_checkpoint``
+then fails. featcache allows exactly those types and nothing else: a checkpoint that needs any
+other global is refused with its name, never unpickled with ``weights_only=False``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pickle
+import zipfile
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from featcache.errors import CheckpointError, UnsafeCheckpointError
+
+#: Globals that OpenMMLab checkpoints legitimately contain (numpy data in meta and message hub
+#: history). Each is data-only: reconstructing it cannot run arbitrary code.
+OPENMMLAB_SAFE_GLOBALS: tuple[str, ...] = (
+    "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.Float64DType",
+    "numpy.dtypes.Float32DType",
+    "numpy.dtypes.Float16DType",
+    "numpy.dtypes.Int64DType",
+    "numpy.dtypes.Int32DType",
+    "numpy.dtypes.UInt8DType",
+    "numpy.dtypes.BoolDType",
+    "mmengine.logging.history_buffer.HistoryBuffer",
+    "collections.defaultdict",
+    "builtins.set",
+)
+
+
+def _resolve(qualified_name: str) -> Any | None:
+    module_name, _, attribute = qualified_name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError):
+        return None
+
+
+def safe_globals(extra: Iterable[str] = ()) -> list[Any]:
+    """The allow-listed globals that exist in this environment, plus ``extra`` qualified names."""
+    resolved = []
+    for name in (*OPENMMLAB_SAFE_GLOBALS, *extra):
+        obj = _resolve(name)
+        if obj is None and name in extra:
+            raise CheckpointError(f"--trust-global {name!r} does not name an importable object")
+        if obj is not None and obj not in resolved:
+            resolved.append(obj)
+    return resolved
+
+
+@contextlib.contextmanager
+def openmmlab_safe_globals(extra: Iterable[str] = ()) -> Iterator[None]:
+    """Allow OpenMMLab's checkpoint types for every ``torch.load`` in the block, including
+    mmengine's own (its Runner resumes with a plain ``torch.load``)."""
+    with torch.serialization.safe_globals(safe_globals(extra)):
+        yield
+
+
+def allow_openmmlab_globals_for_process(extra: Iterable[str] = ()) -> None:
+    """Register the allow-list process-wide, for code paths (mmengine's Runner.resume) that
+    call ``torch.load`` outside featcache's control."""
+    torch.serialization.add_safe_globals(safe_globals(extra))
+
+
+def _unsafe_globals(path: str, allowed: list[Any]) -> list[str]:
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: the unpickling error itself says enough
+        return []
+    allowed_names = {f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}" for obj in allowed}
+    return [name for name in needed if name not in allowed_names]
+
+
+def load_checkpoint_file(path: str | os.PathLike, trust_globals: Iterable[str] = (),
+                         map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint with the weights-only unpickler and the OpenMMLab allow-list.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or not a PyTorch checkpoint.
+        UnsafeCheckpointError: the pickle needs types outside the allow-list (named in the message).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    extra = tuple(trust_globals)
+    allowed = safe_globals(extra)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path, allowed)
+        if unsafe or "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
+            names = ", ".join(unsafe) or str(exc).split("\n")[0]
+            raise UnsafeCheckpointError(
+                f"checkpoint {path!r} references types outside featcache's allow-list: {names}. It was not "
+                "unpickled. If you trust the file and the type is plain data, pass --trust-global "
+                "<module.Name> for each.") from exc
+        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint: {exc}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint "
+                              f"(truncated or another format): {exc}") from exc
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(checkpoint).__name__}, not a dict of weights")
+    return checkpoint
+
+
+def state_dict_of(checkpoint: dict[str, Any], path: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights in a checkpoint dict (mmengine's ``state_dict`` / ``model`` key or bare)."""
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not checkpoint or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise CheckpointError(f"{path} has no model weights (expected a 'state_dict' of tensors)")
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True,
+                 trust_globals: Iterable[str] = ()) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (safely) and return the checkpoint's ``meta``.
+
+    ``strict`` refuses missing or unexpected keys, naming them: a teacher with silently random
+    layers would poison every cached feature.
+    """
+    checkpoint = load_checkpoint_file(path, trust_globals)
+    weights = state_dict_of(checkpoint, os.fspath(path))
+    result = model.load_state_dict(weights, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise CheckpointError(
+            f"checkpoint {os.fspath(path)!r} does not fit the model: missing {result.missing_keys[:8]}"
+            f"{'...' if len(result.missing_keys) > 8 else ''}, unexpected {result.unexpected_keys[:8]}"
+            f"{'...' if len(result.unexpected_keys) > 8 else ''}")
+    meta = checkpoint.get("meta", {})
+    return meta if isinstance(meta, dict) else {}

@@ -1,0 +1,184 @@
+"""The ``featcache`` command line (click). Heavy imports happen inside commands, so
+``featcache --help`` is instant."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from featcache.errors import FeatcacheError
+
+
+def _fail_cleanly(command: Callable) -> Callable:
+    """featcache's own errors end the command with their message and exit status 1, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except FeatcacheError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    return wrapper
+
+
+def _storage_options(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--storage-options") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
+    return value
+
+
+storage_option = click.option("--storage-options", default=None, metavar="JSON",
+                              help='fsspec options for URL caches, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000"}}\'.')
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="featcache")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Offline teacher-feature caching and distillation for lidar BEV detectors."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("teacher_config")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, help="Cache directory or fsspec URL (s3://...).")
+@click.option("--layers", default="pts_middle_encoder,pts_backbone,pts_neck", show_default=True,
+              help="Comma-separated module names to record.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
+@click.option("--codec", default=None, help="fp16-zstd1 (default), fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
+                                            "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
+@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override config entries (repeatable).")
+@click.option("--force", is_flag=True, help="Erase an existing cache at --out and start over.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True, help="DataLoader workers.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available).")
+@click.option("--trust-global", multiple=True, metavar="MODULE.NAME",
+              help="Allow one more type in the checkpoint's pickle (only for checkpoints you trust).")
+@storage_option
+@_fail_cleanly
+def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: str, codec: str | None,
+          cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
+          trust_global: tuple[str, ...], storage_options: str | None) -> None:
+    """Run TEACHER_CONFIG with CHECKPOINT once over a split and cache its features.
+
+    Re-running the same command resumes; under `torchrun --nproc_per_node N` ranks share the work.
+    """
+    from featcache.build import BuildOptions, build_cache
+    from featcache.models import parse_cfg_options
+
+    result = build_cache(BuildOptions(
+        teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
+        cfg_options=parse_cfg_options(cfg_options), force=force, batch_size=batch_size, num_workers=num_workers,
+        device=device, storage_options=_storage_options(storage_options), trust_globals=trust_global))
+    click.echo(f"{result.location}: wrote {result.written} samples in {result.seconds:.1f}s "
+               f"({result.already_complete} already complete, {result.total} in split)")
+    if result.invalid_keys:
+        raise click.ClickException(f"{len(result.invalid_keys)} samples had non-finite teacher output and were not "
+                                   f"cached: {', '.join(result.invalid_keys)}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--repair", is_flag=True, help="Rebuild missing/corrupt samples with the teacher.")
+@click.option("--teacher-config", default=None, help="For --repair (default: the path in the manifest).")
+@click.option("--checkpoint", default=None, help="For --repair (default: the path in the manifest).")
+@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="For --repair: as given to build.")
+@storage_option
+@_fail_cleanly
+def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str | None,
+           cfg_options: tuple[str, ...], storage_options: str | None) -> None:
+    """Check presence and checksum of every sample; exit 1 listing bad samples."""
+    from featcache.verify import verify_cache
+
+    options = _storage_options(storage_options)
+    report = verify_cache(cache, options, progress=sys.stderr.isatty())
+    click.echo(report.summary())
+    if repair and report.bad_rows:
+        from featcache.build import BuildOptions, build_cache
+        from featcache.models import parse_cfg_options
+        from featcache.reader import open_cache
+
+        manifest = open_cache(cache, options).manifest
+        checkpoint = checkpoint or manifest.extra.get("checkpoint_path")
+        if not checkpoint:
+            raise click.UsageError("--repair needs --checkpoint (the manifest does not record one)")
+        codec = ",".join(f"{layer.name}={layer.codec.name}" for layer in manifest.layers)
+        result = build_cache(BuildOptions(
+            teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=cache,
+            layers=manifest.extra["modules"], split=manifest.split, codec=codec,
+            cfg_options=parse_cfg_options(cfg_options), storage_options=options, rows=report.bad_rows))
+        click.echo(f"repaired {result.written} samples")
+        report = verify_cache(cache, options)
+        click.echo(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command(name="inspect")
+@click.argument("cache")
+@click.option("--fidelity", "fidelity_samples", type=click.IntRange(min=0), default=0,
+              help="Re-run the teacher on N samples and compare with the decoded cache.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG of a sample's BEV energy.")
+@click.option("--sample", default=None, help="Sample key for --plot (default: the first complete one).")
+@click.option("--checkpoint", default=None, help="Teacher checkpoint for --fidelity (default: from the manifest).")
+@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="For --fidelity: as given to build.")
+@storage_option
+@_fail_cleanly
+def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample: str | None, checkpoint: str | None,
+                    cfg_options: tuple[str, ...], storage_options: str | None) -> None:
+    """Manifest, per-layer shape/dtype/codec, bytes per sample, compression ratio, completion."""
+    import numpy as np
+
+    from featcache import format
+    from featcache.inspection import describe, fidelity, plot_sample
+    from featcache.reader import open_cache
+
+    options = _storage_options(storage_options)
+    click.echo(describe(cache, options))
+    reader = open_cache(cache, options)
+    complete = np.flatnonzero(reader.status() == format.STATUS_COMPLETE)
+    if plot:
+        key = sample or (reader.keys[complete[0]] if len(complete) else None)
+        if key is None:
+            raise click.ClickException("no complete sample to plot")
+        click.echo(f"wrote {plot_sample(reader, key, plot)} (sample {key})")
+    if fidelity_samples:
+        from featcache.teacher import Teacher
+        from featcache.models import parse_cfg_options
+
+        manifest = reader.manifest
+        teacher = Teacher.from_manifest(manifest, checkpoint=checkpoint, cfg_options=parse_cfg_options(cfg_options))
+        click.echo(f"\nfidelity vs fp32 teacher output ({min(fidelity_samples, len(complete))} samples)")
+        for row in complete[:fidelity_samples]:
+            reference = teacher.features_of_row(int(row))
+            for name, figures in fidelity(reader, reference, int(row)).items():
+                click.echo(f"  {reader.keys[row]:<34} {name:<22} cosine {figures['cosine']:.6f}  "
+                           f"max|err| {figures['max_abs_error']:.3g} (max|x| {figures['max_abs_value']:.3g})")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--format", "export_format", type=click.Choice(["hdf5"]), required=True)
+@click.argument("out", type=click.Path(dir_okay=False))
+@storage_option
+@_fail_cleanly
+def export(cache: str, export_format: str, out: str, storage_options: str | None) -> None:
+    """Export CACHE to OUT (one HDF5 file the reader also opens)."""
+    from featcache.export import export_hdf5
+
+    click.echo(f"wrote {export_hdf5(cache, out, _storage_options(storage_options), progress=sys.stderr.isatty())}")
+
+
+if __name__ == "__main__":
+    main()

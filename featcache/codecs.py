@@ -1,0 +1,145 @@
+"""How one cached feature map is turned into stored values and back.
+
+A codec is named ``<precision>-<compressor>`` (``fp16-zstd1``, ``int8-lz4``, ``fp32-none``):
+
+- precision ``fp32`` (bit-exact), ``fp16``, ``bf16`` (float32 with its mantissa rounded to bf16's 7
+  bits by numcodecs' BitRound: bf16's precision, while any zarr reader can decode the float32
+  values; the zeroed mantissa bits are what the compressor then removes) or ``int8``
+  (uint8 with a per-sample, per-channel affine scale: BEV channels differ in range by orders of
+  magnitude, one global scale loses the small ones);
+- compressor ``zstd<level>`` (default level 1), ``lz4`` (blosc-lz4 with byte shuffle) or ``none``.
+
+The precision step (:func:`encode` / :func:`decode`) is done by featcache in numpy, so its
+result can be checksummed; the compressor is a zarr codec, applied by zarr per chunk.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import ConfigError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+COMPRESSORS = ("zstd", "lz4", "none")
+BF16_KEEPBITS = 7
+_CODEC_RE = re.compile(r"^(?P<precision>[a-z0-9]+)-(?P<compressor>[a-z]+)(?P<level>\d+)?$")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A validated codec choice for one cached layer."""
+
+    precision: str = "fp16"
+    compressor: str = "zstd"
+    level: int = 1
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.compressor not in COMPRESSORS:
+            raise ConfigError(f"unknown compressor {self.compressor!r}; choose one of {', '.join(COMPRESSORS)}")
+        if self.compressor == "zstd" and not -7 <= self.level <= 22:
+            raise ConfigError(f"zstd level must be in -7..22, got {self.level}")
+
+    @property
+    def name(self) -> str:
+        suffix = f"zstd{self.level}" if self.compressor == "zstd" else self.compressor
+        return f"{self.precision}-{suffix}"
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": np.float32, "int8": np.uint8}[self.precision])
+
+    @property
+    def lossless(self) -> bool:
+        return self.precision == "fp32"
+
+    def zarr_codecs(self) -> dict[str, Any]:
+        """Keyword arguments for ``zarr.create_array``: the filters and compressors of this codec."""
+        import zarr.codecs
+
+        if self.compressor == "zstd":
+            compressors: Any = [zarr.codecs.ZstdCodec(level=self.level)]
+        elif self.compressor == "lz4":
+            compressors = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle",
+                                                  typesize=self.storage_dtype.itemsize)]
+        else:
+            compressors = None
+        return {"compressors": compressors}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "precision": self.precision, "compressor": self.compressor, "level": self.level}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CodecSpec":
+        return cls(precision=data["precision"], compressor=data["compressor"], level=int(data["level"]))
+
+
+DEFAULT_CODEC = CodecSpec()
+
+
+def parse_codec(text: str) -> CodecSpec:
+    """Parse ``fp16-zstd1`` style names; the error lists what is valid."""
+    match = _CODEC_RE.match(text.strip().lower())
+    if not match:
+        raise ConfigError(
+            f"codec {text!r} is not of the form <precision>-<compressor>, e.g. fp16-zstd1, int8-lz4, fp32-none "
+            f"(precisions: {', '.join(PRECISIONS)}; compressors: zstd<level>, lz4, none)")
+    level = match["level"]
+    if level is not None and match["compressor"] != "zstd":
+        raise ConfigError(f"codec {text!r}: only zstd takes a level")
+    return CodecSpec(match["precision"], match["compressor"], int(level) if level is not None else 1)
+
+
+def parse_codec_option(text: str | None, layer_names: list[str]) -> dict[str, CodecSpec]:
+    """Parse ``--codec``: one codec for all layers (``fp16-zstd1``) or per layer
+    (``pts_neck=int8-zstd3,pts_backbone=fp16-lz4``; unnamed layers keep the default)."""
+    if not text:
+        return {name: DEFAULT_CODEC for name in layer_names}
+    if "=" not in text:
+        codec = parse_codec(text)
+        return {name: codec for name in layer_names}
+    chosen = {name: DEFAULT_CODEC for name in layer_names}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        layer, _, codec_text = item.partition("=")
+        matches = [name for name in layer_names if name == layer or name.startswith(layer + ".")]
+        if not matches:
+            raise ConfigError(f"--codec names layer {layer!r}, which is not recorded; recorded: {', '.join(layer_names)}")
+        for name in matches:
+            chosen[name] = parse_codec(codec_text)
+    return chosen
+
+
+def encode(features: np.ndarray, codec: CodecSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """Turn a float32 ``(C, H, W)`` map into the stored values, plus int8's ``(2, C)`` scale/offset."""
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if codec.precision == "fp32":
+        return features, None
+    if codec.precision == "bf16":
+        from numcodecs import BitRound
+
+        return BitRound(keepbits=BF16_KEEPBITS).encode(features).view(np.float32).reshape(features.shape), None
+    if codec.precision == "fp16":
+        return features.astype(np.float16), None
+    per_channel = features.reshape(features.shape[0], -1)
+    low = per_channel.min(axis=1)
+    high = per_channel.max(axis=1)
+    scale = (high - low) / 255.0
+    scale[scale == 0] = 1.0
+    shape = (-1,) + (1,) * (features.ndim - 1)
+    quantised = np.rint((features - low.reshape(shape)) / scale.reshape(shape))
+    stored = np.clip(quantised, 0, 255).astype(np.uint8)
+    return stored, np.stack([scale, low]).astype(np.float32)
+
+
+def decode(stored: np.ndarray, codec: CodecSpec, qparams: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`encode`: float32 features from stored values (and int8's scale/offset)."""
+    if codec.precision != "int8":
+        return stored.astype(np.float32, copy=False)
+    if qparams is None:
+        raise ValueError("int8 features need their per-channel scale/offset to decode")
+    shape = (-1,) + (1,) * (stored.ndim - 1)
+    return stored.astype(np.float32) * qparams[0].reshape(shape) + qparams[1].reshape(shape)

@@ -1,0 +1,173 @@
+"""The on-disk format of a feature cache (version 1), documented in FORMAT.md.
+
+One Zarr v3 group::
+
+    <cache>/zarr.json            group; attributes["featcache"] = Manifest.to_dict()
+    <cache>/keys                 (N,) str      sample identity (token / sample_idx), row order
+    <cache>/features/<layer>     (N, C, H, W)  stored values, chunk = 1 sample, no shards
+    <cache>/qparams/<layer>      (N, 2, C)     int8 layers only: per-channel scale and offset
+    <cache>/records              (N, 1 + L)    uint32, chunk = 1 sample: [status, crc32c per layer]
+
+A sample is complete when its ``records`` row says :data:`STATUS_COMPLETE`; the row is written
+only after every feature chunk of the sample, so a crash can leave unrecorded chunks, never a
+recorded sample with missing data. One chunk per sample means every sample is its own object in
+every array: ranks write disjoint samples with no locks, and a reader touches only its sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache.codecs import CodecSpec
+from featcache.errors import CacheFormatError
+
+FORMAT_NAME = "featcache"
+FORMAT_VERSION = 1
+KEYS_ARRAY = "keys"
+RECORDS_ARRAY = "records"
+FEATURES_GROUP = "features"
+QPARAMS_GROUP = "qparams"
+
+STATUS_MISSING = 0
+STATUS_COMPLETE = 1
+STATUS_INVALID = 2  # teacher output was NaN/Inf: recorded so a resume does not retry forever
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One cached tensor: a hooked module's output (``index`` picks one of a list/tuple output)."""
+
+    name: str
+    module: str
+    index: int | None
+    shape: tuple[int, ...]
+    codec: CodecSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "module": self.module, "index": self.index,
+                "shape": list(self.shape), "codec": self.codec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LayerSpec":
+        return cls(name=data["name"], module=data["module"], index=data["index"],
+                   shape=tuple(int(s) for s in data["shape"]), codec=CodecSpec.from_dict(data["codec"]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a cache holds and what produced it; stored in the group's attributes.
+
+    ``identity()`` is the part that must match for a build to resume: the teacher (model config
+    and weights), the layers and codecs, the samples and the pipeline that fed the teacher. Paths
+    (data_root, work dirs) are not part of it, so a moved dataset still matches.
+    """
+
+    layers: tuple[LayerSpec, ...]
+    num_samples: int
+    dataset_id: str
+    teacher_config: str
+    teacher_config_path: str
+    teacher_model_sha256: str
+    checkpoint_sha256: str
+    pipeline: list[dict[str, Any]]
+    split: str
+    versions: dict[str, str]
+    created: str
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def layer(self, name: str) -> LayerSpec:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"layer {name!r} is not in this cache; it holds {', '.join(self.layer_names)}")
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "teacher_model_sha256": self.teacher_model_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "layers": [(layer.name, layer.codec.name) for layer in self.layers],
+            "dataset_id": self.dataset_id,
+            "num_samples": self.num_samples,
+            "pipeline_sha256": sha256_text(json.dumps(self.pipeline, sort_keys=True, default=str)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME, "format_version": self.format_version,
+            "layers": [layer.to_dict() for layer in self.layers], "num_samples": self.num_samples,
+            "dataset_id": self.dataset_id, "teacher_config": self.teacher_config,
+            "teacher_config_path": self.teacher_config_path, "teacher_model_sha256": self.teacher_model_sha256,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "pipeline": self.pipeline, "split": self.split, "versions": self.versions,
+            "created": self.created, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "cache") -> "Manifest":
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise CacheFormatError(f"{where}: no featcache manifest in the group attributes; "
+                                   "is this a featcache cache? (rebuild it with `featcache build`)")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheFormatError(f"{where}: format version {version} is not supported by this featcache "
+                                   f"(reads version {FORMAT_VERSION}); rebuild the cache or use a matching featcache")
+        try:
+            return cls(
+                layers=tuple(LayerSpec.from_dict(layer) for layer in data["layers"]),
+                num_samples=int(data["num_samples"]), dataset_id=data["dataset_id"],
+                teacher_config=data["teacher_config"], teacher_config_path=data["teacher_config_path"],
+                teacher_model_sha256=data["teacher_model_sha256"], checkpoint_sha256=data["checkpoint_sha256"], pipeline=data["pipeline"], split=data["split"],
+                versions=data["versions"], created=data["created"], format_version=version,
+                extra=data.get("extra", {}))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CacheFormatError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); "
+                                   "rebuild with `featcache build --force`") from exc
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path: str, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_identity(keys: Sequence[str]) -> str:
+    """Hash of the ordered sample keys: two datasets with the same samples in the same order match."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def checksum(*arrays: np.ndarray) -> int:
+    """crc32c over the stored values of one sample (and its int8 scales): catches flipped bytes
+    and chunks that vanished (zarr reads a missing chunk as fill value without complaint)."""
+    import google_crc32c
+
+    value = 0
+    for array in arrays:
+        value = google_crc32c.extend(value, np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return int(value)
+
+
+def feature_path(layer: str) -> str:
+    return f"{FEATURES_GROUP}/{layer}"
+
+
+def qparams_path(layer: str) -> str:
+    return f"{QPARAMS_GROUP}/{layer}"

@@ -1,0 +1,114 @@
+"""``featcache inspect``: what a cache holds, how small it is, how faithful, and what it looks like."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache import format, store
+from featcache.reader import FeatureCache, open_cache
+
+
+@dataclass
+class LayerSummary:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    stored_bytes_per_sample: float | None
+    fp32_bytes_per_sample: int
+
+    @property
+    def ratio(self) -> float | None:
+        if not self.stored_bytes_per_sample:
+            return None
+        return self.fp32_bytes_per_sample / self.stored_bytes_per_sample
+
+
+def layer_summaries(cache: FeatureCache, sample_rows: Sequence[int]) -> list[LayerSummary]:
+    """Per-layer sizes; stored bytes are the mean over ``sample_rows`` chunks (Zarr caches only)."""
+    root = cache._open()
+    summaries = []
+    for layer in cache.manifest.layers:
+        stored = None
+        if sample_rows and not cache.location.lower().endswith((".h5", ".hdf5")):
+            sizes = [store.chunk_nbytes(root[format.feature_path(layer.name)], row) for row in sample_rows]
+            sizes = [size for size in sizes if size]
+            stored = float(np.mean(sizes)) if sizes else None
+        summaries.append(LayerSummary(layer.name, layer.shape, str(layer.codec.storage_dtype), layer.codec.name,
+                                      stored, int(np.prod(layer.shape)) * 4))
+    return summaries
+
+
+def describe(location: str, storage_options: dict[str, Any] | None = None, sample_count: int = 8) -> str:
+    """Human-readable manifest, per-layer size and compression, and completion."""
+    cache = open_cache(location, storage_options=storage_options)
+    manifest = cache.manifest
+    status = cache.status()
+    complete_rows = np.flatnonzero(status == format.STATUS_COMPLETE)
+    lines = [
+        f"cache        {location}",
+        f"format       featcache v{manifest.format_version}, created {manifest.created}",
+        f"teacher      {manifest.teacher_config_path}",
+        f"checkpoint   sha256 {manifest.checkpoint_sha256[:16]}...",
+        f"split        {manifest.split}, {manifest.num_samples} samples, dataset id {manifest.dataset_id[:16]}...",
+        f"completion   {len(complete_rows)}/{len(cache)} complete, "
+        f"{int((status == format.STATUS_INVALID).sum())} invalid, {int((status == format.STATUS_MISSING).sum())} missing",
+        f"versions     " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
+        "",
+        f"{'layer':<24} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7}",
+    ]
+    total_stored, total_fp32 = 0.0, 0
+    for summary in layer_summaries(cache, list(complete_rows[:sample_count])):
+        mb = f"{summary.stored_bytes_per_sample / 1e6:.2f}" if summary.stored_bytes_per_sample else "n/a"
+        ratio = f"{summary.ratio:.1f}" if summary.ratio else "n/a"
+        lines.append(f"{summary.name:<24} {'x'.join(map(str, summary.shape)):<18} {summary.dtype:<8} "
+                     f"{summary.codec:<12} {mb:>10} {ratio:>7}")
+        total_stored += summary.stored_bytes_per_sample or 0
+        total_fp32 += summary.fp32_bytes_per_sample
+    if total_stored:
+        lines.append(f"{'all layers':<24} {'':<18} {'':<8} {'':<12} {total_stored / 1e6:>10.2f} "
+                     f"{total_fp32 / total_stored:>7.1f}")
+    return "\n".join(lines)
+
+
+def fidelity(cache: FeatureCache, teacher_features: dict[str, np.ndarray], row: int) -> dict[str, dict[str, float]]:
+    """Cosine similarity and max abs error of the cached sample ``row`` against fp32 teacher output."""
+    decoded = cache.read_row(row)
+    report = {}
+    for name, reference in teacher_features.items():
+        a = decoded[name].astype(np.float64).ravel()
+        b = reference.astype(np.float64).ravel()
+        denominator = np.linalg.norm(a) * np.linalg.norm(b)
+        report[name] = {"cosine": float(a @ b / denominator) if denominator else 1.0,
+                        "max_abs_error": float(np.abs(a - b).max()),
+                        "max_abs_value": float(np.abs(b).max())}
+    return report
+
+
+def bev_energy(features: np.ndarray) -> np.ndarray:
+    """Per-cell L2 norm over channels of a (C, H, W) map: where the BEV map carries signal."""
+    flat = features.reshape(features.shape[0], *features.shape[-2:]) if features.ndim > 3 else features
+    return np.sqrt((flat.astype(np.float32) ** 2).sum(axis=0))
+
+
+def plot_sample(cache: FeatureCache, key: str, out_png: str) -> str:
+    """PNG of one sample's BEV feature energy, one panel per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    features = cache.read(key)
+    fig, axes = plt.subplots(1, len(features), figsize=(4.2 * len(features), 4.2), squeeze=False)
+    for axis, (name, value) in zip(axes[0], features.items()):
+        image = axis.imshow(bev_energy(value), origin="lower", cmap="magma")
+        axis.set_title(f"{name}\n{'x'.join(map(str, value.shape))}", fontsize=9)
+        axis.set_xticks([]), axis.set_yticks([])
+        fig.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+    fig.suptitle(f"BEV feature energy (L2 over channels), sample {key}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

@@ -1,0 +1,147 @@
+"""Read a feature cache: ``FeatureCache(location)[key] -> {layer: tensor}``.
+
+Read-only, and safe in DataLoader worker processes: the store is opened lazily, once per
+process, and the object pickles without its open handles. Every read checks the sample's
+records row (complete?) and its checksum, so a damaged or missing chunk is an error naming the
+sample and layer, never zeros or garbage handed to a trainer.
+
+The same class reads an HDF5 export (``featcache export --format hdf5``): same layout, same checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from featcache import codecs, format, store
+from featcache.errors import CacheFormatError, CacheNotFoundError, CorruptSampleError, SampleNotCachedError
+
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+
+def _is_hdf5(location: str) -> bool:
+    return not store.is_url(location) and location.lower().endswith(HDF5_SUFFIXES)
+
+
+class FeatureCache:
+    """A read-only view of one cache.
+
+    Args:
+        location: cache directory, fsspec URL, or an ``.h5`` export.
+        storage_options: fsspec options for URLs (credentials, endpoint).
+        verify: check each sample's checksum on read (cheap: crc32c runs at several GB/s).
+    """
+
+    def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+                 verify: bool = True) -> None:
+        self.location = os.fspath(location)
+        self.storage_options = storage_options
+        self.verify = verify
+        self._pid: int | None = None
+        self._root: Any = None
+        group = self._open()
+        raw = group.attrs.get("featcache")
+        if isinstance(raw, (str, bytes)):  # HDF5 keeps the manifest as JSON text
+            raw = json.loads(raw)
+        self.manifest = format.Manifest.from_dict(raw, where=self.location)
+        keys = group[format.KEYS_ARRAY][:]
+        self.keys: list[str] = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
+        self._rows = {key: row for row, key in enumerate(self.keys)}
+
+    # -- process-local handles ------------------------------------------------------------
+    def _open(self):
+        if self._root is None or self._pid != os.getpid():
+            if _is_hdf5(self.location):
+                import h5py
+
+                if not os.path.isfile(self.location):
+                    raise CacheNotFoundError(f"no HDF5 cache at {self.location!r}")
+                self._root = h5py.File(self.location, "r")
+            else:
+                self._root = store.open_group(self.location, mode="r", storage_options=self.storage_options)
+            self._pid = os.getpid()
+        return self._root
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_root"], state["_pid"] = None, None
+        return state
+
+    # -- lookup ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return self.manifest.layer_names
+
+    def row_of(self, key: str) -> int:
+        try:
+            return self._rows[key]
+        except KeyError:
+            raise SampleNotCachedError(f"sample {key!r} is not in cache {self.location} "
+                                       f"({len(self.keys)} samples, split {self.manifest.split!r})") from None
+
+    def status(self) -> np.ndarray:
+        """Per-row status (format.STATUS_*) of every sample."""
+        return np.asarray(self._open()[format.RECORDS_ARRAY][:, 0])
+
+    # -- reading --------------------------------------------------------------------------
+    def read_row(self, row: int, layers: list[str] | None = None, decode: bool = True) -> dict[str, np.ndarray]:
+        """One sample's features as float32 arrays (``decode=False``: stored values, int8 undecoded)."""
+        root = self._open()
+        key = self.keys[row]
+        record = np.asarray(root[format.RECORDS_ARRAY][row])
+        if record[0] != format.STATUS_COMPLETE:
+            state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
+            raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
+                                       "run `featcache build` again to complete the cache")
+        out = {}
+        for position, layer in enumerate(self.manifest.layers):
+            if layers is not None and layer.name not in layers:
+                continue
+            try:
+                stored = np.asarray(root[format.feature_path(layer.name)][row])
+                qparams = (np.asarray(root[format.qparams_path(layer.name)][row])
+                           if layer.codec.precision == "int8" else None)
+            except Exception as exc:
+                raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
+                                         f"cannot be decoded: {type(exc).__name__}: {exc}; "
+                                         "run `featcache verify --repair`") from exc
+            if self.verify:
+                parts = (stored,) if qparams is None else (stored, qparams)
+                if format.checksum(*parts) != int(record[1 + position]):
+                    raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
+                                             "fails its checksum (damaged or missing chunk); "
+                                             "run `featcache verify --repair`")
+            out[layer.name] = codecs.decode(stored, layer.codec, qparams) if decode else stored
+        return out
+
+    def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+        return self.read_row(self.row_of(key), layers)
+
+    def __getitem__(self, key: str) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(value) for name, value in self.read(key).items()}
+
+    def close(self) -> None:
+        if self._root is not None and hasattr(self._root, "close"):
+            self._root.close()
+        self._root = None
+
+
+def open_cache(location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+               verify: bool = True) -> FeatureCache:
+    """Open a cache read-only; raises CacheNotFoundError / CacheFormatError with what to do."""
+    try:
+        return FeatureCache(location, storage_options=storage_options, verify=verify)
+    except KeyError as exc:
+        raise CacheFormatError(f"{os.fspath(location)}: incomplete cache layout ({exc} missing)") from exc

@@ -1,0 +1,120 @@
+"""Record named modules' outputs during a detector's forward pass with forward hooks.
+
+Used to produce cache targets (``featcache build``), to run a teacher online in the trainer, and
+to capture a student's features for distillation: one mechanism for all three.
+
+Output naming: a module returning a tensor is recorded as ``<module>``; one returning a list or
+tuple (SECOND's multi-scale outputs, SECONDFPN's list) as ``<module>.0``, ``<module>.1``...
+Sparse outputs (spconv ``SparseConvTensor``) are densified to ``(B, C, [D,] H, W)``: every BEV
+consumer needs the dense map, and at BEV resolutions the dense form compresses well.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from featcache.errors import ConfigError
+
+
+class _AllLayersRecorded(Exception):
+    """Raised from the last hook to skip the rest of the forward pass (heads, NMS)."""
+
+
+def split_layer_names(text: str | Sequence[str]) -> list[str]:
+    names = [name.strip() for name in text.split(",")] if isinstance(text, str) else list(text)
+    names = [name for name in names if name]
+    if not names:
+        raise ConfigError("--layers is empty; name at least one module, e.g. pts_middle_encoder,pts_backbone")
+    return names
+
+
+def find_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """Named submodules of ``model``; a wrong name lists the top-level names there are."""
+    available = dict(model.named_modules())
+    found = {}
+    for name in names:
+        if name not in available:
+            top = sorted({key.split(".")[0] for key in available if key})
+            raise ConfigError(f"module {name!r} not found in {type(model).__name__}; top-level modules: {', '.join(top)}")
+        found[name] = available[name]
+    return found
+
+
+def _densify(value: Any) -> Any:
+    if hasattr(value, "dense") and hasattr(value, "features") and hasattr(value, "indices"):
+        return value.dense()
+    return value
+
+
+def flatten_output(module_name: str, output: Any) -> dict[str, torch.Tensor]:
+    """A module's output as ``{layer_name: tensor}`` (see module docstring for naming)."""
+    output = _densify(output)
+    if isinstance(output, torch.Tensor):
+        return {module_name: output}
+    if isinstance(output, (list, tuple)):
+        flat = {}
+        for index, item in enumerate(output):
+            item = _densify(item)
+            if not isinstance(item, torch.Tensor):
+                raise ConfigError(f"module {module_name!r} output[{index}] is a {type(item).__name__}, not a tensor")
+            flat[f"{module_name}.{index}"] = item
+        return flat
+    raise ConfigError(f"module {module_name!r} returns a {type(output).__name__}; featcache records tensors, "
+                      "lists/tuples of tensors and spconv sparse tensors")
+
+
+class LayerRecorder:
+    """Forward hooks on named modules; ``outputs`` maps layer names to the recorded tensors.
+
+    Use as a context manager around a forward pass. With ``detach=True`` the recorded tensors are
+    detached copies (safe against later in-place ops); with ``detach=False`` they stay in the
+    autograd graph (a student's features for a distillation loss).
+    """
+
+    def __init__(self, model: nn.Module, module_names: Sequence[str], detach: bool = True,
+                 stop_when_done: bool = False) -> None:
+        self.modules = find_modules(model, module_names)
+        self.detach = detach
+        self.stop_when_done = stop_when_done
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._seen: set[str] = set()
+        self._handles: list[Any] = []
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            for layer, tensor in flatten_output(name, output).items():
+                self.outputs[layer] = tensor.detach().clone() if self.detach else tensor
+            self._seen.add(name)
+            if self.stop_when_done and len(self._seen) == len(self.modules):
+                raise _AllLayersRecorded
+        return hook
+
+    def __enter__(self) -> "LayerRecorder":
+        self.outputs, self._seen = {}, set()
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return exc_type is _AllLayersRecorded
+
+    def missing(self) -> list[str]:
+        return [name for name in self.modules if name not in self._seen]
+
+
+@torch.no_grad()
+def record_teacher(model: nn.Module, batch: dict[str, Any], module_names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Run ``model.test_step`` on a collated batch and return the named modules' outputs
+    (batched, on the model's device). The forward stops once every named module has fired, so
+    heads and NMS are never run."""
+    recorder = LayerRecorder(model, module_names, detach=True, stop_when_done=True)
+    with recorder:
+        model.test_step(batch)
+    if recorder.missing():
+        raise ConfigError(f"modules {recorder.missing()} did not run during {type(model).__name__}'s forward; "
+                          "are they used by this detector's lidar branch?")
+    return recorder.outputs

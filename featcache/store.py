@@ -1,0 +1,55 @@
+"""Open a cache location (local directory or fsspec URL) as a Zarr v3 group.
+
+Both go through the same call: zarr picks a LocalStore for paths and an FsspecStore for URLs
+(``s3://bucket/cache``, ``memory://x``...), with ``storage_options`` passed to fsspec.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import zarr
+
+from featcache.errors import CacheNotFoundError, FeatcacheError
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return "://" in os.fspath(location)
+
+
+def _zarr_kwargs(location: str | os.PathLike, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"store": os.fspath(location), "zarr_format": 3}
+    if is_url(location):
+        kwargs["storage_options"] = storage_options or {}
+    return kwargs
+
+
+def exists(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+    try:
+        zarr.open_group(mode="r", **_zarr_kwargs(location, storage_options))
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return False
+
+
+def open_group(location: str | os.PathLike, mode: str = "r", storage_options: dict[str, Any] | None = None):
+    """``mode``: 'r' read-only, 'r+' existing read-write, 'w' create (erasing what is there)."""
+    try:
+        return zarr.open_group(mode=mode, **_zarr_kwargs(location, storage_options))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise CacheNotFoundError(f"no feature cache at {os.fspath(location)!r}; build one with "
+                                 "`featcache build TEACHER_CONFIG CHECKPOINT --out ...`") from exc
+    except PermissionError as exc:
+        raise FeatcacheError(f"cannot open {os.fspath(location)!r} for {'writing' if mode != 'r' else 'reading'}: "
+                             f"{exc}") from exc
+
+
+def chunk_nbytes(array: zarr.Array, row: int) -> int | None:
+    """Bytes one sample's chunk occupies in the store (after compression), if the store says."""
+    from zarr.core.sync import sync
+
+    key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+    try:
+        return int(sync(array.store_path.store.getsize(f"{array.path}/{key}")))
+    except Exception:
+        return None

@@ -1,0 +1,105 @@
+"""A teacher detector together with the test-pipeline dataset it is run on.
+
+Shared by ``featcache build`` (cache targets), ``featcache inspect --fidelity`` (fp32 reference)
+and the trainer's ``--online-teacher`` mode, so all three compute features the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from featcache import models, recording
+from featcache.errors import ConfigError, InputDataError
+
+
+class _KeyedSamples(Dataset):
+    """The teacher's dataset, yielding ``(row, key, item)`` and naming the sample on failure."""
+
+    def __init__(self, dataset, keys: Sequence[str]) -> None:
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row: int):
+        key = self.keys[row]
+        try:
+            item = self.dataset[row]
+        except Exception as exc:
+            raise InputDataError(f"sample {key!r} (row {row}, {_lidar_path(self.dataset, row)}) cannot be loaded: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        if item is None:
+            raise InputDataError(f"sample {key!r} (row {row}, {_lidar_path(self.dataset, row)}): the pipeline "
+                                 "returned nothing (empty or filtered point cloud?)")
+        points = item.get("inputs", {}).get("points")
+        if isinstance(points, torch.Tensor):
+            if points.shape[0] == 0:
+                raise InputDataError(f"sample {key!r} (row {row}, {_lidar_path(self.dataset, row)}) has no points "
+                                     "left after the pipeline")
+            if not torch.isfinite(points).all():
+                raise InputDataError(f"sample {key!r} (row {row}, {_lidar_path(self.dataset, row)}) has NaN/Inf "
+                                     "point coordinates or features")
+        return row, key, item
+
+
+def _lidar_path(dataset, row: int) -> str:
+    try:
+        info = dataset.get_data_info(row)
+        return str(info.get("lidar_points", {}).get("lidar_path") or info.get("lidar_path") or "no lidar path")
+    except Exception:
+        return "info unavailable"
+
+
+def _collate(batch):
+    from mmengine.dataset import pseudo_collate
+
+    rows, keys, items = zip(*batch)
+    return list(rows), list(keys), pseudo_collate(list(items))
+
+
+class Teacher:
+    """``features(batch)`` runs the detector up to its last hooked module on a collated batch."""
+
+    def __init__(self, config: str, checkpoint: str, layers: str | Sequence[str], split: str = "train",
+                 cfg_options: dict[str, Any] | None = None, device: str = "cpu",
+                 trust_globals: Sequence[str] = ()) -> None:
+        self.modules = recording.split_layer_names(layers)
+        self.cfg = models.load_config(config, cfg_options)
+        self.dataset_cfg = models.dataset_cfg_for_split(self.cfg, split)
+        self.dataset = models.build_dataset(self.dataset_cfg)
+        if len(self.dataset) == 0:
+            raise ConfigError(f"split {split!r} of {config} has no samples")
+        self.keys = models.dataset_keys(self.dataset)
+        self.model = models.build_model(self.cfg, checkpoint, device, trust_globals).eval()
+        recording.find_modules(self.model, self.modules)  # fail now, naming the module, not mid-build
+        self.samples = _KeyedSamples(self.dataset, self.keys)
+
+    @classmethod
+    def from_manifest(cls, manifest, checkpoint: str | None = None, cfg_options: dict[str, Any] | None = None,
+                      device: str = "cpu") -> "Teacher":
+        """The teacher that built a cache, from the paths and options its manifest recorded."""
+        checkpoint = checkpoint or manifest.extra.get("checkpoint_path")
+        if not checkpoint or not os.path.isfile(checkpoint):
+            raise ConfigError(f"teacher checkpoint {checkpoint!r} not found; pass --checkpoint")
+        options = {**manifest.extra.get("cfg_options", {}), **(cfg_options or {})}
+        return cls(manifest.teacher_config_path, checkpoint, manifest.extra["modules"], split=manifest.split,
+                   cfg_options=options, device=device)
+
+    def loader(self, rows: Sequence[int], batch_size: int = 1, num_workers: int = 0) -> DataLoader:
+        """Batches of ``(rows, keys, collated_batch)`` for the given dataset rows, in order."""
+        return DataLoader(Subset(self.samples, list(rows)), batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers, collate_fn=_collate,
+                          prefetch_factor=2 if num_workers else None)
+
+    def features(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Batched float32 features ``{layer: (B, C, H, W)}`` of a collated batch."""
+        outputs = recording.record_teacher(self.model, batch, self.modules)
+        return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}
+
+    def features_of_row(self, row: int) -> dict[str, np.ndarray]:
+        _, _, batch = next(iter(self.loader([row])))
+        return {name: value[0] for name, value in self.features(batch).items()}

@@ -1,0 +1,159 @@
+"""Write samples into a feature cache: synchronously, or from a background thread.
+
+Crash safety comes from ordering, not locks: a sample's feature chunks (each written atomically
+by the store, ``.partial`` then rename on local disk) go first, its ``records`` row last. A
+crash before the row is written leaves the sample unrecorded, and the next run recomputes it.
+Each rank writes only its own rows, and every row is its own chunk, so ranks never share an
+object.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache import codecs, format, store
+from featcache.errors import CacheFormatError, FeatcacheError, InvalidFeatureError
+
+
+@dataclass
+class WriteStats:
+    samples: int = 0
+    invalid: int = 0
+    raw_bytes: int = 0  # float32-equivalent bytes of the features written
+    stored_bytes: int = 0  # bytes in the store after compression (0 when the store cannot say)
+
+
+class CacheWriter:
+    """Read-write handle on a cache; create it with :meth:`create`, reopen with :meth:`open`."""
+
+    def __init__(self, group, manifest: format.Manifest, location: str) -> None:
+        self.group = group
+        self.manifest = manifest
+        self.location = location
+        self._features = {layer.name: group[format.feature_path(layer.name)] for layer in manifest.layers}
+        self._qparams = {layer.name: group[format.qparams_path(layer.name)]
+                         for layer in manifest.layers if layer.codec.precision == "int8"}
+        self._records = group[format.RECORDS_ARRAY]
+        self.stats = WriteStats()
+
+    @classmethod
+    def create(cls, location: str, manifest: format.Manifest, keys: Sequence[str],
+               storage_options: dict[str, Any] | None = None) -> "CacheWriter":
+        """Create an empty cache (erasing anything at ``location``) for ``keys``."""
+        if len(keys) != manifest.num_samples:
+            raise ValueError(f"{len(keys)} keys for a manifest of {manifest.num_samples} samples")
+        group = store.open_group(location, mode="w", storage_options=storage_options)
+        n = manifest.num_samples
+        group.create_array(format.KEYS_ARRAY, shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(keys, dtype=str)
+        for layer in manifest.layers:
+            group.create_array(format.feature_path(layer.name), shape=(n, *layer.shape),
+                               chunks=(1, *layer.shape), dtype=layer.codec.storage_dtype, fill_value=0,
+                               **layer.codec.zarr_codecs())
+            if layer.codec.precision == "int8":
+                group.create_array(format.qparams_path(layer.name), shape=(n, 2, layer.shape[0]),
+                                   chunks=(1, 2, layer.shape[0]), dtype=np.float32, fill_value=0, compressors=None)
+        group.create_array(format.RECORDS_ARRAY, shape=(n, 1 + len(manifest.layers)),
+                           chunks=(1, 1 + len(manifest.layers)), dtype=np.uint32, fill_value=0, compressors=None)
+        # The manifest goes last: a cache whose manifest exists has all its arrays.
+        group.attrs["featcache"] = manifest.to_dict()
+        return cls(group, manifest, location)
+
+    @classmethod
+    def open(cls, location: str, storage_options: dict[str, Any] | None = None) -> "CacheWriter":
+        group = store.open_group(location, mode="r+", storage_options=storage_options)
+        manifest = format.Manifest.from_dict(group.attrs.get("featcache"), where=location)
+        try:
+            return cls(group, manifest, location)
+        except KeyError as exc:
+            raise CacheFormatError(f"{location}: array {exc} is missing; rebuild with --force") from exc
+
+    def status(self) -> np.ndarray:
+        """Per-row status (format.STATUS_*), read from every records chunk."""
+        return np.asarray(self._records[:, 0])
+
+    def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
+        """Encode, store and record one sample; raises InvalidFeatureError (nothing written) on NaN/Inf."""
+        for name, value in features.items():
+            if not np.isfinite(value).all():
+                bad = int(np.size(value) - np.isfinite(value).sum())
+                raise InvalidFeatureError(f"layer {name!r}: {bad} non-finite values")
+        checksums = []
+        for layer in self.manifest.layers:
+            value = features[layer.name]
+            if tuple(value.shape) != layer.shape:
+                raise InvalidFeatureError(f"layer {layer.name!r} has shape {tuple(value.shape)}, cache expects {layer.shape}")
+            stored, qparams = codecs.encode(value, layer.codec)
+            self._features[layer.name][row] = stored
+            if qparams is not None:
+                self._qparams[layer.name][row] = qparams
+                checksums.append(format.checksum(stored, qparams))
+            else:
+                checksums.append(format.checksum(stored))
+            self.stats.raw_bytes += value.size * 4
+            self.stats.stored_bytes += store.chunk_nbytes(self._features[layer.name], row) or 0
+        self._records[row] = np.asarray([format.STATUS_COMPLETE, *checksums], dtype=np.uint32)
+        self.stats.samples += 1
+
+    def mark_invalid(self, row: int) -> None:
+        self._records[row] = np.asarray([format.STATUS_INVALID] + [0] * len(self.manifest.layers), dtype=np.uint32)
+        self.stats.invalid += 1
+
+    def clear(self, rows: Sequence[int]) -> None:
+        """Forget rows (``verify --repair``): their records go back to missing before rebuilding."""
+        for row in rows:
+            self._records[row] = np.zeros(1 + len(self.manifest.layers), dtype=np.uint32)
+
+    def set_progress(self, **info: Any) -> None:
+        """Summary attributes (counts, finish time) for `inspect`; not used for correctness."""
+        self.group.attrs["featcache_progress"] = {**info, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class BackgroundWriter:
+    """Feeds a :class:`CacheWriter` from a thread through a bounded queue, so encoding and I/O
+    overlap the teacher's next forward. The queue bound caps memory (``depth`` samples)."""
+
+    _STOP = object()
+
+    def __init__(self, writer: CacheWriter, depth: int = 4, on_invalid=None) -> None:
+        self.writer = writer
+        self.on_invalid = on_invalid
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="featcache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            if self._error is not None:
+                continue  # drain without writing after a failure
+            row, key, features = item
+            try:
+                self.writer.write_sample(row, features)
+            except InvalidFeatureError as exc:
+                self.writer.mark_invalid(row)
+                if self.on_invalid is not None:
+                    self.on_invalid(key, exc)
+            except BaseException as exc:  # surfaced to the producer by submit()/close()
+                self._error = FeatcacheError(f"writing sample {key!r} (row {row}) to {self.writer.location} "
+                                             f"failed: {type(exc).__name__}: {exc}")
+                self._error.__cause__ = exc
+
+    def submit(self, row: int, key: str, features: dict[str, np.ndarray]) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((row, key, features))
+
+    def close(self) -> None:
+        """Write everything queued, stop the thread, and raise the first write error if any."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real lidar frames in ../shared/data and datasets derived from them."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from lidar_fixtures import SHARED_DATA, make_nuscenes_like  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "nuscenes" / "nuscenes_infos_demo.pkl").is_file():
+        raise RuntimeError(f"real lidar frames not found at {SHARED_DATA}; set FEATCACHE_SHARED_DATA to the "
+                           "shared/data directory (the tests need them and do not skip without them)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def nus_one(tmp_path_factory, shared_data) -> Path:
+    """The real nuScenes scan alone, laid out as mmdet3d's NuScenesDataset expects."""
+    return make_nuscenes_like(tmp_path_factory.mktemp("nus_one"), count=1)
+
+
+@pytest.fixture(scope="session")
+def nus_six(tmp_path_factory, shared_data) -> Path:
+    """Six frames: the real scan and five rigidly transformed copies (boxes moved with them)."""
+    return make_nuscenes_like(tmp_path_factory.mktemp("nus_six"), count=6)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_threads(monkeypatch):
+    # Two cores: torch's intra-op pool and DataLoader workers would otherwise oversubscribe them.
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))

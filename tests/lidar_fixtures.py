@@ -1,0 +1,93 @@
+"""Test data and models built from the real frames in ../shared/data.
+
+``make_nuscenes_like`` lays out the real nuScenes LIDAR_TOP scan as mmdet3d's NuScenesDataset
+reads it (``samples/LIDAR_TOP/*.bin`` + a v2 info pkl) and adds rigidly rotated/shifted copies
+(points and boxes moved together, new tokens) when more than one frame is needed.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("FEATCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))
+NUS_INFO = SHARED_DATA / "nuscenes" / "nuscenes_infos_demo.pkl"
+PILLAR_CONFIG = "centerpoint/centerpoint_pillar02_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py"
+VOXEL_CONFIG = "centerpoint/centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py"
+TEST_CONFIGS = REPO / "tests" / "configs"
+
+
+def _rotate_z(xyz: np.ndarray, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    out = xyz.copy()
+    out[..., 0] = c * xyz[..., 0] - s * xyz[..., 1]
+    out[..., 1] = s * xyz[..., 0] + c * xyz[..., 1]
+    return out
+
+
+def make_nuscenes_like(root: Path, count: int) -> Path:
+    """Write ``count`` frames under ``root`` and return it (``root/infos.pkl``)."""
+    with open(NUS_INFO, "rb") as handle:
+        infos = pickle.load(handle)
+    base = infos["data_list"][0]
+    lidar_name = base["lidar_points"]["lidar_path"]
+    points = np.fromfile(SHARED_DATA / "nuscenes" / lidar_name, dtype=np.float32).reshape(-1, 5)
+    (root / "samples" / "LIDAR_TOP").mkdir(parents=True, exist_ok=True)
+    data_list = []
+    for index in range(count):
+        info = copy.deepcopy(base)
+        angle, shift = 0.3 * index, np.array([0.7 * index, -0.4 * index, 0.0], dtype=np.float32)
+        frame = points.copy()
+        if index:
+            frame[:, :3] = _rotate_z(frame[:, :3], angle) + shift
+        name = lidar_name if index == 0 else lidar_name.replace(".pcd.bin", f"_gen{index}.pcd.bin")
+        frame.tofile(root / "samples" / "LIDAR_TOP" / name)
+        info["lidar_points"]["lidar_path"] = name
+        info["token"] = base["token"] if index == 0 else f"{base['token'][:24]}gen{index:05d}"
+        info["sample_idx"] = index
+        info["images"] = {}
+        info.pop("cam_instances", None)
+        for instance in info["instances"]:
+            box = np.asarray(instance["bbox_3d"], dtype=np.float64)
+            if index:
+                box[:3] = _rotate_z(box[None, :3], angle)[0] + shift
+                box[6] += angle
+            instance["bbox_3d"] = box.tolist()
+        data_list.append(info)
+    with open(root / "infos.pkl", "wb") as handle:
+        pickle.dump({"metainfo": infos["metainfo"], "data_list": data_list}, handle)
+    return root
+
+
+def nus_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+    """--cfg-options pointing an mmdet3d nuScenes config's loaders at a make_nuscenes_like root."""
+    options: dict[str, Any] = {}
+    for split in splits:
+        prefix = f"{split}_dataloader.dataset"
+        options[f"{prefix}.data_root"] = str(data_root) + "/"
+        options[f"{prefix}.ann_file"] = "infos.pkl"
+    return options
+
+
+def save_openmmlab_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """Save ``model`` the way mmengine's Runner does, numpy scalars and HistoryBuffer included."""
+    from mmengine.logging import MessageHub
+    from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+
+    hub = MessageHub.get_instance("featcache-test-ckpt")
+    hub.update_scalar("train/loss", np.float64(1.5))
+    hub.update_scalar("train/lr", 0.001)
+    checkpoint = {
+        "meta": {"epoch": 1, "iter": np.int64(10), "seed": np.int64(0), "best_score": np.float64(0.5),
+                 "mmengine_version": "0.10.7", "dataset_meta": {"classes": ("car",)}},
+        "state_dict": weights_to_cpu(model.state_dict()),
+        "message_hub": hub.state_dict(),
+    }
+    save_checkpoint(checkpoint, str(path))
+    return path

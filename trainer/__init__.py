@@ -1,0 +1,1 @@
+"""Cache-fed distillation training on mmengine's Runner; depends on featcache, never the reverse."""
