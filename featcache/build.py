@@ -175,7 +175,7 @@ class Builder:
         wanted = set(range(len(self.keys))) if self.options.rows is None else set(self.options.rows)
         rows = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_MISSING]
         already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
-                          and status[row] == format.STATUS_COMPLETE))
+                          and status[row] == format.STATUS_COMPLETE)) - writer.stats.samples
         background = BackgroundWriter(writer, depth=self.options.writer_depth, on_invalid=self._report_invalid)
         progress = _Progress(len(rows), writer, enabled=self.options.progress and self.world.is_main,
                              rank_note=f" (rank 0 of {self.world.size})" if self.world.size > 1 else "")

@@ -41,6 +41,20 @@ OPENMMLAB_SAFE_GLOBALS: tuple[str, ...] = (
 )
 
 
+#: mmengine's HistoryBuffer pickles its statistics methods as ``getattr(HistoryBuffer, 'mean')``.
+#: Allowing ``builtins.getattr`` itself would let a pickle walk from any allowed object to
+#: arbitrary attributes, so the name is bound to a getattr that permits exactly those lookups.
+_HISTORY_BUFFER_METHODS = frozenset({"min", "max", "current", "mean"})
+
+
+def _restricted_getattr(obj: Any, name: str) -> Any:
+    history_buffer = _resolve("mmengine.logging.history_buffer.HistoryBuffer")
+    if obj is history_buffer and name in _HISTORY_BUFFER_METHODS:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) is not "
+                                 "allowed in a checkpoint (only HistoryBuffer statistics methods are)")
+
+
 def _resolve(qualified_name: str) -> Any | None:
     module_name, _, attribute = qualified_name.rpartition(".")
     try:
@@ -58,6 +72,7 @@ def safe_globals(extra: Iterable[str] = ()) -> list[Any]:
             raise CheckpointError(f"--trust-global {name!r} does not name an importable object")
         if obj is not None and obj not in resolved:
             resolved.append(obj)
+    resolved.append((_restricted_getattr, "builtins.getattr"))
     return resolved
 
 
@@ -80,7 +95,7 @@ def _unsafe_globals(path: str, allowed: list[Any]) -> list[str]:
         needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint: the unpickling error itself says enough
         return []
-    allowed_names = {f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}" for obj in allowed}
+    allowed_names = {obj[1] if isinstance(obj, tuple) else f"{obj.__module__}.{obj.__qualname__}" for obj in allowed}
     return [name for name in needed if name not in allowed_names]
 
 

@@ -66,10 +66,11 @@ def make_nuscenes_like(root: Path, count: int) -> Path:
 
 
 def nus_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
-    """--cfg-options pointing an mmdet3d nuScenes config's loaders at a make_nuscenes_like root."""
+    """--cfg-options pointing an mmdet3d CenterPoint nuScenes config's loaders at a
+    make_nuscenes_like root (its train set is wrapped in CBGSDataset, hence ``dataset.dataset``)."""
     options: dict[str, Any] = {}
     for split in splits:
-        prefix = f"{split}_dataloader.dataset"
+        prefix = "train_dataloader.dataset.dataset" if split == "train" else f"{split}_dataloader.dataset"
         options[f"{prefix}.data_root"] = str(data_root) + "/"
         options[f"{prefix}.ann_file"] = "infos.pkl"
     return options

@@ -1,0 +1,183 @@
+"""The mmdet3d integration layer on real models and the real nuScenes scan."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from featcache import models, recording
+from featcache.checkpoint import load_checkpoint_file, load_weights
+from featcache.errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from lidar_fixtures import PILLAR_CONFIG, VOXEL_CONFIG, nus_cfg_options, save_openmmlab_checkpoint
+
+
+def _training_batch(cfg, data_root):
+    """The real scan with its 69 boxes through the config's train pipeline, minus GT paste
+    (ObjectSample needs a GT database this test does not have)."""
+    dataset_cfg = models.dataset_cfg_for_split(cfg, "train", pipeline="own")
+    dataset_cfg["pipeline"] = [step for step in dataset_cfg["pipeline"] if step["type"] != "ObjectSample"]
+    dataset = models.build_dataset(dataset_cfg)
+    from mmengine.dataset import pseudo_collate
+
+    return pseudo_collate([dataset[0]])
+
+
+def test_packaged_config_resolves_by_package_path():
+    path = models.resolve_config_path(f"mmdet3d::{PILLAR_CONFIG}")
+    assert path.is_file() and path == models.resolve_config_path(PILLAR_CONFIG)
+    with pytest.raises(ConfigError, match="no_such_config.py"):
+        models.resolve_config_path("centerpoint/no_such_config.py")
+
+
+def test_config_with_custom_imports_builds(tmp_path, monkeypatch):
+    (tmp_path / "featcache_test_plugin.py").write_text(textwrap.dedent("""
+        from mmdet3d.models.middle_encoders import PointPillarsScatter
+        from mmdet3d.registry import MODELS
+
+        @MODELS.register_module(force=True)
+        class TaggedScatter(PointPillarsScatter):
+            tag = "loaded through custom_imports"
+    """))
+    base = models.resolve_config_path(PILLAR_CONFIG)
+    config = tmp_path / "plugin_config.py"
+    config.write_text(f"_base_ = [{str(base)!r}]\n"
+                      "custom_imports = dict(imports=['featcache_test_plugin'], allow_failed_imports=False)\n"
+                      "model = dict(pts_middle_encoder=dict(type='TaggedScatter'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = models.build_model(models.load_config(config))
+    assert type(model.pts_middle_encoder).__name__ == "TaggedScatter"
+    assert model.pts_middle_encoder.tag == "loaded through custom_imports"
+
+
+def test_config_that_does_not_build_names_itself(tmp_path):
+    base = models.resolve_config_path(PILLAR_CONFIG)
+    config = tmp_path / "broken.py"
+    config.write_text(f"_base_ = [{str(base)!r}]\nmodel = dict(pts_backbone=dict(type='NoSuchBackbone'))\n")
+    with pytest.raises(ConfigError, match="broken.py.*does not build.*NoSuchBackbone"):
+        models.build_model(models.load_config(config))
+
+
+def test_centerpoint_pillar_trains_on_real_scan(nus_one):
+    torch.manual_seed(0)
+    cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_one))
+    model = models.build_model(cfg).train()
+    batch = _training_batch(cfg, nus_one)
+    assert len(batch["data_samples"][0].gt_instances_3d) > 20  # the scan's boxes reached the model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    totals = []
+    for _ in range(5):
+        data = model.data_preprocessor(copy.deepcopy(batch), True)
+        losses = model(**data, mode="loss")
+        total, log_vars = model.parse_losses(losses)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(float(total.detach()))
+    assert all(torch.isfinite(torch.tensor(totals)))
+    assert totals[-1] < totals[0], totals
+
+
+def test_centerpoint_voxel0075_has_bevfusion_lidar_shapes(nus_one):
+    cfg = models.load_config(VOXEL_CONFIG, nus_cfg_options(nus_one))
+    model = models.build_model(cfg).eval()
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "val"))
+    from mmengine.dataset import pseudo_collate
+
+    outputs = recording.record_teacher(model, pseudo_collate([dataset[0]]),
+                                       ["pts_middle_encoder", "pts_backbone", "pts_neck"])
+    shapes = {name: tuple(value.shape) for name, value in outputs.items()}
+    assert shapes == {
+        "pts_middle_encoder": (1, 256, 180, 180),
+        "pts_backbone.0": (1, 128, 180, 180),
+        "pts_backbone.1": (1, 256, 90, 90),
+        "pts_neck.0": (1, 512, 180, 180),
+    }
+    assert outputs["pts_middle_encoder"].abs().sum() > 0  # the scan's points produced features
+
+
+def test_recorder_names_a_missing_module():
+    cfg = models.load_config(PILLAR_CONFIG)
+    model = models.build_model(cfg)
+    with pytest.raises(ConfigError, match="pts_nothing.*top-level modules: .*pts_backbone"):
+        recording.LayerRecorder(model, ["pts_nothing"])
+
+
+def test_checkpoint_round_trip_through_safe_loader(tmp_path):
+    cfg = models.load_config(PILLAR_CONFIG)
+    torch.manual_seed(1)
+    source = models.build_model(cfg)
+    path = save_openmmlab_checkpoint(source, tmp_path / "pillar.pth")
+    # plain torch.load (weights_only default) refuses the numpy/mmengine content ...
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path)
+    # ... featcache's allow-list reads it, and the weights arrive intact
+    torch.manual_seed(2)
+    target = models.build_model(cfg)
+    meta = load_weights(target, path)
+    assert int(meta["iter"]) == 10
+    for (name, a), (_, b) in zip(source.state_dict().items(), target.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert "message_hub" in load_checkpoint_file(path)
+
+
+class _Payload:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "meta": _Payload(str(marker))}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"evil.pth.*(posix|os)\.system"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_getattr_is_restricted_to_history_buffer_methods(tmp_path):
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    class _Walk:  # a first step towards HistoryBuffer.__init__.__globals__ (and from there, anything)
+        def __reduce__(self):
+            return (getattr, (HistoryBuffer, "__init__"))
+
+    path = tmp_path / "walk.pth"
+    torch.save({"meta": _Walk()}, path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint_file(path)
+    with pytest.raises(Exception):  # torch itself refuses getattr without the allow-list
+        torch.load(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all" * 10])
+def test_non_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="junk.pth"):
+        load_checkpoint_file(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    cfg = models.load_config(PILLAR_CONFIG)
+    path = save_openmmlab_checkpoint(models.build_model(cfg), tmp_path / "full.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pth"):
+        load_checkpoint_file(truncated)
+
+
+def test_cli_help_lists_commands_and_rejects_unknown_options():
+    featcache = [sys.executable, "-m", "featcache.cli"]
+    result = subprocess.run(featcache + ["--help"], capture_output=True, text=True, check=True)
+    for command in ("build", "verify", "inspect", "export"):
+        assert f"  {command} " in result.stdout
+    bad = subprocess.run(featcache + ["build", "--no-such-option"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "No such option '--no-such-option'" in bad.stderr and "Usage:" in bad.stderr
