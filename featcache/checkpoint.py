@@ -13,6 +13,7 @@ import importlib
 import os
 import pickle
 import zipfile
+from collections import OrderedDict
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -132,7 +133,7 @@ def load_checkpoint_file(path: str | os.PathLike, trust_globals: Iterable[str] =
     return checkpoint
 
 
-def state_dict_of(checkpoint: dict[str, Any], path: str = "checkpoint") -> dict[str, torch.Tensor]:
+def state_dict_of(checkpoint: dict[str, Any], path: str = "checkpoint") -> "OrderedDict[str, torch.Tensor]":
     """The model weights in a checkpoint dict (mmengine's ``state_dict`` / ``model`` key or bare)."""
     for key in ("state_dict", "model"):
         if isinstance(checkpoint.get(key), dict):
@@ -140,7 +141,13 @@ def state_dict_of(checkpoint: dict[str, Any], path: str = "checkpoint") -> dict[
             break
     if not checkpoint or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         raise CheckpointError(f"{path} has no model weights (expected a 'state_dict' of tensors)")
-    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+    weights = OrderedDict((key.removeprefix("module."), value) for key, value in checkpoint.items())
+    # Per-module versions drive load-time conversions (mmdet3d permutes spconv weights saved in
+    # the old layout unless the version says otherwise): keep them, with the same prefix strip.
+    metadata = getattr(checkpoint, "_metadata", None)
+    if metadata is not None:
+        weights._metadata = OrderedDict((key.removeprefix("module."), value) for key, value in metadata.items())
+    return weights
 
 
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True,

@@ -25,7 +25,7 @@ from featcache.errors import ConfigError
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 COMPRESSORS = ("zstd", "lz4", "none")
 BF16_KEEPBITS = 7
-_CODEC_RE = re.compile(r"^(?P<precision>[a-z0-9]+)-(?P<compressor>[a-z]+)(?P<level>\d+)?$")
+_CODEC_RE = re.compile(r"^(?P<precision>[a-z0-9]+)-(?P<compressor>zstd|lz4|none|[a-z]+)(?P<level>-?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,10 @@ def parse_codec(text: str) -> CodecSpec:
     level = match["level"]
     if level is not None and match["compressor"] != "zstd":
         raise ConfigError(f"codec {text!r}: only zstd takes a level")
-    return CodecSpec(match["precision"], match["compressor"], int(level) if level is not None else 1)
+    try:
+        return CodecSpec(match["precision"], match["compressor"], int(level) if level is not None else 1)
+    except ConfigError as exc:
+        raise ConfigError(f"codec {text!r}: {exc}") from None
 
 
 def parse_codec_option(text: str | None, layer_names: list[str]) -> dict[str, CodecSpec]:

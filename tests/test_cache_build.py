@@ -1,0 +1,390 @@
+"""`featcache build` / reader / verify / inspect / export on real CenterPoint teachers.
+
+Teachers are mmdet3d's CenterPoint configs with seeded random weights saved as real mmengine
+checkpoints; data is the real nuScenes scan plus rigidly transformed copies of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featcache import codecs, format, models
+from featcache.build import BuildOptions, build_cache
+from featcache.errors import CacheMismatchError, CorruptSampleError, SampleNotCachedError
+from featcache.reader import open_cache
+from featcache.teacher import Teacher
+from featcache.verify import verify_cache
+from lidar_fixtures import PILLAR_CONFIG, VOXEL_CONFIG, nus_cfg_options, save_openmmlab_checkpoint
+
+LAYERS = "pts_middle_encoder,pts_neck"
+FEATCACHE = [sys.executable, "-m", "featcache.cli"]
+
+
+def _checkpoint(tmp_path_factory, config: str, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = models.build_model(models.load_config(config))
+    # random init leaves BN at identity; perturb running stats so deep layers carry signal
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_var.uniform_(0.05, 0.5)
+    return save_openmmlab_checkpoint(model, tmp_path_factory.mktemp("ckpt") / f"teacher_{seed}.pth")
+
+
+@pytest.fixture(scope="session")
+def pillar_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory, PILLAR_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_pillar_ckpt(tmp_path_factory) -> Path:
+    return _checkpoint(tmp_path_factory, PILLAR_CONFIG, seed=1)
+
+
+def _options(data_root: Path, ckpt: Path, out: Path | str, **overrides) -> BuildOptions:
+    values = dict(teacher_config=PILLAR_CONFIG, checkpoint=str(ckpt), out=str(out), layers=LAYERS,
+                  cfg_options=nus_cfg_options(data_root), num_workers=0, progress=False)
+    values.update(overrides)
+    return BuildOptions(**values)
+
+
+def _cli_args(data_root: Path, ckpt: Path, out: Path | str, *extra: str) -> list[str]:
+    args = ["build", PILLAR_CONFIG, str(ckpt), "--out", str(out), "--layers", LAYERS, "--num-workers", "0"]
+    for key, value in nus_cfg_options(data_root).items():
+        args += ["--cfg-options", f"{key}={value}"]
+    return args + list(extra)
+
+
+def _all_stored(location: str) -> dict[str, dict[str, np.ndarray]]:
+    cache = open_cache(location)
+    return {key: cache.read_row(row, decode=False) for row, key in enumerate(cache.keys)}
+
+
+def _assert_same_cache(a: str, b: str) -> None:
+    left, right = _all_stored(a), _all_stored(b)
+    assert left.keys() == right.keys()
+    for key in left:
+        for layer in left[key]:
+            assert np.array_equal(left[key][layer], right[key][layer]), (key, layer)
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory, nus_six, pillar_ckpt) -> str:
+    """An uninterrupted single-process fp16 build of the six frames."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    result = build_cache(_options(nus_six, pillar_ckpt, out))
+    assert result.written == 6 and result.invalid_keys == []
+    return str(out)
+
+
+# -- codecs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, bound", [("fp32-none", 0.0), ("fp16-zstd1", 1e-3), ("bf16-zstd3", 8e-3),
+                                         ("int8-lz4", None)])
+def test_codec_round_trip_within_bound(name, bound):
+    rng = np.random.default_rng(0)
+    scales = np.logspace(-4, 2, 16, dtype=np.float32)[:, None, None]
+    features = np.maximum(rng.normal(size=(16, 20, 20)).astype(np.float32), 0) * scales
+    codec = codecs.parse_codec(name)
+    stored, qparams = codecs.encode(features, codec)
+    decoded = codecs.decode(stored, codec, qparams)
+    error = np.abs(decoded - features)
+    if name == "int8-lz4":  # per-channel: half a quantisation step of that channel's range
+        step = (features.max(axis=(1, 2)) - features.min(axis=(1, 2))) / 255
+        assert (error.max(axis=(1, 2)) <= step / 2 * 1.001 + 1e-12).all()
+    else:
+        assert (error <= bound * np.abs(features) + 1e-7).all()
+
+
+def test_codec_option_parsing_names_the_problem():
+    chosen = codecs.parse_codec_option("pts_neck=int8-zstd3", ["pts_middle_encoder", "pts_neck.0"])
+    assert chosen["pts_neck.0"].name == "int8-zstd3" and chosen["pts_middle_encoder"] == codecs.DEFAULT_CODEC
+    with pytest.raises(ValueError, match="pts_head.*not recorded"):
+        codecs.parse_codec_option("pts_head=fp32-none", ["pts_neck.0"])
+    with pytest.raises(ValueError, match="fp12-zstd.*precision.*fp32, fp16, bf16, int8"):
+        codecs.parse_codec("fp12-zstd")
+
+
+# -- build and read back ---------------------------------------------------------------------
+def test_fp32_cache_is_bit_exact_with_live_teacher(tmp_path, nus_six, pillar_ckpt):
+    out = tmp_path / "fp32"
+    build_cache(_options(nus_six, pillar_ckpt, out, codec="fp32-none", batch_size=2))
+    cache = open_cache(out)
+    teacher = Teacher(PILLAR_CONFIG, str(pillar_ckpt), LAYERS, cfg_options=nus_cfg_options(nus_six))
+    assert cache.keys == teacher.keys
+    for row in (0, 3, 5):
+        live = teacher.features_of_row(row)
+        cached = cache[cache.keys[row]]
+        assert set(cached) == {"pts_middle_encoder", "pts_neck.0"}
+        for name, value in live.items():
+            assert torch.equal(cached[name], torch.from_numpy(value)), name
+            assert value.std() > 0
+
+
+def test_default_codec_is_close_to_teacher_and_smaller(reference_cache, nus_six, pillar_ckpt):
+    cache = open_cache(reference_cache)
+    assert {layer.codec.name for layer in cache.manifest.layers} == {"fp16-zstd1"}
+    teacher = Teacher(PILLAR_CONFIG, str(pillar_ckpt), LAYERS, cfg_options=nus_cfg_options(nus_six))
+    live = teacher.features_of_row(2)
+    cached = cache.read(cache.keys[2])
+    for name, value in live.items():
+        assert np.allclose(cached[name], value, rtol=1e-3, atol=1e-6), name
+    from featcache.inspection import layer_summaries
+
+    for summary in layer_summaries(cache, [0, 1]):
+        assert summary.ratio > 2.0, summary  # fp16 alone is 2x; zstd removes the empty BEV cells
+
+
+def test_manifest_records_identity_and_provenance(reference_cache, pillar_ckpt):
+    manifest = open_cache(reference_cache).manifest
+    assert manifest.checkpoint_sha256 == format.sha256_file(str(pillar_ckpt))
+    assert manifest.split == "train" and manifest.num_samples == 6
+    assert "PointPillarsScatter" in manifest.teacher_config
+    assert [step["type"] for step in manifest.pipeline][0] == "LoadPointsFromFile"
+    assert {"torch", "mmdet3d", "zarr"} <= set(manifest.versions)
+    assert manifest.layer("pts_neck.0").shape == (384, 128, 128)
+    assert manifest.layer("pts_neck.0").module == "pts_neck" and manifest.layer("pts_neck.0").index == 0
+
+
+def test_rerun_resumes_without_recomputing(reference_cache, nus_six, pillar_ckpt, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_cache, out)
+    result = build_cache(_options(nus_six, pillar_ckpt, out))
+    assert result.written == 0 and result.already_complete == 6
+
+
+def test_other_checkpoint_is_refused_and_force_starts_over(reference_cache, nus_six, other_pillar_ckpt, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_cache, out)
+    with pytest.raises(CacheMismatchError, match="(?s)checkpoint_sha256.*--force"):
+        build_cache(_options(nus_six, other_pillar_ckpt, out))
+    with pytest.raises(CacheMismatchError, match="layers"):
+        build_cache(_options(nus_six, other_pillar_ckpt, out, codec="int8-zstd3"))
+    assert verify_cache(str(out)).ok  # the refused runs changed nothing
+    result = build_cache(_options(nus_six, other_pillar_ckpt, out, force=True))
+    assert result.written == 6
+    assert open_cache(out).manifest.checkpoint_sha256 == format.sha256_file(str(other_pillar_ckpt))
+
+
+def test_kill_9_mid_build_then_resume_equals_uninterrupted(reference_cache, nus_six, pillar_ckpt, tmp_path):
+    out = tmp_path / "killed"
+    process = subprocess.Popen(FEATCACHE + _cli_args(nus_six, pillar_ckpt, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "zarr.json").exists():
+            done = int((open_cache(out).status() == format.STATUS_COMPLETE).sum())
+            if done >= 2:
+                break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    status = open_cache(out).status()
+    assert 2 <= int((status == format.STATUS_COMPLETE).sum()) < 6, "the kill should land mid-build"
+    for row in np.flatnonzero(status == format.STATUS_COMPLETE):  # what was recorded is intact
+        open_cache(out).read_row(int(row))
+    subprocess.run(FEATCACHE + _cli_args(nus_six, pillar_ckpt, out), check=True, capture_output=True)
+    assert verify_cache(str(out)).ok
+    _assert_same_cache(str(out), reference_cache)
+
+
+def test_two_rank_torchrun_build_equals_single_process(reference_cache, nus_six, pillar_ckpt, tmp_path):
+    out = tmp_path / "two_ranks"
+    # same intra-op thread count as the in-process reference: CPU conv sums depend on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), "-m", "featcache.cli"] + _cli_args(nus_six, pillar_ckpt, out),
+                   check=True, capture_output=True, env=env, timeout=600)
+    assert verify_cache(str(out)).ok
+    _assert_same_cache(str(out), reference_cache)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- damage ------------------------------------------------------------------------------------
+def _chunk_file(location: Path, layer: str, row: int) -> Path:
+    matches = list((location / "features" / layer / "c" / str(row)).rglob("*"))
+    files = [path for path in matches if path.is_file()]
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_six, pillar_ckpt, tmp_path):
+    out = tmp_path / "damaged"
+    shutil.copytree(reference_cache, out)
+    cache = open_cache(out)
+    flipped = _chunk_file(out, "pts_neck.0", 1)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    _chunk_file(out, "pts_middle_encoder", 4).unlink()
+
+    report = verify_cache(str(out))
+    assert not report.ok
+    assert sorted(key for key, _ in report.corrupt) == sorted([cache.keys[1], cache.keys[4]])
+    assert any("pts_neck.0" in reason for key, reason in report.corrupt if key == cache.keys[1])
+    with pytest.raises(CorruptSampleError, match=f"{cache.keys[4]}.*pts_middle_encoder"):
+        cache[cache.keys[4]]
+    cache[cache.keys[0]]  # undamaged samples still read
+
+    cli = subprocess.run(FEATCACHE + ["verify", str(out)], capture_output=True, text=True)
+    assert cli.returncode == 1 and cache.keys[1] in cli.stdout and cache.keys[4] in cli.stdout
+
+    repair = ["verify", str(out), "--repair"] + [arg for key, value in nus_cfg_options(nus_six).items()
+                                                for arg in ("--cfg-options", f"{key}={value}")]
+    fixed = subprocess.run(FEATCACHE + repair, capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "repaired 2 samples" in fixed.stdout
+    _assert_same_cache(str(out), reference_cache)
+
+
+def test_unbuilt_sample_and_unknown_key_are_clear_errors(reference_cache, tmp_path):
+    out = tmp_path / "partial"
+    shutil.copytree(reference_cache, out)
+    from featcache.writer import CacheWriter
+
+    cache = open_cache(out)
+    CacheWriter.open(str(out)).clear([2])
+    with pytest.raises(SampleNotCachedError, match=f"{cache.keys[2]}.*not written yet"):
+        cache[cache.keys[2]]
+    with pytest.raises(SampleNotCachedError, match="no-such-token.*not in cache"):
+        cache["no-such-token"]
+    assert verify_cache(str(out)).missing == [cache.keys[2]]
+
+
+def test_non_finite_teacher_output_is_reported_not_cached(tmp_path, nus_six):
+    model = models.build_model(models.load_config(PILLAR_CONFIG))
+    with torch.no_grad():
+        model.pts_neck.deblocks[0][0].weight.fill_(float("nan"))
+    ckpt = save_openmmlab_checkpoint(model, tmp_path / "nan.pth")
+    out = tmp_path / "nan_cache"
+    cli = subprocess.run(FEATCACHE + _cli_args(nus_six, ckpt, out), capture_output=True, text=True)
+    assert cli.returncode == 1
+    assert "non-finite" in cli.stderr and "ca9a282c9e77460f8360f564131a8af5" in cli.stderr
+    status = open_cache(out).status()
+    assert (status == format.STATUS_INVALID).all()
+    with pytest.raises(SampleNotCachedError, match="invalid"):
+        open_cache(out)["ca9a282c9e77460f8360f564131a8af5"]
+
+
+# -- other teachers, stores and formats ------------------------------------------------------
+@pytest.fixture
+def one_thread():
+    # spconv's CPU kernels scatter-add across threads in no fixed order: a voxel teacher's output
+    # varies run to run with >1 thread (measured up to 16% of max|x| with random weights).
+    # One thread makes the live reference repeatable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_voxel0075_teacher_caches_bevfusion_lidar_shapes(tmp_path_factory, nus_one, one_thread):
+    ckpt = _checkpoint(tmp_path_factory, VOXEL_CONFIG, seed=3)
+    out = tmp_path_factory.mktemp("voxel") / "cache"
+    options = nus_cfg_options(nus_one)
+    build_cache(BuildOptions(VOXEL_CONFIG, str(ckpt), str(out), cfg_options=options, num_workers=0, progress=False))
+    cache = open_cache(out)
+    assert {layer.name: layer.shape for layer in cache.manifest.layers} == {
+        "pts_middle_encoder": (256, 180, 180), "pts_backbone.0": (128, 180, 180),
+        "pts_backbone.1": (256, 90, 90), "pts_neck.0": (512, 180, 180)}
+    live = Teacher(VOXEL_CONFIG, str(ckpt), "pts_middle_encoder,pts_backbone,pts_neck",
+                   cfg_options=options).features_of_row(0)
+    cached = cache.read(cache.keys[0])
+    for name, value in live.items():
+        assert np.allclose(cached[name], value, rtol=1e-3, atol=1e-6), name
+
+
+def test_hdf5_export_reads_like_the_zarr_cache(reference_cache, tmp_path):
+    out = tmp_path / "cache.h5"
+    cli = subprocess.run(FEATCACHE + ["export", reference_cache, "--format", "hdf5", str(out)],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    zarr_cache, h5_cache = open_cache(reference_cache), open_cache(out)
+    assert h5_cache.keys == zarr_cache.keys and h5_cache.manifest == zarr_cache.manifest
+    for key in zarr_cache.keys:
+        for name, value in zarr_cache[key].items():
+            assert torch.equal(h5_cache[key][name], value)
+
+
+def test_inspect_reports_sizes_and_plots(reference_cache, tmp_path, nus_six):
+    png = tmp_path / "bev.png"
+    args = ["inspect", reference_cache, "--plot", str(png), "--fidelity", "1"]
+    for key, value in nus_cfg_options(nus_six).items():
+        args += ["--cfg-options", f"{key}={value}"]
+    cli = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert "6/6 complete" in cli.stdout and "fp16-zstd1" in cli.stdout and "pts_neck.0" in cli.stdout
+    cosines = [float(line.split("cosine ")[1].split()[0]) for line in cli.stdout.splitlines() if "cosine" in line]
+    assert len(cosines) == 2 and min(cosines) > 0.9999
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reader_is_safe_in_dataloader_workers(reference_cache):
+    from torch.utils.data import DataLoader, Dataset
+
+    cache = open_cache(reference_cache)
+
+    class Rows(Dataset):
+        def __len__(self):
+            return len(cache)
+
+        def __getitem__(self, row):
+            return float(cache[cache.keys[row]]["pts_neck.0"].double().sum())
+
+    sums = [float(s) for s in DataLoader(Rows(), batch_size=None, num_workers=2)]
+    expected = [float(cache[key]["pts_neck.0"].double().sum()) for key in cache.keys]
+    assert sums == expected
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_s3_build_and_read_match_local(reference_cache, nus_six, pillar_ckpt, s3_server, monkeypatch):
+    import s3fs
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage = {"client_kwargs": {"endpoint_url": s3_server}, "key": "testing", "secret": "testing"}
+    s3fs.S3FileSystem(**storage).mkdir("featcache-test")
+    url = "s3://featcache-test/pillar"
+    args = _cli_args(nus_six, pillar_ckpt, url, "--storage-options", json.dumps(storage))
+    built = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-2000:]
+    remote, local = open_cache(url, storage_options=storage), open_cache(reference_cache)
+    assert remote.keys == local.keys and remote.manifest.identity() == local.manifest.identity()
+    for key in local.keys:
+        for name, value in local.read(key).items():
+            assert np.array_equal(remote.read(key)[name], value)
+    assert verify_cache(url, storage).ok
+    again = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
+    assert again.returncode == 0 and "wrote 0 samples" in again.stdout
