@@ -122,7 +122,8 @@ class Builder:
             pipeline=_pipeline_list(self.dataset_cfg), split=self.options.split, versions=library_versions(),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
-                   "cfg_options": self.options.cfg_options, "keys_from": "token / sample_idx / lidar file name"})
+                   "cfg_options": self.options.cfg_options, "keys_from": "token / sample_idx / lidar file name",
+                   "point_cloud_range": list(self.cfg.get("point_cloud_range", []))})
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):

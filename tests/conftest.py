@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from lidar_fixtures import SHARED_DATA, make_nuscenes_like  # noqa: E402
+from lidar_fixtures import PILLAR_CONFIG, SHARED_DATA, make_nuscenes_like, teacher_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +31,12 @@ def nus_one(tmp_path_factory, shared_data) -> Path:
 def nus_six(tmp_path_factory, shared_data) -> Path:
     """Six frames: the real scan and five rigidly transformed copies (boxes moved with them)."""
     return make_nuscenes_like(tmp_path_factory.mktemp("nus_six"), count=6)
+
+
+@pytest.fixture(scope="session")
+def pillar_ckpt(tmp_path_factory) -> Path:
+    """A CenterPoint-pillar teacher checkpoint (seed 0)."""
+    return teacher_checkpoint(tmp_path_factory.mktemp("ckpt"), PILLAR_CONFIG, seed=0)
 
 
 @pytest.fixture(autouse=True)

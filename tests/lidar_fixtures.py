@@ -92,3 +92,21 @@ def save_openmmlab_checkpoint(model: torch.nn.Module, path: Path) -> Path:
     }
     save_checkpoint(checkpoint, str(path))
     return path
+
+
+def cfg_option_args(options: dict[str, Any]) -> list[str]:
+    """``--cfg-options key=value`` command-line arguments for a dict of overrides."""
+    return [arg for key, value in options.items() for arg in ("--cfg-options", f"{key}={value}")]
+
+
+def teacher_checkpoint(directory: Path, config: str, seed: int) -> Path:
+    """A seeded mmdet3d model saved as a real mmengine checkpoint; BN running variances are
+    perturbed so that, unlike a fresh init, deep layers carry signal of varied scale."""
+    from featcache import models
+
+    torch.manual_seed(seed)
+    model = models.build_model(models.load_config(config))
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.running_var.uniform_(0.05, 0.5)
+    return save_openmmlab_checkpoint(model, directory / f"teacher_{seed}.pth")

@@ -25,30 +25,16 @@ from featcache.errors import CacheMismatchError, CorruptSampleError, SampleNotCa
 from featcache.reader import open_cache
 from featcache.teacher import Teacher
 from featcache.verify import verify_cache
-from lidar_fixtures import PILLAR_CONFIG, VOXEL_CONFIG, nus_cfg_options, save_openmmlab_checkpoint
+from lidar_fixtures import (PILLAR_CONFIG, VOXEL_CONFIG, cfg_option_args, nus_cfg_options, save_openmmlab_checkpoint,
+                            teacher_checkpoint)
 
 LAYERS = "pts_middle_encoder,pts_neck"
 FEATCACHE = [sys.executable, "-m", "featcache.cli"]
 
 
-def _checkpoint(tmp_path_factory, config: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = models.build_model(models.load_config(config))
-    # random init leaves BN at identity; perturb running stats so deep layers carry signal
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.running_var.uniform_(0.05, 0.5)
-    return save_openmmlab_checkpoint(model, tmp_path_factory.mktemp("ckpt") / f"teacher_{seed}.pth")
-
-
-@pytest.fixture(scope="session")
-def pillar_ckpt(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory, PILLAR_CONFIG, seed=0)
-
-
 @pytest.fixture(scope="session")
 def other_pillar_ckpt(tmp_path_factory) -> Path:
-    return _checkpoint(tmp_path_factory, PILLAR_CONFIG, seed=1)
+    return teacher_checkpoint(tmp_path_factory.mktemp("ckpt"), PILLAR_CONFIG, seed=1)
 
 
 def _options(data_root: Path, ckpt: Path, out: Path | str, **overrides) -> BuildOptions:
@@ -59,10 +45,8 @@ def _options(data_root: Path, ckpt: Path, out: Path | str, **overrides) -> Build
 
 
 def _cli_args(data_root: Path, ckpt: Path, out: Path | str, *extra: str) -> list[str]:
-    args = ["build", PILLAR_CONFIG, str(ckpt), "--out", str(out), "--layers", LAYERS, "--num-workers", "0"]
-    for key, value in nus_cfg_options(data_root).items():
-        args += ["--cfg-options", f"{key}={value}"]
-    return args + list(extra)
+    return (["build", PILLAR_CONFIG, str(ckpt), "--out", str(out), "--layers", LAYERS, "--num-workers", "0"]
+            + cfg_option_args(nus_cfg_options(data_root)) + list(extra))
 
 
 def _all_stored(location: str) -> dict[str, dict[str, np.ndarray]]:
@@ -243,8 +227,7 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
     cli = subprocess.run(FEATCACHE + ["verify", str(out)], capture_output=True, text=True)
     assert cli.returncode == 1 and cache.keys[1] in cli.stdout and cache.keys[4] in cli.stdout
 
-    repair = ["verify", str(out), "--repair"] + [arg for key, value in nus_cfg_options(nus_six).items()
-                                                for arg in ("--cfg-options", f"{key}={value}")]
+    repair = ["verify", str(out), "--repair"] + cfg_option_args(nus_cfg_options(nus_six))
     fixed = subprocess.run(FEATCACHE + repair, capture_output=True, text=True)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "repaired 2 samples" in fixed.stdout
@@ -293,7 +276,7 @@ def one_thread():
 
 
 def test_voxel0075_teacher_caches_bevfusion_lidar_shapes(tmp_path_factory, nus_one, one_thread):
-    ckpt = _checkpoint(tmp_path_factory, VOXEL_CONFIG, seed=3)
+    ckpt = teacher_checkpoint(tmp_path_factory.mktemp("ckpt"), VOXEL_CONFIG, seed=3)
     out = tmp_path_factory.mktemp("voxel") / "cache"
     options = nus_cfg_options(nus_one)
     build_cache(BuildOptions(VOXEL_CONFIG, str(ckpt), str(out), cfg_options=options, num_workers=0, progress=False))
@@ -322,9 +305,7 @@ def test_hdf5_export_reads_like_the_zarr_cache(reference_cache, tmp_path):
 
 def test_inspect_reports_sizes_and_plots(reference_cache, tmp_path, nus_six):
     png = tmp_path / "bev.png"
-    args = ["inspect", reference_cache, "--plot", str(png), "--fidelity", "1"]
-    for key, value in nus_cfg_options(nus_six).items():
-        args += ["--cfg-options", f"{key}={value}"]
+    args = ["inspect", reference_cache, "--plot", str(png), "--fidelity", "1"] + cfg_option_args(nus_cfg_options(nus_six))
     cli = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert "6/6 complete" in cli.stdout and "fp16-zstd1" in cli.stdout and "pts_neck.0" in cli.stdout

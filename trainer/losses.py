@@ -60,7 +60,7 @@ class ContrastMemory(nn.Module):
     """
 
     def __init__(self, feat_dim: int, n_data: int, nce_k: int = 4096, temperature: float = 0.07,
-                 momentum: float = 0.5, gather: Callable[[Tensor], Tensor] | None = None) -> None:
+                 momentum: float = 0.5, gather: Callable[[Tensor], Tensor] | None = None, seed: int = 0) -> None:
         super().__init__()
         if n_data < 2:
             raise ValueError(f"CRD needs at least 2 dataset samples to contrast, got n_data={n_data}")
@@ -71,6 +71,10 @@ class ContrastMemory(nn.Module):
         self.register_buffer("memory_t", torch.rand(n_data, feat_dim) * (2 * stdv) - stdv)
         self.register_buffer("z_s", torch.tensor(-1.0))
         self.register_buffer("z_t", torch.tensor(-1.0))
+        # Negatives come from a generator seeded by (seed, number of draws so far); the counter is a
+        # buffer, so a resumed run draws exactly the negatives the uninterrupted run would have.
+        self.seed = seed
+        self.register_buffer("draws", torch.tensor(0, dtype=torch.long))
 
     def forward(self, emb_s: Tensor, emb_t: Tensor, idx: Tensor,
                 contrast_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -84,8 +88,11 @@ class ContrastMemory(nn.Module):
         using the banks as they were before this batch's update.
         """
         if contrast_idx is None:
-            contrast_idx = torch.randint(self.n_data, (idx.shape[0], self.nce_k + 1), device=idx.device)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.draws))
+            contrast_idx = torch.randint(self.n_data, (idx.shape[0], self.nce_k + 1), generator=generator)
+            contrast_idx = contrast_idx.to(idx.device)
             contrast_idx[:, 0] = idx
+            self.draws += 1
         out_s = self._scores(self.memory_t, contrast_idx, emb_s)
         out_t = self._scores(self.memory_s, contrast_idx, emb_t)
         for z, out in ((self.z_s, out_s), (self.z_t, out_t)):

@@ -1,0 +1,185 @@
+"""`featcache train`: pillar students distilled from caches of real CenterPoint teachers."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from featcache import models
+from featcache.build import BuildOptions, build_cache
+from featcache.errors import CacheMismatchError
+from lidar_fixtures import PILLAR_CONFIG, REPO, VOXEL_CONFIG, cfg_option_args, nus_cfg_options, teacher_checkpoint
+
+HALF = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+QUARTER = str(REPO / "configs/students/centerpoint_pillar_quarter_nus.py")
+NOAUG = str(REPO / "tests/configs/pillar_half_noaug.py")
+FEATCACHE = [sys.executable, "-m", "trainer.cli"]
+
+
+def student_options(data_root: Path, epochs: int = 2) -> dict:
+    return {"train_dataloader.dataset.data_root": f"{data_root}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+            "train_cfg.max_epochs": epochs, "train_dataloader.num_workers": 0,
+            "train_dataloader.persistent_workers": False}
+
+
+@pytest.fixture(scope="session")
+def pillar_cache(tmp_path_factory, nus_six, pillar_ckpt) -> str:
+    """fp32 cache of every default layer of the pillar teacher over the six frames."""
+    out = tmp_path_factory.mktemp("train_cache") / "pillar"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), codec="fp32-none",
+                             cfg_options=nus_cfg_options(nus_six), num_workers=0, progress=False))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def voxel_cache(tmp_path_factory, nus_six) -> str:
+    """The BEVFusion-lidar-shaped voxel0075 teacher's neck (512 x 180 x 180 on a 54 m grid)."""
+    ckpt = teacher_checkpoint(tmp_path_factory.mktemp("voxel_ckpt"), VOXEL_CONFIG, seed=5)
+    out = tmp_path_factory.mktemp("train_cache") / "voxel"
+    build_cache(BuildOptions(VOXEL_CONFIG, str(ckpt), str(out), layers="pts_neck",
+                             cfg_options=nus_cfg_options(nus_six), num_workers=0, progress=False))
+    return str(out)
+
+
+def _scalars(work_dir: Path) -> list[dict]:
+    runs = sorted(work_dir.glob("*/vis_data/scalars.json"))
+    assert runs, f"no scalars.json under {work_dir}"
+    return [json.loads(line) for line in runs[-1].read_text().splitlines()]
+
+
+def _train(config: str, cache: str, work_dir: Path, data_root: Path, *extra: str, epochs: int = 2,
+           env: dict | None = None, launcher: list[str] | None = None) -> list[dict]:
+    args = (launcher or FEATCACHE) + ["train", config, "--cache", cache, "--work-dir", str(work_dir),
+                                      *cfg_option_args(student_options(data_root, epochs)), *extra]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return _scalars(work_dir)
+
+
+def _tree_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).rglob("*")):
+        if file.is_file():
+            digest.update(str(file.relative_to(path)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def test_two_students_train_from_one_pillar_cache(pillar_cache, nus_six, tmp_path):
+    before = _tree_digest(pillar_cache)
+    for config in (HALF, QUARTER):
+        logs = _train(config, pillar_cache, tmp_path / Path(config).stem, nus_six, "--loss", "crd", epochs=4)
+        kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
+        total = [entry["loss"] for entry in logs if "loss" in entry]
+        assert len(kd) == 12 and all(np.isfinite(kd)) and all(np.isfinite(total))
+        assert np.mean(kd[-3:]) < np.mean(kd[:3]), kd
+        assert {"loss_kd_pts_middle_encoder", "loss_kd_pts_backbone__2", "task0.loss_heatmap"} <= set(logs[0])
+        dumped = next((tmp_path / Path(config).stem).glob("*.py")).read_text()
+        assert "CacheDistiller" in dumped and "PackDetInputsWithCache" in dumped
+        assert (tmp_path / Path(config).stem / "epoch_4.pth").is_file()
+    assert _tree_digest(pillar_cache) == before  # the cache was only read
+
+
+def test_student_distils_from_voxel_teacher_across_grids(voxel_cache, nus_six, tmp_path):
+    logs = _train(QUARTER, voxel_cache, tmp_path / "wd", nus_six, "--loss", "infonce", epochs=2)
+    kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
+    assert len(kd) == 6 and all(np.isfinite(kd))
+    # the 54 m teacher grid covers the student's 51.2 m grid: every student cell has a target
+    valid = [entry["kd_valid_fraction_pts_neck__0"] for entry in logs if "kd_valid_fraction_pts_neck__0" in entry]
+    assert min(valid) == pytest.approx(1.0)
+
+
+def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeypatch):
+    from featcache import checkpoint
+    from trainer.train import TrainOptions, train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded during cached training")
+
+    monkeypatch.setattr(checkpoint, "load_weights", refuse)
+    monkeypatch.setattr(models, "load_weights", refuse)
+    sys.modules.pop("featcache.teacher", None)
+    runner = train(TrainOptions(NOAUG, pillar_cache, work_dir=str(tmp_path / "wd"),
+                                cfg_options=student_options(nus_six, epochs=1)))
+    distiller = runner.model
+    assert distiller.teacher is None and "featcache.teacher" not in sys.modules
+    trained = {name.split(".")[0] for name, p in distiller.named_parameters() if p.requires_grad}
+    assert trained == {"student", "heads"}
+
+
+def test_cached_and_online_targets_give_the_same_losses(pillar_cache, nus_six, pillar_ckpt):
+    from mmengine.dataset import pseudo_collate
+
+    from trainer.train import TrainOptions, build_runner_config
+
+    cached_cfg = build_runner_config(TrainOptions(NOAUG, pillar_cache, cfg_options=student_options(nus_six)))
+    online_cfg = copy.deepcopy(cached_cfg)
+    online_cfg.model.online_teacher = dict(config=PILLAR_CONFIG, checkpoint=str(pillar_ckpt), cfg_options={})
+    dataset = models.build_dataset(models.unwrap_dataset_cfg(cached_cfg.train_dataloader.dataset))
+    from mmdet3d.registry import MODELS
+
+    losses = {}
+    for mode, cfg in (("cached", cached_cfg), ("online", online_cfg)):
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model)
+        batch = model.data_preprocessor(pseudo_collate([dataset[0], dataset[3]]), True)
+        losses[mode] = {k: float(v) for k, v in model.loss(batch["inputs"], batch["data_samples"]).items()}
+    kd_keys = [key for key in losses["cached"] if key.startswith("loss_kd_")]
+    assert len(kd_keys) == 5
+    for key in losses["cached"]:
+        assert losses["online"][key] == pytest.approx(losses["cached"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_resume_continues_with_identical_state(pillar_cache, nus_six, tmp_path):
+    straight = tmp_path / "straight"
+    _train(NOAUG, pillar_cache, straight, nus_six, epochs=2)
+    interrupted = tmp_path / "interrupted"
+    _train(NOAUG, pillar_cache, interrupted, nus_six, epochs=1)
+    _train(NOAUG, pillar_cache, interrupted, nus_six, "--resume", epochs=2)
+    from featcache.checkpoint import load_checkpoint_file
+
+    a = load_checkpoint_file(straight / "epoch_2.pth")
+    b = load_checkpoint_file(interrupted / "epoch_2.pth")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any("memory.memory_s" in key for key in a["state_dict"])  # CRD banks are resumed too
+    for key, value in a["state_dict"].items():
+        assert torch.allclose(value.float(), b["state_dict"][key].float(), rtol=1e-5, atol=1e-6), key
+    assert a["meta"]["iter"] == b["meta"]["iter"] == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_trains(pillar_cache, nus_six, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), "-m", "trainer.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    logs = _train(NOAUG, pillar_cache, tmp_path / "ddp", nus_six, epochs=1, env=env, launcher=launcher)
+    kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
+    assert len(kd) == 2 and all(np.isfinite(kd))  # 6 samples / (2 ranks x batch 2) = 2 iterations
+
+
+def test_cache_of_other_samples_is_refused_before_training(tmp_path, nus_one, nus_six, pillar_ckpt):
+    one = tmp_path / "one"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(one), layers="pts_neck",
+                             cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    from trainer.train import TrainOptions, build_runner_config
+
+    with pytest.raises(CacheMismatchError, match="5 of 6 training samples .* are not in cache"):
+        build_runner_config(TrainOptions(NOAUG, str(one), cfg_options=student_options(nus_six)))
+    cli = subprocess.run(FEATCACHE + ["train", NOAUG, "--cache", str(one), "--work-dir", str(tmp_path / "wd"),
+                                      *cfg_option_args(student_options(nus_six))], capture_output=True, text=True)
+    assert cli.returncode == 1 and "not in cache" in cli.stderr
+    assert not (tmp_path / "wd").exists() or not list((tmp_path / "wd").glob("*.pth"))

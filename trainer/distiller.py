@@ -1,0 +1,225 @@
+"""``CacheDistiller``: an mmdet3d student trained with its detection loss plus a distillation
+loss against teacher features that come from a featcache cache (or, for comparisons, from a
+teacher run online through the same code path).
+
+The distillation term lives in ``loss()``: mmengine's DDP wrapper calls the data preprocessor,
+``forward(mode='loss')`` and ``parse_losses`` itself, never a model's own ``train_step``.
+Only loss entries meant for the optimiser contain "loss" (``parse_losses`` sums every such key).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from mmdet3d.registry import MODELS
+from mmengine.model import BaseModel
+from torch import Tensor, nn
+
+from featcache.recording import LayerRecorder
+from trainer.bev_warp import warp_teacher_map
+from trainer.heads import ProjectionMLP, head_key
+from trainer.losses import CRDLoss, InfoNCELoss, MaskedMSELoss, instance_infonce, pool_boxes
+from trainer.transforms import target_field
+
+LOSSES = ("crd", "infonce", "mse")
+
+
+def gather_across_ranks(tensor: Tensor) -> Tensor:
+    """Concatenate a tensor from every rank (identity when not distributed), so each rank's CRD
+    memory bank receives every rank's update and the banks stay identical."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    return torch.cat(parts)
+
+
+def module_of(layer: str, module_names: set[str]) -> str:
+    """The hooked module behind a recorded layer name ('pts_neck.0' -> 'pts_neck')."""
+    if layer in module_names:
+        return layer
+    module, _, index = layer.rpartition(".")
+    if module in module_names and index.isdigit():
+        return module
+    raise ValueError(f"layer {layer!r} names no module of the student")
+
+
+def gt_box_masks(data_samples: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
+                 device: torch.device) -> Tensor:
+    """(B, H, W) float: 1 for BEV cells whose centre lies inside a GT box (rotated), else 0."""
+    from trainer.bev_warp import bev_cell_centres
+
+    centres = bev_cell_centres(bev_range, height, width, device).reshape(-1, 2)
+    masks = []
+    for sample in data_samples:
+        boxes = sample.gt_instances_3d.bboxes_3d.tensor.to(device) if "bboxes_3d" in sample.gt_instances_3d else None
+        mask = torch.zeros(height * width, device=device)
+        if boxes is not None and len(boxes):
+            offset = centres[None] - boxes[:, None, :2]  # (N, HW, 2)
+            cos, sin = torch.cos(boxes[:, 6])[:, None], torch.sin(boxes[:, 6])[:, None]
+            along = offset[..., 0] * cos + offset[..., 1] * sin
+            across = -offset[..., 0] * sin + offset[..., 1] * cos
+            inside = (along.abs() <= boxes[:, 3:4] / 2) & (across.abs() <= boxes[:, 4:5] / 2)
+            mask = inside.any(dim=0).float()
+        masks.append(mask.reshape(height, width))
+    return torch.stack(masks)
+
+
+@MODELS.register_module()
+class CacheDistiller(BaseModel):
+    """Wraps ``student`` (an mmdet3d detector config) and distils ``pairs`` of its layers.
+
+    Args:
+        student: the student model config.
+        pairs: student layer -> teacher (cached) layer, e.g. ``{'pts_neck.0': 'pts_neck.0'}``.
+        student_shapes / teacher_shapes: per-sample (C, H, W) of each paired layer, probed from
+            the student and read from the cache manifest by ``featcache train``.
+        student_range / teacher_range: BEV extents [x_min, y_min, x_max, y_max] of the two grids.
+        loss: 'crd' (pooled features, memory banks over cache rows), 'infonce' (BEV cells with
+            foreground-weighted sampling, plus GT instances) or 'mse' (masked regression).
+        num_samples: rows in the cache (CRD's memory size).
+        online_teacher: dict(config=..., checkpoint=..., cfg_options=...) to compute targets live
+            instead of reading them from data samples (comparisons only; never used with a cache).
+    """
+
+    def __init__(self, student: dict, pairs: dict[str, str], student_shapes: dict[str, Sequence[int]],
+                 teacher_shapes: dict[str, Sequence[int]], student_range: Sequence[float],
+                 teacher_range: Sequence[float], loss: str = "crd", alpha: float = 1.0, temperature: float = 0.07,
+                 feat_dim: int = 128, num_samples: int = 1, nce_k: int = 4096, cells_per_sample: int = 256,
+                 online_teacher: dict | None = None, init_cfg: dict | None = None) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        student_model = MODELS.build(student)
+        super().__init__(data_preprocessor=None, init_cfg=init_cfg)
+        self.student = student_model
+        self.data_preprocessor = self.student.data_preprocessor  # the student's own voxelisation
+        self.pairs = dict(pairs)
+        self.loss_name, self.alpha, self.temperature = loss, alpha, temperature
+        self.student_range, self.teacher_range = list(student_range), list(teacher_range)
+        self.student_shapes = {name: tuple(shape) for name, shape in student_shapes.items()}
+        self.teacher_shapes = {name: tuple(shape) for name, shape in teacher_shapes.items()}
+        modules = {name for name, _ in self.student.named_modules() if name}
+        self.student_modules = sorted({module_of(layer, modules) for layer in self.pairs})
+        self.heads = nn.ModuleDict()
+        self.criteria = nn.ModuleDict()
+        for s_layer, t_layer in self.pairs.items():
+            key = head_key(s_layer)
+            s_channels, t_channels = self.student_shapes[s_layer][0], self.teacher_shapes[t_layer][0]
+            if loss == "mse":
+                self.heads[key] = nn.ModuleDict({"student": nn.Conv2d(s_channels, t_channels, kernel_size=1)})
+                self.criteria[key] = MaskedMSELoss()
+                continue
+            self.heads[key] = nn.ModuleDict({"student": ProjectionMLP(s_channels, feat_dim),
+                                             "teacher": ProjectionMLP(t_channels, feat_dim)})
+            self.criteria[key] = (CRDLoss(feat_dim, num_samples, nce_k=nce_k, temperature=temperature,
+                                          gather=gather_across_ranks)
+                                  if loss == "crd" else InfoNCELoss(cells_per_sample, temperature))
+        self.teacher = None
+        self.teacher_modules: list[str] = []
+        if online_teacher:
+            self._build_online_teacher(online_teacher)
+
+    def _build_online_teacher(self, spec: dict) -> None:
+        from featcache import models
+
+        cfg = models.load_config(spec["config"], spec.get("cfg_options"))
+        teacher = models.build_model(cfg, spec["checkpoint"]).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        modules = {name for name, _ in teacher.named_modules() if name}
+        self.teacher_modules = sorted({module_of(layer, modules) for layer in self.pairs.values()})
+        # kept outside the module tree: not trained, not saved in checkpoints, not DDP-synchronised
+        self.__dict__["teacher"] = teacher
+
+    # -- targets ----------------------------------------------------------------------------
+    def _raw_targets(self, inputs: dict, data_samples: list) -> tuple[dict[str, Tensor], bool]:
+        """Teacher maps {layer: (B, C, H, W)} and whether they are in the un-augmented frame."""
+        if self.teacher is not None:
+            from featcache.recording import record_teacher
+
+            device = next(self.student.parameters()).device
+            self.teacher.to(device)
+            batch = {"inputs": {"points": inputs["points"]}, "data_samples": data_samples}
+            return record_teacher(self.teacher, batch, self.teacher_modules), False
+        targets = {}
+        for t_layer in set(self.pairs.values()):
+            field = target_field(t_layer)
+            missing = [s.metainfo.get("cache_key") for s in data_samples if field not in s.get("cached_targets", {})]
+            if missing:
+                raise KeyError(f"cached target {t_layer!r} missing for samples {missing}; is the train pipeline's "
+                               "last step PackDetInputsWithCache with this layer?")
+            targets[t_layer] = torch.stack([s.cached_targets.get(field) for s in data_samples])
+        return targets, True
+
+    def _aligned(self, teacher: Tensor, student_hw: tuple[int, int], data_samples: list,
+                 unaugmented_frame: bool) -> tuple[Tensor, Tensor]:
+        """Teacher maps on the student grid (B, C, Hs, Ws) and their (B, Hs, Ws) validity."""
+        maps, masks = [], []
+        for index, sample in enumerate(data_samples):
+            meta = sample.metainfo if unaugmented_frame else {}
+            warped, valid = warp_teacher_map(teacher[index].float(), self.teacher_range, student_hw,
+                                             self.student_range, meta)
+            maps.append(warped)
+            masks.append(valid)
+        return torch.stack(maps), torch.stack(masks)
+
+    # -- losses -----------------------------------------------------------------------------
+    def _distill(self, key: str, student: Tensor, teacher: Tensor, valid: Tensor, data_samples: list) -> Tensor:
+        heads, criterion = self.heads[key], self.criteria[key]
+        if self.loss_name == "mse":
+            return criterion(heads["student"](student), teacher, valid)
+        weights = valid.unsqueeze(1).float()
+        if self.loss_name == "crd":
+            denominator = weights.sum(dim=(2, 3)).clamp_min(1.0)
+            pooled_s = (student * weights).sum(dim=(2, 3)) / denominator
+            pooled_t = (teacher * weights).sum(dim=(2, 3)) / denominator
+            rows = torch.as_tensor([s.metainfo["cache_row"] for s in data_samples], device=student.device)
+            return criterion(heads["student"](pooled_s), heads["teacher"](pooled_t), rows)
+        emb_s, emb_t = heads["student"](student), heads["teacher"](teacher)
+        foreground = gt_box_masks(data_samples, self.student_range, *student.shape[-2:], student.device)
+        cells = criterion(emb_s, emb_t, fg_weight=foreground, valid=valid)
+        instance_terms = []
+        for index, sample in enumerate(data_samples):
+            boxes = self._boxes_in_cells(sample, student.shape[-2:], student.device)
+            if len(boxes) > 1:
+                instance_terms.append(instance_infonce(pool_boxes(emb_s[index], boxes),
+                                                       pool_boxes(emb_t[index], boxes), self.temperature))
+        return cells + (torch.stack(instance_terms).mean() if instance_terms else cells.new_zeros(()))
+
+    def _boxes_in_cells(self, sample: Any, hw: Sequence[int], device: torch.device) -> Tensor:
+        """GT boxes as axis-aligned [x1, y1, x2, y2] in student feature-cell coordinates."""
+        if "bboxes_3d" not in sample.gt_instances_3d:
+            return torch.zeros(0, 4, device=device)
+        corners = sample.gt_instances_3d.bboxes_3d.corners[..., :2].to(device)  # (N, 8, 2)
+        x_min, y_min, x_max, y_max = self.student_range
+        scale = torch.tensor([hw[1] / (x_max - x_min), hw[0] / (y_max - y_min)], device=device)
+        cells = (corners - torch.tensor([x_min, y_min], device=device)) * scale
+        return torch.cat([cells.min(dim=1).values, cells.max(dim=1).values], dim=1)
+
+    def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
+        recorder = LayerRecorder(self.student, self.student_modules, detach=False)
+        with recorder:
+            losses = self.student.loss(inputs, data_samples)
+        raw, unaugmented_frame = self._raw_targets(inputs, data_samples)
+        for s_layer, t_layer in self.pairs.items():
+            student = recorder.outputs[s_layer]
+            teacher, valid = self._aligned(raw[t_layer], tuple(student.shape[-2:]), data_samples, unaugmented_frame)
+            term = self._distill(head_key(s_layer), student, teacher.to(student.dtype), valid, data_samples)
+            losses[f"loss_kd_{head_key(s_layer)}"] = self.alpha * term
+            losses[f"kd_valid_fraction_{head_key(s_layer)}"] = valid.float().mean().detach()
+        return losses
+
+    def predict(self, inputs: dict, data_samples: list) -> list:
+        return self.student.predict(inputs, data_samples)
+
+    def _forward(self, inputs: dict, data_samples: list | None = None):
+        return self.student._forward(inputs, data_samples)
+
+    def forward(self, inputs: dict, data_samples: list | None = None, mode: str = "tensor"):
+        if mode == "loss":
+            return self.loss(inputs, data_samples)
+        if mode == "predict":
+            return self.predict(inputs, data_samples)
+        return self._forward(inputs, data_samples)

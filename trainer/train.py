@@ -1,0 +1,188 @@
+"""``featcache train``: turn a student config plus a cache into an mmengine Runner and train.
+
+What is added to the user's config: the model becomes a ``CacheDistiller`` around it (heads
+sized from a probe of the student and the cache manifest), the train pipeline's
+``Pack3DDetInputs`` becomes ``PackDetInputsWithCache``, and a work dir. Everything else (logs,
+checkpoints, ``--resume``, schedulers, TensorBoard, DDP via ``torchrun``) is mmengine's Runner.
+Mismatches between the cache and the student's data are errors before any training step.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from featcache import format, models, open_cache
+from featcache.checkpoint import allow_openmmlab_globals_for_process
+from featcache.errors import CacheMismatchError, ConfigError
+from featcache.recording import LayerRecorder
+
+TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms"]
+
+
+@dataclass
+class TrainOptions:
+    student_config: str
+    cache: str | None
+    work_dir: str | None = None
+    loss: str = "crd"
+    alpha: float = 1.0
+    temperature: float = 0.07
+    feat_dim: int = 128
+    pairs: dict[str, str] | None = None  # student layer -> cache layer; default: same names
+    resume: bool = False
+    cfg_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
+    skip_corrupt: bool = False
+    online_teacher: tuple[str, str] | None = None  # (config, checkpoint): targets computed live
+    teacher_cfg_options: dict[str, Any] = field(default_factory=dict)
+    no_distill: bool = False  # detection loss only (the no-KD baseline), same data path
+
+
+def bev_range(point_cloud_range: Sequence[float], where: str) -> list[float]:
+    if len(point_cloud_range) != 6:
+        raise ConfigError(f"{where} has no point_cloud_range [x0, y0, z0, x1, y1, z1] to place its BEV grid")
+    return [float(point_cloud_range[i]) for i in (0, 1, 3, 4)]
+
+
+def _cache_point_cloud_range(manifest) -> list[float]:
+    """The teacher's point_cloud_range as recorded by the build (or read from its config text)."""
+    if manifest.extra.get("point_cloud_range"):
+        return manifest.extra["point_cloud_range"]
+    from mmengine.config import Config
+
+    return list(Config.fromstring(manifest.teacher_config, ".py").get("point_cloud_range", []))
+
+
+def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: TrainOptions) -> list:
+    packs = [index for index, step in enumerate(pipeline) if step["type"] == "Pack3DDetInputs"]
+    if len(packs) != 1:
+        raise ConfigError("the student's train pipeline must end with one Pack3DDetInputs step to attach cached "
+                          f"targets to; found {len(packs)}")
+    step = dict(pipeline[packs[0]])
+    step.update(type="PackDetInputsWithCache", cache=cache, layers=list(layers), skip_corrupt=options.skip_corrupt,
+                storage_options=options.storage_options)
+    return pipeline[:packs[0]] + [step] + pipeline[packs[0] + 1:]
+
+
+def _check_cache_covers(dataset, cache, config: str) -> None:
+    keys = models.dataset_keys(dataset)
+    missing = [key for key in keys if key not in cache]
+    if missing:
+        raise CacheMismatchError(
+            f"{len(missing)} of {len(keys)} training samples of {config} are not in cache {cache.location} "
+            f"(dataset id {cache.manifest.dataset_id[:12]}..., split {cache.manifest.split!r}), e.g. "
+            f"{', '.join(missing[:5])}; build the cache from the same infos (featcache build --split ...)")
+    status = cache.status()
+    incomplete = [key for key in keys if status[cache.row_of(key)] != format.STATUS_COMPLETE]
+    if incomplete:
+        raise CacheMismatchError(f"{len(incomplete)} training samples are not complete in {cache.location}, e.g. "
+                                 f"{', '.join(incomplete[:5])}; finish it with `featcache build` (it resumes) "
+                                 "or check `featcache verify`")
+
+
+def _probe_student(cfg, dataset, module_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Per-sample output shapes of the student's modules, from one real training sample."""
+    from mmengine.dataset import pseudo_collate
+
+    models.init_mmdet3d_scope()
+    student = models.build_model(cfg)
+    available = {name for name, _ in student.named_modules() if name}
+    hooked = [name for name in module_names if name in available]
+    if not hooked:
+        return {}
+    batch = student.data_preprocessor(pseudo_collate([dataset[0]]), True)
+    with LayerRecorder(student, hooked, detach=True, stop_when_done=True) as recorder:
+        student.loss(batch["inputs"], batch["data_samples"])
+    return {name: tuple(value.shape[1:]) for name, value in recorder.outputs.items()}
+
+
+def build_runner_config(options: TrainOptions):
+    """The full mmengine config ``featcache train`` runs (also what lands in work_dir)."""
+    cfg = models.load_config(options.student_config, options.cfg_options)
+    models.init_mmdet3d_scope()
+    import trainer.distiller  # noqa: F401  (registers CacheDistiller / PackDetInputsWithCache)
+
+    if not options.cache and not options.online_teacher:
+        raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons)")
+    cache = open_cache(options.cache, storage_options=options.storage_options) if options.cache else None
+    inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
+    student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
+    if options.online_teacher:
+        teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
+        teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
+    if cache is not None:
+        layers = cache.layer_names
+        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, layers, options)
+        teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
+        teacher_shapes = {layer.name: layer.shape for layer in cache.manifest.layers}
+        num_samples = cache.manifest.num_samples
+        modules = list(dict.fromkeys(layer.module for layer in cache.manifest.layers))
+    else:
+        modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"]
+    dataset = models.build_dataset(inner)
+    if cache is not None:
+        _check_cache_covers(dataset, cache, options.student_config)
+    student_shapes = _probe_student(cfg, dataset, modules)
+    if cache is None:  # online only: the teacher's shapes come from a probe of the teacher
+        teacher_shapes = _probe_teacher_shapes(options, dataset, modules)
+        num_samples = len(dataset)
+    pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes}
+    if not pairs and not options.no_distill:
+        raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
+                          f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
+    for s_layer, t_layer in pairs.items():
+        if s_layer not in student_shapes or t_layer not in teacher_shapes:
+            raise ConfigError(f"--pairs {s_layer}={t_layer}: student layers are {sorted(student_shapes)}, "
+                              f"cache layers {sorted(teacher_shapes)}")
+    if not options.no_distill:
+        cfg.model = dict(
+            type="CacheDistiller", student=copy.deepcopy(cfg.model), pairs=pairs,
+            student_shapes={k: list(v) for k, v in student_shapes.items() if k in pairs},
+            teacher_shapes={k: list(v) for k, v in teacher_shapes.items() if k in pairs.values()},
+            student_range=student_range, teacher_range=teacher_range, loss=options.loss, alpha=options.alpha,
+            temperature=options.temperature, feat_dim=options.feat_dim, num_samples=num_samples,
+            online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
+                                 cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
+    imports = list(cfg.get("custom_imports", {}).get("imports", []))
+    cfg.custom_imports = dict(imports=list(dict.fromkeys(imports + TRAINER_IMPORTS)), allow_failed_imports=False)
+    cfg.work_dir = options.work_dir or cfg.get("work_dir") or os.path.join(
+        "work_dirs", os.path.splitext(os.path.basename(options.student_config))[0])
+    cfg.resume = options.resume
+    cfg.launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
+    if cfg.launcher == "pytorch" and not torch.cuda.is_available():
+        # mmengine's launcher assumes CUDA (set_device, device_ids); on CPU: gloo, no device ids
+        cfg.env_cfg = dict(cfg.get("env_cfg", {}), dist_cfg=dict(backend="gloo"))
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
+    return cfg
+
+
+def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    from mmengine.dataset import pseudo_collate
+
+    from featcache.recording import record_teacher
+
+    teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
+    teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
+    outputs = record_teacher(teacher, pseudo_collate([dataset[0]]), modules)
+    return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
+
+
+def train(options: TrainOptions):
+    """Build the Runner from :func:`build_runner_config` and train; returns the Runner."""
+    from mmengine.runner import Runner
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # the Runner then uses this group instead of its CUDA-only init
+            dist.init_process_group(backend="gloo")
+    cfg = build_runner_config(options)
+    # mmengine's resume calls torch.load itself: allow OpenMMLab's checkpoint types (only those)
+    allow_openmmlab_globals_for_process()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner

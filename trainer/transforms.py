@@ -1,0 +1,73 @@
+"""Pipeline step that attaches a sample's cached teacher features to its packed data sample.
+
+mmdet3d's ``Pack3DDetInputs`` refuses unknown result keys and ``Det3DDataPreprocessor`` keeps
+only points/voxels/images, so cached targets travel on the data sample instead: this transform
+packs as ``Pack3DDetInputs`` does, then reads the sample's features by key (in the DataLoader
+worker, so decoding runs in parallel with training) and stores them in
+``data_sample.cached_targets`` with ``cache_row``/``cache_key`` in its metainfo.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from mmdet3d.datasets.transforms import Pack3DDetInputs
+from mmdet3d.registry import TRANSFORMS
+from mmengine.structures import BaseDataElement
+
+from featcache import open_cache
+from featcache.errors import CorruptSampleError, SampleNotCachedError
+from featcache.models import sample_key
+
+logger = logging.getLogger("trainer.transforms")
+# Recorded augmentation the distiller needs to warp targets; Pack3DDetInputs' defaults miss some.
+AUGMENTATION_META_KEYS = ("transformation_3d_flow", "pcd_rotation", "pcd_rotation_angle", "pcd_scale_factor",
+                          "pcd_trans", "pcd_horizontal_flip", "pcd_vertical_flip")
+
+
+def target_field(layer: str) -> str:
+    """Data-element field name of a cached layer ('.' is not allowed in field names)."""
+    return layer.replace(".", "__")
+
+
+@TRANSFORMS.register_module()
+class PackDetInputsWithCache(Pack3DDetInputs):
+    """``Pack3DDetInputs`` plus the sample's cached features.
+
+    Args:
+        cache: cache location (directory, URL or .h5).
+        layers: cached layers to load (default: all).
+        skip_corrupt: when True, a corrupt or missing sample makes the pipeline return None, which
+            mmengine's dataset answers by drawing another sample; every skip is logged and counted
+            in ``skipped``. When False (default) the error stops training, naming the sample.
+        storage_options: fsspec options for URL caches.
+    """
+
+    def __init__(self, cache: str, layers: Sequence[str] | None = None, skip_corrupt: bool = False,
+                 storage_options: dict[str, Any] | None = None, **pack_kwargs: Any) -> None:
+        meta_keys = tuple(pack_kwargs.pop("meta_keys", Pack3DDetInputs.__init__.__defaults__[0]))
+        super().__init__(meta_keys=tuple(dict.fromkeys(meta_keys + AUGMENTATION_META_KEYS)), **pack_kwargs)
+        self.cache_location = cache
+        self.cache = open_cache(cache, storage_options=storage_options)
+        self.layers = list(layers) if layers else self.cache.layer_names
+        self.skip_corrupt = skip_corrupt
+        self.skipped = 0
+
+    def transform(self, results: dict) -> dict | None:
+        key = sample_key(results)
+        try:
+            row = self.cache.row_of(key)
+            features = self.cache.read_row(row, self.layers)
+        except (CorruptSampleError, SampleNotCachedError) as exc:
+            if not self.skip_corrupt:
+                raise
+            self.skipped += 1
+            logger.warning("skipping sample %r (%d skipped in this worker): %s", key, self.skipped, exc)
+            return None
+        packed = super().transform(results)
+        data_sample = packed["data_samples"]
+        data_sample.set_metainfo({"cache_row": row, "cache_key": key})
+        data_sample.cached_targets = BaseDataElement(
+            **{target_field(name): torch.from_numpy(value) for name, value in features.items()})
+        return packed
