@@ -93,9 +93,10 @@ def test_student_distils_from_voxel_teacher_across_grids(voxel_cache, nus_six, t
     logs = _train(QUARTER, voxel_cache, tmp_path / "wd", nus_six, "--loss", "infonce", epochs=2)
     kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
     assert len(kd) == 6 and all(np.isfinite(kd))
-    # the 54 m teacher grid covers the student's 51.2 m grid: every student cell has a target
+    # the 54 m teacher grid covers the student's 51.2 m grid; only the corners of scenes rotated by
+    # the train pipeline (up to 22.5 degrees) and scaled up by up to 5% fall outside it
     valid = [entry["kd_valid_fraction_pts_neck__0"] for entry in logs if "kd_valid_fraction_pts_neck__0" in entry]
-    assert min(valid) == pytest.approx(1.0)
+    assert 0.8 < min(valid) and max(valid) <= 1.0
 
 
 def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeypatch):
