@@ -64,3 +64,14 @@ def test_translation_out_of_the_teacher_grid_is_masked():
     warped, valid = warp_teacher_map(torch.ones(1, 16, 16), RANGE, (16, 16), RANGE, meta)
     assert not valid[:, :4].any() and valid[:, 4:].all()  # student x < -4 comes from x < -8
     assert torch.allclose(warped[0][valid], torch.ones(int(valid.sum())))
+
+
+def test_gt_pasted_boxes_are_masked_in_the_cache_frame():
+    # a pasted car at (4, 0.25), 4 m x 2 m, heading along x; the scene is then flipped (y -> -y)
+    meta = {"transformation_3d_flow": ["HF"], "pasted_boxes_bev": np.array([[4.0, 0.25, 4.0, 2.0, 0.0]], "float32")}
+    _, valid = warp_teacher_map(torch.ones(1, 16, 16), RANGE, (16, 16), RANGE, meta)
+    centres = bev_cell_centres(RANGE, 16, 16)
+    # in the student's (flipped) frame the car covers x in [2, 6], y in [-1.25, 0.75]
+    expected = ~((centres[..., 0] >= 2) & (centres[..., 0] <= 6) & (centres[..., 1] >= -1.25) & (centres[..., 1] <= 0.75))
+    assert torch.equal(valid, expected)
+    assert int((~valid).sum()) == 4 * 2  # cell centres x in {2.5 .. 5.5}, y in {-0.5, 0.5}

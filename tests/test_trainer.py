@@ -184,3 +184,39 @@ def test_cache_of_other_samples_is_refused_before_training(tmp_path, nus_one, nu
                                       *cfg_option_args(student_options(nus_six))], capture_output=True, text=True)
     assert cli.returncode == 1 and "not in cache" in cli.stderr
     assert not (tmp_path / "wd").exists() or not list((tmp_path / "wd").glob("*.pth"))
+
+
+def test_no_distill_trains_the_plain_student_without_a_cache(nus_six):
+    from trainer.train import TrainOptions, build_runner_config
+
+    cfg = build_runner_config(TrainOptions(HALF, None, no_distill=True, cfg_options=student_options(nus_six)))
+    assert cfg.model.type == "CenterPoint"
+    assert cfg.train_dataloader.dataset.pipeline[-1]["type"] == "Pack3DDetInputs"
+    with pytest.raises(Exception, match="needs --cache"):
+        build_runner_config(TrainOptions(HALF, None, cfg_options=student_options(nus_six)))
+
+
+def test_gt_paste_records_pasted_footprints():
+    from mmdet3d.structures import LiDARInstance3DBoxes
+    from mmdet3d.structures.points import LiDARPoints
+
+    from trainer.transforms import ObjectSampleRecorded
+
+    pasted = np.array([[10.0, 5.0, -1.0, 4.0, 2.0, 1.5, 0.3]], dtype=np.float32)
+
+    class OneCarDatabase:  # stands in for DataBaseSampler (which needs a GT database on disk)
+        def sample_all(self, gt_bboxes, gt_labels, img=None, ground_plane=None):
+            return {"gt_bboxes_3d": pasted, "gt_labels_3d": np.array([0]),
+                    "points": LiDARPoints(np.tile(np.array([[10.0, 5.0, -1.0, 1.0, 0.0]], np.float32), (3, 1)),
+                                          points_dim=5)}
+
+    transform = ObjectSampleRecorded.__new__(ObjectSampleRecorded)
+    transform.disabled, transform.use_ground_plane, transform.sample_2d = False, False, False
+    transform.db_sampler = OneCarDatabase()
+    scene = {"gt_bboxes_3d": LiDARInstance3DBoxes(np.array([[1, 2, -1, 4, 2, 1.5, 0], [-5, 3, -1, 1, 1, 2, 1]],
+                                                           np.float32)),
+             "gt_labels_3d": np.array([0, 7]),
+             "points": LiDARPoints(np.random.default_rng(0).normal(size=(50, 5)).astype(np.float32), points_dim=5)}
+    result = transform.transform(scene)
+    assert len(result["gt_bboxes_3d"]) == 3
+    assert np.allclose(result["pasted_boxes_bev"], [[10.0, 5.0, 4.0, 2.0, 0.3]])

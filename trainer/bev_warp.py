@@ -57,13 +57,28 @@ def is_identity(meta: dict[str, Any]) -> bool:
     return torch.allclose(undo_augmentation(probe, meta), probe, atol=1e-6)
 
 
+def inside_boxes(xy: Tensor, boxes: Tensor) -> Tensor:
+    """(...) bool: which metric BEV points (..., 2) lie inside any box (N, 5: x, y, l, w, yaw)."""
+    offset = xy.reshape(-1, 1, 2) - boxes[None, :, :2]
+    cos, sin = torch.cos(boxes[:, 4]), torch.sin(boxes[:, 4])
+    along = offset[..., 0] * cos + offset[..., 1] * sin
+    across = -offset[..., 0] * sin + offset[..., 1] * cos
+    inside = (along.abs() <= boxes[:, 2] / 2) & (across.abs() <= boxes[:, 3] / 2)
+    return inside.any(dim=1).reshape(xy.shape[:-1])
+
+
 def warp_teacher_map(teacher: Tensor, teacher_range: Sequence[float], student_hw: tuple[int, int],
                      student_range: Sequence[float], meta: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """Teacher map (C, Ht, Wt) on ``teacher_range`` -> (C, Hs, Ws) on the student's augmented grid,
-    plus a (Hs, Ws) bool mask of cells that have a source. Identity cases return the map unchanged."""
+    plus a (Hs, Ws) bool mask of cells that have a source. Cells whose source lies in a GT-pasted
+    box (``meta['pasted_boxes_bev']``, cache frame) are masked too: the teacher never saw those
+    objects. Identity cases return the map unchanged."""
     height, width = student_hw
+    pasted = meta.get("pasted_boxes_bev")
+    pasted = None if pasted is None or len(pasted) == 0 else torch.as_tensor(pasted, dtype=torch.float32,
+                                                                              device=teacher.device)
     same_grid = tuple(teacher.shape[-2:]) == (height, width) and list(teacher_range) == list(student_range)
-    if same_grid and is_identity(meta):
+    if same_grid and is_identity(meta) and pasted is None:
         return teacher, torch.ones(height, width, dtype=torch.bool, device=teacher.device)
     source = undo_augmentation(bev_cell_centres(student_range, height, width, teacher.device), meta)
     x_min, y_min, x_max, y_max = teacher_range
@@ -72,4 +87,6 @@ def warp_teacher_map(teacher: Tensor, teacher_range: Sequence[float], student_hw
     warped = F.grid_sample(teacher[None].float(), normalised[None], mode="bilinear", padding_mode="zeros",
                            align_corners=False)[0]
     valid = (normalised.abs() <= 1).all(dim=-1)
+    if pasted is not None:
+        valid &= ~inside_boxes(source, pasted)
     return warped, valid

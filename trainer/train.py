@@ -39,7 +39,7 @@ class TrainOptions:
     skip_corrupt: bool = False
     online_teacher: tuple[str, str] | None = None  # (config, checkpoint): targets computed live
     teacher_cfg_options: dict[str, Any] = field(default_factory=dict)
-    no_distill: bool = False  # detection loss only (the no-KD baseline), same data path
+    no_distill: bool = False  # the student alone (no-KD baseline, or training a teacher); no cache needed
 
 
 def bev_range(point_cloud_range: Sequence[float], where: str) -> list[float]:
@@ -58,6 +58,9 @@ def _cache_point_cloud_range(manifest) -> list[float]:
 
 
 def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: TrainOptions) -> list:
+    """Pack with cached targets, and record GT-paste regions (they have no cached target)."""
+    pipeline = [dict(step, type="ObjectSampleRecorded") if step["type"] == "ObjectSample" else step
+                for step in pipeline]
     packs = [index for index, step in enumerate(pipeline) if step["type"] == "Pack3DDetInputs"]
     if len(packs) != 1:
         raise ConfigError("the student's train pipeline must end with one Pack3DDetInputs step to attach cached "
@@ -106,58 +109,67 @@ def build_runner_config(options: TrainOptions):
     models.init_mmdet3d_scope()
     import trainer.distiller  # noqa: F401  (registers CacheDistiller / PackDetInputsWithCache)
 
-    if not options.cache and not options.online_teacher:
-        raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons)")
-    cache = open_cache(options.cache, storage_options=options.storage_options) if options.cache else None
-    inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
-    student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
-    if options.online_teacher:
-        teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
-        teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
-    if cache is not None:
-        layers = cache.layer_names
-        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, layers, options)
-        teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
-        teacher_shapes = {layer.name: layer.shape for layer in cache.manifest.layers}
-        num_samples = cache.manifest.num_samples
-        modules = list(dict.fromkeys(layer.module for layer in cache.manifest.layers))
-    else:
-        modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"]
-    dataset = models.build_dataset(inner)
-    if cache is not None:
-        _check_cache_covers(dataset, cache, options.student_config)
-    student_shapes = _probe_student(cfg, dataset, modules)
-    if cache is None:  # online only: the teacher's shapes come from a probe of the teacher
-        teacher_shapes = _probe_teacher_shapes(options, dataset, modules)
-        num_samples = len(dataset)
-    pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes}
-    if not pairs and not options.no_distill:
-        raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
-                          f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
-    for s_layer, t_layer in pairs.items():
-        if s_layer not in student_shapes or t_layer not in teacher_shapes:
-            raise ConfigError(f"--pairs {s_layer}={t_layer}: student layers are {sorted(student_shapes)}, "
-                              f"cache layers {sorted(teacher_shapes)}")
     if not options.no_distill:
-        cfg.model = dict(
-            type="CacheDistiller", student=copy.deepcopy(cfg.model), pairs=pairs,
-            student_shapes={k: list(v) for k, v in student_shapes.items() if k in pairs},
-            teacher_shapes={k: list(v) for k, v in teacher_shapes.items() if k in pairs.values()},
-            student_range=student_range, teacher_range=teacher_range, loss=options.loss, alpha=options.alpha,
-            temperature=options.temperature, feat_dim=options.feat_dim, num_samples=num_samples,
-            online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
-                                 cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
+        cfg.model = _distiller_model_cfg(cfg, options)
     imports = list(cfg.get("custom_imports", {}).get("imports", []))
     cfg.custom_imports = dict(imports=list(dict.fromkeys(imports + TRAINER_IMPORTS)), allow_failed_imports=False)
     cfg.work_dir = options.work_dir or cfg.get("work_dir") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(options.student_config))[0])
     cfg.resume = options.resume
+    visualizer = cfg.get("visualizer")
+    if visualizer is not None:  # TensorBoard scalars next to mmengine's own logs
+        backends = list(visualizer.get("vis_backends") or [dict(type="LocalVisBackend")])
+        if not any(backend.get("type") == "TensorboardVisBackend" for backend in backends):
+            backends.append(dict(type="TensorboardVisBackend"))
+        visualizer["vis_backends"] = backends
     cfg.launcher = "pytorch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "none"
     if cfg.launcher == "pytorch" and not torch.cuda.is_available():
         # mmengine's launcher assumes CUDA (set_device, device_ids); on CPU: gloo, no device ids
         cfg.env_cfg = dict(cfg.get("env_cfg", {}), dist_cfg=dict(backend="gloo"))
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     return cfg
+
+
+def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
+    """``CacheDistiller`` around ``cfg.model``; rewires the train pipeline to carry cached targets."""
+    if not options.cache and not options.online_teacher:
+        raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons, "
+                          "or --no-distill for the student alone)")
+    inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
+    student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
+    if options.cache:
+        cache = open_cache(options.cache, storage_options=options.storage_options)
+        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, cache.layer_names, options)
+        teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
+        modules = list(dict.fromkeys(layer.module for layer in cache.manifest.layers))
+        dataset = models.build_dataset(inner)
+        _check_cache_covers(dataset, cache, options.student_config)
+        teacher_shapes = {layer.name: layer.shape for layer in cache.manifest.layers}
+        num_samples = cache.manifest.num_samples
+    else:  # online only: the teacher's shapes come from a probe of the teacher
+        teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
+        teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
+        modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"]
+        dataset = models.build_dataset(inner)
+        teacher_shapes = _probe_teacher_shapes(options, dataset, modules)
+        num_samples = len(dataset)
+    student_shapes = _probe_student(cfg, dataset, modules)
+    pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes}
+    if not pairs:
+        raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
+                          f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
+    for s_layer, t_layer in pairs.items():
+        if s_layer not in student_shapes or t_layer not in teacher_shapes:
+            raise ConfigError(f"--pairs {s_layer}={t_layer}: student layers are {sorted(student_shapes)}, "
+                              f"cache layers {sorted(teacher_shapes)}")
+    return dict(
+        type="CacheDistiller", student=copy.deepcopy(cfg.model), pairs=pairs,
+        student_shapes={k: list(v) for k, v in student_shapes.items() if k in pairs},
+        teacher_shapes={k: list(v) for k, v in teacher_shapes.items() if k in pairs.values()},
+        student_range=student_range, teacher_range=teacher_range, loss=options.loss, alpha=options.alpha,
+        temperature=options.temperature, feat_dim=options.feat_dim, num_samples=num_samples,
+        online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
+                             cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
 
 def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]) -> dict[str, tuple[int, ...]]:

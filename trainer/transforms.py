@@ -12,7 +12,7 @@ import logging
 from typing import Any, Sequence
 
 import torch
-from mmdet3d.datasets.transforms import Pack3DDetInputs
+from mmdet3d.datasets.transforms import ObjectSample, Pack3DDetInputs
 from mmdet3d.registry import TRANSFORMS
 from mmengine.structures import BaseDataElement
 
@@ -23,12 +23,31 @@ from featcache.models import sample_key
 logger = logging.getLogger("trainer.transforms")
 # Recorded augmentation the distiller needs to warp targets; Pack3DDetInputs' defaults miss some.
 AUGMENTATION_META_KEYS = ("transformation_3d_flow", "pcd_rotation", "pcd_rotation_angle", "pcd_scale_factor",
-                          "pcd_trans", "pcd_horizontal_flip", "pcd_vertical_flip")
+                          "pcd_trans", "pcd_horizontal_flip", "pcd_vertical_flip", "pasted_boxes_bev")
 
 
 def target_field(layer: str) -> str:
     """Data-element field name of a cached layer ('.' is not allowed in field names)."""
     return layer.replace(".", "__")
+
+
+@TRANSFORMS.register_module()
+class ObjectSampleRecorded(ObjectSample):
+    """mmdet3d's GT-paste (``ObjectSample``) that also records where it pasted.
+
+    The teacher never saw pasted objects, so their cells have no cached target. ObjectSample
+    appends the pasted boxes after the scene's own; this keeps their BEV footprints
+    ``pasted_boxes_bev`` (N, 5: x, y, l, w, yaw) in the frame of the un-augmented scene (GT paste
+    runs before the global augmentations), which is the cache's frame. ``featcache train`` swaps
+    it in for ``ObjectSample``.
+    """
+
+    def transform(self, input_dict: dict) -> dict:
+        before = len(input_dict["gt_bboxes_3d"])
+        output = super().transform(input_dict)
+        pasted = output["gt_bboxes_3d"].tensor[before:]
+        output["pasted_boxes_bev"] = pasted[:, [0, 1, 3, 4, 6]].numpy().astype("float32")
+        return output
 
 
 @TRANSFORMS.register_module()

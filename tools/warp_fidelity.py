@@ -1,0 +1,91 @@
+"""How faithful are warped cached targets? Teacher-on-augmented-input vs warped cached output.
+
+For each sample and augmentation (rotation about z, flips, scale), the teacher runs once on the
+original points (what a cache holds) and once on the augmented points (what an online teacher
+would see). The cached map is warped into the augmented frame with trainer.bev_warp and compared
+with the live one over the cells that have a source: cosine similarity of the flattened maps and
+relative L2 error. Prints a markdown table.
+
+Usage: python tools/warp_fidelity.py TEACHER_CONFIG CHECKPOINT [--layers pts_neck] [--samples 2]
+       [--cfg-options k=v ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import numpy as np
+import torch
+
+from featcache.models import parse_cfg_options
+from featcache.teacher import Teacher
+from trainer.bev_warp import warp_teacher_map
+from trainer.train import bev_range
+
+AUGMENTATIONS = {
+    "none": dict(angle=0.0, flow=[]),
+    "rot 5 deg": dict(angle=math.radians(5), flow=["R"]),
+    "rot 22.5 deg": dict(angle=math.radians(22.5), flow=["R"]),
+    "rot 90 deg": dict(angle=math.radians(90), flow=["R"]),
+    "flip x": dict(angle=0.0, flow=["HF"]),
+    "flip y": dict(angle=0.0, flow=["VF"]),
+    "scale 1.05": dict(angle=0.0, flow=["S"], scale=1.05),
+}
+
+
+def augment(points: torch.Tensor, spec: dict) -> tuple[torch.Tensor, dict]:
+    """Apply one augmentation to (N, F) points as mmdet3d's transforms do; return the recorded meta."""
+    out = points.clone()
+    c, s = math.cos(spec["angle"]), math.sin(spec["angle"])
+    rot_t = torch.tensor([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]])
+    meta = {"transformation_3d_flow": spec["flow"], "pcd_rotation": rot_t,
+            "pcd_scale_factor": spec.get("scale", 1.0), "pcd_trans": np.zeros(3)}
+    for step in spec["flow"]:
+        if step == "R":
+            out[:, :3] = out[:, :3] @ rot_t
+        elif step == "S":
+            out[:, :3] *= spec["scale"]
+        elif step == "HF":
+            out[:, 1] = -out[:, 1]
+        elif step == "VF":
+            out[:, 0] = -out[:, 0]
+    return out, meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--layers", default="pts_neck")
+    parser.add_argument("--samples", type=int, default=2)
+    parser.add_argument("--cfg-options", nargs="*", default=[])
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # spconv CPU kernels are only repeatable on one thread
+    teacher = Teacher(args.config, args.checkpoint, args.layers, cfg_options=parse_cfg_options(args.cfg_options))
+    grid = bev_range(teacher.cfg.get("point_cloud_range", []), args.config)
+    rows = {}
+    for _, _, batch in teacher.loader(range(min(args.samples, len(teacher.keys)))):
+        original = teacher.features(batch)
+        for name, spec in AUGMENTATIONS.items():
+            augmented_batch = copy.deepcopy(batch)
+            points, meta = augment(batch["inputs"]["points"][0], spec)
+            augmented_batch["inputs"]["points"][0] = points
+            live = teacher.features(augmented_batch)
+            for layer, cached in original.items():
+                target = torch.from_numpy(cached[0])
+                warped, valid = warp_teacher_map(target, grid, tuple(target.shape[-2:]), grid, meta)
+                a = warped[:, valid].double().ravel()
+                b = torch.from_numpy(live[layer][0])[:, valid].double().ravel()
+                cosine = float(a @ b / (a.norm() * b.norm()).clamp_min(1e-12))
+                rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
+                rows.setdefault((name, layer), []).append((cosine, rel, float(valid.float().mean())))
+    print("| augmentation | layer | cosine (warped cache vs live) | relative L2 error | valid cells |")
+    print("|---|---|---|---|---|")
+    for (name, layer), values in rows.items():
+        cos, rel, valid = np.mean(values, axis=0)
+        print(f"| {name} | {layer} | {cos:.4f} | {rel:.3f} | {valid:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
