@@ -108,8 +108,8 @@ def make_sample(gt_rows, gt_labels, pred_rows, pred_labels, scores) -> Det3DData
 
 
 GT_ROWS = [
-    [[5.0, 2.0, -1.5, 4.5, 1.9, 1.6, 0.2], [-12.0, 8.0, -1.4, 4.2, 1.8, 1.5, 1.5], [3.0, -4.0, -1.6, 0.7, 0.7, 1.8, 0.0],
-     [20.0, 20.0, -1.0, 1.0, 1.0, 1.0, 0.0]],
+    [[5.0, 2.0, -1.5, 4.5, 1.9, 1.6, 0.2], [-12.0, 8.0, -1.4, 4.2, 1.8, 1.5, 1.5],
+     [3.0, -4.0, -1.6, 0.7, 0.7, 1.8, 0.0], [20.0, 20.0, -1.0, 1.0, 1.0, 1.0, 0.0]],
     [[30.0, -3.0, -1.5, 4.4, 1.9, 1.6, -0.5], [6.0, 6.0, -1.7, 0.6, 0.6, 1.7, 2.0]],
 ]
 GT_LABELS = [[0, 0, 1, -1], [0, 1]]  # -1: a class outside CLASSES, ignored
@@ -148,16 +148,29 @@ def test_metric_drops_for_perturbed_predictions():
     assert run_metric(exact_samples(shift=5.0))['mAP'] == 0.0
 
 
-def test_metric_score_threshold_and_max_boxes():
+def with_extra_car(sample: Det3DDataSample, score: float) -> Det3DDataSample:
+    """The sample with one more predicted car, 40 m from every GT (a false positive)."""
+    pred = sample.pred_instances_3d
+    rows = torch.cat([pred.bboxes_3d.tensor, torch.tensor([[-40.0, 0.0, -1.5, 4.0, 1.8, 1.5, 0.0]])])
+    gt = sample.eval_ann_info
+    return make_sample(gt['gt_bboxes_3d'].tensor.tolist(), gt['gt_labels_3d'].tolist(), rows.tolist(),
+                       [*pred.labels_3d.tolist(), 0], [*pred.scores_3d.tolist(), score])
+
+
+def test_metric_score_threshold_drops_low_scored_false_positives():
     samples = exact_samples()
-    fp = make_sample(GT_ROWS[1], GT_LABELS[1], [[-40.0, 0.0, -1.5, 4.0, 1.8, 1.5, 0.0]], [0], [0.95])
-    samples[1] = fp  # sample 1: only a high-scored FP car, nothing else
-    lowered = run_metric(samples)['mAP']
-    assert lowered < 1.0
-    assert run_metric(samples, score_threshold=0.96)['AP_car'] == 0.0
-    # Keeping one box per sample keeps only the top-scored car of sample 0: 1 TP of 3 car GT.
+    samples[1] = with_extra_car(samples[1], score=0.95)
+    assert run_metric(samples)['AP_car'] < 1.0
+    samples[1] = with_extra_car(exact_samples()[1], score=0.05)
+    assert run_metric(samples)['AP_car'] < 1.0
+    assert run_metric(samples, score_threshold=0.1)['mAP'] == pytest.approx(1.0)
+
+
+def test_metric_max_boxes_keeps_the_top_scored():
+    # One box per sample: the 0.9-scored car of each sample survives, 2 of 3 car GT, no pedestrian.
     limited = run_metric(exact_samples(), max_boxes_per_sample=1)
-    assert limited['AP_car'] < 1.0 and limited['AP_pedestrian'] == 0.0
+    assert 0.0 < limited['AP_car'] < 1.0
+    assert limited['AP_pedestrian'] == 0.0
 
 
 def test_metric_max_range_drops_far_gt_and_predictions():

@@ -84,7 +84,6 @@ def center_distance_ap(gt: Mapping[str, Sequence[GtBox]],
         gt_boxes, pred_boxes = EvalBoxes(), EvalBoxes()
         # Insertion order, not a set: accumulate breaks score ties by list position.
         for token in dict.fromkeys([*gt, *pred]):
-            # Register every token so accumulate can look up GT for any predicted sample.
             gt_boxes.add_boxes(token, [_devkit_box(token, c, s, y)
                                        for c, s, y, cls in gt.get(token, ()) if cls == name])
             pred_boxes.add_boxes(token, [_devkit_box(token, c, s, y, score)
