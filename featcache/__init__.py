@@ -11,7 +11,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "open_cache": "featcache.reader", "FeatureCache": "featcache.reader",
+    "open_cache": "featcache.reader", "FeatureCache": "featcache.reader", "CachedTargetsDataset": "featcache.reader",
     "build_cache": "featcache.build", "BuildOptions": "featcache.build",
     "verify_cache": "featcache.verify", "Manifest": "featcache.format", "CodecSpec": "featcache.codecs",
 }

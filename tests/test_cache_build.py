@@ -331,6 +331,24 @@ def test_reader_is_safe_in_dataloader_workers(reference_cache):
     assert sums == expected
 
 
+def test_cached_targets_dataset_pairs_items_by_key(reference_cache, nus_six):
+    from featcache.reader import CachedTargetsDataset
+
+    cache = open_cache(reference_cache)
+    cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six))
+    dataset_cfg = models.dataset_cfg_for_split(cfg, "train")
+    dataset_cfg["ann_file"] = "reversed.pkl"  # same samples, opposite order: pairing must follow keys
+    import pickle
+
+    infos = pickle.loads((nus_six / "infos.pkl").read_bytes())
+    infos["data_list"] = infos["data_list"][::-1]
+    (nus_six / "reversed.pkl").write_bytes(pickle.dumps(infos))
+    paired = CachedTargetsDataset(models.build_dataset(dataset_cfg), cache, layers=["pts_neck.0"])
+    item, targets = paired[0]
+    assert item["data_samples"].metainfo["lidar_path"].endswith("_gen5.pcd.bin")
+    assert torch.equal(targets["pts_neck.0"], cache[cache.keys[5]]["pts_neck.0"])
+
+
 @pytest.fixture
 def s3_server(tmp_path):
     port = _free_port()

@@ -1,0 +1,727 @@
+"""Benchmarks of featcache on BEVFusion-lidar shapes, measured side by side in one run.
+
+The teacher is mmdet3d's CenterPoint-voxel0075 (the encoder, backbone and neck of
+BEVFusion-lidar: pts_middle_encoder 256x180x180, pts_backbone 128x180x180 + 256x90x90, pts_neck
+512x180x180) with a seeded checkpoint (tests/lidar_fixtures.teacher_checkpoint), run on the real
+nuScenes scan of ../shared/data and rigidly transformed copies of it (make_nuscenes_like). Every
+figure of BENCHMARKS.md comes from this script's own measurements; the file is rewritten at the end.
+
+Usage: python tools/bench.py [--quick] [--out BENCHMARKS.md] [--epochs 20]
+
+``--quick`` runs every figure at tiny sizes (a smoke test, under 3 minutes) and, unless ``--out``
+is given, prints the report instead of writing BENCHMARKS.md. Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from featcache import codecs, format, store  # noqa: E402
+from featcache.reader import FeatureCache  # noqa: E402
+
+CODECS = ("fp32-none", "fp16-zstd1", "fp16-lz4", "bf16-zstd3", "int8-zstd3", "int8-lz4")
+LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
+BUILD_WORKERS = 1  # BuildOptions' default DataLoader workers; the forward-only run uses the same
+NUSCENES_TRAIN_SAMPLES = 28130
+STUDENT_CONFIG = REPO / "configs" / "students" / "centerpoint_pillar_half_nus.py"
+GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=536870912:glibc.malloc.trim_threshold=1073741824"
+RESULT_MARK = "BENCH-RESULT "
+START = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does."""
+
+    frames: int  # real teacher forwards (build, storage, fidelity)
+    scale_rows: int  # N of the scale figure; the larger cache has 8N rows
+    read_passes: int  # timed passes per read measurement (median reported)
+    train_steps: int  # measured steps per no-KD / cached-KD variant (after one warm-up step)
+    online_steps: int  # measured steps of the online-KD variant
+
+
+FULL = Sizes(frames=6, scale_rows=12, read_passes=3, train_steps=6, online_steps=3)
+QUICK = Sizes(frames=2, scale_rows=2, read_passes=1, train_steps=1, online_steps=1)
+
+
+@dataclass
+class Target:
+    """One goal of a figure and whether this run met it (None: could not be evaluated)."""
+
+    name: str
+    goal: str
+    measured: str
+    passed: bool | None
+
+
+@dataclass
+class Section:
+    """One figure of the report: markdown lines (tables, notes) and its targets."""
+
+    title: str
+    lines: list[str]
+    targets: list[Target] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    """What the figures share: data, teacher, reference features and the caches made from them."""
+
+    sizes: Sizes
+    epochs: int
+    work: Path
+    data_root: Path
+    checkpoint: Path
+    cfg_options: dict[str, Any]
+    cold_failure: str | None  # why cold reads are impossible, None when they work
+    keys: list[str] = field(default_factory=list)
+    features: list[dict[str, np.ndarray]] = field(default_factory=list)  # fp32 teacher output per frame
+    built_cache: Path | None = None
+    forward_s_per_sample: float = 0.0
+    build_s_per_sample: float = 0.0
+    codec_caches: dict[str, Path] = field(default_factory=dict)
+    codec_bytes: dict[str, float] = field(default_factory=dict)
+    codec_read: dict[str, dict[str, float]] = field(default_factory=dict)
+    scale_caches: dict[int, Path] = field(default_factory=dict)
+    scale_write_s: dict[int, float] = field(default_factory=dict)
+    default_read: dict[str, Any] = field(default_factory=dict)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def log(message: str) -> None:
+    """Progress line on stderr with the elapsed time."""
+    print(f"[bench {time.perf_counter() - START:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def verdict(passed: bool | None) -> str:
+    return {True: "PASS", False: "**MISS**", None: "n/a"}[passed]
+
+
+def drop_page_cache() -> str | None:
+    """Empty the kernel page cache (``sync; echo 3 > /proc/sys/vm/drop_caches``); the reason on failure."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def fp32_bytes(manifest: format.Manifest) -> int:
+    """float32 bytes of one sample over all layers."""
+    return sum(int(np.prod(layer.shape)) * 4 for layer in manifest.layers)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as handle:
+        names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+    return f"{names[0]} x{len(names)}" if names else platform.processor() or "unknown"
+
+
+def memory_total_gib() -> float:
+    with open("/proc/meminfo") as handle:
+        kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
+    return kib / 2**20
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM), MB."""
+    with open("/proc/self/status") as handle:
+        kib = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM"))
+    return kib / 1024
+
+
+# -- cache writing ----------------------------------------------------------------------------
+
+def derived_manifest(base: format.Manifest, keys: list[str], codec: codecs.CodecSpec | None, note: str) -> format.Manifest:
+    """The manifest of a real build, for other keys (and optionally another codec for every layer)."""
+    layers = tuple(dataclasses.replace(layer, codec=codec) for layer in base.layers) if codec else base.layers
+    return dataclasses.replace(base, layers=layers, num_samples=len(keys), dataset_id=format.dataset_identity(keys),
+                               created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), extra={**base.extra, "bench": note})
+
+
+def write_cache(path: Path, manifest: format.Manifest, keys: list[str],
+                sample: Callable[[int], dict[str, np.ndarray]]) -> float:
+    """Write every row with featcache's CacheWriter; seconds spent in write_sample (encode, checksum, store)."""
+    from featcache.writer import CacheWriter
+
+    writer = CacheWriter.create(str(path), manifest, keys)
+    start = time.perf_counter()
+    for row in range(len(keys)):
+        writer.write_sample(row, sample(row))
+    return time.perf_counter() - start
+
+
+def stored_bytes_per_sample(path: Path, manifest: format.Manifest) -> float:
+    """Mean stored bytes of one sample: its feature chunks plus int8 scale chunks (store.chunk_nbytes)."""
+    group = store.open_group(str(path))
+    total = 0
+    for layer in manifest.layers:
+        arrays = [group[format.feature_path(layer.name)]]
+        if layer.codec.precision == "int8":
+            arrays.append(group[format.qparams_path(layer.name)])
+        total += sum(store.chunk_nbytes(array, row) or 0 for array in arrays for row in range(manifest.num_samples))
+    return total / manifest.num_samples
+
+
+# -- read measurements (run in a fresh subprocess per environment) -----------------------------
+
+class CacheRows(torch.utils.data.Dataset):
+    """Row i of a cache as ``{layer: float32 tensor}``, read through FeatureCache by key."""
+
+    def __init__(self, cache: FeatureCache) -> None:
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        return self.cache[self.cache.keys[row]]
+
+
+def timed_read_pass(location: str, workers: int) -> float:
+    """Samples/s of one shuffled pass over every row through a DataLoader (one sample per item)."""
+    cache = FeatureCache(location)
+    loader = torch.utils.data.DataLoader(CacheRows(cache), batch_size=None, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    count = sum(1 for _ in loader)
+    return count / (time.perf_counter() - start)
+
+
+def decompressor(codec: codecs.CodecSpec) -> Callable[[bytes], Any]:
+    """The numcodecs decoder behind a featcache codec's zarr compressor."""
+    import numcodecs
+
+    if codec.compressor == "zstd":
+        return numcodecs.Zstd().decode
+    if codec.compressor == "lz4":
+        return numcodecs.Blosc().decode
+    return lambda raw: raw
+
+
+def chunk_bytes(location: str, array: Any, row: int) -> bytes:
+    """The stored (compressed) bytes of one sample's chunk of a local cache's array."""
+    key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+    return (Path(location) / array.path / key).read_bytes()
+
+
+def in_memory_decode_rate(location: str, passes: int) -> float:
+    """Samples/s of decoding the cache's stored chunk bytes, already in memory: numcodecs decompress +
+    featcache.codecs.decode into a float32 array the caller owns (no zarr, no file, no checksum)."""
+    group = store.open_group(location)
+    manifest = FeatureCache(location).manifest
+    chunks: list[list[tuple[format.LayerSpec, bytes, bytes | None]]] = []
+    for row in range(manifest.num_samples):
+        sample = []
+        for layer in manifest.layers:
+            qparams = (chunk_bytes(location, group[format.qparams_path(layer.name)], row)
+                       if layer.codec.precision == "int8" else None)
+            sample.append((layer, chunk_bytes(location, group[format.feature_path(layer.name)], row), qparams))
+        chunks.append(sample)
+    decoders = {layer.name: decompressor(layer.codec) for layer in manifest.layers}
+    order = torch.randperm(len(chunks), generator=torch.Generator().manual_seed(0)).tolist()
+    rates = []
+    for _ in range(passes):
+        start = time.perf_counter()
+        for row in order:
+            for layer, data, qbytes in chunks[row]:
+                stored = np.frombuffer(decoders[layer.name](data), dtype=layer.codec.storage_dtype).reshape(layer.shape)
+                qparams = None if qbytes is None else np.frombuffer(qbytes, np.float32).reshape(2, -1)
+                values = codecs.decode(stored, layer.codec, qparams)
+                if np.may_share_memory(values, stored):
+                    values = values.copy()
+        rates.append(len(order) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def run_read_jobs(jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Run read jobs in this process (see :func:`read_in_subprocess`); returns results and peak RSS."""
+    results = []
+    for job in jobs:
+        if job["kind"] == "decode":
+            results.append({"samples_per_s": in_memory_decode_rate(job["cache"], job["passes"])})
+            continue
+        if job["mode"] == "warm":
+            timed_read_pass(job["cache"], job["workers"])  # untimed: fills the page cache
+        rates = []
+        for _ in range(job["passes"]):
+            if job["mode"] == "cold":
+                failure = drop_page_cache()
+                if failure:
+                    raise RuntimeError(f"cold read requested but the page cache cannot be dropped: {failure}")
+            rates.append(timed_read_pass(job["cache"], job["workers"]))
+        results.append({"samples_per_s": statistics.median(rates), "passes": rates})
+    return {"results": results, "peak_rss_mb": peak_rss_mb(),
+            "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def read_in_subprocess(jobs: list[dict[str, Any]], glibc_tunables: bool = False) -> dict[str, Any]:
+    """Run read jobs in a fresh interpreter: its own malloc settings (GLIBC_TUNABLES is read at
+    process start) and its own peak RSS. Jobs: ``{"kind": "read", "cache", "workers", "mode":
+    "warm"|"cold", "passes"}`` or ``{"kind": "decode", "cache", "passes"}``."""
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    if glibc_tunables:
+        env["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    result = subprocess.run([sys.executable, __file__, "--read-jobs", json.dumps(jobs)], env=env, cwd=REPO,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"read subprocess failed:\n{result.stderr[-3000:]}")
+    line = next(line for line in reversed(result.stdout.splitlines()) if line.startswith(RESULT_MARK))
+    return json.loads(line[len(RESULT_MARK):])
+
+
+# -- set-up -----------------------------------------------------------------------------------
+
+def prepare(sizes: Sizes, epochs: int, work: Path) -> Context:
+    """Frames (real scan + transformed copies), a seeded voxel0075 checkpoint, the cold-read check."""
+    from lidar_fixtures import VOXEL_CONFIG, make_nuscenes_like, nus_cfg_options, teacher_checkpoint
+
+    log(f"preparing {sizes.frames} frames and a seeded {VOXEL_CONFIG.split('/')[-1]} checkpoint in {work}")
+    data_root = make_nuscenes_like(work / "data", sizes.frames)
+    checkpoint = teacher_checkpoint(work, VOXEL_CONFIG, seed=5)
+    cold_failure = drop_page_cache()
+    log("cold reads: " + ("page cache can be dropped" if cold_failure is None else f"unavailable ({cold_failure})"))
+    return Context(sizes=sizes, epochs=epochs, work=work, data_root=data_root, checkpoint=checkpoint,
+                   cfg_options=nus_cfg_options(data_root, splits=("train",)), cold_failure=cold_failure)
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+def figure_build(ctx: Context) -> Section:
+    """Figure 3: build_cache samples/s vs the teacher forward alone over the same samples."""
+    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher import Teacher
+    from lidar_fixtures import VOXEL_CONFIG
+
+    log("build: teacher forward only")
+    teacher = Teacher(VOXEL_CONFIG, str(ctx.checkpoint), list(LAYERS), split="train", cfg_options=ctx.cfg_options)
+    ctx.keys = list(teacher.keys)
+    start = time.perf_counter()
+    for _, _, batch in teacher.loader(range(len(ctx.keys)), 1, BUILD_WORKERS):
+        features = teacher.features(batch)
+        ctx.features.append({name: value[0] for name, value in features.items()})
+    forward_s = time.perf_counter() - start
+    del teacher
+    log("build: featcache.build.build_cache (default codec)")
+    ctx.built_cache = ctx.work / "built"
+    start = time.perf_counter()
+    result = build_cache(BuildOptions(VOXEL_CONFIG, str(ctx.checkpoint), str(ctx.built_cache), layers=LAYERS,
+                                      cfg_options=ctx.cfg_options, num_workers=BUILD_WORKERS, progress=False))
+    build_wall = time.perf_counter() - start
+    n = len(ctx.keys)
+    ctx.forward_s_per_sample, ctx.build_s_per_sample = forward_s / n, result.seconds / n
+    ratio = ctx.forward_s_per_sample / ctx.build_s_per_sample
+    lines = [f"{n} samples, torch threads {torch.get_num_threads()}, DataLoader workers {BUILD_WORKERS} in both "
+             "runs, batch 1. Forward only = `Teacher.features` over `Teacher.loader` (data loading included, model "
+             "construction excluded); build = `BuildResult.seconds` (checksum of the checkpoint, cache creation, "
+             "forward, encode and write; model construction excluded, shown separately as the wall time).", ""]
+    lines += table(["run", "seconds", "s/sample", "samples/s"], [
+        ["teacher forward only", f"{forward_s:.1f}", f"{ctx.forward_s_per_sample:.2f}", f"{n / forward_s:.3f}"],
+        ["featcache build (BuildResult.seconds)", f"{result.seconds:.1f}", f"{ctx.build_s_per_sample:.2f}",
+         f"{n / result.seconds:.3f}"],
+        ["featcache build (wall, incl. model construction)", f"{build_wall:.1f}", f"{build_wall / n:.2f}",
+         f"{n / build_wall:.3f}"]])
+    lines += ["", f"Stored: {result.stored_bytes / max(result.written, 1) / 1e6:.2f} MB/sample "
+                  f"({result.raw_bytes / max(result.stored_bytes, 1):.1f}x smaller than fp32), "
+                  f"{result.written} written by the loop, invalid: {len(result.invalid_keys)}."]
+    return Section("3. Build path", lines, [Target("build / forward-only samples/s", ">= 0.9", f"{ratio:.3f}",
+                                                   ratio >= 0.9)])
+
+
+def figure_storage(ctx: Context) -> Section:
+    """Figure 1: stored bytes/sample and fidelity vs the fp32 teacher output, per codec."""
+    from featcache.inspection import fidelity
+
+    base = FeatureCache(str(ctx.built_cache)).manifest
+    raw = fp32_bytes(base)
+    rows, default_row = [], None
+    for name in CODECS:
+        log(f"storage: {name}")
+        codec = codecs.parse_codec(name)
+        path = ctx.work / f"codec-{name}"
+        seconds = write_cache(path, derived_manifest(base, ctx.keys, codec, f"codec figure: {name}"), ctx.keys,
+                              lambda row: ctx.features[row])
+        ctx.codec_caches[name] = path
+        ctx.codec_bytes[name] = stored_bytes_per_sample(path, base)
+        cache = FeatureCache(str(path))
+        reports = [fidelity(cache, ctx.features[row], row) for row in range(len(ctx.keys))]
+        cosines = [layer["cosine"] for report in reports for layer in report.values()]
+        max_abs = max(layer["max_abs_error"] for report in reports for layer in report.values())
+        max_rel = max(layer["max_abs_error"] / max(layer["max_abs_value"], 1e-30)
+                      for report in reports for layer in report.values())
+        row = [name, f"{ctx.codec_bytes[name] / 1e6:.2f}", f"{raw / ctx.codec_bytes[name]:.1f}",
+               f"{1 - float(np.mean(cosines)):.2e}", f"{min(cosines):.6f}", f"{max_abs:.3g}", f"{max_rel:.2e}",
+               f"{raw * len(ctx.keys) / seconds / 1e6:.0f}"]
+        rows.append(row)
+        if codec == codecs.DEFAULT_CODEC:
+            default_row = (ctx.codec_bytes[name], float(np.mean(cosines)))
+    built = np.asarray(store.open_group(str(ctx.built_cache))[format.RECORDS_ARRAY][:])
+    same = np.array_equal(built, np.asarray(
+        store.open_group(str(ctx.codec_caches[codecs.DEFAULT_CODEC.name]))[format.RECORDS_ARRAY][:]))
+    lines = [f"{len(ctx.keys)} samples of real teacher output (4 layers, fp32 {raw / 1e6:.1f} MB/sample), written "
+             "per codec with `CacheWriter` into a cache whose manifest is copied from the build. Bytes = stored feature "
+             "chunks (+ int8 scale chunks) per `featcache.store.chunk_nbytes`. Cosine and max abs error per "
+             "`featcache.inspection.fidelity` (whole layer map, float64), over every sample and layer; rel = max abs "
+             "error / max |fp32| of that layer. Write MB/s = fp32-equivalent MB/s of `write_sample` (encode, crc32c, "
+             "compress, store), one thread.", ""]
+    lines += table(["codec", "MB/sample", "x smaller than fp32", "1 - mean cos", "min cos", "max abs err",
+                    "max rel err", "write MB/s"], rows)
+    lines += ["", f"fp32 raw: {raw / 1e6:.2f} MB/sample. The build's checksums equal those of the forward-only "
+                  f"features written with the default codec: {'yes' if same else 'NO'} (the fidelity reference is the "
+                  "very output the build cached; spconv runs single-threaded)."]
+    size, cosine = default_row
+    goal = f"<= {raw / 6 / 1e6:.2f} MB (1/6 of fp32) at mean cos >= 0.999"
+    measured = f"{size / 1e6:.2f} MB ({raw / size:.1f}x), mean cos {cosine:.6f}"
+    return Section("1. Storage", lines, [Target(f"default codec {codecs.DEFAULT_CODEC.name}", goal, measured,
+                                                size <= raw / 6 and cosine >= 0.999)])
+
+
+def make_scale_caches(ctx: Context) -> None:
+    """Default-codec caches of N and 8N rows: real teacher features of the frames written repeatedly."""
+    base = FeatureCache(str(ctx.built_cache)).manifest
+    for rows in (ctx.sizes.scale_rows, 8 * ctx.sizes.scale_rows):
+        log(f"writing a {rows}-row cache (default codec) from {len(ctx.features)} real samples")
+        keys = [f"{ctx.keys[row % len(ctx.keys)]}-copy{row:05d}" for row in range(rows)]
+        path = ctx.work / f"scale-{rows}"
+        ctx.scale_write_s[rows] = write_cache(path, derived_manifest(base, keys, None, "synthesised rows"), keys,
+                                              lambda row: ctx.features[row % len(ctx.features)])
+        ctx.scale_caches[rows] = path
+
+
+def figure_read(ctx: Context) -> Section:
+    """Figure 2: FeatureCache through a DataLoader (0/1/2 workers, warm/cold) vs in-memory decode."""
+    passes = ctx.sizes.read_passes
+    modes = ["warm"] if ctx.cold_failure else ["warm", "cold"]
+    big = 8 * ctx.sizes.scale_rows
+    location = str(ctx.scale_caches[big])
+    mb = fp32_bytes(FeatureCache(location).manifest) / 1e6
+    jobs = [{"kind": "decode", "cache": location, "passes": passes}]
+    jobs += [{"kind": "read", "cache": location, "workers": workers, "mode": mode, "passes": passes}
+             for mode in modes for workers in (0, 1, 2)]
+    log(f"read path: default codec, {big} rows, workers 0/1/2, {'/'.join(modes)}")
+    plain = read_in_subprocess(jobs)["results"]
+    log("read path: same with GLIBC_TUNABLES")
+    tuned_jobs = [jobs[0]] + [job for job in jobs[1:] if job["mode"] == "warm" and job["workers"] in (0, 2)]
+    tuned = read_in_subprocess(tuned_jobs, glibc_tunables=True)["results"]
+    decode, decode_tuned = plain[0]["samples_per_s"], tuned[0]["samples_per_s"]
+    reads = {(job["mode"], job["workers"]): result["samples_per_s"] for job, result in zip(jobs[1:], plain[1:])}
+    reads_tuned = {(job["mode"], job["workers"]): result["samples_per_s"]
+                   for job, result in zip(tuned_jobs[1:], tuned[1:])}
+    ctx.default_read = {"warm0": reads[("warm", 0)], "cold0": reads.get(("cold", 0))}
+    rows = [["in-memory decode (numcodecs + codecs.decode)", "-", "-", f"{decode:.2f}", f"{decode * mb:.0f}", "1.00",
+             f"{decode_tuned:.2f}"]]
+    for (mode, workers), rate in reads.items():
+        tuned_rate = reads_tuned.get((mode, workers))
+        rows.append([f"FeatureCache via DataLoader", workers, mode, f"{rate:.2f}", f"{rate * mb:.0f}",
+                     f"{rate / decode:.2f}", f"{tuned_rate:.2f}" if tuned_rate else "-"])
+    lines = [f"Default codec {codecs.DEFAULT_CODEC.name}, a cache of {big} rows synthesised by writing the real teacher "
+             f"features of {len(ctx.features)} frames repeatedly with `CacheWriter` (manifest copied from the build). "
+             f"Decoded MB = float32 MB handed out ({mb:.1f} MB/sample). One sample per DataLoader item "
+             "(`batch_size=None`), shuffled, checksums verified; median of "
+             f"{passes} pass(es) over all rows. Warm = after an untimed pass; cold = "
+             + ("`sync; echo 3 > /proc/sys/vm/drop_caches` before every timed pass (the host may still cache the disk "
+                "image)." if not ctx.cold_failure else f"not measured ({ctx.cold_failure}), warm only.")
+             + " In-memory decode = the same stored chunk bytes already in RAM, numcodecs decompress + "
+             "`featcache.codecs.decode` into an owned float32 array, one thread, no zarr, no checksum. Each column "
+             "set runs in its own fresh process; the last column with "
+             f"`GLIBC_TUNABLES={GLIBC_TUNABLES}` (STORAGE-FACTS: outputs over glibc's 32 MiB mmap threshold "
+             "page-fault fresh memory on every read; the 512x180x180 neck map is 66 MB).", ""]
+    lines += table(["reader", "workers", "cache", "samples/s", "decoded MB/s", "/ in-memory", "samples/s with "
+                    "GLIBC_TUNABLES"], rows)
+    lines += ["", "Per codec (the codec caches of figure 1, " f"{len(ctx.keys)} rows, warm, 0 workers):", ""]
+    codec_rows = []
+    for name in CODECS:
+        result = ctx.codec_read[name]
+        codec_rows.append([name, f"{result['decode']:.2f}", f"{result['read']:.2f}",
+                           f"{result['read'] / result['decode']:.2f}", f"{result['read'] * mb:.0f}"])
+    lines += table(["codec", "in-memory decode samples/s", "FeatureCache samples/s", "ratio", "decoded MB/s"],
+                   codec_rows)
+    glibc_gain = reads_tuned[("warm", 0)] / reads[("warm", 0)]
+    lines += ["", f"GLIBC_TUNABLES changes warm 0-worker reads by x{glibc_gain:.2f} and in-memory decode by "
+                  f"x{decode_tuned / decode:.2f}."]
+    targets = [Target(f"FeatureCache / in-memory decode, 0 workers, {mode}", ">= 0.8",
+                      f"{reads[(mode, 0)] / decode:.2f}", reads[(mode, 0)] / decode >= 0.8) for mode in modes]
+    targets += [Target(f"FeatureCache / in-memory decode, 1 worker, {mode}", ">= 0.8",
+                       f"{reads[(mode, 1)] / decode:.2f}", reads[(mode, 1)] / decode >= 0.8) for mode in modes]
+    targets += [Target(f"2 workers / 1 worker, {mode}", ">= 1.6", f"{reads[(mode, 2)] / reads[(mode, 1)]:.2f}",
+                       reads[(mode, 2)] / reads[(mode, 1)] >= 1.6) for mode in modes]
+    return Section("2. Read path", lines, targets)
+
+
+def measure_codec_reads(ctx: Context) -> None:
+    """In-memory decode and FeatureCache read speed (warm, 0 workers) of every codec cache of figure 1."""
+    log("read path: per codec")
+    jobs = []
+    for name in CODECS:
+        location = str(ctx.codec_caches[name])
+        jobs += [{"kind": "decode", "cache": location, "passes": ctx.sizes.read_passes},
+                 {"kind": "read", "cache": location, "workers": 0, "mode": "warm", "passes": ctx.sizes.read_passes}]
+    results = read_in_subprocess(jobs)["results"]
+    for index, name in enumerate(CODECS):
+        ctx.codec_read[name] = {"decode": results[2 * index]["samples_per_s"],
+                                "read": results[2 * index + 1]["samples_per_s"]}
+
+
+def figure_scale(ctx: Context) -> Section:
+    """Figure 4: read throughput and peak RSS at N and 8N rows, one fresh process per size."""
+    modes = ["warm"] if ctx.cold_failure else ["cold", "warm"]
+    measured = {}
+    for rows, path in ctx.scale_caches.items():
+        log(f"scale: {rows} rows")
+        jobs = [{"kind": "read", "cache": str(path), "workers": 0, "mode": mode, "passes": ctx.sizes.read_passes}
+                for mode in modes]
+        output = read_in_subprocess(jobs)
+        measured[rows] = ({mode: result["samples_per_s"] for mode, result in zip(modes, output["results"])},
+                          output["peak_rss_mb"])
+    small, big = sorted(measured)
+    rows = [[n, *(f"{measured[n][0][mode]:.2f}" for mode in modes), f"{measured[n][1]:.0f}"] for n in (small, big)]
+    lines = [f"Default-codec caches of N={small} and 8N={big} rows (real features of {len(ctx.features)} frames "
+             "written repeatedly). One fresh process per size reads every row through FeatureCache + DataLoader "
+             "(0 workers, shuffled); peak RSS = that process's VmHWM after all its passes.", ""]
+    lines += table(["rows", *(f"samples/s {mode}" for mode in modes), "peak RSS MB"], rows)
+    targets = [Target(f"throughput 8N / N, {mode}", ">= 0.9 (flat)",
+                      f"{measured[big][0][mode] / measured[small][0][mode]:.2f}",
+                      measured[big][0][mode] / measured[small][0][mode] >= 0.9) for mode in modes]
+    rss_ratio = measured[big][1] / measured[small][1]
+    targets.append(Target("peak RSS 8N / N", "<= 1.1 (flat)", f"{rss_ratio:.2f}", rss_ratio <= 1.1))
+    return Section("4. Scale", lines, targets)
+
+
+def figure_hdf5(ctx: Context) -> Section:
+    """Figure 5: the N-row cache as Zarr vs its featcache.export.export_hdf5 copy."""
+    from featcache.export import export_hdf5
+
+    rows = ctx.sizes.scale_rows
+    zarr_path = ctx.scale_caches[rows]
+    h5_path = ctx.work / f"scale-{rows}.h5"
+    log(f"hdf5: exporting the {rows}-row cache")
+    start = time.perf_counter()
+    export_hdf5(str(zarr_path), str(h5_path))
+    export_s = time.perf_counter() - start
+    modes = ["warm"] if ctx.cold_failure else ["warm", "cold"]
+    jobs = [{"kind": "read", "cache": str(location), "workers": 0, "mode": mode, "passes": ctx.sizes.read_passes}
+            for location in (zarr_path, h5_path) for mode in modes]
+    log("hdf5: reading both")
+    results = read_in_subprocess(jobs)["results"]
+    rates = {(job["cache"], job["mode"]): result["samples_per_s"] for job, result in zip(jobs, results)}
+    table_rows = []
+    for label, location, seconds, what in (
+            ("Zarr (featcache)", zarr_path, ctx.scale_write_s[rows], "CacheWriter.write_sample from fp32"),
+            ("HDF5 (export_hdf5)", h5_path, export_s, "export_hdf5 from the Zarr cache")):
+        size = directory_bytes(location) if location.is_dir() else location.stat().st_size
+        table_rows.append([label, what, f"{seconds / rows:.3f}", f"{size / rows / 1e6:.2f}",
+                           *(f"{rates[(str(location), mode)]:.2f}" for mode in modes)])
+    lines = [f"The {rows}-row default-codec cache and its HDF5 export (same stored values, HDF5 gzip level 1 + "
+             "shuffle instead of zstd). Write s/sample is what each path does (not the same work: the Zarr write "
+             "encodes fp32, the export re-reads and verifies the Zarr cache). MB/sample = whole file/directory size "
+             "/ rows. Read: FeatureCache (it opens both), DataLoader 0 workers, shuffled, checksums verified.", ""]
+    lines += table(["storage", "write path", "write s/sample", "MB/sample", *(f"read samples/s {mode}" for mode in modes)],
+                   table_rows)
+    speedups = {mode: rates[(str(zarr_path), mode)] / rates[(str(h5_path), mode)] for mode in modes}
+    return Section("5. Zarr vs HDF5", lines, [Target(f"Zarr / HDF5 read samples/s, {mode}", "report",
+                                                      f"{value:.2f}", None) for mode, value in speedups.items()])
+
+
+def figure_cost(ctx: Context) -> Section:
+    """Figure 6: runs until the cache has paid for its build, and nuScenes-size cache weight per codec."""
+    forward, build, epochs = ctx.forward_s_per_sample, ctx.build_s_per_sample, ctx.epochs
+    read_mode = "cold" if ctx.default_read.get("cold0") else "warm"
+    read = 1 / (ctx.default_read["cold0"] if read_mode == "cold" else ctx.default_read["warm0"])
+    lines = [f"Measured here (CPU, torch threads {torch.get_num_threads()}): teacher forward {forward:.2f} s/sample, "
+             f"build {build:.2f} s/sample, default-codec read {read * 1000:.0f} ms/sample ({read_mode}, 0 workers). "
+             f"A student run = {epochs} epochs over the dataset (`--epochs`). Online KD pays one teacher forward per "
+             "sample per epoch, cached KD one cache read; the cache costs one build. Break-even runs = build / "
+             f"({epochs} x (forward - read)) per sample, independent of dataset size. Per-codec read time: warm, "
+             "0 workers (figure 2). nuScenes: 28,130 train samples x measured bytes/sample; build hours = 28,130 x "
+             "build s/sample on this machine (one process).", ""]
+    rows = []
+    for name in CODECS:
+        per_sample = ctx.codec_bytes[name]
+        read_s = 1 / ctx.codec_read[name]["read"]
+        rows.append([name, f"{per_sample / 1e6:.2f}", f"{per_sample * NUSCENES_TRAIN_SAMPLES / 1e9:.0f}",
+                     f"{read_s * 1000:.0f}", f"{build / (epochs * (forward - read_s)):.3f}"])
+    lines += table(["codec", "MB/sample", "nuScenes train cache GB", "read ms/sample", f"runs to break even "
+                    f"({epochs} epochs)"], rows)
+    breakeven = build / (epochs * (forward - read))
+    lines += ["", f"Default codec, {read_mode} read: the cache has paid for itself after {breakeven:.3f} runs "
+                  f"({breakeven * epochs:.2f} epochs) of one student; a nuScenes build takes "
+                  f"{NUSCENES_TRAIN_SAMPLES * build / 3600:.1f} h here and saves "
+                  f"{NUSCENES_TRAIN_SAMPLES * epochs * (forward - read) / 3600:.1f} h of teacher forwards per run."]
+    return Section("6. Cost model", lines, [Target("runs to break even (default codec)", "report",
+                                                    f"{breakeven:.3f}", None)])
+
+
+def cycle(loader: Any) -> Iterator[Any]:
+    """Batches of a DataLoader, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def train_step_times(cfg: Any, steps: int) -> list[float]:
+    """Wall seconds of ``steps`` training iterations (data wait + preprocess + loss + backward + update),
+    after one untimed warm-up iteration, with the config's own DataLoader and optimiser."""
+    from mmdet3d.registry import MODELS
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.runner import Runner
+
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).train()
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    batches = cycle(Runner.build_dataloader(copy.deepcopy(cfg.train_dataloader), seed=0))
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        model.train_step(next(batches), optim_wrapper)
+        times.append(time.perf_counter() - start)
+    return times[1:]
+
+
+def figure_train(ctx: Context) -> Section:
+    """Figure 7: cached-KD vs no-KD vs online-KD training step time, same pillar student and batches."""
+    from lidar_fixtures import VOXEL_CONFIG
+    from trainer.train import TrainOptions, build_runner_config
+
+    options = {"train_dataloader.dataset.data_root": f"{ctx.data_root}/",
+               "train_dataloader.dataset.ann_file": "infos.pkl"}
+    variants = {
+        "no KD (--no-distill)": (TrainOptions(str(STUDENT_CONFIG), None, no_distill=True, cfg_options=options),
+                                 ctx.sizes.train_steps),
+        "cached KD (CacheDistiller, build cache)": (TrainOptions(str(STUDENT_CONFIG), str(ctx.built_cache),
+                                                                 cfg_options=options), ctx.sizes.train_steps),
+        "online KD (--online-teacher voxel0075)": (TrainOptions(
+            str(STUDENT_CONFIG), None, cfg_options=options, online_teacher=(VOXEL_CONFIG, str(ctx.checkpoint))),
+            ctx.sizes.online_steps)}
+    medians, rows = {}, []
+    batch_size = workers = None
+    for label, (options_, steps) in variants.items():
+        log(f"train: {label}, {steps} steps")
+        cfg = build_runner_config(options_)
+        batch_size, workers = cfg.train_dataloader.batch_size, cfg.train_dataloader.num_workers
+        times = train_step_times(cfg, steps)
+        medians[label] = statistics.median(times)
+        rows.append([label, steps, f"{medians[label]:.2f}", f"{min(times):.2f}", f"{max(times):.2f}"])
+    no_kd, cached, online = medians.values()
+    lines = [f"Student {STUDENT_CONFIG.relative_to(REPO)} (CenterPoint pillar, half width), batch {batch_size}, "
+             f"its own train pipeline and DataLoader ({workers} worker), loss crd, all cached layers paired by name, "
+             f"torch threads {torch.get_num_threads()}. Step = next batch + `train_step` (preprocess, loss, backward, "
+             "update); one untimed warm-up step per variant; the cache is the build of figure 3 (default codec).", ""]
+    lines += table(["variant", "steps", "median s/step", "min", "max"], rows)
+    return Section("7. Training step", lines, [
+        Target("cached-KD / no-KD step time", "<= 1.10", f"{cached / no_kd:.2f}", cached / no_kd <= 1.10),
+        Target("online-KD / cached-KD step time", "report", f"{online / cached:.2f}", None)])
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
+    """Date, machine, versions, sizes, cold-read method, wall time."""
+    from featcache.build import library_versions
+    import h5py
+
+    versions = {**library_versions(), "h5py": h5py.__version__, "python": platform.python_version()}
+    cold = ("cold reads after `sync; echo 3 > /proc/sys/vm/drop_caches` (run as root) before each timed pass"
+            if ctx.cold_failure is None else f"warm only: dropping the page cache failed ({ctx.cold_failure})")
+    return [
+        "# featcache benchmarks", "",
+        f"Generated by `python tools/bench.py{' --quick' if quick else ''}` on "
+        f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; every figure below is measured "
+        "by that run (do not edit by hand, re-run the script).", "",
+        f"- machine: {len(os.sched_getaffinity(0))} cores (nproc), {cpu_model()}, {memory_total_gib():.0f} GiB RAM, "
+        f"Linux {platform.release()}; load average at the end {os.getloadavg()[0]:.2f} (other jobs may share the "
+        "machine)",
+        "- versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
+        f"- sizes: {ctx.sizes.frames} real teacher frames (the real nuScenes scan + rigidly transformed copies), "
+        f"scale N={ctx.sizes.scale_rows}; {'QUICK smoke-test sizes, not representative' if quick else 'full run'}",
+        "- teacher: mmdet3d `centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py` "
+        "(BEVFusion-lidar's encoder/backbone/neck), seeded untrained checkpoint with perturbed BN statistics "
+        "(tests/lidar_fixtures.teacher_checkpoint, seed 5); layers pts_middle_encoder 256x180x180, "
+        "pts_backbone.0 128x180x180, pts_backbone.1 256x90x90, pts_neck.0 512x180x180",
+        f"- torch threads {torch.get_num_threads()} (spconv on CPU is deterministic only single-threaded)",
+        f"- page cache: {cold}",
+        f"- wall time of this run: {wall_s / 60:.1f} min", ""]
+
+
+def render(ctx: Context, sections: list[Section], wall_s: float, quick: bool) -> str:
+    """The whole BENCHMARKS.md text: header, target summary, one section per figure."""
+    lines = header(ctx, wall_s, quick)
+    summary = [[section.title, target.name, target.goal, target.measured, verdict(target.passed)]
+               for section in sections for target in section.targets]
+    lines += ["## Targets", ""] + table(["figure", "target", "goal", "measured", "result"], summary) + [""]
+    for section in sorted(sections, key=lambda item: item.title):
+        lines += [f"## {section.title}", ""] + section.lines + [""]
+        if section.targets:
+            lines += table(["target", "goal", "measured", "result"],
+                           [[t.name, t.goal, t.measured, verdict(t.passed)] for t in section.targets]) + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 3 min)")
+    parser.add_argument("--out", default=None,
+                        help="report path (default: BENCHMARKS.md in the repo; with --quick: print only)")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs per student run in the cost model")
+    parser.add_argument("--read-jobs", help=argparse.SUPPRESS)  # internal: read measurements in a subprocess
+    args = parser.parse_args()
+    if args.read_jobs:
+        print(RESULT_MARK + json.dumps(run_read_jobs(json.loads(args.read_jobs))), flush=True)
+        return
+    torch.set_num_threads(1)
+    sizes = QUICK if args.quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
+    try:
+        ctx = prepare(sizes, args.epochs, work)
+        sections = [figure_build(ctx), figure_storage(ctx)]
+        measure_codec_reads(ctx)
+        make_scale_caches(ctx)
+        sections += [figure_read(ctx), figure_scale(ctx), figure_hdf5(ctx), figure_cost(ctx), figure_train(ctx)]
+        report = render(ctx, sections, time.perf_counter() - START, args.quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out = args.out or (None if args.quick else str(REPO / "BENCHMARKS.md"))
+    if out:
+        Path(out).write_text(report + "\n")
+        log(f"wrote {out}")
+    else:
+        print(report)
+    log(f"done in {(time.perf_counter() - START) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
