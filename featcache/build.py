@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from featcache import codecs, format, models, store
-from featcache.errors import CacheMismatchError, InvalidFeatureError
+from featcache.errors import CacheMismatchError, InputDataError, InvalidFeatureError
 from featcache.teacher import Teacher
 from featcache.world import World, close_world, init_world
 from featcache.writer import BackgroundWriter, CacheWriter
@@ -147,12 +147,20 @@ class Builder:
             if exists:
                 logger.warning("--force: erasing the cache at %s", out)
             rows, keys, batch = next(iter(self._loader([0])))
-            features = self.teacher.features(batch)
+            features = self._teacher_features(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
             writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options)
             self._write_directly(writer, rows[0], keys[0], {name: value[0] for name, value in features.items()})
         self.world.barrier()
         return writer if self.world.is_main else CacheWriter.open(out, options.storage_options)
+
+    def _teacher_features(self, batch, keys: list[str]) -> dict[str, np.ndarray]:
+        try:
+            return self.teacher.features(batch)
+        except Exception as exc:
+            raise InputDataError(f"the teacher failed on sample(s) {', '.join(map(repr, keys))} "
+                                 f"({', '.join(self.teacher.lidar_paths(keys))}): {type(exc).__name__}: {exc}. "
+                                 "No points in the point cloud range, or a malformed point file?") from exc
 
     def _write_directly(self, writer: CacheWriter, row: int, key: str, features: dict[str, np.ndarray]) -> None:
         try:
@@ -183,7 +191,7 @@ class Builder:
         try:
             if rows:
                 for batch_rows, batch_keys, batch in self._loader(rows):
-                    features = self.teacher.features(batch)
+                    features = self._teacher_features(batch, batch_keys)
                     for position, (row, key) in enumerate(zip(batch_rows, batch_keys)):
                         background.submit(row, key, {name: value[position] for name, value in features.items()})
                     progress.update(len(batch_rows))

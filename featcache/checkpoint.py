@@ -48,12 +48,18 @@ OPENMMLAB_SAFE_GLOBALS: tuple[str, ...] = (
 _HISTORY_BUFFER_METHODS = frozenset({"min", "max", "current", "mean"})
 
 
+_NOT_ALLOWED = "is not allowed in a checkpoint"
+# How torch's weights-only unpickler (and our getattr) word a refused global, as opposed to a
+# file that is simply not a pickle.
+_REFUSALS = ("Unsupported global", _NOT_ALLOWED)
+
+
 def _restricted_getattr(obj: Any, name: str) -> Any:
     history_buffer = _resolve("mmengine.logging.history_buffer.HistoryBuffer")
     if obj is history_buffer and name in _HISTORY_BUFFER_METHODS:
         return getattr(obj, name)
-    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) is not "
-                                 "allowed in a checkpoint (only HistoryBuffer statistics methods are)")
+    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) {_NOT_ALLOWED} "
+                                 "(only HistoryBuffer statistics methods are)")
 
 
 def _resolve(qualified_name: str) -> Any | None:
@@ -118,8 +124,9 @@ def load_checkpoint_file(path: str | os.PathLike, trust_globals: Iterable[str] =
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path, allowed)
-        if unsafe or "Unsupported global" in str(exc) or "Weights only load failed" in str(exc):
-            names = ", ".join(unsafe) or str(exc).split("\n")[0]
+        refusals = [line.strip() for line in str(exc).splitlines() if any(marker in line for marker in _REFUSALS)]
+        if unsafe or refusals:
+            names = ", ".join(unsafe) or "; ".join(refusals)
             raise UnsafeCheckpointError(
                 f"checkpoint {path!r} references types outside featcache's allow-list: {names}. It was not "
                 "unpickled. If you trust the file and the type is plain data, pass --trust-global "

@@ -100,6 +100,11 @@ class Teacher:
         outputs = recording.record_teacher(self.model, batch, self.modules)
         return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}
 
+    def lidar_paths(self, keys: Sequence[str]) -> list[str]:
+        """The lidar files of samples, by key (for error messages)."""
+        rows = {key: row for row, key in enumerate(self.keys)}
+        return [_lidar_path(self.dataset, rows[key]) for key in keys]
+
     def features_of_row(self, row: int) -> dict[str, np.ndarray]:
         _, _, batch = next(iter(self.loader([row])))
         return {name: value[0] for name, value in self.features(batch).items()}

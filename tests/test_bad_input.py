@@ -1,0 +1,104 @@
+"""Bad input stops `featcache build` with a message naming the culprit, keeps what was written,
+and the cache resumes once the input is fixed."""
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featcache import format
+from featcache.reader import open_cache
+from featcache.verify import verify_cache
+from lidar_fixtures import PILLAR_CONFIG, cfg_option_args, nus_cfg_options
+
+FEATCACHE = [sys.executable, "-m", "featcache.cli"]
+BAD_ROW = 3
+
+
+def _damage(path: Path, how: str) -> None:
+    points = np.fromfile(path, dtype=np.float32).reshape(-1, 5)
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2 + 3])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "nan":
+        points[::7, :3] = np.nan
+        points.tofile(path)
+    elif how == "four_features":  # a KITTI-style x, y, z, reflectance file where 5 are expected
+        np.ascontiguousarray(points[:-1, :4]).tofile(path)
+    elif how == "out_of_range":  # every point far outside the point cloud range
+        points[:, :3] += 1000.0
+        points.tofile(path)
+
+
+def _build(data: Path, ckpt: Path, out: Path) -> subprocess.CompletedProcess:
+    args = ["build", PILLAR_CONFIG, str(ckpt), "--out", str(out), "--layers", "pts_neck", "--num-workers", "0",
+            *cfg_option_args(nus_cfg_options(data))]
+    return subprocess.run(FEATCACHE + args, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("missing", "No such file"), ("truncated", "cannot be loaded"), ("empty", "no points"),
+    ("nan", "NaN/Inf point"), ("four_features", "cannot be loaded"),
+    ("out_of_range", "No points in the point cloud range"),
+])
+def test_bad_lidar_file_is_named_and_cache_resumes(nus_six, pillar_ckpt, tmp_path, how, message):
+    data = tmp_path / "data"
+    shutil.copytree(nus_six, data)
+    infos = pickle.loads((data / "infos.pkl").read_bytes())["data_list"]
+    bad_file = data / "samples" / "LIDAR_TOP" / infos[BAD_ROW]["lidar_points"]["lidar_path"]
+    original = bad_file.read_bytes()
+    _damage(bad_file, how)
+    out = tmp_path / "cache"
+
+    failed = _build(data, pillar_ckpt, out)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert infos[BAD_ROW]["token"] in failed.stderr and bad_file.name in failed.stderr
+    assert message in failed.stderr, failed.stderr[-2000:]
+    assert "Traceback" not in failed.stderr
+    status = open_cache(out).status()
+    assert (status[:BAD_ROW] == format.STATUS_COMPLETE).all()  # what came before is kept
+    assert (status[BAD_ROW:] == format.STATUS_MISSING).all()
+
+    bad_file.write_bytes(original)
+    resumed = _build(data, pillar_ckpt, out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"wrote {6 - BAD_ROW} samples" in resumed.stdout
+    assert verify_cache(str(out)).ok
+
+
+def test_info_file_with_missing_keys_is_named(nus_six, pillar_ckpt, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(nus_six, data)
+    infos = pickle.loads((data / "infos.pkl").read_bytes())
+    del infos["data_list"][2]["lidar_points"]
+    (data / "infos.pkl").write_bytes(pickle.dumps(infos))
+    failed = _build(data, pillar_ckpt, tmp_path / "cache")
+    assert failed.returncode == 1 and "infos.pkl" in failed.stderr and "lidar_points" in failed.stderr
+
+
+@pytest.mark.parametrize("content, message", [(b"\x00" * 64, "not a readable PyTorch checkpoint"),
+                                              (None, "does not exist")])
+def test_bad_checkpoint_is_named(nus_one, tmp_path, content, message):
+    ckpt = tmp_path / "teacher.pth"
+    if content is not None:
+        ckpt.write_bytes(content)
+    failed = _build(nus_one, ckpt, tmp_path / "cache")
+    assert failed.returncode == 1 and "teacher.pth" in failed.stderr and message in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_config_that_does_not_build_is_named(nus_one, pillar_ckpt, tmp_path):
+    config = tmp_path / "broken_teacher.py"
+    config.write_text(f"_base_ = ['mmdet3d::{PILLAR_CONFIG}']\nmodel = dict(pts_neck=dict(type='NoSuchNeck'))\n")
+    args = ["build", str(config), str(pillar_ckpt), "--out", str(tmp_path / "cache"),
+            *cfg_option_args(nus_cfg_options(nus_one))]
+    failed = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
+    assert failed.returncode == 1 and "broken_teacher.py" in failed.stderr and "NoSuchNeck" in failed.stderr
