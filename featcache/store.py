@@ -24,12 +24,16 @@ def _zarr_kwargs(location: str | os.PathLike, storage_options: dict[str, Any] | 
     return kwargs
 
 
-def exists(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+def exists(location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
+           attribute: str = "featcache") -> bool:
+    """True when a group with the manifest ``attribute`` exists. The manifest is written last when
+    a cache is created, so a group without it is a creation that was interrupted (nothing in it
+    can be recorded as complete) and counts as absent."""
     try:
-        zarr.open_group(mode="r", **_zarr_kwargs(location, storage_options))
-        return True
+        group = zarr.open_group(mode="r", **_zarr_kwargs(location, storage_options))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         return False
+    return attribute in group.attrs
 
 
 def open_group(location: str | os.PathLike, mode: str = "r", storage_options: dict[str, Any] | None = None):

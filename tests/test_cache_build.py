@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import codecs, format, models
+from featcache import codecs, format, models, store
 from featcache.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError, CorruptSampleError, SampleNotCachedError
 from featcache.reader import open_cache
@@ -165,7 +165,7 @@ def test_kill_9_mid_build_then_resume_equals_uninterrupted(reference_cache, nus_
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if (out / "zarr.json").exists():
+        if store.exists(out):  # the manifest is there: the cache has all its arrays
             done = int((open_cache(out).status() == format.STATUS_COMPLETE).sum())
             if done >= 2:
                 break
@@ -232,6 +232,16 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "repaired 2 samples" in fixed.stdout
     _assert_same_cache(str(out), reference_cache)
+
+
+def test_creation_interrupted_before_the_manifest_is_rebuilt(nus_six, pillar_ckpt, tmp_path):
+    import zarr
+
+    out = tmp_path / "half_created"
+    zarr.open_group(str(out), mode="w", zarr_format=3).create_array("keys", shape=(6,), dtype=str)
+    assert not store.exists(out)
+    result = build_cache(_options(nus_six, pillar_ckpt, out))
+    assert result.written == 6 and verify_cache(str(out)).ok
 
 
 def test_unbuilt_sample_and_unknown_key_are_clear_errors(reference_cache, tmp_path):

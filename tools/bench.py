@@ -56,12 +56,16 @@ class Sizes:
     frames: int  # real teacher forwards (build, storage, fidelity)
     scale_rows: int  # N of the scale figure; the larger cache has 8N rows
     read_passes: int  # timed passes per read measurement (median reported)
-    train_steps: int  # measured steps per no-KD / cached-KD variant (after one warm-up step)
+    warmup_steps: int  # untimed training steps before the measured ones, per variant
+    train_steps: int  # measured steps per no-KD / cached-KD variant
     online_steps: int  # measured steps of the online-KD variant
+    train_batch: int | None  # training batch size (None: the student config's own)
 
 
-FULL = Sizes(frames=6, scale_rows=12, read_passes=3, train_steps=6, online_steps=3)
-QUICK = Sizes(frames=2, scale_rows=2, read_passes=1, train_steps=1, online_steps=1)
+FULL = Sizes(frames=6, scale_rows=12, read_passes=3, warmup_steps=1, train_steps=6, online_steps=3,
+             train_batch=None)
+QUICK = Sizes(frames=2, scale_rows=1, read_passes=1, warmup_steps=0, train_steps=1, online_steps=1,
+              train_batch=1)
 
 
 @dataclass
@@ -122,6 +126,7 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def verdict(passed: bool | None) -> str:
+    """PASS / MISS / n/a (a reported figure without a target)."""
     return {True: "PASS", False: "**MISS**", None: "n/a"}[passed]
 
 
@@ -142,16 +147,19 @@ def fp32_bytes(manifest: format.Manifest) -> int:
 
 
 def directory_bytes(path: Path) -> int:
+    """Bytes of every file under ``path``."""
     return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
 
 def cpu_model() -> str:
+    """CPU model name(s) from /proc/cpuinfo."""
     with open("/proc/cpuinfo") as handle:
         names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
     return f"{names[0]} x{len(names)}" if names else platform.processor() or "unknown"
 
 
 def memory_total_gib() -> float:
+    """MemTotal of /proc/meminfo, GiB."""
     with open("/proc/meminfo") as handle:
         kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
     return kib / 2**20
@@ -166,7 +174,8 @@ def peak_rss_mb() -> float:
 
 # -- cache writing ----------------------------------------------------------------------------
 
-def derived_manifest(base: format.Manifest, keys: list[str], codec: codecs.CodecSpec | None, note: str) -> format.Manifest:
+def derived_manifest(base: format.Manifest, keys: list[str], codec: codecs.CodecSpec | None,
+                     note: str) -> format.Manifest:
     """The manifest of a real build, for other keys (and optionally another codec for every layer)."""
     layers = tuple(dataclasses.replace(layer, codec=codec) for layer in base.layers) if codec else base.layers
     return dataclasses.replace(base, layers=layers, num_samples=len(keys), dataset_id=format.dataset_identity(keys),
@@ -225,6 +234,25 @@ class FilledRows(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         return {name: torch.full(shape, 1.0) for name, shape in self.shapes.items()}
+
+
+class ChunkFileRows(torch.utils.data.Dataset):
+    """Row i of a local cache as the byte count of its chunk files, read whole: the I/O floor of a read."""
+
+    def __init__(self, location: str) -> None:
+        group = store.open_group(location)
+        manifest = FeatureCache(location).manifest
+        arrays = [group[format.feature_path(layer.name)] for layer in manifest.layers]
+        arrays += [group[format.qparams_path(layer.name)] for layer in manifest.layers
+                   if layer.codec.precision == "int8"]
+        arrays.append(group[format.RECORDS_ARRAY])
+        self.location, self.arrays, self.rows = location, arrays, manifest.num_samples
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, row: int) -> int:
+        return sum(len(chunk_bytes(self.location, array, row)) for array in self.arrays)
 
 
 def timed_pass(dataset: torch.utils.data.Dataset, workers: int) -> float:
@@ -289,7 +317,7 @@ def run_read_jobs(jobs: list[dict[str, Any]]) -> dict[str, Any]:
         if job["kind"] == "decode":
             results.append({"samples_per_s": in_memory_decode_rate(job["cache"], job["passes"])})
             continue
-        dataset_type = CacheRows if job["kind"] == "read" else FilledRows
+        dataset_type = {"read": CacheRows, "handoff": FilledRows, "files": ChunkFileRows}[job["kind"]]
         if job["mode"] == "warm":
             timed_pass(dataset_type(job["cache"]), job["workers"])  # untimed: fills the page cache
         rates = []
@@ -307,7 +335,7 @@ def run_read_jobs(jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def read_in_subprocess(jobs: list[dict[str, Any]], glibc_tunables: bool = False) -> dict[str, Any]:
     """Run read jobs in a fresh interpreter: its own malloc settings (GLIBC_TUNABLES is read at
-    process start) and its own peak RSS. Jobs: ``{"kind": "read"|"handoff", "cache", "workers", "mode":
+    process start) and its own peak RSS. Jobs: ``{"kind": "read"|"handoff"|"files", "cache", "workers", "mode":
     "warm"|"cold", "passes", "primer"}`` (primer: another cache of the same kind, read untimed after
     each page-cache drop) or ``{"kind": "decode", "cache", "passes"}``."""
     env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
@@ -372,7 +400,9 @@ def figure_build(ctx: Context) -> Section:
          f"{n / result.seconds:.3f}"],
         ["featcache build (wall, incl. model construction)", f"{build_wall:.1f}", f"{build_wall / n:.2f}",
          f"{n / build_wall:.3f}"]])
-    lines += ["", f"Stored: {result.stored_bytes / max(result.written, 1) / 1e6:.2f} MB/sample "
+    lines += ["", f"Build overhead over the forward: {result.seconds - forward_s:.1f} s in all "
+                  f"({(result.seconds - forward_s) / n:.2f} s/sample). Stored: "
+                  f"{result.stored_bytes / max(result.written, 1) / 1e6:.2f} MB/sample "
                   f"({result.raw_bytes / max(result.stored_bytes, 1):.1f}x smaller than fp32), "
                   f"{result.written} written by the loop, invalid: {len(result.invalid_keys)}."]
     return Section("3. Build path", lines, [Target("build / forward-only samples/s", ">= 0.9", f"{ratio:.3f}",
@@ -410,8 +440,8 @@ def figure_storage(ctx: Context) -> Section:
     same = np.array_equal(built, np.asarray(
         store.open_group(str(ctx.codec_caches[codecs.DEFAULT_CODEC.name]))[format.RECORDS_ARRAY][:]))
     lines = [f"{len(ctx.keys)} samples of real teacher output (4 layers, fp32 {raw / 1e6:.1f} MB/sample), written "
-             "per codec with `CacheWriter` into a cache whose manifest is copied from the build. Bytes = stored feature "
-             "chunks (+ int8 scale chunks) per `featcache.store.chunk_nbytes`. Cosine and max abs error per "
+             "per codec with `CacheWriter` into a cache whose manifest is copied from the build. Bytes = stored "
+             "feature chunks (+ int8 scale chunks) per `featcache.store.chunk_nbytes`. Cosine and max abs error per "
              "`featcache.inspection.fidelity` (whole layer map, float64), over every sample and layer; rel = max abs "
              "error / max |fp32| of that layer. Write MB/s = fp32-equivalent MB/s of `write_sample` (encode, crc32c, "
              "compress, store), one thread.", ""]
@@ -440,6 +470,7 @@ def make_scale_caches(ctx: Context) -> None:
 
 
 def read_modes(ctx: Context) -> list[str]:
+    """Page-cache states measured in this run."""
     return ["warm"] if ctx.cold_failure else ["warm", "cold"]
 
 
@@ -455,11 +486,12 @@ def cold_method(ctx: Context) -> str:
 def figure_read(ctx: Context) -> Section:
     """Figure 2: FeatureCache through a DataLoader (0/1/2 workers, warm/cold) vs in-memory decode."""
     passes, modes = ctx.sizes.read_passes, read_modes(ctx)
-    big = 8 * ctx.sizes.scale_rows
-    location, primer = str(ctx.scale_caches[big]), str(ctx.codec_caches[codecs.DEFAULT_CODEC.name])
+    rows = ctx.sizes.scale_rows
+    location, primer = str(ctx.scale_caches[rows]), str(ctx.codec_caches[codecs.DEFAULT_CODEC.name])
     mb = fp32_bytes(FeatureCache(location).manifest) / 1e6
+    stored_mb = ctx.codec_bytes[codecs.DEFAULT_CODEC.name] / 1e6
     cases = [("read", mode, workers) for mode in modes for workers in (0, 1, 2)]
-    cases += [("handoff", "warm", workers) for workers in (0, 1, 2)]
+    cases += [("files", mode, 0) for mode in modes] + [("handoff", "warm", workers) for workers in (0, 1, 2)]
     tuned_cases = [("read", "warm", 0), ("read", "warm", 2)]
 
     def jobs_of(selected: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
@@ -467,7 +499,7 @@ def figure_read(ctx: Context) -> Section:
             {"kind": kind, "cache": location, "workers": workers, "mode": mode, "passes": passes, "primer": primer}
             for kind, mode, workers in selected]
 
-    log(f"read path: default codec, {big} rows, workers 0/1/2, {'/'.join(modes)}")
+    log(f"read path: default codec, {rows} rows, workers 0/1/2, {'/'.join(modes)}")
     plain = read_in_subprocess(jobs_of(cases))["results"]
     log("read path: same with GLIBC_TUNABLES")
     tuned = read_in_subprocess(jobs_of(tuned_cases), glibc_tunables=True)["results"]
@@ -475,27 +507,32 @@ def figure_read(ctx: Context) -> Section:
     rate = {case: result["samples_per_s"] for case, result in zip(cases, plain[1:])}
     rate_tuned = {case: result["samples_per_s"] for case, result in zip(tuned_cases, tuned[1:])}
     ctx.default_read = {mode: rate[("read", mode, 0)] for mode in modes}
-    labels = {"read": "FeatureCache via DataLoader", "handoff": "hand-off only: fill + DataLoader, no read/decode"}
-    rows = [["in-memory decode (numcodecs + codecs.decode)", "-", "-", f"{decode:.2f}", f"{decode * mb:.0f}", "1.00",
-             f"{decode_tuned:.2f}"]]
+    labels = {"read": "FeatureCache via DataLoader", "files": "chunk files only: read whole, no decode",
+              "handoff": "hand-off only: fill + DataLoader, no read/decode"}
+    table_rows = [["in-memory decode (numcodecs + codecs.decode)", "-", "-", f"{decode:.2f}", f"{decode * mb:.0f}",
+                   "1.00", f"{decode_tuned:.2f}"]]
     for case in cases:
         kind, mode, workers = case
         tuned_rate = rate_tuned.get(case)
-        rows.append([labels[kind], workers, mode if kind == "read" else "-", f"{rate[case]:.2f}",
-                     f"{rate[case] * mb:.0f}", f"{rate[case] / decode:.2f}", f"{tuned_rate:.2f}" if tuned_rate else "-"])
-    lines = [f"Default codec {codecs.DEFAULT_CODEC.name}, a cache of {big} rows synthesised by writing the real teacher "
-             f"features of {len(ctx.features)} frames repeatedly with `CacheWriter` (manifest copied from the build). "
+        table_rows.append([labels[kind], workers, mode if kind != "handoff" else "-", f"{rate[case]:.2f}",
+                           f"{rate[case] * mb:.0f}", f"{rate[case] / decode:.2f}",
+                           f"{tuned_rate:.2f}" if tuned_rate else "-"])
+    lines = [f"Default codec {codecs.DEFAULT_CODEC.name}, the N={rows}-row cache of figure 4, synthesised by "
+             f"writing the real teacher features of {len(ctx.features)} frames repeatedly with `CacheWriter` "
+             "(manifest copied from the build). "
              f"Decoded MB = float32 MB handed out ({mb:.1f} MB/sample). One sample per DataLoader item "
              f"(`batch_size=None`), shuffled, checksums verified; median of {passes} pass(es) over all rows. "
              f"Warm = after an untimed pass; {cold_method(ctx)}. In-memory decode = the same stored chunk bytes "
              "already in RAM, numcodecs decompress + `featcache.codecs.decode` into an owned float32 array, one "
-             "thread, no zarr, no file, no checksum. Hand-off only = each item is fresh float32 tensors of the same "
+             "thread, no zarr, no file, no checksum. Chunk files only = the same rows' chunk files read whole with "
+             f"Python (stored bytes, {stored_mb:.1f} MB/sample; MB/s column still in decoded MB): the I/O floor. "
+             "Hand-off only = each item is fresh float32 tensors of the same "
              "shapes filled with ones: the cost of allocating a sample and passing it from a worker to the main "
              "process (shared memory), with no cache involved. Each column set runs in its own fresh process; the "
              f"last column with `GLIBC_TUNABLES={GLIBC_TUNABLES}` (STORAGE-FACTS: outputs over glibc's 32 MiB mmap "
              "threshold page-fault fresh memory on every read; the 512x180x180 neck map is 66 MB).", ""]
     lines += table(["reader", "workers", "cache", "samples/s", "MB/s", "/ in-memory decode",
-                    "samples/s with GLIBC_TUNABLES"], rows)
+                    "samples/s with GLIBC_TUNABLES"], table_rows)
     lines += ["", f"Per codec (the codec caches of figure 1, {len(ctx.keys)} rows, warm, 0 workers, median of "
                   f"{passes} pass(es)):", ""]
     codec_rows = []
@@ -589,8 +626,8 @@ def figure_hdf5(ctx: Context) -> Section:
              "/ rows. Read: FeatureCache (it opens both), DataLoader 0 workers, shuffled, checksums verified, median "
              f"of {ctx.sizes.read_passes} pass(es); {cold_method(ctx)} (an HDF5 export of the figure-1 cache for "
              "the HDF5 reads).", ""]
-    lines += table(["storage", "write path", "write s/sample", "MB/sample", *(f"read samples/s {mode}" for mode in modes)],
-                   table_rows)
+    lines += table(["storage", "write path", "write s/sample", "MB/sample",
+                    *(f"read samples/s {mode}" for mode in modes)], table_rows)
     speedups = {mode: rates[(str(zarr_path), mode)] / rates[(str(h5_path), mode)] for mode in modes}
     return Section("5. Zarr vs HDF5", lines, [Target(f"Zarr / HDF5 read samples/s, {mode}", "report",
                                                       f"{value:.2f}", None) for mode, value in speedups.items()])
@@ -631,9 +668,9 @@ def cycle(loader: Any) -> Iterator[Any]:
         yield from loader
 
 
-def train_step_times(cfg: Any, steps: int) -> list[float]:
+def train_step_times(cfg: Any, warmup: int, steps: int) -> list[float]:
     """Wall seconds of ``steps`` training iterations (data wait + preprocess + loss + backward + update),
-    after one untimed warm-up iteration, with the config's own DataLoader and optimiser."""
+    after ``warmup`` untimed ones, with the config's own DataLoader and optimiser."""
     from mmdet3d.registry import MODELS
     from mmengine.optim import build_optim_wrapper
     from mmengine.runner import Runner
@@ -643,11 +680,11 @@ def train_step_times(cfg: Any, steps: int) -> list[float]:
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     batches = cycle(Runner.build_dataloader(copy.deepcopy(cfg.train_dataloader), seed=0))
     times = []
-    for _ in range(steps + 1):
+    for _ in range(warmup + steps):
         start = time.perf_counter()
         model.train_step(next(batches), optim_wrapper)
         times.append(time.perf_counter() - start)
-    return times[1:]
+    return times[warmup:]
 
 
 def figure_train(ctx: Context) -> Section:
@@ -658,6 +695,8 @@ def figure_train(ctx: Context) -> Section:
     student = str(STUDENT_CONFIG)
     options = {"train_dataloader.dataset.data_root": f"{ctx.data_root}/",
                "train_dataloader.dataset.ann_file": "infos.pkl"}
+    if ctx.sizes.train_batch:
+        options["train_dataloader.batch_size"] = ctx.sizes.train_batch
     cache, teacher = str(ctx.built_cache), (VOXEL_CONFIG, str(ctx.checkpoint))
     steps, online_steps = ctx.sizes.train_steps, ctx.sizes.online_steps
     variants = {
@@ -670,7 +709,7 @@ def figure_train(ctx: Context) -> Section:
     for label, (train_options, count) in variants.items():
         log(f"train: {label}, {count} step(s)")
         cfg = build_runner_config(train_options)
-        times = train_step_times(cfg, count)
+        times = train_step_times(cfg, ctx.sizes.warmup_steps, count)
         medians[label] = statistics.median(times)
         rows.append([label, count, f"{medians[label]:.2f}", f"{min(times):.2f}", f"{max(times):.2f}",
                      f"{medians[label] / medians['no KD (--no-distill)']:.2f}"])
@@ -678,8 +717,9 @@ def figure_train(ctx: Context) -> Section:
     lines = [f"Student {STUDENT_CONFIG.relative_to(REPO)} (CenterPoint pillar, half width) on the {len(ctx.keys)} "
              f"frames, batch {cfg.train_dataloader.batch_size}, its own augmenting train pipeline and DataLoader "
              f"({cfg.train_dataloader.num_workers} worker), cached layers paired by name (all 4), torch threads "
-             f"{torch.get_num_threads()}. Step = next batch + `train_step` (preprocess, loss, backward, update); one "
-             "untimed warm-up step per variant; the cache is the build of figure 3 (default codec). Online KD runs "
+             f"{torch.get_num_threads()}. Step = next batch + `train_step` (preprocess, loss, backward, update) after "
+             f"{ctx.sizes.warmup_steps} untimed warm-up step(s) per variant; the cache is the build of figure 3 "
+             "(default codec). Online KD runs "
              "with infonce: with crd (the default loss) and no cache, `CacheDistiller` fails with KeyError "
              "'cache_row' (CRD's memory bank is indexed by cache row, which only PackDetInputsWithCache sets).", ""]
     lines += table(["variant", "steps", "median s/step", "min", "max", "/ no KD"], rows)
@@ -690,6 +730,12 @@ def figure_train(ctx: Context) -> Section:
         Target("online-KD / cached-KD step time (infonce)", "report", f"{online / cached_infonce:.2f}", None)])
 
 
+# In this order: figures 2 and 6 use the codec caches of figure 1, figures 2, 4 and 5 the scale caches.
+STEPS: tuple[Callable[[Context], Section | None], ...] = (
+    figure_build, figure_storage, measure_codec_reads, make_scale_caches, figure_read, figure_scale, figure_hdf5,
+    figure_cost, figure_train)
+
+
 # -- report -----------------------------------------------------------------------------------
 
 def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
@@ -698,8 +744,6 @@ def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
     import h5py
 
     versions = {**library_versions(), "h5py": h5py.__version__, "python": platform.python_version()}
-    cold = ("cold reads after `sync; echo 3 > /proc/sys/vm/drop_caches` (run as root) before each timed pass"
-            if ctx.cold_failure is None else f"warm only: dropping the page cache failed ({ctx.cold_failure})")
     return [
         "# featcache benchmarks", "",
         f"Generated by `python tools/bench.py{' --quick' if quick else ''}` on "
@@ -716,7 +760,7 @@ def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
         "(tests/lidar_fixtures.teacher_checkpoint, seed 5); layers pts_middle_encoder 256x180x180, "
         "pts_backbone.0 128x180x180, pts_backbone.1 256x90x90, pts_neck.0 512x180x180",
         f"- torch threads {torch.get_num_threads()} (spconv on CPU is deterministic only single-threaded)",
-        f"- page cache: {cold}",
+        f"- page cache: warm = after an untimed pass; {cold_method(ctx)}",
         f"- wall time of this run: {wall_s / 60:.1f} min", ""]
 
 
@@ -746,15 +790,21 @@ def main() -> None:
     if args.read_jobs:
         print(RESULT_MARK + json.dumps(run_read_jobs(json.loads(args.read_jobs))), flush=True)
         return
+    from mmengine.logging import MMLogger
+
     torch.set_num_threads(1)
+    MMLogger.get_instance("featcache-bench", log_level="WARNING")  # mmengine's current logger: no dataset tables
     sizes = QUICK if args.quick else FULL
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-"))
     try:
         ctx = prepare(sizes, args.epochs, work)
-        sections = [figure_build(ctx), figure_storage(ctx)]
-        measure_codec_reads(ctx)
-        make_scale_caches(ctx)
-        sections += [figure_read(ctx), figure_scale(ctx), figure_hdf5(ctx), figure_cost(ctx), figure_train(ctx)]
+        sections = []
+        for step in STEPS:
+            section = step(ctx)
+            if section is not None:
+                sections.append(section)
+                log("\n".join([f"## {section.title}", *section.lines, *(
+                    f"{t.name}: {t.measured} (goal {t.goal}) {verdict(t.passed)}" for t in section.targets)]))
         report = render(ctx, sections, time.perf_counter() - START, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
