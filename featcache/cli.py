@@ -13,7 +13,7 @@ import click
 from featcache.errors import FeatcacheError
 
 
-def _fail_cleanly(command: Callable) -> Callable:
+def fail_cleanly(command: Callable) -> Callable:
     """featcache's own errors end the command with their message and exit status 1, no traceback."""
 
     @functools.wraps(command)
@@ -25,7 +25,7 @@ def _fail_cleanly(command: Callable) -> Callable:
     return wrapper
 
 
-def _storage_options(text: str | None) -> dict[str, Any] | None:
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     if not text:
         return None
     try:
@@ -66,7 +66,7 @@ def main(verbose: bool) -> None:
 @click.option("--trust-global", multiple=True, metavar="MODULE.NAME",
               help="Allow one more type in the checkpoint's pickle (only for checkpoints you trust).")
 @storage_option
-@_fail_cleanly
+@fail_cleanly
 def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: str, codec: str | None,
           cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
           trust_global: tuple[str, ...], storage_options: str | None) -> None:
@@ -80,7 +80,7 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: st
     result = build_cache(BuildOptions(
         teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
         cfg_options=parse_cfg_options(cfg_options), force=force, batch_size=batch_size, num_workers=num_workers,
-        device=device, storage_options=_storage_options(storage_options), trust_globals=trust_global))
+        device=device, storage_options=parse_storage_options(storage_options), trust_globals=trust_global))
     click.echo(f"{result.location}: wrote {result.written} samples in {result.seconds:.1f}s "
                f"({result.already_complete} already complete, {result.total} in split)")
     if result.invalid_keys:
@@ -95,13 +95,13 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: st
 @click.option("--checkpoint", default=None, help="For --repair (default: the path in the manifest).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="For --repair: as given to build.")
 @storage_option
-@_fail_cleanly
+@fail_cleanly
 def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str | None,
            cfg_options: tuple[str, ...], storage_options: str | None) -> None:
     """Check presence and checksum of every sample; exit 1 listing bad samples."""
     from featcache.verify import verify_cache
 
-    options = _storage_options(storage_options)
+    options = parse_storage_options(storage_options)
     report = verify_cache(cache, options, progress=sys.stderr.isatty())
     click.echo(report.summary())
     if repair and report.bad_rows:
@@ -134,7 +134,7 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
 @click.option("--checkpoint", default=None, help="Teacher checkpoint for --fidelity (default: from the manifest).")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="For --fidelity: as given to build.")
 @storage_option
-@_fail_cleanly
+@fail_cleanly
 def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample: str | None, checkpoint: str | None,
                     cfg_options: tuple[str, ...], storage_options: str | None) -> None:
     """Manifest, per-layer shape/dtype/codec, bytes per sample, compression ratio, completion."""
@@ -144,7 +144,7 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
     from featcache.inspection import describe, fidelity, plot_sample
     from featcache.reader import open_cache
 
-    options = _storage_options(storage_options)
+    options = parse_storage_options(storage_options)
     click.echo(describe(cache, options))
     reader = open_cache(cache, options)
     complete = np.flatnonzero(reader.status() == format.STATUS_COMPLETE)
@@ -172,12 +172,12 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
 @click.option("--format", "export_format", type=click.Choice(["hdf5"]), required=True)
 @click.argument("out", type=click.Path(dir_okay=False))
 @storage_option
-@_fail_cleanly
+@fail_cleanly
 def export(cache: str, export_format: str, out: str, storage_options: str | None) -> None:
     """Export CACHE to OUT (one HDF5 file the reader also opens)."""
     from featcache.export import export_hdf5
 
-    click.echo(f"wrote {export_hdf5(cache, out, _storage_options(storage_options), progress=sys.stderr.isatty())}")
+    click.echo(f"wrote {export_hdf5(cache, out, parse_storage_options(storage_options), progress=sys.stderr.isatty())}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from featcache.cli import _fail_cleanly, _storage_options, main, storage_option
+from featcache.cli import fail_cleanly, main, parse_storage_options, storage_option
 
 
 def _pairs(text: str | None) -> dict[str, str] | None:
@@ -38,7 +38,7 @@ def _pairs(text: str | None) -> dict[str, str] | None:
 @click.option("--teacher-cfg-options", multiple=True, metavar="KEY=VALUE", help="Overrides for --online-teacher.")
 @click.option("--no-distill", is_flag=True, help="Train the student with its detection loss only (baseline).")
 @storage_option
-@_fail_cleanly
+@fail_cleanly
 def train(student_config: str, cache: str | None, work_dir: str | None, loss: str, alpha: float, temperature: float,
           feat_dim: int, pairs: str | None, resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool,
           online_teacher: tuple[str, str] | None, teacher_cfg_options: tuple[str, ...], no_distill: bool,
@@ -53,7 +53,7 @@ def train(student_config: str, cache: str | None, work_dir: str | None, loss: st
     run_training(TrainOptions(
         student_config=student_config, cache=cache, work_dir=work_dir, loss=loss, alpha=alpha,
         temperature=temperature, feat_dim=feat_dim, pairs=_pairs(pairs), resume=resume,
-        cfg_options=parse_cfg_options(cfg_options), storage_options=_storage_options(storage_options),
+        cfg_options=parse_cfg_options(cfg_options), storage_options=parse_storage_options(storage_options),
         skip_corrupt=skip_corrupt, online_teacher=tuple(online_teacher) if online_teacher else None,
         teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill))
 
