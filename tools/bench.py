@@ -64,7 +64,7 @@ class Sizes:
 
 FULL = Sizes(frames=6, scale_rows=12, read_passes=3, warmup_steps=1, train_steps=6, online_steps=3,
              train_batch=None)
-QUICK = Sizes(frames=2, scale_rows=1, read_passes=1, warmup_steps=0, train_steps=1, online_steps=1,
+QUICK = Sizes(frames=2, scale_rows=2, read_passes=1, warmup_steps=0, train_steps=1, online_steps=1,
               train_batch=1)
 
 
@@ -98,6 +98,7 @@ class Context:
     checkpoint: Path
     cfg_options: dict[str, Any]
     cold_failure: str | None  # why cold reads are impossible, None when they work
+    load_at_start: float  # 1-minute load average when the run began (other jobs share the machine)
     keys: list[str] = field(default_factory=list)
     features: list[dict[str, np.ndarray]] = field(default_factory=list)  # fp32 teacher output per frame
     built_cache: Path | None = None
@@ -256,12 +257,15 @@ class ChunkFileRows(torch.utils.data.Dataset):
 
 
 def timed_pass(dataset: torch.utils.data.Dataset, workers: int) -> float:
-    """Samples/s of one shuffled pass over a dataset through a DataLoader (one sample per item)."""
+    """Steady-state samples/s of one shuffled pass over a dataset through a DataLoader (one sample per
+    item): from the first item received to the last, so worker start-up (paid once per run with
+    persistent workers) is not counted."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=True, num_workers=workers,
                                          generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
-    count = sum(1 for _ in loader)
-    return count / (time.perf_counter() - start)
+    arrivals = [time.perf_counter() for _ in loader]
+    if len(arrivals) < 2:
+        raise ValueError("a timed pass needs at least two samples")
+    return (len(arrivals) - 1) / (arrivals[-1] - arrivals[0])
 
 
 def decompressor(codec: codecs.CodecSpec) -> Callable[[bytes], Any]:
@@ -355,13 +359,15 @@ def prepare(sizes: Sizes, epochs: int, work: Path) -> Context:
     """Frames (real scan + transformed copies), a seeded voxel0075 checkpoint, the cold-read check."""
     from lidar_fixtures import VOXEL_CONFIG, make_nuscenes_like, nus_cfg_options, teacher_checkpoint
 
+    load_at_start = os.getloadavg()[0]
     log(f"preparing {sizes.frames} frames and a seeded {VOXEL_CONFIG.split('/')[-1]} checkpoint in {work}")
     data_root = make_nuscenes_like(work / "data", sizes.frames)
     checkpoint = teacher_checkpoint(work, VOXEL_CONFIG, seed=5)
     cold_failure = drop_page_cache()
     log("cold reads: " + ("page cache can be dropped" if cold_failure is None else f"unavailable ({cold_failure})"))
     return Context(sizes=sizes, epochs=epochs, work=work, data_root=data_root, checkpoint=checkpoint,
-                   cfg_options=nus_cfg_options(data_root, splits=("train",)), cold_failure=cold_failure)
+                   cfg_options=nus_cfg_options(data_root, splits=("train",)), cold_failure=cold_failure,
+                   load_at_start=load_at_start)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -385,7 +391,8 @@ def figure_build(ctx: Context) -> Section:
     ctx.built_cache = ctx.work / "built"
     start = time.perf_counter()
     result = build_cache(BuildOptions(VOXEL_CONFIG, str(ctx.checkpoint), str(ctx.built_cache), layers=LAYERS,
-                                      cfg_options=ctx.cfg_options, num_workers=BUILD_WORKERS, progress=False))
+                                      cfg_options=ctx.cfg_options, num_workers=BUILD_WORKERS, device="cpu",
+                                      progress=False))
     build_wall = time.perf_counter() - start
     n = len(ctx.keys)
     ctx.forward_s_per_sample, ctx.build_s_per_sample = forward_s / n, result.seconds / n
@@ -521,7 +528,8 @@ def figure_read(ctx: Context) -> Section:
              f"writing the real teacher features of {len(ctx.features)} frames repeatedly with `CacheWriter` "
              "(manifest copied from the build). "
              f"Decoded MB = float32 MB handed out ({mb:.1f} MB/sample). One sample per DataLoader item "
-             f"(`batch_size=None`), shuffled, checksums verified; median of {passes} pass(es) over all rows. "
+             f"(`batch_size=None`), shuffled, checksums verified; median of {passes} pass(es) over all rows, each "
+             "timed from the first sample received to the last (steady state: DataLoader worker start-up excluded). "
              f"Warm = after an untimed pass; {cold_method(ctx)}. In-memory decode = the same stored chunk bytes "
              "already in RAM, numcodecs decompress + `featcache.codecs.decode` into an owned float32 array, one "
              "thread, no zarr, no file, no checksum. Chunk files only = the same rows' chunk files read whole with "
@@ -584,7 +592,8 @@ def figure_scale(ctx: Context) -> Section:
     rows = [[n, *(f"{measured[n][0][mode]:.2f}" for mode in modes), f"{measured[n][1]:.0f}"] for n in (small, big)]
     lines = [f"Default-codec caches of N={small} and 8N={big} rows (real features of {len(ctx.features)} frames "
              "written repeatedly). One fresh process per size reads every row through FeatureCache + DataLoader "
-             f"(0 workers, shuffled, median of {ctx.sizes.read_passes} pass(es)); {cold_method(ctx)}; peak RSS = "
+             f"(0 workers, shuffled, steady-state rate as in figure 2, median of {ctx.sizes.read_passes} pass(es)); "
+             f"{cold_method(ctx)}; peak RSS = "
              "that process's VmHWM after all its passes.", ""]
     lines += table(["rows", *(f"samples/s {mode}" for mode in modes), "peak RSS MB"], rows)
     targets = [Target(f"throughput 8N / N, {mode}", ">= 0.9 (flat)",
@@ -623,7 +632,8 @@ def figure_hdf5(ctx: Context) -> Section:
     lines = [f"The {rows}-row default-codec cache and its HDF5 export (same stored values, HDF5 gzip level 1 + "
              "shuffle instead of zstd). Write s/sample is what each path does (not the same work: the Zarr write "
              "encodes fp32, the export re-reads and verifies the Zarr cache). MB/sample = whole file/directory size "
-             "/ rows. Read: FeatureCache (it opens both), DataLoader 0 workers, shuffled, checksums verified, median "
+             "/ rows. Read: FeatureCache (it opens both), DataLoader 0 workers, shuffled, checksums verified, "
+             "steady-state rate as in figure 2, median "
              f"of {ctx.sizes.read_passes} pass(es); {cold_method(ctx)} (an HDF5 export of the figure-1 cache for "
              "the HDF5 reads).", ""]
     lines += table(["storage", "write path", "write s/sample", "MB/sample",
@@ -631,6 +641,13 @@ def figure_hdf5(ctx: Context) -> Section:
     speedups = {mode: rates[(str(zarr_path), mode)] / rates[(str(h5_path), mode)] for mode in modes}
     return Section("5. Zarr vs HDF5", lines, [Target(f"Zarr / HDF5 read samples/s, {mode}", "report",
                                                       f"{value:.2f}", None) for mode, value in speedups.items()])
+
+
+def runs_to_break_even(build: float, forward: float, read: float, epochs: int) -> str:
+    """Student runs after which the build has cost less than the teacher forwards it saved (s/sample in)."""
+    if forward <= read:
+        return "never (a cache read costs more than a forward)"
+    return f"{build / (epochs * (forward - read)):.3f}"
 
 
 def figure_cost(ctx: Context) -> Section:
@@ -650,16 +667,15 @@ def figure_cost(ctx: Context) -> Section:
         per_sample = ctx.codec_bytes[name]
         read_s = 1 / ctx.codec_read[name]["read"]
         rows.append([name, f"{per_sample / 1e6:.2f}", f"{per_sample * NUSCENES_TRAIN_SAMPLES / 1e9:.0f}",
-                     f"{read_s * 1000:.0f}", f"{build / (epochs * (forward - read_s)):.3f}"])
+                     f"{read_s * 1000:.0f}", runs_to_break_even(build, forward, read_s, epochs)])
     lines += table(["codec", "MB/sample", "nuScenes train cache GB", "read ms/sample", f"runs to break even "
                     f"({epochs} epochs)"], rows)
-    breakeven = build / (epochs * (forward - read))
-    lines += ["", f"Default codec, {read_mode} read: the cache has paid for itself after {breakeven:.3f} runs "
-                  f"({breakeven * epochs:.2f} epochs) of one student; a nuScenes build takes "
-                  f"{NUSCENES_TRAIN_SAMPLES * build / 3600:.1f} h here and saves "
-                  f"{NUSCENES_TRAIN_SAMPLES * epochs * (forward - read) / 3600:.1f} h of teacher forwards per run."]
-    return Section("6. Cost model", lines, [Target("runs to break even (default codec)", "report",
-                                                    f"{breakeven:.3f}", None)])
+    breakeven = runs_to_break_even(build, forward, read, epochs)
+    lines += ["", f"Default codec, {read_mode} read: the cache has paid for itself after {breakeven} run(s) of one "
+                  f"student; a nuScenes build takes {NUSCENES_TRAIN_SAMPLES * build / 3600:.1f} h here, and each "
+                  f"run then saves {NUSCENES_TRAIN_SAMPLES * epochs * (forward - read) / 3600:.1f} h of teacher "
+                  "forwards (net of cache reads)."]
+    return Section("6. Cost model", lines, [Target("runs to break even (default codec)", "report", breakeven, None)])
 
 
 def cycle(loader: Any) -> Iterator[Any]:
@@ -750,8 +766,8 @@ def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
         f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}; every figure below is measured "
         "by that run (do not edit by hand, re-run the script).", "",
         f"- machine: {len(os.sched_getaffinity(0))} cores (nproc), {cpu_model()}, {memory_total_gib():.0f} GiB RAM, "
-        f"Linux {platform.release()}; load average at the end {os.getloadavg()[0]:.2f} (other jobs may share the "
-        "machine)",
+        f"Linux {platform.release()}; 1-minute load average {ctx.load_at_start:.2f} at the start, "
+        f"{os.getloadavg()[0]:.2f} at the end (other jobs may share the machine)",
         "- versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
         f"- sizes: {ctx.sizes.frames} real teacher frames (the real nuScenes scan + rigidly transformed copies), "
         f"scale N={ctx.sizes.scale_rows}; {'QUICK smoke-test sizes, not representative' if quick else 'full run'}",
@@ -787,6 +803,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="epochs per student run in the cost model")
     parser.add_argument("--read-jobs", help=argparse.SUPPRESS)  # internal: read measurements in a subprocess
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error("--epochs must be at least 1")
     if args.read_jobs:
         print(RESULT_MARK + json.dumps(run_read_jobs(json.loads(args.read_jobs))), flush=True)
         return
