@@ -175,7 +175,9 @@ class CacheDistiller(BaseModel):
             denominator = weights.sum(dim=(2, 3)).clamp_min(1.0)
             pooled_s = (student * weights).sum(dim=(2, 3)) / denominator
             pooled_t = (teacher * weights).sum(dim=(2, 3)) / denominator
-            rows = torch.as_tensor([s.metainfo["cache_row"] for s in data_samples], device=student.device)
+            # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
+            rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
+                                   device=student.device)
             return criterion(heads["student"](pooled_s), heads["teacher"](pooled_t), rows)
         emb_s, emb_t = heads["student"](student), heads["teacher"](teacher)
         foreground = gt_box_masks(data_samples, self.student_range, *student.shape[-2:], student.device)
