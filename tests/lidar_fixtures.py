@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,10 @@ def teacher_checkpoint(directory: Path, config: str, seed: int) -> Path:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_var.uniform_(0.05, 0.5)
     return save_openmmlab_checkpoint(model, directory / f"teacher_{seed}.pth")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for torchrun masters and local test servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

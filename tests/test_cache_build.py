@@ -25,8 +25,8 @@ from featcache.errors import CacheMismatchError, CorruptSampleError, SampleNotCa
 from featcache.reader import open_cache
 from featcache.teacher import Teacher
 from featcache.verify import verify_cache
-from lidar_fixtures import (PILLAR_CONFIG, VOXEL_CONFIG, cfg_option_args, nus_cfg_options, save_openmmlab_checkpoint,
-                            teacher_checkpoint)
+from lidar_fixtures import (PILLAR_CONFIG, VOXEL_CONFIG, cfg_option_args, free_port, nus_cfg_options,
+                            save_openmmlab_checkpoint, teacher_checkpoint)
 
 LAYERS = "pts_middle_encoder,pts_neck"
 FEATCACHE = [sys.executable, "-m", "featcache.cli"]
@@ -186,16 +186,11 @@ def test_two_rank_torchrun_build_equals_single_process(reference_cache, nus_six,
     # same intra-op thread count as the in-process reference: CPU conv sums depend on it
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    str(_free_port()), "-m", "featcache.cli"] + _cli_args(nus_six, pillar_ckpt, out),
+                    str(free_port()), "-m", "featcache.cli"] + _cli_args(nus_six, pillar_ckpt, out),
                    check=True, capture_output=True, env=env, timeout=600)
     assert verify_cache(str(out)).ok
     _assert_same_cache(str(out), reference_cache)
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- damage ------------------------------------------------------------------------------------
@@ -361,7 +356,7 @@ def test_cached_targets_dataset_pairs_items_by_key(reference_cache, nus_six):
 
 @pytest.fixture
 def s3_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"

@@ -5,7 +5,6 @@ import copy
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 from featcache import models
 from featcache.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError
-from lidar_fixtures import PILLAR_CONFIG, REPO, VOXEL_CONFIG, cfg_option_args, nus_cfg_options, teacher_checkpoint
+from lidar_fixtures import (PILLAR_CONFIG, REPO, VOXEL_CONFIG, cfg_option_args, free_port, nus_cfg_options,
+                            teacher_checkpoint)
 
 HALF = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
 QUARTER = str(REPO / "configs/students/centerpoint_pillar_quarter_nus.py")
@@ -157,15 +157,10 @@ def test_resume_continues_with_identical_state(pillar_cache, nus_six, tmp_path):
     assert a["meta"]["iter"] == b["meta"]["iter"] == 6
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def test_two_process_gloo_ddp_trains(pillar_cache, nus_six, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(_free_port()), "-m", "trainer.cli"]
+                "--master_port", str(free_port()), "-m", "trainer.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = _train(NOAUG, pillar_cache, tmp_path / "ddp", nus_six, epochs=1, env=env, launcher=launcher)
     kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]

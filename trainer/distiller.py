@@ -16,7 +16,7 @@ from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from featcache.recording import LayerRecorder
-from trainer.bev_warp import warp_teacher_map
+from trainer.bev_warp import bev_cell_centres, inside_boxes, warp_teacher_map
 from trainer.heads import ProjectionMLP, head_key
 from trainer.losses import CRDLoss, InfoNCELoss, MaskedMSELoss, instance_infonce, pool_boxes
 from trainer.transforms import target_field
@@ -49,21 +49,14 @@ def module_of(layer: str, module_names: set[str]) -> str:
 def gt_box_masks(data_samples: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
                  device: torch.device) -> Tensor:
     """(B, H, W) float: 1 for BEV cells whose centre lies inside a GT box (rotated), else 0."""
-    from trainer.bev_warp import bev_cell_centres
-
-    centres = bev_cell_centres(bev_range, height, width, device).reshape(-1, 2)
+    centres = bev_cell_centres(bev_range, height, width, device)
     masks = []
     for sample in data_samples:
         boxes = sample.gt_instances_3d.bboxes_3d.tensor.to(device) if "bboxes_3d" in sample.gt_instances_3d else None
-        mask = torch.zeros(height * width, device=device)
-        if boxes is not None and len(boxes):
-            offset = centres[None] - boxes[:, None, :2]  # (N, HW, 2)
-            cos, sin = torch.cos(boxes[:, 6])[:, None], torch.sin(boxes[:, 6])[:, None]
-            along = offset[..., 0] * cos + offset[..., 1] * sin
-            across = -offset[..., 0] * sin + offset[..., 1] * cos
-            inside = (along.abs() <= boxes[:, 3:4] / 2) & (across.abs() <= boxes[:, 4:5] / 2)
-            mask = inside.any(dim=0).float()
-        masks.append(mask.reshape(height, width))
+        if boxes is None or not len(boxes):
+            masks.append(torch.zeros(height, width, device=device))
+            continue
+        masks.append(inside_boxes(centres, boxes[:, [0, 1, 3, 4, 6]]).float())  # x, y, l, w, yaw
     return torch.stack(masks)
 
 
