@@ -146,7 +146,8 @@ class Builder:
         if self.world.is_main:
             if exists:
                 logger.warning("--force: erasing the cache at %s", out)
-            rows, keys, batch = next(iter(self._loader([0])))
+            # the shape probe runs in this process: a worker started for one sample costs more than it
+            rows, keys, batch = next(iter(self.teacher.loader([0], batch_size=1, num_workers=0)))
             features = self._teacher_features(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
             writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options)

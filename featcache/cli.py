@@ -56,7 +56,7 @@ def main(verbose: bool) -> None:
 @click.option("--layers", default="pts_middle_encoder,pts_backbone,pts_neck", show_default=True,
               help="Comma-separated module names to record.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
-@click.option("--codec", default=None, help="fp16-zstd1 (default), fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
+@click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
                                             "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override config entries (repeatable).")
 @click.option("--force", is_flag=True, help="Erase an existing cache at --out and start over.")

@@ -45,7 +45,12 @@ class FeatureCache:
         group = self._open()
         raw = group.attrs.get("featcache")
         if isinstance(raw, (str, bytes)):  # HDF5 keeps the manifest as JSON text
-            raw = json.loads(raw)
+            try:
+                raw = json.loads(raw)
+            except ValueError as exc:
+                raise CacheFormatError(f"{self.location}: damaged manifest (the featcache attribute is not JSON: "
+                                       f"{exc}); restore it from a copy of the cache, or rebuild with "
+                                       "`featcache build --force`") from exc
         self.manifest = format.Manifest.from_dict(raw, where=self.location)
         keys = group[format.KEYS_ARRAY][:]
         self.keys: list[str] = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
@@ -98,6 +103,19 @@ class FeatureCache:
     # -- reading --------------------------------------------------------------------------
     def read_row(self, row: int, layers: list[str] | None = None, decode: bool = True) -> dict[str, np.ndarray]:
         """One sample's features as float32 arrays (``decode=False``: stored values, int8 undecoded)."""
+        stored = self.read_row_stored(row, layers)
+        if not decode:
+            return {name: values for name, (values, _) in stored.items()}
+        return {name: codecs.decode(values, self.manifest.layer(name).codec, qparams)
+                for name, (values, qparams) in stored.items()}
+
+    def read_row_stored(self, row: int, layers: list[str] | None = None
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """One sample's stored values and int8 scale/offset per layer, checksums verified, not decoded.
+
+        For readers that decode elsewhere (``codecs.decode_tensor`` on the training device): the
+        float conversion is then off the DataLoader workers and their hand-off is 2-4x smaller.
+        """
         root = self._open()
         key = self.keys[row]
         record = np.asarray(root[format.RECORDS_ARRAY][row])
@@ -123,7 +141,7 @@ class FeatureCache:
                     raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
                                              "fails its checksum (damaged or missing chunk); "
                                              "run `featcache verify --repair`")
-            out[layer.name] = codecs.decode(stored, layer.codec, qparams) if decode else stored
+            out[layer.name] = (stored, qparams)
         return out
 
     def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:

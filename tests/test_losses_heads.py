@@ -248,6 +248,23 @@ def test_infonce_matches_hand_cross_entropy(symmetric):
     np.testing.assert_allclose(loss.item(), np.mean(per_sample), rtol=1e-10)
 
 
+def test_infonce_projecting_sampled_cells_equals_projecting_whole_maps():
+    """project= (the distiller's path) projects only the sampled cells' vectors; with a per-cell
+    projection that must equal projecting every cell first, the student keeping its own width."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 6, 5, 7), torch.randn(2, 10, 5, 7)
+    w_s, w_t = torch.randn(6, 4), torch.randn(10, 4)
+    project = (lambda v: F.normalize(v @ w_s, dim=1), lambda v: F.normalize(v @ w_t, dim=1))
+    cells = [torch.tensor([0, 8, 20, 33, 4]), torch.tensor([1, 2, 30])]
+    whole_s = F.normalize(torch.einsum("bchw,cd->bdhw", student, w_s), dim=1)
+    whole_t = F.normalize(torch.einsum("bchw,cd->bdhw", teacher, w_t), dim=1)
+    criterion = InfoNCELoss(temperature=0.07)
+    expected = criterion(whole_s, whole_t, cells=cells)
+    assert criterion(student, teacher, cells=cells, project=project).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="project"):
+        criterion(student, teacher, cells=cells)
+
+
 def test_infonce_sampling_respects_valid_mask_and_backpropagates():
     student = _unit(2, 8, 16, 16, dim=1).requires_grad_()
     teacher = _unit(2, 8, 16, 16, dim=1)

@@ -100,6 +100,23 @@ def test_centerpoint_voxel0075_has_bevfusion_lidar_shapes(nus_one):
     assert outputs["pts_middle_encoder"].abs().sum() > 0  # the scan's points produced features
 
 
+def test_init_weights_applies_the_heatmap_prior_mmengine_misses():
+    """mmdet3d 1.4's CenterHead keeps its SeparateHeads in a plain nn.ModuleList, which mmengine's
+    recursive init_weights does not enter: the heatmap bias keeps PyTorch's default init."""
+    torch.manual_seed(0)
+    plain = models.build_model(models.load_config(PILLAR_CONFIG))
+    plain.init_weights()
+    heads = plain.pts_bbox_head.task_heads
+    assert not any(torch.allclose(head.heatmap[-1].bias, torch.tensor(-2.19)) for head in heads)
+    torch.manual_seed(0)
+    fixed = models.build_model(models.load_config(PILLAR_CONFIG))
+    models.init_weights(fixed)
+    for plain_head, head in zip(heads, fixed.pts_bbox_head.task_heads):
+        assert torch.allclose(head.heatmap[-1].bias, torch.tensor(-2.19))
+        # only the prior: every weight is what mmengine's init gave
+        assert torch.equal(head.heatmap[-1].weight, plain_head.heatmap[-1].weight)
+
+
 def test_recorder_names_a_missing_module():
     cfg = models.load_config(PILLAR_CONFIG)
     model = models.build_model(cfg)

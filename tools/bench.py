@@ -210,7 +210,9 @@ def stored_bytes_per_sample(path: Path, manifest: format.Manifest) -> float:
 # -- read measurements (run in a fresh subprocess per environment) -----------------------------
 
 class CacheRows(torch.utils.data.Dataset):
-    """Row i of a cache as ``{layer: float32 tensor}``, read through FeatureCache by key."""
+    """Row i of a cache as the trainer's pipeline hands it over (``PackDetInputsWithCache``):
+    ``{layer: stored tensor}`` plus int8 scale/offset tensors, read through FeatureCache by key with
+    checksums checked; the float conversion happens later, on the training device."""
 
     def __init__(self, location: str) -> None:
         self.cache = FeatureCache(location)
@@ -219,7 +221,12 @@ class CacheRows(torch.utils.data.Dataset):
         return len(self.cache)
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        return self.cache[self.cache.keys[row]]
+        item = {}
+        for name, (values, qparams) in self.cache.read_row_stored(self.cache.row_of(self.cache.keys[row])).items():
+            item[name] = torch.from_numpy(values)
+            if qparams is not None:
+                item[f"{name}/qparams"] = torch.from_numpy(qparams)
+        return item
 
 
 class FilledRows(torch.utils.data.Dataset):
@@ -286,8 +293,9 @@ def chunk_bytes(location: str, array: Any, row: int) -> bytes:
 
 
 def in_memory_decode_rate(location: str, passes: int) -> float:
-    """Samples/s of decoding the cache's stored chunk bytes, already in memory: numcodecs decompress +
-    featcache.codecs.decode into a float32 array the caller owns (no zarr, no file, no checksum)."""
+    """Samples/s of decoding the cache's stored chunk bytes, already in memory, into what the trainer's
+    reader hands over: numcodecs decompress into stored values (and int8 scale/offset) the caller
+    owns (no zarr, no file, no checksum). The float conversion is the training device's work."""
     group = store.open_group(location)
     manifest = FeatureCache(location).manifest
     chunks: list[list[tuple[format.LayerSpec, bytes, bytes | None]]] = []
@@ -306,10 +314,10 @@ def in_memory_decode_rate(location: str, passes: int) -> float:
         for row in order:
             for layer, data, qbytes in chunks[row]:
                 stored = np.frombuffer(decoders[layer.name](data), dtype=layer.codec.storage_dtype).reshape(layer.shape)
-                qparams = None if qbytes is None else np.frombuffer(qbytes, np.float32).reshape(2, -1)
-                values = codecs.decode(stored, layer.codec, qparams)
-                if np.may_share_memory(values, stored):
-                    values = values.copy()
+                if not stored.flags.writeable:  # own it, as a reader's output is owned
+                    stored = stored.copy()
+                if qbytes is not None:
+                    np.frombuffer(qbytes, np.float32).reshape(2, -1).copy()
         rates.append(len(order) / (time.perf_counter() - start))
     return statistics.median(rates)
 
@@ -514,9 +522,9 @@ def figure_read(ctx: Context) -> Section:
     rate = {case: result["samples_per_s"] for case, result in zip(cases, plain[1:])}
     rate_tuned = {case: result["samples_per_s"] for case, result in zip(tuned_cases, tuned[1:])}
     ctx.default_read = {mode: rate[("read", mode, 0)] for mode in modes}
-    labels = {"read": "FeatureCache via DataLoader", "files": "chunk files only: read whole, no decode",
+    labels = {"read": "FeatureCache (stored values) via DataLoader", "files": "chunk files only: read whole, no decode",
               "handoff": "hand-off only: fill + DataLoader, no read/decode"}
-    table_rows = [["in-memory decode (numcodecs + codecs.decode)", "-", "-", f"{decode:.2f}", f"{decode * mb:.0f}",
+    table_rows = [["in-memory decode (numcodecs decompress to stored values)", "-", "-", f"{decode:.2f}", f"{decode * mb:.0f}",
                    "1.00", f"{decode_tuned:.2f}"]]
     for case in cases:
         kind, mode, workers = case
@@ -527,14 +535,16 @@ def figure_read(ctx: Context) -> Section:
     lines = [f"Default codec {codecs.DEFAULT_CODEC.name}, the N={rows}-row cache of figure 4, synthesised by "
              f"writing the real teacher features of {len(ctx.features)} frames repeatedly with `CacheWriter` "
              "(manifest copied from the build). "
-             f"Decoded MB = float32 MB handed out ({mb:.1f} MB/sample). One sample per DataLoader item "
+             f"MB = float32-equivalent MB of features handed out ({mb:.1f} MB/sample), as the trainer's pipeline "
+             "(`PackDetInputsWithCache`) hands them out: stored values and int8 scale/offset, the float conversion "
+             "left to `CacheDistiller` on the training device (`codecs.decode_tensor`). One sample per DataLoader item "
              f"(`batch_size=None`), shuffled, checksums verified; median of {passes} pass(es) over all rows, each "
              "timed from the first sample received to the last (steady state: DataLoader worker start-up excluded). "
              f"Warm = after an untimed pass; {cold_method(ctx)}. In-memory decode = the same stored chunk bytes "
-             "already in RAM, numcodecs decompress + `featcache.codecs.decode` into an owned float32 array, one "
+             "already in RAM, numcodecs decompress into owned stored values (+ int8 scale/offset), one "
              "thread, no zarr, no file, no checksum. Chunk files only = the same rows' chunk files read whole with "
              f"Python (stored bytes, {stored_mb:.1f} MB/sample; MB/s column still in decoded MB): the I/O floor. "
-             "Hand-off only = each item is fresh float32 tensors of the same "
+             "Hand-off only = each item is fresh float32 tensors of the layers' "
              "shapes filled with ones: the cost of allocating a sample and passing it from a worker to the main "
              "process (shared memory), with no cache involved. Each column set runs in its own fresh process; the "
              f"last column with `GLIBC_TUNABLES={GLIBC_TUNABLES}` (STORAGE-FACTS: outputs over glibc's 32 MiB mmap "

@@ -15,11 +15,12 @@ from mmdet3d.registry import MODELS
 from mmengine.model import BaseModel
 from torch import Tensor, nn
 
+from featcache import codecs
 from featcache.recording import LayerRecorder
 from trainer.bev_warp import bev_cell_centres, inside_boxes, warp_teacher_map
 from trainer.heads import ProjectionMLP, head_key
 from trainer.losses import CRDLoss, InfoNCELoss, MaskedMSELoss, instance_infonce, pool_boxes
-from trainer.transforms import target_field
+from trainer.transforms import qparams_field, target_field
 
 LOSSES = ("crd", "infonce", "mse")
 
@@ -75,13 +76,16 @@ class CacheDistiller(BaseModel):
         num_samples: rows in the cache (CRD's memory size).
         online_teacher: dict(config=..., checkpoint=..., cfg_options=...) to compute targets live
             instead of reading them from data samples (comparisons only; never used with a cache).
+        target_codecs: cache layer -> codec name (the manifest's): data samples carry the stored
+            values, decoded on the training device; without an entry they are taken as floats.
     """
 
     def __init__(self, student: dict, pairs: dict[str, str], student_shapes: dict[str, Sequence[int]],
                  teacher_shapes: dict[str, Sequence[int]], student_range: Sequence[float],
                  teacher_range: Sequence[float], loss: str = "crd", alpha: float = 1.0, temperature: float = 0.07,
                  feat_dim: int = 128, num_samples: int = 1, nce_k: int = 4096, cells_per_sample: int = 256,
-                 online_teacher: dict | None = None, init_cfg: dict | None = None) -> None:
+                 online_teacher: dict | None = None, target_codecs: dict[str, str] | None = None,
+                 init_cfg: dict | None = None) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
         student_model = MODELS.build(student)
@@ -90,6 +94,7 @@ class CacheDistiller(BaseModel):
         self.data_preprocessor = self.student.data_preprocessor  # the student's own voxelisation
         self.pairs = dict(pairs)
         self.loss_name, self.alpha, self.temperature = loss, alpha, temperature
+        self.target_codecs = {layer: codecs.parse_codec(name) for layer, name in (target_codecs or {}).items()}
         self.student_range, self.teacher_range = list(student_range), list(teacher_range)
         self.student_shapes = {name: tuple(shape) for name, shape in student_shapes.items()}
         self.teacher_shapes = {name: tuple(shape) for name, shape in teacher_shapes.items()}
@@ -136,6 +141,7 @@ class CacheDistiller(BaseModel):
             self.teacher.to(device)
             batch = {"inputs": {"points": inputs["points"]}, "data_samples": data_samples}
             return record_teacher(self.teacher, batch, self.teacher_modules), False
+        device = next(self.student.parameters()).device
         targets = {}
         for t_layer in set(self.pairs.values()):
             field = target_field(t_layer)
@@ -143,7 +149,16 @@ class CacheDistiller(BaseModel):
             if missing:
                 raise KeyError(f"cached target {t_layer!r} missing for samples {missing}; is the train pipeline's "
                                "last step PackDetInputsWithCache with this layer?")
-            targets[t_layer] = torch.stack([s.cached_targets.get(field) for s in data_samples])
+            # stored values (float16, uint8...) are decoded here, on the training device
+            stored = torch.stack([s.cached_targets.get(field) for s in data_samples]).to(device, non_blocking=True)
+            codec = self.target_codecs.get(t_layer)
+            if codec is None:
+                targets[t_layer] = stored.float()
+                continue
+            qparams = None
+            if codec.precision == "int8":
+                qparams = torch.stack([s.cached_targets.get(qparams_field(t_layer)) for s in data_samples]).to(device)
+            targets[t_layer] = codecs.decode_tensor(stored, codec, qparams)
         return targets, True
 
     def _aligned(self, teacher: Tensor, student_hw: tuple[int, int], data_samples: list,
@@ -172,15 +187,17 @@ class CacheDistiller(BaseModel):
             rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
                                    device=student.device)
             return criterion(heads["student"](pooled_s), heads["teacher"](pooled_t), rows)
-        emb_s, emb_t = heads["student"](student), heads["teacher"](teacher)
+        # Only sampled cells and box-pooled vectors are projected (per vector), never whole maps.
+        project = (heads["student"], heads["teacher"])
         foreground = gt_box_masks(data_samples, self.student_range, *student.shape[-2:], student.device)
-        cells = criterion(emb_s, emb_t, fg_weight=foreground, valid=valid)
+        cells = criterion(student, teacher, fg_weight=foreground, valid=valid, project=project)
         instance_terms = []
         for index, sample in enumerate(data_samples):
             boxes = self._boxes_in_cells(sample, student.shape[-2:], student.device)
             if len(boxes) > 1:
-                instance_terms.append(instance_infonce(pool_boxes(emb_s[index], boxes),
-                                                       pool_boxes(emb_t[index], boxes), self.temperature))
+                instance_terms.append(instance_infonce(heads["student"](pool_boxes(student[index], boxes)),
+                                                       heads["teacher"](pool_boxes(teacher[index], boxes)),
+                                                       self.temperature))
         return cells + (torch.stack(instance_terms).mean() if instance_terms else cells.new_zeros(()))
 
     def _boxes_in_cells(self, sample: Any, hw: Sequence[int], device: torch.device) -> Tensor:

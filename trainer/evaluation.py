@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from mmdet3d.registry import METRICS
-from mmengine.evaluator import BaseMetric
+from mmengine.evaluator import BaseMetric, Evaluator
 from mmengine.structures import BaseDataElement
 from nuscenes.eval.common.data_classes import EvalBoxes
 from nuscenes.eval.common.utils import center_distance
@@ -192,3 +192,53 @@ class CenterDistanceMetric(BaseMetric):
                            if 0 <= lbl < len(names)]
         ap = center_distance_ap(gt, pred, names, self.dist_ths)
         return {'mAP': ap.mean_ap, **{f'AP_{name}': value for name, value in ap.per_class.items()}}
+
+
+@dataclass
+class Evaluation:
+    """Detection quality and CPU latency of one model on one split."""
+
+    metrics: dict[str, float]  # 'mAP', 'AP_<class>' as from CenterDistanceMetric
+    latency_ms: float  # median per-sample predict time (voxelisation, network, decoding, NMS)
+    num_samples: int
+    num_parameters: int
+
+
+def evaluate_checkpoint(config: str, checkpoint: str, cfg_options: dict | None = None, split: str = 'test',
+                        warmup: int = 2) -> Evaluation:
+    """Run ``config``'s model with ``checkpoint`` over ``split``'s dataloader dataset one sample at a
+    time, scoring it with the config's ``{split}_evaluator`` (e.g. CenterDistanceMetric, falling back
+    to ``val_evaluator``) and timing each predict call.
+
+    Batch size 1 and the loading pipeline outside the timer make the latency what a single-frame
+    deployment on this CPU would see; the first ``warmup`` samples are scored but not timed.
+    """
+    import time
+
+    import torch
+    from mmengine.dataset import pseudo_collate
+
+    from featcache import models
+
+    cfg = models.load_config(config, cfg_options)
+    evaluator_cfg = cfg.get(f'{split}_evaluator') or cfg.get('val_evaluator')
+    if not evaluator_cfg:
+        raise ValueError(f'config {config!r} has no {split}_evaluator (or val_evaluator) to score {split!r} with')
+    model = models.build_model(cfg, checkpoint).eval()
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, split))
+    evaluator = Evaluator(METRICS.build(evaluator_cfg))
+    evaluator.dataset_meta = dataset.metainfo
+    times = []
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            batch = pseudo_collate([dataset[index]])
+            start = time.perf_counter()
+            data = model.data_preprocessor(batch, False)
+            predictions = model(**data, mode='predict')
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+            evaluator.process(predictions, batch)
+    metrics = evaluator.evaluate(len(dataset))
+    metrics = {key.split('/')[-1]: float(value) for key, value in metrics.items()}
+    return Evaluation(metrics=metrics, latency_ms=1000 * float(np.median(times)) if times else math.nan,
+                      num_samples=len(dataset), num_parameters=sum(p.numel() for p in model.parameters()))

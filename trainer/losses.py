@@ -172,15 +172,20 @@ def sample_cells(valid: Tensor, num_samples: int, fg_weight: Tensor | None = Non
 class InfoNCELoss(nn.Module):
     """InfoNCE between student and teacher BEV maps over cells sampled per sample.
 
-    forward(student_map (B, D, H, W), teacher_map (B, D, H, W), fg_weight (B, H, W) | None,
-    valid (B, H, W) bool | None, cells: per-sample (S_b,) flat indices | None) -> scalar.
-    Both maps L2-normalised over D (ProjectionMLP outputs at the same resolution, see
-    match_resolution). Per sample, ``num_samples`` cells are drawn by ``sample_cells`` (``valid``
-    excludes cells without a cached target, e.g. GT-paste regions or warped-out areas); the positive of
-    a student cell is the teacher at the same cell, its negatives the teacher at the other sampled
-    cells of that sample. Cross-entropy over the (S, S) similarity / T (both directions averaged when
+    forward(student_map (B, Cs, H, W), teacher_map (B, Ct, H, W), fg_weight (B, H, W) | None,
+    valid (B, H, W) bool | None, cells: per-sample (S_b,) flat indices | None,
+    project: (student_head, teacher_head) | None) -> scalar.
+    Per sample, ``num_samples`` cells are drawn by ``sample_cells`` (``valid`` excludes cells
+    without a cached target, e.g. GT-paste regions or warped-out areas); the positive of a student
+    cell is the teacher at the same cell, its negatives the teacher at the other sampled cells of
+    that sample. Cross-entropy over the (S, S) similarity / T (both directions averaged when
     ``symmetric``), averaged over samples with at least two cells; 0 (with grad) if there are none.
     ``cells`` bypasses sampling (reproducible evaluation, tests).
+
+    With ``project``, the maps are raw features and only the sampled cells' vectors (S, C) go
+    through the projection heads (per-vector ``ProjectionMLP``): projecting whole maps first costs
+    H*W/S times more (a 180x180 BEVFusion map holds 126 times the default 256 cells). Without it
+    the maps must already be L2-normalised embeddings of equal channel count.
     """
 
     def __init__(self, num_samples: int = 256, temperature: float = 0.07, fg_fraction: float = 0.5,
@@ -190,10 +195,14 @@ class InfoNCELoss(nn.Module):
         self.fg_fraction, self.symmetric = fg_fraction, symmetric
 
     def forward(self, student_map: Tensor, teacher_map: Tensor, fg_weight: Tensor | None = None,
-                valid: Tensor | None = None, cells: Sequence[Tensor] | None = None) -> Tensor:
-        if student_map.shape != teacher_map.shape:
+                valid: Tensor | None = None, cells: Sequence[Tensor] | None = None,
+                project: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+        if student_map.shape[0] != teacher_map.shape[0] or student_map.shape[-2:] != teacher_map.shape[-2:]:
             raise ValueError(f"student {tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)} maps "
-                             "differ; project both and match_resolution first")
+                             "differ in batch or grid; match_resolution first")
+        if project is None and student_map.shape != teacher_map.shape:
+            raise ValueError(f"student {tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)} maps "
+                             "differ; project both (or pass project=) and match_resolution first")
         losses = []
         for b in range(student_map.shape[0]):
             if cells is not None:
@@ -206,6 +215,8 @@ class InfoNCELoss(nn.Module):
                 continue
             query = student_map[b].flatten(1)[:, idx].T
             key = teacher_map[b].flatten(1)[:, idx].T
+            if project is not None:
+                query, key = project[0](query), project[1](key)
             losses.append(_info_nce(query, key, self.temperature, self.symmetric))
         return torch.stack(losses).mean() if losses else student_map.sum() * 0
 

@@ -145,6 +145,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         dataset = models.build_dataset(inner)
         _check_cache_covers(dataset, cache, options.student_config)
         teacher_shapes = {layer.name: layer.shape for layer in cache.manifest.layers}
+        target_codecs = {layer.name: layer.codec.name for layer in cache.manifest.layers}
         num_samples = cache.manifest.num_samples
     else:  # online only: the teacher's shapes come from a probe of the teacher
         teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
@@ -152,6 +153,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"]
         dataset = models.build_dataset(inner)
         teacher_shapes = _probe_teacher_shapes(options, dataset, modules)
+        target_codecs = {}
         num_samples = len(dataset)
     student_shapes = _probe_student(cfg, dataset, modules)
     pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes}
@@ -168,6 +170,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         teacher_shapes={k: list(v) for k, v in teacher_shapes.items() if k in pairs.values()},
         student_range=student_range, teacher_range=teacher_range, loss=options.loss, alpha=options.alpha,
         temperature=options.temperature, feat_dim=options.feat_dim, num_samples=num_samples,
+        target_codecs={k: v for k, v in target_codecs.items() if k in pairs.values()},
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
@@ -183,9 +186,27 @@ def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]
     return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
 
 
+def _runner_class():
+    from mmengine.runner import Runner
+
+    class DistillRunner(Runner):
+        """mmengine's Runner with :func:`featcache.models.init_weights` (the heatmap prior mmengine's
+        recursive init misses); checkpoints still load or resume after it."""
+
+        def _init_model_weights(self) -> None:
+            from mmengine.dist import broadcast
+            from mmengine.model import is_model_wrapper
+
+            model = self.model.module if is_model_wrapper(self.model) else self.model
+            models.init_weights(model)
+            for tensor in model.state_dict().values():  # every rank starts from rank 0's weights
+                broadcast(tensor)
+
+    return DistillRunner
+
+
 def train(options: TrainOptions):
     """Build the Runner from :func:`build_runner_config` and train; returns the Runner."""
-    from mmengine.runner import Runner
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         import torch.distributed as dist
@@ -195,6 +216,25 @@ def train(options: TrainOptions):
     cfg = build_runner_config(options)
     # mmengine's resume calls torch.load itself: allow OpenMMLab's checkpoint types (only those)
     allow_openmmlab_globals_for_process()
-    runner = Runner.from_cfg(cfg)
+    runner = _runner_class().from_cfg(cfg)
     runner.train()
+    save_student(runner, options.student_config)
     return runner
+
+
+def save_student(runner, student_config: str) -> str:
+    """Write ``<work_dir>/student.pth``: the trained detector alone (no projection heads or CRD
+    memory), an mmengine checkpoint that plain mmdet3d tools load with the student config."""
+    from mmengine.dist import is_main_process
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
+
+    from trainer.distiller import CacheDistiller
+
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    detector = model.student if isinstance(model, CacheDistiller) else model
+    path = os.path.join(runner.work_dir, "student.pth")
+    if is_main_process():
+        save_checkpoint({"meta": {"config": student_config, "epoch": runner.epoch, "iter": runner.iter},
+                         "state_dict": weights_to_cpu(detector.state_dict())}, path)
+    return path

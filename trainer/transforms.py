@@ -2,9 +2,10 @@
 
 mmdet3d's ``Pack3DDetInputs`` refuses unknown result keys and ``Det3DDataPreprocessor`` keeps
 only points/voxels/images, so cached targets travel on the data sample instead: this transform
-packs as ``Pack3DDetInputs`` does, then reads the sample's features by key (in the DataLoader
-worker, so decoding runs in parallel with training) and stores them in
-``data_sample.cached_targets`` with ``cache_row``/``cache_key`` in its metainfo.
+packs as ``Pack3DDetInputs`` does, then reads the sample's stored features by key (in the
+DataLoader worker: I/O, decompression and checksums run in parallel with training) and stores them
+in ``data_sample.cached_targets`` with ``cache_row``/``cache_key`` in its metainfo. The float
+conversion is left to ``CacheDistiller`` on the training device.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ AUGMENTATION_META_KEYS = ("transformation_3d_flow", "pcd_rotation", "pcd_rotatio
 def target_field(layer: str) -> str:
     """Data-element field name of a cached layer ('.' is not allowed in field names)."""
     return layer.replace(".", "__")
+
+
+def qparams_field(layer: str) -> str:
+    """Data-element field name of an int8 cached layer's per-channel scale/offset."""
+    return target_field(layer) + "__qparams"
 
 
 @TRANSFORMS.register_module()
@@ -77,7 +83,7 @@ class PackDetInputsWithCache(Pack3DDetInputs):
         key = sample_key(results)
         try:
             row = self.cache.row_of(key)
-            features = self.cache.read_row(row, self.layers)
+            features = self.cache.read_row_stored(row, self.layers)
         except (CorruptSampleError, SampleNotCachedError) as exc:
             if not self.skip_corrupt:
                 raise
@@ -87,6 +93,11 @@ class PackDetInputsWithCache(Pack3DDetInputs):
         packed = super().transform(results)
         data_sample = packed["data_samples"]
         data_sample.set_metainfo({"cache_row": row, "cache_key": key})
-        data_sample.cached_targets = BaseDataElement(
-            **{target_field(name): torch.from_numpy(value) for name, value in features.items()})
+        # stored values (float16, uint8 + scale/offset): CacheDistiller decodes them on the training device
+        fields = {}
+        for name, (values, qparams) in features.items():
+            fields[target_field(name)] = torch.from_numpy(values)
+            if qparams is not None:
+                fields[qparams_field(name)] = torch.from_numpy(qparams)
+        data_sample.cached_targets = BaseDataElement(**fields)
         return packed
