@@ -128,9 +128,12 @@ class Manifest:
                 teacher_model_sha256=data["teacher_model_sha256"], checkpoint_sha256=data["checkpoint_sha256"], pipeline=data["pipeline"], split=data["split"],
                 versions=data["versions"], created=data["created"], format_version=version,
                 extra=data.get("extra", {}))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CacheFormatError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); "
-                                   "rebuild with `featcache build --force`") from exc
+        except KeyError as exc:
+            raise CacheFormatError(f"{where}: damaged manifest (required field {exc} is missing); restore zarr.json "
+                                   "from a copy of the cache, or rebuild with `featcache build --force`") from exc
+        except (TypeError, ValueError) as exc:
+            raise CacheFormatError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); restore zarr.json "
+                                   "from a copy of the cache, or rebuild with `featcache build --force`") from exc
 
 
 def sha256_text(text: str) -> str:

@@ -10,7 +10,11 @@ from typing import Any
 
 import zarr
 
-from featcache.errors import CacheNotFoundError, FeatcacheError
+from featcache.errors import CacheFormatError, CacheNotFoundError, FeatcacheError
+
+# What zarr raises on a group zarr.json that is not valid metadata (garbage bytes, cut short, not
+# an object); its own not-found errors are ValueErrors too, so those are caught first.
+DAMAGED_METADATA_ERRORS = (ValueError, TypeError, AttributeError)
 
 
 def is_url(location: str | os.PathLike) -> bool:
@@ -33,6 +37,9 @@ def exists(location: str | os.PathLike, storage_options: dict[str, Any] | None =
         group = zarr.open_group(mode="r", **_zarr_kwargs(location, storage_options))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         return False
+    except DAMAGED_METADATA_ERRORS as exc:
+        # not "absent": a build would then re-create the cache and erase every recorded sample
+        raise _damaged_metadata(location, exc) from exc
     return attribute in group.attrs
 
 
@@ -46,6 +53,15 @@ def open_group(location: str | os.PathLike, mode: str = "r", storage_options: di
     except PermissionError as exc:
         raise FeatcacheError(f"cannot open {os.fspath(location)!r} for {'writing' if mode != 'r' else 'reading'}: "
                              f"{exc}") from exc
+    except DAMAGED_METADATA_ERRORS as exc:
+        raise _damaged_metadata(location, exc) from exc
+
+
+def _damaged_metadata(location: str | os.PathLike, exc: Exception) -> CacheFormatError:
+    return CacheFormatError(
+        f"{os.fspath(location)}: the cache's group metadata (zarr.json, which holds the manifest) is damaged "
+        f"({type(exc).__name__}: {exc}); the samples' data was not touched. Restore zarr.json from a copy of the "
+        "cache, or delete the cache and build it again")
 
 
 def chunk_nbytes(array: zarr.Array, row: int) -> int | None:

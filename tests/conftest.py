@@ -10,7 +10,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from lidar_fixtures import PILLAR_CONFIG, SHARED_DATA, make_nuscenes_like, teacher_checkpoint  # noqa: E402
+from lidar_fixtures import (CACHE_LAYERS, PILLAR_CONFIG, SHARED_DATA, make_nuscenes_like, nus_cfg_options,  # noqa: E402
+                            teacher_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,20 @@ def nus_six(tmp_path_factory, shared_data) -> Path:
 def pillar_ckpt(tmp_path_factory) -> Path:
     """A CenterPoint-pillar teacher checkpoint (seed 0)."""
     return teacher_checkpoint(tmp_path_factory.mktemp("ckpt"), PILLAR_CONFIG, seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory, nus_six, pillar_ckpt) -> str:
+    """An uninterrupted single-process build (default codec) of the six frames' CACHE_LAYERS. It
+    is built in this process: a subprocess build compared with it needs
+    OMP_NUM_THREADS=torch.get_num_threads() (CPU convolution sums depend on the thread count)."""
+    from featcache.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers=CACHE_LAYERS,
+                                      cfg_options=nus_cfg_options(nus_six), num_workers=0, progress=False))
+    assert result.written == 6 and result.invalid_keys == []
+    return str(out)
 
 
 @pytest.fixture(autouse=True)

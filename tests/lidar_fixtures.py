@@ -22,6 +22,7 @@ NUS_INFO = SHARED_DATA / "nuscenes" / "nuscenes_infos_demo.pkl"
 PILLAR_CONFIG = "centerpoint/centerpoint_pillar02_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py"
 VOXEL_CONFIG = "centerpoint/centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py"
 TEST_CONFIGS = REPO / "tests" / "configs"
+CACHE_LAYERS = "pts_middle_encoder,pts_neck"  # what the shared reference cache (conftest) holds
 
 
 def _rotate_z(xyz: np.ndarray, angle: float) -> np.ndarray:
@@ -111,6 +112,26 @@ def teacher_checkpoint(directory: Path, config: str, seed: int) -> Path:
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.running_var.uniform_(0.05, 0.5)
     return save_openmmlab_checkpoint(model, directory / f"teacher_{seed}.pth")
+
+
+def assert_same_cache(a: str | Path, b: str | Path) -> None:
+    """Same keys, and every sample's stored bytes equal (read with checksums checked)."""
+    from featcache.reader import open_cache
+
+    left, right = open_cache(a), open_cache(b)
+    assert left.keys == right.keys
+    for row, key in enumerate(left.keys):
+        stored_left, stored_right = left.read_row(row, decode=False), right.read_row(row, decode=False)
+        assert stored_left.keys() == stored_right.keys(), key
+        for layer, value in stored_left.items():
+            assert np.array_equal(value, stored_right[layer]), (key, layer)
+
+
+def chunk_file(location: str | Path, layer: str, row: int) -> Path:
+    """The one file holding sample ``row`` of ``layer`` in a local cache."""
+    files = [path for path in (Path(location) / "features" / layer / "c" / str(row)).rglob("*") if path.is_file()]
+    assert len(files) == 1, files
+    return files[0]
 
 
 def free_port() -> int:
