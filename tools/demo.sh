@@ -1,24 +1,73 @@
 #!/usr/bin/env bash
-# `make demo`: the main job on the embedded default.
-# Interim (until the demo issue lands): generated lidar scenes -> a BEVFusion-lidar-shaped
-# CenterPoint-voxel0075 teacher (seeded initial weights: no trained teacher yet) -> featcache
-# build -> verify -> inspect with a BEV plot.
+# `make demo`: the whole product on the embedded default, on CPU.
+#   generated lidar scenes -> the demo teacher -> featcache build (teacher run once) ->
+#   featcache train: two students with contrastive distillation from the one cache, one student
+#   without distillation, and a short online-teacher run for the step-time comparison ->
+#   evaluation of every model -> work_dirs/demo/report.md with PNG plots.
+# --quick runs the same chain at tiny size (a few scenes, a few iterations) for the tests.
+# RETRAIN_TEACHER=1 retrains the shipped teacher first (tools/train_demo_teacher.sh, ~35 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 FC=.venv/bin/featcache
-WORK=work_dirs/demo
-DATA=data/generated/demo
-CONFIG=centerpoint/centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py
-mkdir -p "$WORK"
-start=$(date +%s)
+TEACHER_CONFIG=configs/demo/teacher_pillar.py
+TEACHER_CKPT=${TEACHER_CKPT:-checkpoints/demo_teacher_pillar.pth}
+KD_LOSS=${KD_LOSS:-infonce}
 
-$FC --help
-$PY tools/generate_scenes.py --out "$DATA" --train 4 --val 1 --seed 0
-[[ -f "$WORK/teacher_init.pth" ]] || $PY tools/init_checkpoint.py "$CONFIG" "$WORK/teacher_init.pth"
-opts=(--cfg-options "train_dataloader.dataset.dataset.data_root=$DATA/"
-      --cfg-options "train_dataloader.dataset.dataset.ann_file=nuscenes_infos_train.pkl")
-$FC build "$CONFIG" "$WORK/teacher_init.pth" --out "$WORK/cache" "${opts[@]}" --num-workers 1
-$FC verify "$WORK/cache"
-$FC inspect "$WORK/cache" --plot "$WORK/teacher_bev.png"
-echo "demo finished in $(( $(date +%s) - start ))s; outputs in $WORK"
+if [[ "${1:-}" == "--quick" ]]; then
+    MODE=quick; WORK=${DEMO_WORK_DIR:-work_dirs/demo_quick}; DATA=$WORK/data
+    SCENES=(--train 6 --val 3); ONLINE_SAMPLES=4
+    # one epoch: the students' schedule (configs/_base_/demo_scenes.py) shortened to match
+    SCHEDULE=(--cfg-options train_cfg.max_epochs=1 --cfg-options param_scheduler.1.T_max=1
+              --cfg-options param_scheduler.1.end=1 --cfg-options default_hooks.logger.interval=1)
+else
+    MODE=full; WORK=${DEMO_WORK_DIR:-work_dirs/demo}; DATA=data/generated/demo
+    SCENES=(--train 400 --val 100); ONLINE_SAMPLES=60; SCHEDULE=()
+fi
+mkdir -p "$WORK"
+TIMINGS=$WORK/timings.tsv
+: > "$TIMINGS"
+start_ns=$(date +%s%N)
+
+stage() {  # stage NAME command...: run it and record its wall time (ms) for the report
+    local name=$1; shift
+    local t0; t0=$(date +%s%N)
+    echo "=== [$MODE] $name"
+    "$@"
+    printf '%s\t%d\n' "$name" $(( ($(date +%s%N) - t0) / 1000000 )) >> "$TIMINGS"
+}
+
+DATA_OPTS=(--cfg-options "train_dataloader.dataset.data_root=$DATA/"
+           --cfg-options "test_dataloader.dataset.data_root=$DATA/")
+STUDENT_OPTS=("${DATA_OPTS[@]}" "${SCHEDULE[@]}")
+CACHE=$WORK/cache
+
+stage generate $PY tools/generate_scenes.py --out "$DATA" "${SCENES[@]}" --seed 0 --range 40 >/dev/null
+if [[ "${RETRAIN_TEACHER:-0}" == 1 || ! -f "$TEACHER_CKPT" ]]; then
+    stage teacher bash tools/train_demo_teacher.sh "$TEACHER_CKPT"
+fi
+stage build $FC build "$TEACHER_CONFIG" "$TEACHER_CKPT" --out "$CACHE" --layers pts_neck "${DATA_OPTS[@]}"
+stage verify $FC verify "$CACHE"
+stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --loss "$KD_LOSS" \
+    --work-dir "$WORK/student_half_kd" "${STUDENT_OPTS[@]}"
+stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --loss "$KD_LOSS" \
+    --work-dir "$WORK/student_slim_kd" "${STUDENT_OPTS[@]}"
+stage train_half_nokd $FC train configs/demo/student_half.py --no-distill \
+    --work-dir "$WORK/student_half_nokd" "${STUDENT_OPTS[@]}"
+# Step time with the teacher in the process: same student, loss and batch, on the first samples only.
+stage train_half_online $FC train configs/demo/student_half.py --online-teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
+    --loss "$KD_LOSS" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
+    --teacher-cfg-options "train_dataloader.dataset.data_root=$DATA/" \
+    --cfg-options "train_dataloader.dataset.indices=$ONLINE_SAMPLES" --cfg-options train_cfg.max_epochs=1
+stage report $PY tools/demo_report.py --out "$WORK/report.md" --cache "$CACHE" --timings "$TIMINGS" \
+    --cfg-options "train_dataloader.dataset.data_root=$DATA/" --cfg-options "test_dataloader.dataset.data_root=$DATA/" \
+    --teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
+    --student half_kd configs/demo/student_half.py "$WORK/student_half_kd" \
+    --student slim_kd configs/demo/student_slim.py "$WORK/student_slim_kd" \
+    --student half_nokd configs/demo/student_half.py "$WORK/student_half_nokd" \
+    --online half_kd "$WORK/student_half_online" --baseline half_kd half_nokd
+
+total=$(( ($(date +%s%N) - start_ns) / 1000000000 ))
+printf '\nWall time of this `tools/demo.sh%s` run (set-up excluded), measured by the script: **%d s** (%d min %02d s).\n' \
+    "$([[ $MODE == quick ]] && echo ' --quick')" "$total" $(( total / 60 )) $(( total % 60 )) >> "$WORK/report.md"
+echo "demo ($MODE) finished in $total s; report: $WORK/report.md"
