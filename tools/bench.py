@@ -435,10 +435,10 @@ def figure_storage(ctx: Context) -> Section:
         log(f"storage: {name}")
         codec = codecs.parse_codec(name)
         path = ctx.work / f"codec-{name}"
-        seconds = write_cache(path, derived_manifest(base, ctx.keys, codec, f"codec figure: {name}"), ctx.keys,
-                              lambda row: ctx.features[row])
+        manifest = derived_manifest(base, ctx.keys, codec, f"codec figure: {name}")
+        seconds = write_cache(path, manifest, ctx.keys, lambda row: ctx.features[row])
         ctx.codec_caches[name] = path
-        ctx.codec_bytes[name] = stored_bytes_per_sample(path, base)
+        ctx.codec_bytes[name] = stored_bytes_per_sample(path, manifest)  # this codec's layers (int8 has qparams)
         cache = FeatureCache(str(path))
         reports = [fidelity(cache, ctx.features[row], row) for row in range(len(ctx.keys))]
         cosines = [layer["cosine"] for report in reports for layer in report.values()]
