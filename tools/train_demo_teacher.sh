@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce checkpoints/demo_teacher_pillar.pth, the teacher `make demo` ships with: generate the demo
 # scenes (seed 0), train configs/demo/teacher_pillar.py on them without distillation (20 epochs,
-# about 35 minutes on 2 CPU cores), keep the final weights only, stored as float16 (about 4 MB).
+# tens of minutes on 2 CPU cores), keep the final weights only, stored as float16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
