@@ -104,7 +104,7 @@ def _norm_map(feature: torch.Tensor) -> np.ndarray:
     return norm / max(float(norm.max()), 1e-12)
 
 
-def plot_bev(cache_path: str, teacher_config: str, runs: list[Run], cfg_options: dict, out_png: str) -> str:
+def plot_bev(cache_path: str, runs: list[Run], cfg_options: dict, out_png: str) -> str:
     """The cached teacher map of the first cached sample beside each student's map of the same scan."""
     import matplotlib
 
@@ -123,7 +123,7 @@ def plot_bev(cache_path: str, teacher_config: str, runs: list[Run], cfg_options:
         dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, cache.manifest.split))
         index = models.dataset_keys(dataset).index(key)
         with torch.no_grad():
-            outputs = record_teacher(student, pseudo_collate([dataset[index]]), [layer.rpartition(".")[0] or layer])
+            outputs = record_teacher(student, pseudo_collate([dataset[index]]), [cache.manifest.layer(layer).module])
         student_map = outputs[layer][0]
         panels.append((f"{run.name}\n{layer} {tuple(student_map.shape)}", _norm_map(student_map)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.3))
@@ -168,7 +168,7 @@ def main() -> None:
     classes = [key[3:] for key in teacher.metrics if key.startswith("AP_")]
 
     losses_png = plot_losses(runs, os.path.join(out_dir, "loss_curves.png"))
-    bev_png = plot_bev(args.cache, teacher_config, runs, cfg_options, os.path.join(out_dir, "bev_features.png"))
+    bev_png = plot_bev(args.cache, runs, cfg_options, os.path.join(out_dir, "bev_features.png"))
 
     lines = ["# featcache demo report", "",
              f"Val split ({teacher.num_samples} generated scans); nuScenes-style center-distance AP "
