@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featcache.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 COMPRESSORS = ("zstd", "lz4", "none")
@@ -165,10 +168,27 @@ def decode_tensor(stored: "torch.Tensor", codec: CodecSpec, qparams: "torch.Tens
     import torch
 
     dtype = dtype or torch.float32
-    if codec.precision != "int8":
+    affine = affine_tensors(codec, qparams, dtype)
+    if affine is None:
         return stored.to(dtype)
-    if qparams is None:
-        raise ValueError("int8 features need their per-channel scale/offset to decode")
-    scale, offset = qparams.to(dtype).unbind(-2)  # (..., C) each
+    scale, offset = affine
     trailing = (1,) * (stored.ndim - scale.ndim)
     return stored.to(dtype) * scale.reshape(scale.shape + trailing) + offset.reshape(offset.shape + trailing)
+
+
+def affine_tensors(codec: CodecSpec, qparams: "torch.Tensor | None", dtype: "torch.dtype | None" = None
+                   ) -> "tuple[torch.Tensor, torch.Tensor] | None":
+    """The per-channel affine that decodes stored values (features = scale * stored + offset), as
+    ``(scale, offset)``, each ``(..., C)``; None for codecs whose stored values are the features.
+
+    Decoding is affine per channel, so any linear read of a map (bilinear interpolation, a weighted
+    pool) can run on the stored values and be decoded afterwards: scale * read + offset * sum(weights).
+    """
+    import torch
+
+    if codec.precision != "int8":
+        return None
+    if qparams is None:
+        raise ValueError("int8 features need their per-channel scale/offset to decode")
+    scale, offset = qparams.to(dtype or torch.float32).unbind(-2)
+    return scale, offset

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.heads import ProjectionMLP, head_key, heads_for, match_resolution
-from trainer.losses import (CRDLoss, InfoNCELoss, MaskedMSELoss, instance_infonce, nce_loss, pool_boxes,
-                            sample_cells)
+from trainer.losses import (CRDLoss, InfoNCELoss, MaskedMSELoss, gather_cells, instance_infonce, nce_loss,
+                            pool_boxes, sample_cells)
 
 
 @pytest.fixture(autouse=True)
@@ -329,6 +329,19 @@ def test_pool_boxes_means_covered_cells():
         expected = np.mean([fmap[:, r, c].numpy() for r in rows for c in cols], axis=0)
         np.testing.assert_allclose(pooled[n].numpy(), expected, atol=1e-12)
 
+
+
+def test_gather_cells_equals_per_sample_indexing_and_backpropagates_once():
+    maps = torch.randn(3, 4, 5, 6, requires_grad=True)
+    cells = [torch.tensor([0, 29, 7]), torch.tensor([], dtype=torch.long), torch.tensor([5, 5, 12, 1])]
+    gathered = gather_cells(maps, cells)
+    for b, index in enumerate(cells):
+        assert torch.equal(gathered[b], maps[b].flatten(1)[:, index].T)
+    sum(part.sum() for part in gathered).backward()
+    expected = torch.zeros(3, 30)
+    for b, index in enumerate(cells):
+        expected[b].index_add_(0, index, torch.ones(len(index)))  # repeated cells receive their gradient twice
+    assert torch.equal(maps.grad.flatten(2), expected[:, None].expand(3, 4, 30))
 
 # ---------------------------------------------------------------- MSE
 

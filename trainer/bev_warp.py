@@ -67,26 +67,130 @@ def inside_boxes(xy: Tensor, boxes: Tensor) -> Tensor:
     return inside.any(dim=1).reshape(xy.shape[:-1])
 
 
+def boxes_on_grid(bev_range: Sequence[float], height: int, width: int, boxes: Tensor) -> Tensor:
+    """(H, W) bool: cells of a BEV grid whose centre lies inside any box (N, 5: x, y, l, w, yaw).
+
+    Equal to ``inside_boxes(bev_cell_centres(...), boxes)``, but each box is tested only on the cells
+    of its axis-aligned extent: a nuScenes scan's ~70 boxes cover a few thousand of a 512x512 grid's
+    262,144 cells, and the dense test costs more than the student's forward pass.
+    """
+    x_min, y_min, x_max, y_max = bev_range
+    cell_x, cell_y = (x_max - x_min) / width, (y_max - y_min) / height
+    mask = torch.zeros(height, width, dtype=torch.bool, device=boxes.device)
+    if not len(boxes):
+        return mask
+    half_x = (boxes[:, 2] * torch.cos(boxes[:, 4]).abs() + boxes[:, 3] * torch.sin(boxes[:, 4]).abs()) / 2
+    half_y = (boxes[:, 2] * torch.sin(boxes[:, 4]).abs() + boxes[:, 3] * torch.cos(boxes[:, 4]).abs()) / 2
+    # cell c's centre is x_min + (c + 0.5) * cell_x; widen by one cell against rounding at the edges
+    col_lo = ((boxes[:, 0] - half_x - x_min) / cell_x - 1.5).ceil().clamp(0, width).long().tolist()
+    col_hi = ((boxes[:, 0] + half_x - x_min) / cell_x + 1.5).floor().clamp(0, width).long().tolist()
+    row_lo = ((boxes[:, 1] - half_y - y_min) / cell_y - 1.5).ceil().clamp(0, height).long().tolist()
+    row_hi = ((boxes[:, 1] + half_y - y_min) / cell_y + 1.5).floor().clamp(0, height).long().tolist()
+    centres = bev_cell_centres(bev_range, height, width, boxes.device)
+    for index, (r0, r1, c0, c1) in enumerate(zip(row_lo, row_hi, col_lo, col_hi)):
+        if r1 > r0 and c1 > c0:
+            mask[r0:r1, c0:c1] |= inside_boxes(centres[r0:r1, c0:c1], boxes[index:index + 1])
+    return mask
+
+
+class BevAlignment:
+    """Where each cell of a student BEV grid (augmented frame) reads the teacher's grid (cache frame).
+
+    For every student cell centre the source point ``A^-1 x'`` (``undo_augmentation``) is located on
+    the teacher grid in pixel units (cell (r, c) centred at (c, r)). ``valid`` (Hs*Ws,) marks cells
+    whose source lies on the teacher grid and outside every GT-pasted box (``meta['pasted_boxes_bev']``,
+    cache frame): only those have a target.
+
+    ``read_matrix`` turns "these student cells, weighted, summed into these rows" into a sparse
+    matrix over teacher cells (bilinear taps, grid_sample's zero padding and ``align_corners=False``).
+    Losses that need the teacher only at sampled cells, box means or one pooled vector read those
+    few values through it instead of warping whole maps: at BEVFusion sizes the dense warp of the
+    four cached maps costs as much as the student's own step.
+    """
+
+    def __init__(self, teacher_range: Sequence[float], teacher_hw: tuple[int, int], student_range: Sequence[float],
+                 student_hw: tuple[int, int], meta: dict[str, Any], device: torch.device | None = None) -> None:
+        self.teacher_hw, self.student_hw = tuple(teacher_hw), tuple(student_hw)
+        source = undo_augmentation(bev_cell_centres(student_range, *student_hw, device), meta).reshape(-1, 2)
+        x_min, y_min, x_max, y_max = teacher_range
+        height, width = self.teacher_hw
+        self.pixels = torch.stack([(source[:, 0] - x_min) / (x_max - x_min) * width - 0.5,
+                                   (source[:, 1] - y_min) / (y_max - y_min) * height - 0.5], dim=-1)
+        self.valid = ((source[:, 0] >= x_min) & (source[:, 0] <= x_max)
+                      & (source[:, 1] >= y_min) & (source[:, 1] <= y_max))
+        pasted = meta.get("pasted_boxes_bev")
+        has_pasted = pasted is not None and len(pasted) > 0
+        if has_pasted:
+            self.valid &= ~inside_boxes(source, torch.as_tensor(pasted, dtype=torch.float32, device=source.device))
+        self.identity = (self.teacher_hw == self.student_hw and list(teacher_range) == list(student_range)
+                         and is_identity(meta) and not has_pasted)
+
+    def warp(self, teacher: Tensor) -> Tensor:
+        """The whole teacher map (C, Ht, Wt) resampled onto the student grid (C, Hs, Ws), float32; the
+        map itself when nothing moves. Dense: for losses on every cell (MSE); the others read
+        through ``read_matrix``."""
+        if self.identity:
+            return teacher
+        return F.grid_sample(teacher[None].float(), self.sampling_grid()[None], mode="bilinear",
+                             padding_mode="zeros", align_corners=False)[0]
+
+    def sampling_grid(self) -> Tensor:
+        """(Hs, Ws, 2) source points in grid_sample's normalised coordinates (align_corners=False)."""
+        height, width = self.teacher_hw
+        scale = torch.tensor([2.0 / width, 2.0 / height], device=self.pixels.device)
+        return ((self.pixels + 0.5) * scale - 1).reshape(*self.student_hw, 2)
+
+    def _taps(self, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Bilinear taps of the given student cells on the teacher grid, off-grid taps dropped (zero
+        padding): for each tap, the position in ``cells`` it belongs to, its flat teacher cell, its weight."""
+        height, width = self.teacher_hw
+        pixels = self.pixels[cells]
+        corner = pixels.floor()
+        frac = pixels - corner
+        corner = corner.long()
+        positions = torch.arange(len(cells), device=cells.device)
+        owners, flat, weights = [], [], []
+        for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            x, y = corner[:, 0] + dx, corner[:, 1] + dy
+            on_grid = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+            weight = (frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+            owners.append(positions[on_grid])
+            flat.append(y[on_grid] * width + x[on_grid])
+            weights.append(weight[on_grid])
+        return torch.cat(owners), torch.cat(flat), torch.cat(weights)
+
+    def read_matrix(self, cells: Tensor, rows: Tensor | None = None, weights: Tensor | None = None,
+                    num_rows: int | None = None) -> Tensor:
+        """Sparse (num_rows, Ht*Wt) matrix R with R @ teacher.flatten(1).T = sum, per row r, of
+        ``weights[k]`` x (teacher bilinearly interpolated at student cell ``cells[k]``'s source) over
+        the k with ``rows[k] == r``. Defaults: one row per cell (rows = arange), weights 1."""
+        if rows is None:
+            rows, num_rows = torch.arange(len(cells), device=cells.device), len(cells)
+        owners, flat, tap_weights = self._taps(cells)
+        if weights is not None:
+            tap_weights = tap_weights * weights[owners]
+        height, width = self.teacher_hw
+        return torch.sparse_coo_tensor(torch.stack([rows[owners], flat]), tap_weights.float(),
+                                       (num_rows, height * width), check_invariants=True).coalesce()
+
+    def splat(self, cell_weights: Tensor) -> Tensor:
+        """(Ht*Wt,) teacher-cell weights w_t with teacher.flatten(1) @ w_t = the warped teacher map summed
+        over student cells with ``cell_weights`` (Hs*Ws,): the adjoint of the warp, for pooled targets.
+
+        Computed as grid_sample's input gradient for a one-channel map, which is exactly that adjoint
+        (its own kernel, on any device), instead of listing four taps for each of the student's cells.
+        """
+        source = torch.zeros(1, 1, *self.teacher_hw, device=cell_weights.device, requires_grad=True)
+        with torch.enable_grad():
+            warped = F.grid_sample(source, self.sampling_grid()[None], mode="bilinear", padding_mode="zeros",
+                                   align_corners=False)
+            (gradient,) = torch.autograd.grad(warped, source, cell_weights.reshape(warped.shape).float())
+        return gradient.flatten()
+
+
 def warp_teacher_map(teacher: Tensor, teacher_range: Sequence[float], student_hw: tuple[int, int],
                      student_range: Sequence[float], meta: dict[str, Any]) -> tuple[Tensor, Tensor]:
     """Teacher map (C, Ht, Wt) on ``teacher_range`` -> (C, Hs, Ws) on the student's augmented grid,
-    plus a (Hs, Ws) bool mask of cells that have a source. Cells whose source lies in a GT-pasted
-    box (``meta['pasted_boxes_bev']``, cache frame) are masked too: the teacher never saw those
-    objects. Identity cases return the map unchanged."""
-    height, width = student_hw
-    pasted = meta.get("pasted_boxes_bev")
-    pasted = None if pasted is None or len(pasted) == 0 else torch.as_tensor(pasted, dtype=torch.float32,
-                                                                              device=teacher.device)
-    same_grid = tuple(teacher.shape[-2:]) == (height, width) and list(teacher_range) == list(student_range)
-    if same_grid and is_identity(meta) and pasted is None:
-        return teacher, torch.ones(height, width, dtype=torch.bool, device=teacher.device)
-    source = undo_augmentation(bev_cell_centres(student_range, height, width, teacher.device), meta)
-    x_min, y_min, x_max, y_max = teacher_range
-    normalised = torch.stack([(source[..., 0] - x_min) / (x_max - x_min) * 2 - 1,
-                              (source[..., 1] - y_min) / (y_max - y_min) * 2 - 1], dim=-1)
-    warped = F.grid_sample(teacher[None].float(), normalised[None], mode="bilinear", padding_mode="zeros",
-                           align_corners=False)[0]
-    valid = (normalised.abs() <= 1).all(dim=-1)
-    if pasted is not None:
-        valid &= ~inside_boxes(source, pasted)
-    return warped, valid
+    plus a (Hs, Ws) bool mask of cells that have a source (``BevAlignment.valid``)."""
+    alignment = BevAlignment(teacher_range, tuple(teacher.shape[-2:]), student_range, student_hw, meta, teacher.device)
+    return alignment.warp(teacher), alignment.valid.reshape(student_hw)

@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 from featcache import codecs
 from featcache.recording import LayerRecorder
-from trainer.bev_warp import bev_cell_centres, inside_boxes, warp_teacher_map
+from trainer.bev_warp import BevAlignment, boxes_on_grid
 from trainer.heads import ProjectionMLP, head_key
-from trainer.losses import CRDLoss, InfoNCELoss, MaskedMSELoss, instance_infonce, pool_boxes
+from trainer.losses import (CRDLoss, InfoNCELoss, MaskedMSELoss, box_cells, gather_cells, instance_infonce,
+                            mean_by_box)
+from trainer.targets import TeacherMaps
 from trainer.transforms import qparams_field, target_field
 
 LOSSES = ("crd", "infonce", "mse")
@@ -50,14 +52,13 @@ def module_of(layer: str, module_names: set[str]) -> str:
 def gt_box_masks(data_samples: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
                  device: torch.device) -> Tensor:
     """(B, H, W) float: 1 for BEV cells whose centre lies inside a GT box (rotated), else 0."""
-    centres = bev_cell_centres(bev_range, height, width, device)
     masks = []
     for sample in data_samples:
-        boxes = sample.gt_instances_3d.bboxes_3d.tensor.to(device) if "bboxes_3d" in sample.gt_instances_3d else None
-        if boxes is None or not len(boxes):
-            masks.append(torch.zeros(height, width, device=device))
-            continue
-        masks.append(inside_boxes(centres, boxes[:, [0, 1, 3, 4, 6]]).float())  # x, y, l, w, yaw
+        if "bboxes_3d" in sample.gt_instances_3d and len(sample.gt_instances_3d.bboxes_3d):
+            boxes = sample.gt_instances_3d.bboxes_3d.tensor.to(device)[:, [0, 1, 3, 4, 6]]  # x, y, l, w, yaw
+        else:
+            boxes = torch.zeros(0, 5, device=device)
+        masks.append(boxes_on_grid(bev_range, height, width, boxes).float())
     return torch.stack(masks)
 
 
@@ -132,16 +133,17 @@ class CacheDistiller(BaseModel):
         self.__dict__["teacher"] = teacher
 
     # -- targets ----------------------------------------------------------------------------
-    def _raw_targets(self, inputs: dict, data_samples: list) -> tuple[dict[str, Tensor], bool]:
-        """Teacher maps {layer: (B, C, H, W)} and whether they are in the un-augmented frame."""
+    def _raw_targets(self, inputs: dict, data_samples: list) -> tuple[dict[str, TeacherMaps], bool]:
+        """Teacher maps per layer (as stored, decoded where read) and whether they are in the
+        un-augmented frame."""
+        device = next(self.student.parameters()).device
         if self.teacher is not None:
             from featcache.recording import record_teacher
 
-            device = next(self.student.parameters()).device
             self.teacher.to(device)
             batch = {"inputs": {"points": inputs["points"]}, "data_samples": data_samples}
-            return record_teacher(self.teacher, batch, self.teacher_modules), False
-        device = next(self.student.parameters()).device
+            recorded = record_teacher(self.teacher, batch, self.teacher_modules)
+            return {layer: TeacherMaps(list(maps)) for layer, maps in recorded.items()}, False
         targets = {}
         for t_layer in set(self.pairs.values()):
             field = target_field(t_layer)
@@ -149,56 +151,67 @@ class CacheDistiller(BaseModel):
             if missing:
                 raise KeyError(f"cached target {t_layer!r} missing for samples {missing}; is the train pipeline's "
                                "last step PackDetInputsWithCache with this layer?")
-            # stored values (float16, uint8...) are decoded here, on the training device
-            stored = torch.stack([s.cached_targets.get(field) for s in data_samples]).to(device, non_blocking=True)
-            codec = self.target_codecs.get(t_layer)
-            if codec is None:
-                targets[t_layer] = stored.float()
-                continue
-            qparams = None
-            if codec.precision == "int8":
-                qparams = torch.stack([s.cached_targets.get(qparams_field(t_layer)) for s in data_samples]).to(device)
-            targets[t_layer] = codecs.decode_tensor(stored, codec, qparams)
+            # stored values (float16, uint8...) stay as they are; TeacherMaps decodes what is read
+            values = [s.cached_targets.get(field).to(device, non_blocking=True) for s in data_samples]
+            codec, qparams = self.target_codecs.get(t_layer), None
+            if codec is not None and codec.precision == "int8":
+                qparams = [s.cached_targets.get(qparams_field(t_layer)).to(device) for s in data_samples]
+            targets[t_layer] = TeacherMaps(values, codec, qparams)
         return targets, True
 
-    def _aligned(self, teacher: Tensor, student_hw: tuple[int, int], data_samples: list,
-                 unaugmented_frame: bool) -> tuple[Tensor, Tensor]:
-        """Teacher maps on the student grid (B, C, Hs, Ws) and their (B, Hs, Ws) validity."""
-        maps, masks = [], []
-        for index, sample in enumerate(data_samples):
-            meta = sample.metainfo if unaugmented_frame else {}
-            warped, valid = warp_teacher_map(teacher[index].float(), self.teacher_range, student_hw,
-                                             self.student_range, meta)
-            maps.append(warped)
-            masks.append(valid)
-        return torch.stack(maps), torch.stack(masks)
+    def _alignments(self, maps: TeacherMaps, student_hw: tuple[int, int], data_samples: list,
+                    unaugmented_frame: bool, device: torch.device) -> list[BevAlignment]:
+        """Per sample, where the student's grid reads the teacher's (augmentation undone)."""
+        return [BevAlignment(self.teacher_range, maps.hw, self.student_range, student_hw,
+                             sample.metainfo if unaugmented_frame else {}, device) for sample in data_samples]
 
     # -- losses -----------------------------------------------------------------------------
-    def _distill(self, key: str, student: Tensor, teacher: Tensor, valid: Tensor, data_samples: list) -> Tensor:
+    def _distill(self, key: str, student: Tensor, maps: TeacherMaps, alignments: list[BevAlignment],
+                 data_samples: list) -> Tensor:
         heads, criterion = self.heads[key], self.criteria[key]
+        hw = tuple(student.shape[-2:])
+        valid = torch.stack([alignment.valid.reshape(hw) for alignment in alignments])
         if self.loss_name == "mse":
-            return criterion(heads["student"](student), teacher, valid)
-        weights = valid.unsqueeze(1).float()
+            warped = torch.stack([alignment.warp(maps.decoded(index)) for index, alignment in enumerate(alignments)])
+            return criterion(heads["student"](student), warped.to(student.dtype), valid)
         if self.loss_name == "crd":
-            denominator = weights.sum(dim=(2, 3)).clamp_min(1.0)
-            pooled_s = (student * weights).sum(dim=(2, 3)) / denominator
-            pooled_t = (teacher * weights).sum(dim=(2, 3)) / denominator
+            weights = valid.flatten(1).float()
+            denominator = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+            pooled_s = (student.flatten(2) * weights[:, None]).sum(dim=2) / denominator
+            pooled_t = torch.cat([self._pooled_teacher(maps, index, alignment, weights[index] / denominator[index])
+                                  for index, alignment in enumerate(alignments)])
             # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
             rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
                                    device=student.device)
-            return criterion(heads["student"](pooled_s), heads["teacher"](pooled_t), rows)
-        # Only sampled cells and box-pooled vectors are projected (per vector), never whole maps.
+            return criterion(heads["student"](pooled_s), heads["teacher"](pooled_t.to(student.dtype)), rows)
+        # Only sampled cells and box-pooled vectors are read and projected, never whole maps.
         project = (heads["student"], heads["teacher"])
-        foreground = gt_box_masks(data_samples, self.student_range, *student.shape[-2:], student.device)
-        cells = criterion(student, teacher, fg_weight=foreground, valid=valid, project=project)
+        foreground = gt_box_masks(data_samples, self.student_range, *hw, student.device)
+
+        def teacher_at(index: int, cells: Tensor) -> Tensor:
+            return maps.read(index, alignments[index].read_matrix(cells)).to(student.dtype)
+
+        cells = criterion(student, teacher_at, fg_weight=foreground, valid=valid, project=project)
+        boxes = [self._boxes_in_cells(sample, hw, student.device) for sample in data_samples]
+        covered = [box_cells(sample_boxes, *hw) for sample_boxes in boxes]
+        student_cells = gather_cells(student, [box_cell for box_cell, _ in covered])
         instance_terms = []
-        for index, sample in enumerate(data_samples):
-            boxes = self._boxes_in_cells(sample, student.shape[-2:], student.device)
-            if len(boxes) > 1:
-                instance_terms.append(instance_infonce(heads["student"](pool_boxes(student[index], boxes)),
-                                                       heads["teacher"](pool_boxes(teacher[index], boxes)),
-                                                       self.temperature))
+        for index, (sample_boxes, (box_cell, owner)) in enumerate(zip(boxes, covered)):
+            if len(sample_boxes) < 2:  # no negatives
+                continue
+            counts = torch.bincount(owner, minlength=len(sample_boxes)).float()
+            teacher_means = maps.read(index, alignments[index].read_matrix(box_cell, owner, 1.0 / counts[owner],
+                                                                           len(sample_boxes)))
+            student_means = mean_by_box(student_cells[index], owner, len(sample_boxes))
+            instance_terms.append(instance_infonce(heads["student"](student_means),
+                                                   heads["teacher"](teacher_means.to(student.dtype)),
+                                                   self.temperature))
         return cells + (torch.stack(instance_terms).mean() if instance_terms else cells.new_zeros(()))
+
+    @staticmethod
+    def _pooled_teacher(maps: TeacherMaps, index: int, alignment: BevAlignment, cell_weights: Tensor) -> Tensor:
+        """(1, C): the teacher map warped onto the student grid, summed with ``cell_weights`` (Hs*Ws,)."""
+        return maps.weighted_sum(index, alignment.splat(cell_weights))[None]
 
     def _boxes_in_cells(self, sample: Any, hw: Sequence[int], device: torch.device) -> Tensor:
         """GT boxes as axis-aligned [x1, y1, x2, y2] in student feature-cell coordinates."""
@@ -217,10 +230,12 @@ class CacheDistiller(BaseModel):
         raw, unaugmented_frame = self._raw_targets(inputs, data_samples)
         for s_layer, t_layer in self.pairs.items():
             student = recorder.outputs[s_layer]
-            teacher, valid = self._aligned(raw[t_layer], tuple(student.shape[-2:]), data_samples, unaugmented_frame)
-            term = self._distill(head_key(s_layer), student, teacher.to(student.dtype), valid, data_samples)
-            losses[f"loss_kd_{head_key(s_layer)}"] = self.alpha * term
-            losses[f"kd_valid_fraction_{head_key(s_layer)}"] = valid.float().mean().detach()
+            alignments = self._alignments(raw[t_layer], tuple(student.shape[-2:]), data_samples, unaugmented_frame,
+                                          student.device)
+            key = head_key(s_layer)
+            losses[f"loss_kd_{key}"] = self.alpha * self._distill(key, student, raw[t_layer], alignments, data_samples)
+            valid_fraction = torch.stack([alignment.valid.float().mean() for alignment in alignments]).mean()
+            losses[f"kd_valid_fraction_{key}"] = valid_fraction.detach()
         return losses
 
     def predict(self, inputs: dict, data_samples: list) -> list:

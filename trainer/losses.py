@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["nce_loss", "ContrastMemory", "CRDLoss", "sample_cells", "InfoNCELoss", "instance_infonce",
-           "pool_boxes", "MaskedMSELoss"]
+           "box_spans", "box_cells", "gather_cells", "mean_by_box", "pool_boxes", "MaskedMSELoss"]
 
 _NCE_EPS = 1e-7  # RepDistiller's epsilon, kept so losses are comparable with published numbers
 
@@ -172,9 +172,11 @@ def sample_cells(valid: Tensor, num_samples: int, fg_weight: Tensor | None = Non
 class InfoNCELoss(nn.Module):
     """InfoNCE between student and teacher BEV maps over cells sampled per sample.
 
-    forward(student_map (B, Cs, H, W), teacher_map (B, Ct, H, W), fg_weight (B, H, W) | None,
-    valid (B, H, W) bool | None, cells: per-sample (S_b,) flat indices | None,
+    forward(student_map (B, Cs, H, W), teacher_map (B, Ct, H, W) or teacher_at(b, cells (S,)) -> (S, Ct),
+    fg_weight (B, H, W) | None, valid (B, H, W) bool | None, cells: per-sample (S_b,) flat indices | None,
     project: (student_head, teacher_head) | None) -> scalar.
+    A callable ``teacher_at`` returns sample b's teacher vectors at flat student-grid cells; the
+    distiller reads them from the cached map there instead of warping whole maps.
     Per sample, ``num_samples`` cells are drawn by ``sample_cells`` (``valid`` excludes cells
     without a cached target, e.g. GT-paste regions or warped-out areas); the positive of a student
     cell is the teacher at the same cell, its negatives the teacher at the other sampled cells of
@@ -194,27 +196,33 @@ class InfoNCELoss(nn.Module):
         self.num_samples, self.temperature = num_samples, temperature
         self.fg_fraction, self.symmetric = fg_fraction, symmetric
 
-    def forward(self, student_map: Tensor, teacher_map: Tensor, fg_weight: Tensor | None = None,
-                valid: Tensor | None = None, cells: Sequence[Tensor] | None = None,
+    def forward(self, student_map: Tensor, teacher_map: Tensor | Callable[[int, Tensor], Tensor],
+                fg_weight: Tensor | None = None, valid: Tensor | None = None, cells: Sequence[Tensor] | None = None,
                 project: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None) -> Tensor:
-        if student_map.shape[0] != teacher_map.shape[0] or student_map.shape[-2:] != teacher_map.shape[-2:]:
-            raise ValueError(f"student {tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)} maps "
-                             "differ in batch or grid; match_resolution first")
-        if project is None and student_map.shape != teacher_map.shape:
-            raise ValueError(f"student {tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)} maps "
-                             "differ; project both (or pass project=) and match_resolution first")
-        losses = []
-        for b in range(student_map.shape[0]):
-            if cells is not None:
-                idx = cells[b]
-            else:
+        if callable(teacher_map):
+            teacher_at = teacher_map
+        else:
+            if student_map.shape[0] != teacher_map.shape[0] or student_map.shape[-2:] != teacher_map.shape[-2:]:
+                raise ValueError(f"student {tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)} maps "
+                                 "differ in batch or grid; match_resolution first")
+            if project is None and student_map.shape != teacher_map.shape:
+                raise ValueError(f"student {tuple(student_map.shape)} and teacher {tuple(teacher_map.shape)} maps "
+                                 "differ; project both (or pass project=) and match_resolution first")
+
+            def teacher_at(b: int, idx: Tensor) -> Tensor:
+                return teacher_map[b].flatten(1)[:, idx].T
+
+        if cells is None:
+            cells = []
+            for b in range(student_map.shape[0]):
                 mask = valid[b] if valid is not None else torch.ones_like(student_map[b, 0], dtype=torch.bool)
-                idx = sample_cells(mask, self.num_samples, None if fg_weight is None else fg_weight[b],
-                                   self.fg_fraction)
-            if idx.numel() < 2:  # no negatives
+                cells.append(sample_cells(mask, self.num_samples, None if fg_weight is None else fg_weight[b],
+                                          self.fg_fraction))
+        losses = []
+        for b, query in enumerate(gather_cells(student_map, cells)):
+            if query.shape[0] < 2:  # no negatives
                 continue
-            query = student_map[b].flatten(1)[:, idx].T
-            key = teacher_map[b].flatten(1)[:, idx].T
+            key = teacher_at(b, cells[b])
             if project is not None:
                 query, key = project[0](query), project[1](key)
             losses.append(_info_nce(query, key, self.temperature, self.symmetric))
@@ -233,27 +241,70 @@ def instance_infonce(student_vecs: Tensor, teacher_vecs: Tensor, temperature: fl
     return _info_nce(F.normalize(student_vecs, dim=1), F.normalize(teacher_vecs, dim=1), temperature, symmetric)
 
 
-def pool_boxes(feature_map: Tensor, boxes_bev: Tensor) -> Tensor:
-    """Mean of ``feature_map`` (D, H, W) over the cells each box covers: boxes (N, 4) -> (N, D).
+def box_spans(boxes_bev: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows [r0, r1) and columns [c0, c1) of the cells each box covers: boxes (N, 4) -> 4 x (N,) long.
 
     Boxes are axis-aligned [x1, y1, x2, y2] in feature-cell coordinates: x along W, y along H, cell
     (row r, col c) spanning [c, c+1) x [r, r+1) (enclose rotated boxes first). A box covers every cell
     its extent overlaps, clipped to the map, and always at least one cell, so a sub-cell or
-    out-of-map box pools its nearest cell instead of yielding an empty (NaN) mean.
+    out-of-map box takes its nearest cell instead of none.
     """
-    _, height, width = feature_map.shape
     x1, y1, x2, y2 = boxes_bev.unbind(1)
 
-    def span(lo: Tensor, hi: Tensor, size: int) -> Tensor:
-        """(N, size) float membership of cells [floor(lo), ceil(hi)) after clipping, >= 1 cell."""
+    def span(lo: Tensor, hi: Tensor, size: int) -> tuple[Tensor, Tensor]:
         start = lo.floor().clamp(0, size - 1)
         stop = torch.maximum(hi.ceil(), start + 1).clamp(max=size)
-        cells = torch.arange(size, device=feature_map.device, dtype=start.dtype)
-        return ((cells >= start[:, None]) & (cells < stop[:, None])).to(feature_map.dtype)
+        return start.long(), stop.long()
 
-    rows, cols = span(y1, y2, height), span(x1, x2, width)
-    sums = torch.einsum("nh,nw,dhw->nd", rows, cols, feature_map)
-    return sums / (rows.sum(1) * cols.sum(1))[:, None]
+    (r0, r1), (c0, c1) = span(y1, y2, height), span(x1, x2, width)
+    return r0, r1, c0, c1
+
+
+def box_cells(boxes_bev: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """The cells each box covers (``box_spans``), listed: flat indices into H*W (K,) and their box (K,)."""
+    r0, r1, c0, c1 = box_spans(boxes_bev, height, width)
+    cells, owners = [], []
+    for index, (top, bottom, left, right) in enumerate(zip(r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist())):
+        rows = torch.arange(top, bottom, device=boxes_bev.device)
+        cols = torch.arange(left, right, device=boxes_bev.device)
+        flat = (rows[:, None] * width + cols[None]).flatten()
+        cells.append(flat)
+        owners.append(torch.full_like(flat, index))
+    if not cells:
+        empty = torch.zeros(0, dtype=torch.long, device=boxes_bev.device)
+        return empty, empty
+    return torch.cat(cells), torch.cat(owners)
+
+
+def gather_cells(feature_maps: Tensor, cells: Sequence[Tensor]) -> list[Tensor]:
+    """Per sample b, the vectors of ``feature_maps`` (B, D, H, W) at flat cells ``cells[b]`` (S_b,): (S_b, D).
+
+    One indexing operation for the whole batch: every differentiable gather's backward allocates a
+    zero gradient of the full input, and per-sample ``feature_maps[b]`` selects would each allocate
+    one of the whole batch (at BEV sizes that costs more than the loss).
+    """
+    sizes = [len(index) for index in cells]
+    batch = torch.repeat_interleave(torch.arange(len(cells), device=feature_maps.device),
+                                    torch.as_tensor(sizes, device=feature_maps.device))
+    flat_cells = torch.cat(list(cells)) if cells else batch
+    return list(feature_maps.flatten(2)[batch, :, flat_cells].split(sizes))
+
+
+def mean_by_box(vectors: Tensor, owners: Tensor, num_boxes: int) -> Tensor:
+    """Mean of ``vectors`` (K, D) per box: row k belongs to box ``owners[k]`` -> (num_boxes, D)."""
+    sums = vectors.new_zeros(num_boxes, vectors.shape[1]).index_add_(0, owners, vectors)
+    counts = torch.bincount(owners, minlength=num_boxes).clamp_min(1).to(vectors.dtype)
+    return sums / counts[:, None]
+
+
+def pool_boxes(feature_map: Tensor, boxes_bev: Tensor) -> Tensor:
+    """Mean of ``feature_map`` (D, H, W) over the cells each box covers (``box_spans``): (N, 4) -> (N, D).
+
+    Gathers only the covered cells (``box_cells``): boxes cover a few thousand cells of a lidar BEV
+    map, so this costs D x (covered cells) where a dense (N, H, W) mask product costs N x D x H x W.
+    """
+    cells, owners = box_cells(boxes_bev, *feature_map.shape[-2:])
+    return mean_by_box(gather_cells(feature_map[None], [cells])[0], owners, len(boxes_bev))
 
 
 class MaskedMSELoss(nn.Module):
