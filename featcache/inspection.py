@@ -55,7 +55,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         f"split        {manifest.split}, {manifest.num_samples} samples, dataset id {manifest.dataset_id[:16]}...",
         f"completion   {len(complete_rows)}/{len(cache)} complete, "
         f"{int((status == format.STATUS_INVALID).sum())} invalid, {int((status == format.STATUS_MISSING).sum())} missing",
-        f"versions     " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
+        "versions     " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
         "",
         f"{'layer':<24} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7}",
     ]

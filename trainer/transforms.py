@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import torch
 from mmdet3d.datasets.transforms import ObjectSample, Pack3DDetInputs
 from mmdet3d.registry import TRANSFORMS
 from mmengine.structures import BaseDataElement
@@ -83,7 +82,7 @@ class PackDetInputsWithCache(Pack3DDetInputs):
         key = sample_key(results)
         try:
             row = self.cache.row_of(key)
-            features = self.cache.read_row_stored(row, self.layers)
+            features = self.cache.read_row_tensors(row, self.layers)
         except (CorruptSampleError, SampleNotCachedError) as exc:
             if not self.skip_corrupt:
                 raise
@@ -96,8 +95,8 @@ class PackDetInputsWithCache(Pack3DDetInputs):
         # stored values (float16, uint8 + scale/offset): CacheDistiller decodes them on the training device
         fields = {}
         for name, (values, qparams) in features.items():
-            fields[target_field(name)] = torch.from_numpy(values)
+            fields[target_field(name)] = values
             if qparams is not None:
-                fields[qparams_field(name)] = torch.from_numpy(qparams)
+                fields[qparams_field(name)] = qparams
         data_sample.cached_targets = BaseDataElement(**fields)
         return packed
