@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -222,26 +222,29 @@ class CacheRows(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         item = {}
-        for name, (values, qparams) in self.cache.read_row_stored(self.cache.row_of(self.cache.keys[row])).items():
-            item[name] = torch.from_numpy(values)
+        for name, (values, qparams) in self.cache.read_row_tensors(self.cache.row_of(self.cache.keys[row])).items():
+            item[name] = values
             if qparams is not None:
-                item[f"{name}/qparams"] = torch.from_numpy(qparams)
+                item[f"{name}/qparams"] = qparams
         return item
 
 
 class FilledRows(torch.utils.data.Dataset):
-    """As many items as a cache has rows, each fresh float32 tensors of its layer shapes filled with
-    ones: what a DataLoader costs to allocate and hand over a sample, without reading or decoding."""
+    """As many items as a cache has rows, each fresh tensors of its layers' stored shapes and dtypes
+    (uint8 for int8 codecs) filled with ones: what a DataLoader costs to allocate and hand over a
+    sample (copied into shared memory by the worker), without reading or decoding."""
 
     def __init__(self, location: str) -> None:
         cache = FeatureCache(location)
-        self.rows, self.shapes = len(cache), {layer.name: layer.shape for layer in cache.manifest.layers}
+        self.rows = len(cache)
+        self.layers = {layer.name: (layer.shape, torch.from_numpy(np.empty(0, layer.codec.storage_dtype)).dtype)
+                       for layer in cache.manifest.layers}
 
     def __len__(self) -> int:
         return self.rows
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        return {name: torch.full(shape, 1.0) for name, shape in self.shapes.items()}
+        return {name: torch.ones(shape, dtype=dtype) for name, (shape, dtype) in self.layers.items()}
 
 
 class ChunkFileRows(torch.utils.data.Dataset):
@@ -544,11 +547,14 @@ def figure_read(ctx: Context) -> Section:
              "already in RAM, numcodecs decompress into owned stored values (+ int8 scale/offset), one "
              "thread, no zarr, no file, no checksum. Chunk files only = the same rows' chunk files read whole with "
              f"Python (stored bytes, {stored_mb:.1f} MB/sample; MB/s column still in decoded MB): the I/O floor. "
-             "Hand-off only = each item is fresh float32 tensors of the layers' "
-             "shapes filled with ones: the cost of allocating a sample and passing it from a worker to the main "
-             "process (shared memory), with no cache involved. Each column set runs in its own fresh process; the "
+             "Hand-off only = each item is fresh tensors of the layers' stored shapes and dtypes filled with ones: "
+             "the cost of allocating a sample and passing it from a worker to the main process (torch copies it "
+             "into shared memory), with no cache involved. FeatureCache = `read_row_tensors`, what "
+             "`PackDetInputsWithCache` calls: the row's chunks of every layer fetched and decompressed concurrently "
+             "by zarr (its thread pool: with 0 workers a read may use both cores, the in-memory decode uses one), in "
+             "a DataLoader worker straight into shared memory, so the hand-off copies nothing. Each column set runs in its own fresh process; the "
              f"last column with `GLIBC_TUNABLES={GLIBC_TUNABLES}` (STORAGE-FACTS: outputs over glibc's 32 MiB mmap "
-             "threshold page-fault fresh memory on every read; the 512x180x180 neck map is 66 MB).", ""]
+             "threshold page-fault fresh memory on every read; the 512x180x180 neck map is 66 MB as float32, 17 MB as uint8).", ""]
     lines += table(["reader", "workers", "cache", "samples/s", "MB/s", "/ in-memory decode",
                     "samples/s with GLIBC_TUNABLES"], table_rows)
     lines += ["", f"Per codec (the codec caches of figure 1, {len(ctx.keys)} rows, warm, 0 workers, median of "
@@ -688,29 +694,43 @@ def figure_cost(ctx: Context) -> Section:
     return Section("6. Cost model", lines, [Target("runs to break even (default codec)", "report", breakeven, None)])
 
 
-def cycle(loader: Any) -> Iterator[Any]:
-    """Batches of a DataLoader, epoch after epoch."""
-    while True:
-        yield from loader
+class TrainingRun:
+    """One variant's model, optimiser and endless batches, stepped on demand."""
 
+    def __init__(self, cfg: Any) -> None:
+        from mmdet3d.registry import MODELS
+        from mmengine.optim import build_optim_wrapper
+        from mmengine.runner import Runner
 
-def train_step_times(cfg: Any, warmup: int, steps: int) -> list[float]:
-    """Wall seconds of ``steps`` training iterations (data wait + preprocess + loss + backward + update),
-    after ``warmup`` untimed ones, with the config's own DataLoader and optimiser."""
-    from mmdet3d.registry import MODELS
-    from mmengine.optim import build_optim_wrapper
-    from mmengine.runner import Runner
+        torch.manual_seed(0)
+        self.model = MODELS.build(cfg.model).train()
+        self.optim_wrapper = build_optim_wrapper(self.model, cfg.optim_wrapper)
+        # mmengine's iteration-based sampler: no epoch boundary (where a DataLoader refills its
+        # prefetch queue from scratch) every few steps of a 6-frame dataset; a real epoch is thousands
+        loader_cfg = copy.deepcopy(cfg.train_dataloader)
+        loader_cfg.sampler = dict(type="InfiniteSampler", shuffle=True)
+        self.batches = iter(Runner.build_dataloader(loader_cfg, seed=0))
+        self.times: list[float] = []
 
-    torch.manual_seed(0)
-    model = MODELS.build(cfg.model).train()
-    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    batches = cycle(Runner.build_dataloader(copy.deepcopy(cfg.train_dataloader), seed=0))
-    times = []
-    for _ in range(warmup + steps):
+    def step(self) -> None:
+        """One timed iteration: next batch + ``train_step`` (preprocess, loss, backward, update)."""
         start = time.perf_counter()
-        model.train_step(next(batches), optim_wrapper)
-        times.append(time.perf_counter() - start)
-    return times[warmup:]
+        self.model.train_step(next(self.batches), self.optim_wrapper)
+        self.times.append(time.perf_counter() - start)
+
+
+def train_step_times(cfgs: dict[str, Any], warmup: int, steps: dict[str, int]) -> dict[str, list[float]]:
+    """Seconds per training iteration of each variant, after ``warmup`` untimed ones each.
+
+    The variants take turns step by step (round robin) instead of running one after the other, so
+    slow drifts of the machine (other jobs, clocks) reach every variant alike and cancel in ratios.
+    """
+    runs = {label: TrainingRun(cfg) for label, cfg in cfgs.items()}
+    for round_index in range(warmup + max(steps.values())):
+        for label, run in runs.items():
+            if round_index < warmup + steps[label]:
+                run.step()
+    return {label: run.times[warmup:] for label, run in runs.items()}
 
 
 def figure_train(ctx: Context) -> Section:
@@ -731,21 +751,23 @@ def figure_train(ctx: Context) -> Section:
         "cached KD, infonce": (TrainOptions(student, cache, loss="infonce", cfg_options=options), steps),
         "online KD (voxel0075 teacher), infonce": (TrainOptions(student, None, loss="infonce", cfg_options=options,
                                                                 online_teacher=teacher), online_steps)}
-    medians, rows, cfg = {}, [], None
-    for label, (train_options, count) in variants.items():
-        log(f"train: {label}, {count} step(s)")
-        cfg = build_runner_config(train_options)
-        times = train_step_times(cfg, ctx.sizes.warmup_steps, count)
-        medians[label] = statistics.median(times)
-        rows.append([label, count, f"{medians[label]:.2f}", f"{min(times):.2f}", f"{max(times):.2f}",
+    cfgs = {label: build_runner_config(train_options) for label, (train_options, _) in variants.items()}
+    log("train: " + ", ".join(f"{label} x {count}" for label, (_, count) in variants.items()) + ", round robin")
+    times = train_step_times(cfgs, ctx.sizes.warmup_steps, {label: count for label, (_, count) in variants.items()})
+    medians, rows = {label: statistics.median(values) for label, values in times.items()}, []
+    for label, values in times.items():
+        rows.append([label, len(values), f"{medians[label]:.2f}", f"{min(values):.2f}", f"{max(values):.2f}",
                      f"{medians[label] / medians['no KD (--no-distill)']:.2f}"])
+    cfg = next(iter(cfgs.values()))
     no_kd, cached_crd, cached_infonce, online = medians.values()
     lines = [f"Student {STUDENT_CONFIG.relative_to(REPO)} (CenterPoint pillar, half width) on the {len(ctx.keys)} "
              f"frames, batch {cfg.train_dataloader.batch_size}, its own augmenting train pipeline and DataLoader "
              f"({cfg.train_dataloader.num_workers} worker), cached layers paired by name (all 4), torch threads "
-             f"{torch.get_num_threads()}. Step = next batch + `train_step` (preprocess, loss, backward, update) after "
-             f"{ctx.sizes.warmup_steps} untimed warm-up step(s) per variant; the cache is the build of figure 3 "
-             "(default codec). Online KD runs "
+             f"{torch.get_num_threads()}, mmengine's InfiniteSampler (no epoch restarts of the tiny dataset). Step = "
+             "next batch + `train_step` (preprocess, loss, backward, update) after "
+             f"{ctx.sizes.warmup_steps} untimed warm-up step(s) per variant; the variants take turns step by step "
+             "(round robin, the same batches in the same order), so machine drift reaches all alike. The cache is "
+             "the build of figure 3 (default codec). Online KD runs "
              "with infonce: with crd (the default loss) and no cache, `CacheDistiller` fails with KeyError "
              "'cache_row' (CRD's memory bank is indexed by cache row, which only PackDetInputsWithCache sets).", ""]
     lines += table(["variant", "steps", "median s/step", "min", "max", "/ no KD"], rows)
