@@ -189,9 +189,11 @@ class FeatureCache:
                allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> list[np.ndarray | BaseException]:
         """Row ``row`` of each array (path, per-row shape, dtype), or the exception reading it raised.
 
-        Zarr: all arrays' chunks are fetched and decompressed concurrently (one event-loop round
-        trip; zarr decompresses in threads, and a cold read's I/O overlaps the other layers'
-        decompression), each straight into its ``allocate``d array. HDF5: one after the other.
+        Zarr: in one event-loop round trip, each chunk decompressed straight into its ``allocate``d
+        array. Outside DataLoader workers the arrays are fetched concurrently (zarr decompresses in
+        threads, and a cold read's I/O overlaps the other layers' decompression); inside one they are
+        fetched in turn, since the workers are the parallelism there and extra threads would take
+        cores from the training process and the other workers. HDF5: one after the other.
         """
         if _is_hdf5_root(root):
             results: list[np.ndarray | BaseException] = []
@@ -204,6 +206,7 @@ class FeatureCache:
         from zarr.core.buffer.cpu import NDBuffer
         from zarr.core.sync import sync
 
+        concurrent = torch.utils.data.get_worker_info() is None
         outputs = [allocate(shape, dtype) for _, shape, dtype in paths]
         arrays: list[Any] = []
         for path, _, _ in paths:
@@ -219,6 +222,14 @@ class FeatureCache:
                                                         out=NDBuffer.from_numpy_array(output[None]))
 
         async def read_all() -> list[Any]:
+            if not concurrent:
+                results = []
+                for array, output in zip(arrays, outputs):
+                    try:
+                        results.append(await read(array, output))
+                    except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
+                        results.append(exc)
+                return results
             return await asyncio.gather(*(read(array, output) for array, output in zip(arrays, outputs)),
                                         return_exceptions=True)
 

@@ -191,10 +191,13 @@ class CacheDistiller(BaseModel):
         def teacher_at(index: int, cells: Tensor) -> Tensor:
             return maps.read(index, alignments[index].read_matrix(cells)).to(student.dtype)
 
-        cells = criterion(student, teacher_at, fg_weight=foreground, valid=valid, project=project)
+        sampled = criterion.sample(student, valid, foreground)
         boxes = [self._boxes_in_cells(sample, hw, student.device) for sample in data_samples]
         covered = [box_cells(sample_boxes, *hw) for sample_boxes in boxes]
-        student_cells = gather_cells(student, [box_cell for box_cell, _ in covered])
+        # one gather for sampled and box cells: each gather's backward zero-fills a whole-batch gradient
+        gathered = gather_cells(student, [torch.cat([cells, box_cell]) for cells, (box_cell, _) in zip(sampled, covered)])
+        keys = [teacher_at(index, cells) for index, cells in enumerate(sampled)]
+        cells_term = criterion.from_vectors([part[:len(cells)] for part, cells in zip(gathered, sampled)], keys, project)
         instance_terms = []
         for index, (sample_boxes, (box_cell, owner)) in enumerate(zip(boxes, covered)):
             if len(sample_boxes) < 2:  # no negatives
@@ -202,11 +205,12 @@ class CacheDistiller(BaseModel):
             counts = torch.bincount(owner, minlength=len(sample_boxes)).float()
             teacher_means = maps.read(index, alignments[index].read_matrix(box_cell, owner, 1.0 / counts[owner],
                                                                            len(sample_boxes)))
-            student_means = mean_by_box(student_cells[index], owner, len(sample_boxes))
+            student_means = mean_by_box(gathered[index][len(sampled[index]):], owner, len(sample_boxes))
             instance_terms.append(instance_infonce(heads["student"](student_means),
                                                    heads["teacher"](teacher_means.to(student.dtype)),
                                                    self.temperature))
-        return cells + (torch.stack(instance_terms).mean() if instance_terms else cells.new_zeros(()))
+        instance_term = torch.stack(instance_terms).mean() if instance_terms else cells_term.new_zeros(())
+        return cells_term + instance_term
 
     @staticmethod
     def _pooled_teacher(maps: TeacherMaps, index: int, alignment: BevAlignment, cell_weights: Tensor) -> Tensor:

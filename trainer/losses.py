@@ -213,20 +213,33 @@ class InfoNCELoss(nn.Module):
                 return teacher_map[b].flatten(1)[:, idx].T
 
         if cells is None:
-            cells = []
-            for b in range(student_map.shape[0]):
-                mask = valid[b] if valid is not None else torch.ones_like(student_map[b, 0], dtype=torch.bool)
-                cells.append(sample_cells(mask, self.num_samples, None if fg_weight is None else fg_weight[b],
-                                          self.fg_fraction))
+            cells = self.sample(student_map, valid, fg_weight)
+        keys = [teacher_at(b, index) for b, index in enumerate(cells)]
+        return self.from_vectors(gather_cells(student_map, cells), keys, project) if cells else student_map.sum() * 0
+
+    def sample(self, student_map: Tensor, valid: Tensor | None = None, fg_weight: Tensor | None = None) -> list[Tensor]:
+        """Per sample, the flat cells ``forward`` draws (``sample_cells``; all cells valid without ``valid``)."""
+        cells = []
+        for b in range(student_map.shape[0]):
+            mask = valid[b] if valid is not None else torch.ones_like(student_map[b, 0], dtype=torch.bool)
+            cells.append(sample_cells(mask, self.num_samples, None if fg_weight is None else fg_weight[b],
+                                      self.fg_fraction))
+        return cells
+
+    def from_vectors(self, queries: Sequence[Tensor], keys: Sequence[Tensor],
+                     project: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+        """The loss on gathered cell vectors: per sample, student (S_b, Cs) and teacher (S_b, Ct) rows of the
+        same cells. For callers that gather the student's cells together with others (one backward fill)."""
         losses = []
-        for b, query in enumerate(gather_cells(student_map, cells)):
+        for query, key in zip(queries, keys):
             if query.shape[0] < 2:  # no negatives
                 continue
-            key = teacher_at(b, cells[b])
             if project is not None:
                 query, key = project[0](query), project[1](key)
             losses.append(_info_nce(query, key, self.temperature, self.symmetric))
-        return torch.stack(losses).mean() if losses else student_map.sum() * 0
+        if losses:
+            return torch.stack(losses).mean()
+        return sum(query.sum() for query in queries) * 0 if queries else torch.zeros(())
 
 
 def instance_infonce(student_vecs: Tensor, teacher_vecs: Tensor, temperature: float = 0.07,
