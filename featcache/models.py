@@ -62,6 +62,9 @@ def load_config(path: str | os.PathLike, cfg_options: dict[str, Any] | None = No
         # no yapf: mmengine re-formats a config's text (1.5-3 s here) every time a Runner logs or
         # dumps it or a checkpoint or cache manifest stores it; unformatted text is still valid Python
         cfg = Config.fromfile(str(resolved), format_python_code=False)
+        # mmengine 0.10.7's fromfile passes the flag only for lazy-import configs; set it for all
+        cfg = Config(cfg.to_dict(), cfg_text=cfg.text, filename=cfg.filename, env_variables=cfg.env_variables,
+                     format_python_code=False)
     except Exception as exc:
         raise ConfigError(f"config {os.fspath(path)!r} does not load: {type(exc).__name__}: {exc}") from exc
     if cfg_options:
