@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from featcache import codecs, format, models, store
-from featcache.errors import CacheMismatchError, InputDataError, InvalidFeatureError
+from featcache.errors import CacheMismatchError, InputDataError
 from featcache.teacher import Teacher
 from featcache.world import World, close_world, init_world
 from featcache.writer import BackgroundWriter, CacheWriter
@@ -129,7 +129,9 @@ class Builder:
     def _loader(self, rows: Sequence[int]):
         return self.teacher.loader(rows, self.options.batch_size, self.options.num_workers)
 
-    def _open_or_create(self) -> CacheWriter:
+    def _open_or_create(self) -> tuple[CacheWriter, tuple[int, str, dict[str, np.ndarray]] | None]:
+        """The cache's writer, plus the shape probe's sample (row, key, features) when this call created
+        the cache: it is computed already and goes to the background writer with the others."""
         options, out = self.options, self.options.out
         exists = store.exists(out, options.storage_options)
         if exists and not options.force:
@@ -142,7 +144,7 @@ class Builder:
             if problems:
                 raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
                                          "\nUse another --out, or --force to erase it and start over.")
-            return writer
+            return writer, None
         if self.world.is_main:
             if exists:
                 logger.warning("--force: erasing the cache at %s", out)
@@ -151,9 +153,11 @@ class Builder:
             features = self._teacher_features(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
             writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options)
-            self._write_directly(writer, rows[0], keys[0], {name: value[0] for name, value in features.items()})
+            probe = (rows[0], keys[0], {name: value[0] for name, value in features.items()})
         self.world.barrier()
-        return writer if self.world.is_main else CacheWriter.open(out, options.storage_options)
+        if self.world.is_main:
+            return writer, probe
+        return CacheWriter.open(out, options.storage_options), None
 
     def _teacher_features(self, batch, keys: list[str]) -> dict[str, np.ndarray]:
         try:
@@ -163,13 +167,6 @@ class Builder:
                                  f"({', '.join(self.teacher.lidar_paths(keys))}): {type(exc).__name__}: {exc}. "
                                  "No points in the point cloud range, or a malformed point file?") from exc
 
-    def _write_directly(self, writer: CacheWriter, row: int, key: str, features: dict[str, np.ndarray]) -> None:
-        try:
-            writer.write_sample(row, features)
-        except InvalidFeatureError as exc:
-            writer.mark_invalid(row)
-            self._report_invalid(key, exc)
-
     def _report_invalid(self, key: str, exc: Exception) -> None:
         self.invalid_keys.append(key)
         logger.error("sample %r: teacher output not finite (%s); not cached, marked invalid", key, exc)
@@ -178,18 +175,21 @@ class Builder:
     def run(self) -> BuildResult:
         start = time.perf_counter()
         self._checkpoint_sha256 = format.sha256_file(self.options.checkpoint)
-        writer = self._open_or_create()
+        writer, probe = self._open_or_create()
         if self.options.rows is not None:
             writer.clear([row for row in self.options.rows if self.world.owns(row)])
         status = writer.status()
         wanted = set(range(len(self.keys))) if self.options.rows is None else set(self.options.rows)
-        rows = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_MISSING]
+        rows = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_MISSING
+                and (probe is None or row != probe[0])]
         already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
                           and status[row] == format.STATUS_COMPLETE)) - writer.stats.samples
         background = BackgroundWriter(writer, depth=self.options.writer_depth, on_invalid=self._report_invalid)
         progress = _Progress(len(rows), writer, enabled=self.options.progress and self.world.is_main,
                              rank_note=f" (rank 0 of {self.world.size})" if self.world.size > 1 else "")
         try:
+            if probe is not None:  # written while the teacher runs on the next samples
+                background.submit(*probe)
             if rows:
                 for batch_rows, batch_keys, batch in self._loader(rows):
                     features = self._teacher_features(batch, batch_keys)
