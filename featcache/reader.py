@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -121,36 +121,20 @@ class FeatureCache:
         For readers that decode elsewhere (``codecs.decode_tensor`` on the training device): the
         float conversion is then off the DataLoader workers and their hand-off is 2-4x smaller.
         """
-        return self._read_stored(row, layers, np.empty)
+        return {name: (values.numpy(), None if qparams is None else qparams.numpy())
+                for name, (values, qparams) in self._read_stored(row, layers, shared=False).items()}
 
     def read_row_tensors(self, row: int, layers: list[str] | None = None
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """``read_row_stored`` as torch tensors; inside a DataLoader worker they are decompressed
         straight into shared memory, so handing the sample to the training process copies nothing
         (torch would otherwise copy every tensor into shared memory to send it: ~1 ms per 1.5 MB)."""
-        in_worker = torch.utils.data.get_worker_info() is not None
-        tensors: dict[int, torch.Tensor] = {}
+        return self._read_stored(row, layers, shared=torch.utils.data.get_worker_info() is not None)
 
-        def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-            tensor = torch.from_numpy(np.empty(0, dtype)).new_empty(shape)
-            if in_worker:
-                tensor.share_memory_()
-            array = tensor.numpy()
-            tensors[id(array)] = tensor
-            return array
-
-        def as_tensor(array: np.ndarray | None) -> torch.Tensor | None:
-            if array is None:
-                return None
-            return tensors[id(array)] if id(array) in tensors else torch.from_numpy(array)  # HDF5 reads its own
-
-        return {name: (as_tensor(values), as_tensor(qparams))
-                for name, (values, qparams) in self._read_stored(row, layers, allocate).items()}
-
-    def _read_stored(self, row: int, layers: list[str] | None,
-                     allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]
-                     ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-        """The checked read behind ``read_row_stored`` / ``read_row_tensors``, into ``allocate``d arrays."""
+    def _read_stored(self, row: int, layers: list[str] | None, shared: bool
+                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The checked read behind ``read_row_stored`` / ``read_row_tensors`` (``shared``: outputs in
+        shared memory)."""
         root = self._open()
         key = self.keys[row]
         record = np.asarray(root[format.RECORDS_ARRAY][row])
@@ -165,7 +149,7 @@ class FeatureCache:
             paths.append((format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype))
             if layer.codec.precision == "int8":
                 paths.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
-        results = self._fetch(root, row, paths, allocate)
+        results = self._fetch(root, row, paths, shared)
         out = {}
         for position, layer in wanted:
             stored = results.pop(0)
@@ -176,7 +160,7 @@ class FeatureCache:
                                          f"cannot be decoded: {type(failure).__name__}: {failure}; "
                                          "run `featcache verify --repair`") from failure
             if self.verify:
-                parts = (stored,) if qparams is None else (stored, qparams)
+                parts = (stored.numpy(),) if qparams is None else (stored.numpy(), qparams.numpy())
                 if format.checksum(*parts) != int(record[1 + position]):
                     raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
                                              "fails its checksum (damaged or missing chunk); "
@@ -186,20 +170,21 @@ class FeatureCache:
 
     @staticmethod
     def _fetch(root: Any, row: int, paths: list[tuple[str, tuple[int, ...], np.dtype]],
-               allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> list[np.ndarray | BaseException]:
+               shared: bool) -> list[torch.Tensor | BaseException]:
         """Row ``row`` of each array (path, per-row shape, dtype), or the exception reading it raised.
 
-        Zarr: in one event-loop round trip, each chunk decompressed straight into its ``allocate``d
-        array. Outside DataLoader workers the arrays are fetched concurrently (zarr decompresses in
-        threads, and a cold read's I/O overlaps the other layers' decompression); inside one they are
-        fetched in turn, since the workers are the parallelism there and extra threads would take
-        cores from the training process and the other workers. HDF5: one after the other.
+        Zarr: in one event-loop round trip, each chunk decompressed straight into a new tensor (in
+        shared memory when ``shared``). Outside DataLoader workers the arrays are fetched concurrently
+        (zarr decompresses in threads, and a cold read's I/O overlaps the other layers'
+        decompression); inside one they are fetched in turn, since the workers are the parallelism
+        there and extra threads would take cores from the training process and the other workers.
+        HDF5: one after the other, as h5py returns them.
         """
         if _is_hdf5_root(root):
-            results: list[np.ndarray | BaseException] = []
+            results: list[torch.Tensor | BaseException] = []
             for path, _, _ in paths:
                 try:
-                    results.append(np.asarray(root[path][row]))
+                    results.append(torch.from_numpy(np.asarray(root[path][row])))
                 except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                     results.append(exc)
             return results
@@ -207,7 +192,10 @@ class FeatureCache:
         from zarr.core.sync import sync
 
         concurrent = torch.utils.data.get_worker_info() is None
-        outputs = [allocate(shape, dtype) for _, shape, dtype in paths]
+        outputs = []
+        for _, shape, dtype in paths:
+            tensor = torch.from_numpy(np.empty(0, dtype)).new_empty(shape)  # torch's dtype for a numpy one
+            outputs.append(tensor.share_memory_() if shared else tensor)
         arrays: list[Any] = []
         for path, _, _ in paths:
             try:
@@ -215,11 +203,11 @@ class FeatureCache:
             except Exception as exc:  # noqa: BLE001 - e.g. damaged array metadata, reported per layer
                 arrays.append(exc)
 
-        async def read(array: Any, output: np.ndarray) -> Any:
+        async def read(array: Any, output: torch.Tensor) -> Any:
             if isinstance(array, BaseException):
                 raise array
             return await array.get_orthogonal_selection((slice(row, row + 1),),
-                                                        out=NDBuffer.from_numpy_array(output[None]))
+                                                        out=NDBuffer.from_numpy_array(output.numpy()[None]))
 
         async def read_all() -> list[Any]:
             if not concurrent:
