@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from featcache import codecs, format, store
+from featcache import codecs, format, handoff, store
 from featcache.errors import CacheFormatError, CacheNotFoundError, CorruptSampleError, SampleNotCachedError
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -29,6 +30,40 @@ def _is_hdf5(location: str) -> bool:
 
 def _is_hdf5_root(root: Any) -> bool:
     return type(root).__module__.startswith("h5py")
+
+
+def _row_chunk_decompressor(metadata: Any) -> Callable[[np.ndarray, np.ndarray], None] | None:
+    """How to decompress one chunk of a cache array straight into the caller's output, or None if the
+    array is not laid out as ``featcache.format`` writes it (one chunk per row, the bytes codec in
+    native order and at most one zstd/blosc compressor; then zarr's own path reads it).
+
+    zarr's pipeline decompresses a chunk into a new buffer and then copies it into ``out``; for a
+    BEVFusion-lidar row that fresh allocation and copy cost about as much again as the decompression
+    (BENCHMARKS.md, read path). A chunk that decompresses to fewer bytes than the output is caught by
+    the row's checksum, as any other damage is.
+    """
+    import numcodecs
+    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+
+    grid = getattr(metadata, "chunk_grid", None)
+    codecs_ = list(getattr(metadata, "codecs", ()))
+    if tuple(getattr(grid, "chunk_shape", ())) != (1, *metadata.shape[1:]) or not codecs_:
+        return None
+    serializer, compressors = codecs_[0], codecs_[1:]
+    native = "little" if sys.byteorder == "little" else "big"
+    if not isinstance(serializer, BytesCodec) or getattr(serializer.endian, "value", native) not in (None, native):
+        return None
+    if not compressors:
+        def copy(raw: np.ndarray, out: np.ndarray) -> None:
+            out.reshape(-1).view(np.uint8)[:] = raw
+        return copy
+    if len(compressors) > 1 or not isinstance(compressors[0], (ZstdCodec, BloscCodec)):
+        return None
+    codec = numcodecs.Zstd() if isinstance(compressors[0], ZstdCodec) else numcodecs.Blosc()
+
+    def decompress(raw: np.ndarray, out: np.ndarray) -> None:
+        codec.decode(raw, out=out)
+    return decompress
 
 
 class FeatureCache:
@@ -47,6 +82,7 @@ class FeatureCache:
         self.verify = verify
         self._pid: int | None = None
         self._root: Any = None
+        self._arrays: dict[str, Any] = {}  # path -> array handle, per process (zarr re-reads metadata per lookup)
         group = self._open()
         raw = group.attrs.get("featcache")
         if isinstance(raw, (str, bytes)):  # HDF5 keeps the manifest as JSON text
@@ -73,11 +109,19 @@ class FeatureCache:
             else:
                 self._root = store.open_group(self.location, mode="r", storage_options=self.storage_options)
             self._pid = os.getpid()
+            self._arrays = {}
         return self._root
+
+    def _array(self, path: str) -> Any:
+        root = self._open()
+        if path not in self._arrays:
+            array = root[path]
+            self._arrays[path] = array if _is_hdf5_root(root) else array.async_array
+        return self._arrays[path]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_root"], state["_pid"] = None, None
+        state["_root"], state["_pid"], state["_arrays"] = None, None, {}
         return state
 
     # -- lookup ---------------------------------------------------------------------------
@@ -127,29 +171,42 @@ class FeatureCache:
     def read_row_tensors(self, row: int, layers: list[str] | None = None
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """``read_row_stored`` as torch tensors; inside a DataLoader worker they are decompressed
-        straight into shared memory, so handing the sample to the training process copies nothing
-        (torch would otherwise copy every tensor into shared memory to send it: ~1 ms per 1.5 MB)."""
+        straight into shared memory the worker reuses row after row (``featcache.handoff``), so
+        handing the sample to the training process copies nothing and touches no fresh page (torch
+        would otherwise copy every tensor into new shared memory to send it, which costs about as
+        much as decompressing the row: BENCHMARKS.md, read path)."""
         return self._read_stored(row, layers, shared=torch.utils.data.get_worker_info() is not None)
 
     def _read_stored(self, row: int, layers: list[str] | None, shared: bool
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The checked read behind ``read_row_stored`` / ``read_row_tensors`` (``shared``: outputs in
         shared memory)."""
-        root = self._open()
         key = self.keys[row]
-        record = np.asarray(root[format.RECORDS_ARRAY][row])
+        wanted = [(position, layer) for position, layer in enumerate(self.manifest.layers)
+                  if layers is None or layer.name in layers]
+        specs = []
+        for _, layer in wanted:
+            specs.append((format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype))
+            if layer.codec.precision == "int8":
+                specs.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
+        buffers = handoff.row_buffers() if shared else None
+        if buffers is not None:
+            outputs = buffers.tensors([(shape, dtype) for _, shape, dtype in specs])
+        else:
+            outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
+            if shared:
+                outputs = [tensor.share_memory_() for tensor in outputs]
+        record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
+        record, *results = self._fetch(row, [record_spec, *specs],
+                                       [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs])
+        if isinstance(record, BaseException):
+            raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be read "
+                                     f"({type(record).__name__}: {record}); run `featcache verify --repair`") from record
+        record = record.numpy()
         if record[0] != format.STATUS_COMPLETE:
             state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
             raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
                                        "run `featcache build` again to complete the cache")
-        wanted = [(position, layer) for position, layer in enumerate(self.manifest.layers)
-                  if layers is None or layer.name in layers]
-        paths = []
-        for _, layer in wanted:
-            paths.append((format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype))
-            if layer.codec.precision == "int8":
-                paths.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
-        results = self._fetch(root, row, paths, shared)
         out = {}
         for position, layer in wanted:
             stored = results.pop(0)
@@ -168,46 +225,56 @@ class FeatureCache:
             out[layer.name] = (stored, qparams)
         return out
 
-    @staticmethod
-    def _fetch(root: Any, row: int, paths: list[tuple[str, tuple[int, ...], np.dtype]],
-               shared: bool) -> list[torch.Tensor | BaseException]:
-        """Row ``row`` of each array (path, per-row shape, dtype), or the exception reading it raised.
+    def _fetch(self, row: int, specs: list[tuple[str, tuple[int, ...], np.dtype]], outputs: list[torch.Tensor]
+               ) -> list[torch.Tensor | BaseException]:
+        """Row ``row`` of each array (path, per-row shape, dtype) read into ``outputs``, or the exception
+        reading it raised.
 
-        Zarr: in one event-loop round trip, each chunk decompressed straight into a new tensor (in
-        shared memory when ``shared``). Outside DataLoader workers the arrays are fetched concurrently
-        (zarr decompresses in threads, and a cold read's I/O overlaps the other layers'
-        decompression); inside one they are fetched in turn, since the workers are the parallelism
-        there and extra threads would take cores from the training process and the other workers.
+        Zarr: in one event-loop round trip, each chunk decompressed straight into its output (see
+        ``_row_chunk_decompressor``). Outside DataLoader workers the arrays are fetched concurrently
+        (decompression in threads, and a cold read's I/O overlaps the other layers' decompression);
+        inside one they are fetched in turn, since the workers are the parallelism there and extra
+        threads would take cores from the training process and the other workers.
         HDF5: one after the other, as h5py returns them.
         """
-        if _is_hdf5_root(root):
+        arrays: list[Any] = []
+        for path, _, _ in specs:
+            try:
+                arrays.append(self._array(path))
+            except Exception as exc:  # noqa: BLE001 - e.g. damaged array metadata, reported per layer
+                arrays.append(exc)
+        if _is_hdf5_root(self._open()):
             results: list[torch.Tensor | BaseException] = []
-            for path, _, _ in paths:
+            for array, output in zip(arrays, outputs):
                 try:
-                    results.append(torch.from_numpy(np.asarray(root[path][row])))
+                    if isinstance(array, BaseException):
+                        raise array
+                    array.read_direct(output.numpy(), source_sel=np.s_[row])
+                    results.append(output)
                 except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                     results.append(exc)
             return results
+        from zarr.core.buffer import default_buffer_prototype
         from zarr.core.buffer.cpu import NDBuffer
         from zarr.core.sync import sync
 
         concurrent = torch.utils.data.get_worker_info() is None
-        outputs = []
-        for _, shape, dtype in paths:
-            tensor = torch.from_numpy(np.empty(0, dtype)).new_empty(shape)  # torch's dtype for a numpy one
-            outputs.append(tensor.share_memory_() if shared else tensor)
-        arrays: list[Any] = []
-        for path, _, _ in paths:
-            try:
-                arrays.append(root[path].async_array)
-            except Exception as exc:  # noqa: BLE001 - e.g. damaged array metadata, reported per layer
-                arrays.append(exc)
 
         async def read(array: Any, output: torch.Tensor) -> Any:
             if isinstance(array, BaseException):
                 raise array
-            return await array.get_orthogonal_selection((slice(row, row + 1),),
-                                                        out=NDBuffer.from_numpy_array(output.numpy()[None]))
+            decompress = _row_chunk_decompressor(array.metadata)
+            if decompress is None:
+                return await array.get_orthogonal_selection((slice(row, row + 1),),
+                                                            out=NDBuffer.from_numpy_array(output.numpy()[None]))
+            key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+            raw = await (array.store_path / key).get(prototype=default_buffer_prototype())
+            if raw is None:  # zarr's meaning of a missing chunk: the fill value (a records row not yet written)
+                output.numpy()[...] = array.metadata.fill_value
+                return None
+            if concurrent:
+                return await asyncio.to_thread(decompress, raw.as_numpy_array(), output.numpy())
+            return decompress(raw.as_numpy_array(), output.numpy())
 
         async def read_all() -> list[Any]:
             if not concurrent:
@@ -234,6 +301,7 @@ class FeatureCache:
         if self._root is not None and hasattr(self._root, "close"):
             self._root.close()
         self._root = None
+        self._arrays = {}
 
 
 class CachedTargetsDataset(torch.utils.data.Dataset):
