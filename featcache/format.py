@@ -157,12 +157,13 @@ def dataset_identity(keys: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def checksum(*arrays: np.ndarray) -> int:
+def checksum(*arrays: np.ndarray, start: int = 0) -> int:
     """crc32c over the stored values of one sample (and its int8 scales): catches flipped bytes
-    and chunks that vanished (zarr reads a missing chunk as fill value without complaint)."""
+    and chunks that vanished (zarr reads a missing chunk as fill value without complaint).
+    ``checksum(b, start=checksum(a)) == checksum(a, b)``, so parts can be summed where they are read."""
     import google_crc32c
 
-    value = 0
+    value = start
     for array in arrays:
         value = google_crc32c.extend(value, np.ascontiguousarray(array).view(np.uint8).reshape(-1))
     return int(value)

@@ -198,11 +198,12 @@ class FeatureCache:
                 outputs = [tensor.share_memory_() for tensor in outputs]
         record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
         record, *results = self._fetch(row, [record_spec, *specs],
-                                       [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs])
+                                       [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
+                                       checksums=self.verify)
         if isinstance(record, BaseException):
             raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be read "
                                      f"({type(record).__name__}: {record}); run `featcache verify --repair`") from record
-        record = record.numpy()
+        record = record[0].numpy()
         if record[0] != format.STATUS_COMPLETE:
             state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
             raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
@@ -216,25 +217,30 @@ class FeatureCache:
                 raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
                                          f"cannot be decoded: {type(failure).__name__}: {failure}; "
                                          "run `featcache verify --repair`") from failure
+            values, crc = stored
+            scales = None if qparams is None else qparams[0]
             if self.verify:
-                parts = (stored.numpy(),) if qparams is None else (stored.numpy(), qparams.numpy())
-                if format.checksum(*parts) != int(record[1 + position]):
+                if scales is not None:  # the layer's checksum runs over its values, then its scales
+                    crc = format.checksum(scales.numpy(), start=crc)
+                if crc != int(record[1 + position]):
                     raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
                                              "fails its checksum (damaged or missing chunk); "
                                              "run `featcache verify --repair`")
-            out[layer.name] = (stored, qparams)
+            out[layer.name] = (values, scales)
         return out
 
-    def _fetch(self, row: int, specs: list[tuple[str, tuple[int, ...], np.dtype]], outputs: list[torch.Tensor]
-               ) -> list[torch.Tensor | BaseException]:
-        """Row ``row`` of each array (path, per-row shape, dtype) read into ``outputs``, or the exception
-        reading it raised.
+    def _fetch(self, row: int, specs: list[tuple[str, tuple[int, ...], np.dtype]], outputs: list[torch.Tensor],
+               checksums: bool) -> list[tuple[torch.Tensor, int | None] | BaseException]:
+        """Row ``row`` of each array (path, per-row shape, dtype) read into ``outputs``, with its
+        crc32c when ``checksums`` (``format.checksum`` of that array alone), or the exception reading
+        it raised.
 
         Zarr: in one event-loop round trip, each chunk decompressed straight into its output (see
-        ``_row_chunk_decompressor``). Outside DataLoader workers the arrays are fetched concurrently
-        (decompression in threads, and a cold read's I/O overlaps the other layers' decompression);
-        inside one they are fetched in turn, since the workers are the parallelism there and extra
-        threads would take cores from the training process and the other workers.
+        ``_row_chunk_decompressor``). Outside DataLoader workers the arrays are fetched concurrently,
+        largest first (the largest decompression is the critical path), each decompressed and
+        checksummed in a thread while the other arrays' files are read: a cold read's I/O overlaps
+        decompression. Inside a worker they are fetched in turn, since the workers are the parallelism
+        there and extra threads would take cores from the training process and the other workers.
         HDF5: one after the other, as h5py returns them.
         """
         arrays: list[Any] = []
@@ -250,7 +256,7 @@ class FeatureCache:
                     if isinstance(array, BaseException):
                         raise array
                     array.read_direct(output.numpy(), source_sel=np.s_[row])
-                    results.append(output)
+                    results.append((output, format.checksum(output.numpy()) if checksums else None))
                 except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                     results.append(exc)
             return results
@@ -260,21 +266,30 @@ class FeatureCache:
 
         concurrent = torch.utils.data.get_worker_info() is None
 
-        async def read(array: Any, output: torch.Tensor) -> Any:
+        def crc(values: np.ndarray) -> int | None:
+            return format.checksum(values) if checksums else None
+
+        def decompress_and_sum(decompress: Callable[[np.ndarray, np.ndarray], None], raw: np.ndarray,
+                               values: np.ndarray) -> int | None:
+            decompress(raw, values)
+            return crc(values)
+
+        async def read(array: Any, output: torch.Tensor) -> tuple[torch.Tensor, int | None]:
             if isinstance(array, BaseException):
                 raise array
+            values = output.numpy()
             decompress = _row_chunk_decompressor(array.metadata)
             if decompress is None:
-                return await array.get_orthogonal_selection((slice(row, row + 1),),
-                                                            out=NDBuffer.from_numpy_array(output.numpy()[None]))
+                await array.get_orthogonal_selection((slice(row, row + 1),), out=NDBuffer.from_numpy_array(values[None]))
+                return output, crc(values)
             key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
             raw = await (array.store_path / key).get(prototype=default_buffer_prototype())
             if raw is None:  # zarr's meaning of a missing chunk: the fill value (a records row not yet written)
-                output.numpy()[...] = array.metadata.fill_value
-                return None
+                values[...] = array.metadata.fill_value
+                return output, crc(values)
             if concurrent:
-                return await asyncio.to_thread(decompress, raw.as_numpy_array(), output.numpy())
-            return decompress(raw.as_numpy_array(), output.numpy())
+                return output, await asyncio.to_thread(decompress_and_sum, decompress, raw.as_numpy_array(), values)
+            return output, decompress_and_sum(decompress, raw.as_numpy_array(), values)
 
         async def read_all() -> list[Any]:
             if not concurrent:
@@ -285,11 +300,15 @@ class FeatureCache:
                     except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                         results.append(exc)
                 return results
-            return await asyncio.gather(*(read(array, output) for array, output in zip(arrays, outputs)),
+            largest_first = sorted(range(len(arrays)), key=lambda index: -outputs[index].nbytes)
+            done = await asyncio.gather(*(read(arrays[index], outputs[index]) for index in largest_first),
                                         return_exceptions=True)
+            results = [None] * len(arrays)
+            for index, result in zip(largest_first, done):
+                results[index] = result
+            return results
 
-        fetched = sync(read_all())
-        return [result if isinstance(result, BaseException) else output for result, output in zip(fetched, outputs)]
+        return sync(read_all())
 
     def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:
         return self.read_row(self.row_of(key), layers)

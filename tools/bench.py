@@ -14,10 +14,11 @@ is given, prints the report instead of writing BENCHMARKS.md. Progress goes to s
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
-import functools
 import datetime
+import functools
 import json
 import os
 import platform
@@ -374,12 +375,21 @@ def run_read_jobs(jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_in_subprocess(option: str, job: Any, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``bench.py <option> <job as JSON>`` in a fresh interpreter (its own heap, malloc settings
-    and peak RSS) and return what it printed after RESULT_MARK; its progress lines pass through."""
-    result = subprocess.run([sys.executable, __file__, option, json.dumps(job)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"bench subprocess {option} failed (exit {result.returncode}); its stderr is above")
-    line = next(line for line in reversed(result.stdout.splitlines()) if line.startswith(RESULT_MARK))
+    and peak RSS) and return what it printed after RESULT_MARK. Its progress lines pass through as
+    they come; the rest of its stderr (library warnings) is shown only if it fails."""
+    with tempfile.TemporaryFile(mode="w+") as stdout:
+        child = subprocess.Popen([sys.executable, __file__, option, json.dumps(job)], env=env, cwd=REPO,
+                                 stdout=stdout, stderr=subprocess.PIPE, text=True)
+        other = collections.deque(maxlen=60)
+        for line in child.stderr:
+            if line.startswith("[bench"):
+                print(line, end="", file=sys.stderr, flush=True)
+            else:
+                other.append(line)
+        if child.wait() != 0:
+            raise RuntimeError(f"bench subprocess {option} failed (exit {child.returncode}):\n{''.join(other)}")
+        stdout.seek(0)
+        line = next(line for line in reversed(stdout.read().splitlines()) if line.startswith(RESULT_MARK))
     return json.loads(line[len(RESULT_MARK):])
 
 
