@@ -201,8 +201,9 @@ class FeatureCache:
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
                                        checksums=self.verify)
         if isinstance(record, BaseException):
-            raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be read "
-                                     f"({type(record).__name__}: {record}); run `featcache verify --repair`") from record
+            raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be "
+                                     f"read ({type(record).__name__}: {record}); run `featcache verify --repair`"
+                                     ) from record
         record = record[0].numpy()
         if record[0] != format.STATUS_COMPLETE:
             state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
@@ -280,7 +281,8 @@ class FeatureCache:
             values = output.numpy()
             decompress = _row_chunk_decompressor(array.metadata)
             if decompress is None:
-                await array.get_orthogonal_selection((slice(row, row + 1),), out=NDBuffer.from_numpy_array(values[None]))
+                await array.get_orthogonal_selection((slice(row, row + 1),),
+                                                     out=NDBuffer.from_numpy_array(values[None]))
                 return output, crc(values)
             key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
             raw = await (array.store_path / key).get(prototype=default_buffer_prototype())
