@@ -237,12 +237,12 @@ class FeatureCache:
         it raised.
 
         Zarr: in one event-loop round trip, each chunk decompressed straight into its output (see
-        ``_row_chunk_decompressor``). Outside DataLoader workers the arrays are fetched concurrently,
-        largest first (the largest decompression is the critical path), each decompressed and
-        checksummed in a thread while the other arrays' files are read: a cold read's I/O overlaps
-        decompression. Inside a worker they are fetched in turn, since the workers are the parallelism
-        there and extra threads would take cores from the training process and the other workers.
-        HDF5: one after the other, as h5py returns them.
+        ``_row_chunk_decompressor``). The arrays' chunks are read concurrently, largest first (the
+        largest decompression is the critical path), so a cold read's I/O overlaps decompression.
+        Outside DataLoader workers each chunk is decompressed and checksummed in a thread of its own;
+        inside a worker one at a time, in the event loop's thread, since the workers are the
+        parallelism there and more decompression threads would take cores from the training process
+        and the other workers. HDF5: one after the other, as h5py returns them.
         """
         arrays: list[Any] = []
         for path, _, _ in specs:
@@ -294,14 +294,6 @@ class FeatureCache:
             return output, decompress_and_sum(decompress, raw.as_numpy_array(), values)
 
         async def read_all() -> list[Any]:
-            if not concurrent:
-                results = []
-                for array, output in zip(arrays, outputs):
-                    try:
-                        results.append(await read(array, output))
-                    except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
-                        results.append(exc)
-                return results
             largest_first = sorted(range(len(arrays)), key=lambda index: -outputs[index].nbytes)
             done = await asyncio.gather(*(read(arrays[index], outputs[index]) for index in largest_first),
                                         return_exceptions=True)
