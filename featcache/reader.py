@@ -39,8 +39,9 @@ def _row_chunk_decompressor(metadata: Any) -> Callable[[np.ndarray, np.ndarray],
 
     zarr's pipeline decompresses a chunk into a new buffer and then copies it into ``out``; for a
     BEVFusion-lidar row that fresh allocation and copy cost about as much again as the decompression
-    (BENCHMARKS.md, read path). A chunk that decompresses to fewer bytes than the output is caught by
-    the row's checksum, as any other damage is.
+    (BENCHMARKS.md, read path). A chunk that decompresses to fewer bytes than the output leaves the
+    rest of it as it was; the row's checksum catches that, as any other damage (and, as for any other
+    damage, nothing does when the cache is opened with ``verify=False``).
     """
     import numcodecs
     from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
@@ -251,7 +252,7 @@ class FeatureCache:
             except Exception as exc:  # noqa: BLE001 - e.g. damaged array metadata, reported per layer
                 arrays.append(exc)
         if _is_hdf5_root(self._open()):
-            results: list[torch.Tensor | BaseException] = []
+            results: list[tuple[torch.Tensor, int | None] | BaseException] = []
             for array, output in zip(arrays, outputs):
                 try:
                     if isinstance(array, BaseException):
