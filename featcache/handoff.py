@@ -114,7 +114,8 @@ class RowBuffers:
     """A process's reusable shared-memory buffers, one row per buffer.
 
     ``tensors(specs)`` returns empty tensors of the given shapes and numpy dtypes, all in one buffer,
-    for a reader to fill and a DataLoader worker to send. Use ``row_buffers()`` for the process's instance.
+    for a reader to fill and a DataLoader worker to send. Use ``shared_tensors`` (this process's
+    instance, or torch's shared memory where memfd is missing) rather than an instance of your own.
     """
 
     def __init__(self, max_buffers: int = MAX_BUFFERS) -> None:
@@ -131,7 +132,7 @@ class RowBuffers:
         buffer = next((b for b in self.buffers if b.nbytes == nbytes and b.reusable()), None)
         if buffer is None:
             if len(self.buffers) >= self.max_buffers:
-                return [torch.from_numpy(np.empty(shape, dtype)).share_memory_() for shape, dtype in specs]
+                return _fresh_shared_tensors(specs)
             buffer = _Buffer(nbytes)
             self.buffers.append(buffer)
         row = np.frombuffer(buffer.map, np.uint8, nbytes, _HEADER_BYTES)
@@ -152,10 +153,23 @@ _process_buffers: tuple[int, RowBuffers] | None = None
 
 def row_buffers() -> RowBuffers | None:
     """This process's ``RowBuffers`` (a forked child gets its own), or None where memfd is missing
-    (non-Linux), in which case callers use torch's shared memory."""
+    (non-Linux)."""
     global _process_buffers
     if not hasattr(os, "memfd_create"):
         return None
     if _process_buffers is None or _process_buffers[0] != os.getpid():
         _process_buffers = (os.getpid(), RowBuffers())
     return _process_buffers[1]
+
+
+def shared_tensors(specs: Sequence[tuple[Sequence[int], np.dtype]]) -> list[torch.Tensor]:
+    """Empty tensors (shapes, numpy dtypes) for one row that a DataLoader worker will send: in this
+    process's reused buffers, or in torch's fresh shared memory where memfd is missing."""
+    buffers = row_buffers()
+    if buffers is None:
+        return _fresh_shared_tensors(specs)
+    return buffers.tensors(specs)
+
+
+def _fresh_shared_tensors(specs: Sequence[tuple[Sequence[int], np.dtype]]) -> list[torch.Tensor]:
+    return [torch.from_numpy(np.empty(tuple(shape), dtype)).share_memory_() for shape, dtype in specs]

@@ -190,13 +190,10 @@ class FeatureCache:
             specs.append((format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype))
             if layer.codec.precision == "int8":
                 specs.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
-        buffers = handoff.row_buffers() if shared else None
-        if buffers is not None:
-            outputs = buffers.tensors([(shape, dtype) for _, shape, dtype in specs])
+        if shared:
+            outputs = handoff.shared_tensors([(shape, dtype) for _, shape, dtype in specs])
         else:
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
-            if shared:
-                outputs = [tensor.share_memory_() for tensor in outputs]
         record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
         record, *results = self._fetch(row, [record_spec, *specs],
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],

@@ -255,11 +255,10 @@ class FilledRows(torch.utils.data.Dataset):
         return self.rows
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
-        buffers = handoff.row_buffers() if self.reused and torch.utils.data.get_worker_info() else None
-        if buffers is None:
-            tensors = [torch.from_numpy(np.empty(shape, dtype)) for shape, dtype in self.layers.values()]
+        if self.reused and torch.utils.data.get_worker_info() is not None:
+            tensors = handoff.shared_tensors(list(self.layers.values()))
         else:
-            tensors = buffers.tensors(list(self.layers.values()))
+            tensors = [torch.from_numpy(np.empty(shape, dtype)) for shape, dtype in self.layers.values()]
         for tensor in tensors:
             tensor.fill_(1)
         return dict(zip(self.layers, tensors))
