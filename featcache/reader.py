@@ -83,7 +83,8 @@ class FeatureCache:
         self.verify = verify
         self._pid: int | None = None
         self._root: Any = None
-        self._arrays: dict[str, Any] = {}  # path -> array handle, per process (zarr re-reads metadata per lookup)
+        # path -> (array handle, its chunk decompressor), per process: zarr re-reads metadata per lookup
+        self._arrays: dict[str, tuple[Any, Callable[[np.ndarray, np.ndarray], None] | None]] = {}
         group = self._open()
         raw = group.attrs.get("featcache")
         if isinstance(raw, (str, bytes)):  # HDF5 keeps the manifest as JSON text
@@ -113,11 +114,14 @@ class FeatureCache:
             self._arrays = {}
         return self._root
 
-    def _array(self, path: str) -> Any:
+    def _array(self, path: str) -> tuple[Any, Callable[[np.ndarray, np.ndarray], None] | None]:
+        """The array at ``path`` (zarr: its async handle) and how its chunks decompress into an output
+        (``_row_chunk_decompressor``; None for HDF5 and for layouts zarr must read)."""
         root = self._open()
         if path not in self._arrays:
             array = root[path]
-            self._arrays[path] = array if _is_hdf5_root(root) else array.async_array
+            self._arrays[path] = ((array, None) if _is_hdf5_root(root)
+                                  else (array.async_array, _row_chunk_decompressor(array.metadata)))
         return self._arrays[path]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -242,7 +246,7 @@ class FeatureCache:
         parallelism there and more decompression threads would take cores from the training process
         and the other workers. HDF5: one after the other, as h5py returns them.
         """
-        arrays: list[Any] = []
+        arrays: list[tuple[Any, Callable[[np.ndarray, np.ndarray], None] | None] | BaseException] = []
         for path, _, _ in specs:
             try:
                 arrays.append(self._array(path))
@@ -254,7 +258,8 @@ class FeatureCache:
                 try:
                     if isinstance(array, BaseException):
                         raise array
-                    array.read_direct(output.numpy(), source_sel=np.s_[row])
+                    dataset, _ = array
+                    dataset.read_direct(output.numpy(), source_sel=np.s_[row])
                     results.append((output, format.checksum(output.numpy()) if checksums else None))
                 except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                     results.append(exc)
@@ -273,11 +278,11 @@ class FeatureCache:
             decompress(raw, values)
             return crc(values)
 
-        async def read(array: Any, output: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-            if isinstance(array, BaseException):
-                raise array
+        async def read(handle: Any, output: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+            if isinstance(handle, BaseException):
+                raise handle
+            array, decompress = handle
             values = output.numpy()
-            decompress = _row_chunk_decompressor(array.metadata)
             if decompress is None:
                 await array.get_orthogonal_selection((slice(row, row + 1),),
                                                      out=NDBuffer.from_numpy_array(values[None]))
