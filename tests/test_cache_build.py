@@ -331,29 +331,6 @@ def test_reader_is_safe_in_dataloader_workers(reference_cache):
     assert digests == [digest(cache[key]["pts_neck.0"]) for key in cache.keys]
 
 
-
-def test_worker_reads_arrive_equal_to_the_stored_values(reference_cache):
-    from torch.utils.data import DataLoader, Dataset
-
-    cache = open_cache(reference_cache)
-
-    class StoredRows(Dataset):
-        def __len__(self):
-            return len(cache)
-
-        def __getitem__(self, row):
-            return cache.read_row_tensors(row)
-
-    for row, item in enumerate(DataLoader(StoredRows(), batch_size=None, num_workers=1)):
-        expected = cache.read_row_stored(row)
-        assert item.keys() == expected.keys()
-        for name, (values, qparams) in item.items():
-            assert values.dtype == torch.uint8  # stored values: decoded on the training device
-            assert np.array_equal(values.numpy(), expected[name][0])
-            assert np.array_equal(qparams.numpy(), expected[name][1])
-    in_process = cache.read_row_tensors(0)
-    assert not in_process["pts_neck.0"][0].is_shared()  # outside workers: ordinary memory
-
 def test_cached_targets_dataset_pairs_items_by_key(reference_cache, nus_six):
     from featcache.reader import CachedTargetsDataset
 

@@ -72,7 +72,7 @@ def test_views_of_lent_tensors_pickle_as_copies():
     assert torch.equal(_send([view])[0], view)
 
 
-def test_dataloader_worker_rows_are_intact_when_held_and_reuse_buffers_when_dropped(reference_cache):
+def test_dataloader_worker_rows_equal_the_stored_values_when_held_and_reuse_buffers_when_dropped(reference_cache):
     cache = open_cache(reference_cache)
     expected = [cache.read_row_stored(row) for row in range(len(cache))]
 
@@ -85,7 +85,9 @@ def test_dataloader_worker_rows_are_intact_when_held_and_reuse_buffers_when_drop
             return row, features, len(handoff.row_buffers().buffers)
 
     def check(row, features):
+        assert features.keys() == expected[row].keys()
         for name, (values, qparams) in features.items():
+            assert values.dtype == torch.uint8  # stored values: decoded on the training device
             assert np.array_equal(values.numpy(), expected[row][name][0]), (row, name)
             assert np.array_equal(qparams.numpy(), expected[row][name][1]), (row, name)
 
@@ -101,3 +103,5 @@ def test_dataloader_worker_rows_are_intact_when_held_and_reuse_buffers_when_drop
     assert held[-1][2] >= len(held) - 4
     for row, features, _ in held:
         check(row, features)
+    in_process = cache.read_row_tensors(0)
+    assert not in_process["pts_neck.0"][0].is_shared()  # outside workers: ordinary memory
