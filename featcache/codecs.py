@@ -61,17 +61,18 @@ class CodecSpec:
         return self.precision == "fp32"
 
     def zarr_codecs(self) -> dict[str, Any]:
-        """Keyword arguments for ``zarr.create_array``: the filters and compressors of this codec."""
+        """Keyword arguments for ``zarr.create_array``: this codec's compressor, then a crc32c of
+        the compressed chunk (``checksummed``)."""
         import zarr.codecs
 
         if self.compressor == "zstd":
-            compressors: Any = [zarr.codecs.ZstdCodec(level=self.level)]
+            compressors: list[Any] = [zarr.codecs.ZstdCodec(level=self.level)]
         elif self.compressor == "lz4":
             compressors = [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle",
                                                   typesize=self.storage_dtype.itemsize)]
         else:
-            compressors = None
-        return {"compressors": compressors}
+            compressors = []
+        return {"compressors": checksummed(compressors)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "precision": self.precision, "compressor": self.compressor, "level": self.level}
@@ -86,6 +87,15 @@ class CodecSpec:
 # fp16-zstd1 falls just short), and it decodes cheapest (uint8 * scale + offset). Pass fp16-zstd1 or
 # fp32-none for closer targets.
 DEFAULT_CODEC = CodecSpec(precision="int8", compressor="zstd", level=3)
+
+
+def checksummed(compressors: list[Any] | None = None) -> list[Any]:
+    """Zarr compressors ending with zarr's crc32c codec: each stored chunk carries the crc32c of its
+    compressed bytes, which a read checks for 1/5 of the cost of summing the decompressed values
+    (5.7 MB against 31 MB per BEVFusion-lidar row at the default codec)."""
+    import zarr.codecs
+
+    return [*(compressors or []), zarr.codecs.Crc32cCodec()]
 
 
 def parse_codec(text: str) -> CodecSpec:

@@ -33,22 +33,34 @@ def _is_hdf5_root(root: Any) -> bool:
     return type(root).__module__.startswith("h5py")
 
 
-def _row_chunk_decompressor(metadata: Any) -> Callable[[np.ndarray, np.ndarray], None] | None:
+def _has_chunk_checksum(metadata: Any) -> bool:
+    """True when the array's chunks end with zarr's crc32c of their bytes (``codecs.checksummed``)."""
+    from zarr.codecs import Crc32cCodec
+
+    codecs_ = list(getattr(metadata, "codecs", ()))
+    return bool(codecs_) and isinstance(codecs_[-1], Crc32cCodec)
+
+
+def _row_chunk_decompressor(metadata: Any, verify: bool = True) -> Callable[[np.ndarray, np.ndarray], None] | None:
     """How to decompress one chunk of a cache array straight into the caller's output, or None if the
     array is not laid out as ``featcache.format`` writes it (one chunk per row, the bytes codec in
-    native order and at most one zstd/blosc compressor; then zarr's own path reads it).
+    native order, at most one zstd/blosc compressor, optionally zarr's crc32c last; then zarr's own
+    path reads it). A chunk crc32c is checked first when ``verify``: a mismatch raises ValueError.
 
     zarr's pipeline decompresses a chunk into a new buffer and then copies it into ``out``; for a
     BEVFusion-lidar row that fresh allocation and copy cost about as much again as the decompression
     (BENCHMARKS.md, read path). A chunk that decompresses to fewer bytes than the output leaves the
-    rest of it as it was; the row's checksum catches that, as any other damage (and, as for any other
-    damage, nothing does when the cache is opened with ``verify=False``).
+    rest of it as it was: with a chunk crc32c, only a writer other than featcache's can produce one
+    (``check_values`` catches it); without, the row's value checksum catches it, as any other damage.
     """
     import numcodecs
     from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
 
     grid = getattr(metadata, "chunk_grid", None)
     codecs_ = list(getattr(metadata, "codecs", ()))
+    checked = _has_chunk_checksum(metadata)
+    if checked:
+        codecs_ = codecs_[:-1]
     if tuple(getattr(grid, "chunk_shape", ())) != (1, *metadata.shape[1:]) or not codecs_:
         return None
     serializer, compressors = codecs_[0], codecs_[1:]
@@ -56,16 +68,23 @@ def _row_chunk_decompressor(metadata: Any) -> Callable[[np.ndarray, np.ndarray],
     if not isinstance(serializer, BytesCodec) or getattr(serializer.endian, "value", native) not in (None, native):
         return None
     if not compressors:
-        def copy(raw: np.ndarray, out: np.ndarray) -> None:
+        def decompress(raw: np.ndarray, out: np.ndarray) -> None:
             out.reshape(-1).view(np.uint8)[:] = raw
-        return copy
-    if len(compressors) > 1 or not isinstance(compressors[0], (ZstdCodec, BloscCodec)):
-        return None
-    codec = numcodecs.Zstd() if isinstance(compressors[0], ZstdCodec) else numcodecs.Blosc()
+    elif len(compressors) == 1 and isinstance(compressors[0], (ZstdCodec, BloscCodec)):
+        codec = numcodecs.Zstd() if isinstance(compressors[0], ZstdCodec) else numcodecs.Blosc()
 
-    def decompress(raw: np.ndarray, out: np.ndarray) -> None:
-        codec.decode(raw, out=out)
-    return decompress
+        def decompress(raw: np.ndarray, out: np.ndarray) -> None:
+            codec.decode(raw, out=out)
+    else:
+        return None
+    if not checked:
+        return decompress
+
+    def check_and_decompress(raw: np.ndarray, out: np.ndarray) -> None:
+        if verify and (raw.size < 4 or format.checksum(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little")):
+            raise ValueError(f"the chunk's {raw.size} bytes fail their crc32c (damaged or cut short)")
+        decompress(raw[:-4], out)
+    return check_and_decompress
 
 
 class _CacheArray(NamedTuple):
@@ -75,6 +94,8 @@ class _CacheArray(NamedTuple):
     array: Any  # zarr: the async handle; HDF5: the h5py dataset
     decompress: Callable[[np.ndarray, np.ndarray], None] | None  # ``_row_chunk_decompressor``
     directory: str | None  # local zarr store: the array's directory, whose chunk files are read directly
+    chunk_checksum: bool  # ``decompress`` checks each chunk's crc32c, so summing the values is optional
+    fill_when_missing: bool  # a missing chunk reads as the fill value (zarr's rule), else it is damage
 
 
 def _read_chunk_file(path: str, spare: list[np.ndarray]) -> np.ndarray | None:
@@ -107,10 +128,13 @@ def _read_chunk_file(path: str, spare: list[np.ndarray]) -> np.ndarray | None:
 
 def _decompress_row_chunk(cache_array: _CacheArray, raw: np.ndarray | None, values: np.ndarray,
                           checksum: bool) -> int | None:
-    """Decompress one row's chunk bytes into ``values`` (None: the chunk does not exist, which zarr
-    reads as the fill value, e.g. a records row not yet written); returns its crc32c if ``checksum``.
-    The checksum runs here, while the values may still be in this core's cache."""
+    """Decompress one row's chunk bytes into ``values`` (None: the chunk does not exist, which reads
+    as the fill value where ``fill_when_missing``, e.g. a records row not yet written); returns the
+    values' crc32c if ``checksum``. The checksum runs here, while the values may still be in this
+    core's cache."""
     if raw is None:
+        if not cache_array.fill_when_missing:
+            raise FileNotFoundError("the chunk is missing from the store")
         values[...] = cache_array.array.metadata.fill_value
     else:
         cache_array.decompress(raw, values)
@@ -123,14 +147,18 @@ class FeatureCache:
     Args:
         location: cache directory, fsspec URL, or an ``.h5`` export.
         storage_options: fsspec options for URLs (credentials, endpoint).
-        verify: check each sample's checksum on read (cheap: crc32c runs at several GB/s).
+        verify: check every chunk read: its crc32c (caches written with chunk checksums, see
+            ``codecs.checksummed``), else each layer's values against the checksum in ``records``.
+        check_values: with ``verify``, also sum every layer's values against ``records`` when its
+            chunks carry their own crc32c: catches a chunk that is intact but not the one the build
+            recorded (what ``featcache verify`` runs; about 5x the checksum work of a read).
     """
 
     def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, check_values: bool = False) -> None:
         self.location = os.fspath(location)
         self.storage_options = storage_options
-        self.verify = verify
+        self.verify, self.check_values = verify, check_values
         self._pid: int | None = None
         self._root: Any = None
         self._arrays: dict[str, _CacheArray] = {}  # per process, by array path
@@ -171,15 +199,19 @@ class FeatureCache:
         if path not in self._arrays:
             array = root[path]
             if _is_hdf5_root(root):
-                self._arrays[path] = _CacheArray(array, None, None)
+                self._arrays[path] = _CacheArray(array, None, None, chunk_checksum=False, fill_when_missing=True)
             else:
                 from zarr.storage import LocalStore
 
-                decompress = _row_chunk_decompressor(array.metadata)
+                decompress = _row_chunk_decompressor(array.metadata, verify=self.verify)
                 store_ = array.store_path.store
                 directory = (os.path.join(str(store_.root), array.path)
                              if isinstance(store_, LocalStore) and decompress is not None else None)
-                self._arrays[path] = _CacheArray(array.async_array, decompress, directory)
+                checked = decompress is not None and _has_chunk_checksum(array.metadata)
+                # records: a row not written yet has no chunk; elsewhere, without a chunk crc32c the
+                # values' checksum is what notices a missing chunk
+                self._arrays[path] = _CacheArray(array.async_array, decompress, directory, chunk_checksum=checked,
+                                                 fill_when_missing=path == format.RECORDS_ARRAY or not checked)
         return self._arrays[path]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -247,19 +279,26 @@ class FeatureCache:
         key = self.keys[row]
         wanted = [(position, layer) for position, layer in enumerate(self.manifest.layers)
                   if layers is None or layer.name in layers]
-        specs = []
+        specs, sum_values = [], {}
         for _, layer in wanted:
-            specs.append((format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype))
+            layer_specs = [(format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype)]
             if layer.codec.precision == "int8":
-                specs.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
+                layer_specs.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
+            sum_values[layer.name] = self.verify and (
+                self.check_values or not all(self._chunks_checked(path) for path, _, _ in layer_specs))
+            specs += layer_specs
         if shared:
             outputs = handoff.shared_tensors([(shape, dtype) for _, shape, dtype in specs])
         else:
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
         record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
+        # a layer's checksum runs over its values, then its int8 scales: the values' sum is taken where
+        # they are decompressed, the scales' (a few KB) below
+        value_sums = [sum_values[layer.name] for _, layer in wanted
+                      for _ in range(2 if layer.codec.precision == "int8" else 1)]
         record, *results = self._fetch(row, [record_spec, *specs],
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
-                                       checksums=self.verify)
+                                       checksums=[False, *value_sums])
         if isinstance(record, BaseException):
             raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be "
                                      f"read ({type(record).__name__}: {record}); run `featcache verify --repair`"
@@ -280,21 +319,28 @@ class FeatureCache:
                                          "run `featcache verify --repair`") from failure
             values, crc = stored
             scales = None if qparams is None else qparams[0]
-            if self.verify:
-                if scales is not None:  # the layer's checksum runs over its values, then its scales
+            if sum_values[layer.name]:
+                if scales is not None:
                     crc = format.checksum(scales.numpy(), start=crc)
                 if crc != int(record[1 + position]):
                     raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
-                                             "fails its checksum (damaged or missing chunk); "
+                                             "fails the checksum the build recorded (damaged, missing or replaced chunk); "
                                              "run `featcache verify --repair`")
             out[layer.name] = (values, scales)
         return out
 
+    def _chunks_checked(self, path: str) -> bool:
+        """True when the array's chunks carry their own crc32c, which every read checks."""
+        try:
+            return self._array(path).chunk_checksum
+        except Exception:  # noqa: BLE001 - damaged metadata: reported by the read itself
+            return False
+
     def _fetch(self, row: int, specs: list[tuple[str, tuple[int, ...], np.dtype]], outputs: list[torch.Tensor],
-               checksums: bool) -> list[tuple[torch.Tensor, int | None] | BaseException]:
-        """Row ``row`` of each array (path, per-row shape, dtype) read into ``outputs``, with its
-        crc32c when ``checksums`` (``format.checksum`` of that array alone), or the exception reading
-        it raised.
+               checksums: list[bool]) -> list[tuple[torch.Tensor, int | None] | BaseException]:
+        """Row ``row`` of each array (path, per-row shape, dtype) read into ``outputs``, with the
+        crc32c of its values where ``checksums`` says (``format.checksum`` of that array alone), or the
+        exception reading it raised.
 
         Zarr: each chunk decompressed straight into its output (see ``_row_chunk_decompressor``); a
         local store's chunk files are read directly (``_read_chunk_file``), other stores' chunks through
@@ -318,7 +364,7 @@ class FeatureCache:
                     if isinstance(array, BaseException):
                         raise array
                     array.array.read_direct(output.numpy(), source_sel=np.s_[row])
-                    results[index] = (output, format.checksum(output.numpy()) if checksums else None)
+                    results[index] = (output, format.checksum(output.numpy()) if checksums[index] else None)
                 except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                     results[index] = exc
             return results
@@ -327,15 +373,15 @@ class FeatureCache:
         local = [index for index in largest_first
                  if not isinstance(arrays[index], BaseException) and arrays[index].directory is not None]
         if local:
-            self._fetch_local_chunks(row, [(index, arrays[index], outputs[index]) for index in local],
-                                     checksums, in_worker, results)
+            self._fetch_local_chunks(row, [(index, arrays[index], outputs[index], checksums[index]) for index in local],
+                                     in_worker, results)
         others = [index for index in largest_first if index not in local]
         if others:
-            self._fetch_through_store(row, [(index, arrays[index], outputs[index]) for index in others],
-                                      checksums, in_worker, results)
+            self._fetch_through_store(row, [(index, arrays[index], outputs[index], checksums[index])
+                                            for index in others], in_worker, results)
         return results
 
-    def _fetch_local_chunks(self, row: int, reads: list[tuple[int, _CacheArray, torch.Tensor]], checksums: bool,
+    def _fetch_local_chunks(self, row: int, reads: list[tuple[int, _CacheArray, torch.Tensor, bool]],
                             in_worker: bool, results: list[Any]) -> None:
         """``_fetch`` for arrays of a local store: their chunk files read on this process's I/O threads."""
         if self._io is None:
@@ -347,59 +393,60 @@ class FeatureCache:
             path = os.path.join(cache_array.directory, array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1)))
             return _read_chunk_file(path, spare), spare
 
-        def finish(cache_array: _CacheArray, output: torch.Tensor, raw: np.ndarray | None, spare: list[np.ndarray]
-                   ) -> tuple[torch.Tensor, int | None]:
+        def finish(cache_array: _CacheArray, output: torch.Tensor, checksum: bool, raw: np.ndarray | None,
+                   spare: list[np.ndarray]) -> tuple[torch.Tensor, int | None]:
             try:
-                return output, _decompress_row_chunk(cache_array, raw, output.numpy(), checksums)
+                return output, _decompress_row_chunk(cache_array, raw, output.numpy(), checksum)
             finally:
                 if raw is not None:
                     spare.append(raw.base if raw.base is not None else raw)
 
         if in_worker:
-            pending = {self._io.submit(read, cache_array): (index, cache_array, output)
-                       for index, cache_array, output in reads}
+            pending = {self._io.submit(read, cache_array): (index, cache_array, output, checksum)
+                       for index, cache_array, output, checksum in reads}
             for future in concurrent.futures.as_completed(pending):
-                index, cache_array, output = pending[future]
+                index, cache_array, output, checksum = pending[future]
                 try:
-                    results[index] = finish(cache_array, output, *future.result())
+                    results[index] = finish(cache_array, output, checksum, *future.result())
                 except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                     results[index] = exc
             return
-        futures = [(index, self._io.submit(lambda c, o: finish(c, o, *read(c)), cache_array, output))
-                   for index, cache_array, output in reads]
+        futures = [(index, self._io.submit(lambda c, o, k: finish(c, o, k, *read(c)), cache_array, output, checksum))
+                   for index, cache_array, output, checksum in reads]
         for index, future in futures:
             try:
                 results[index] = future.result()
             except Exception as exc:  # noqa: BLE001 - reported per layer by the caller
                 results[index] = exc
 
-    def _fetch_through_store(self, row: int, reads: list[tuple[int, _CacheArray | BaseException, torch.Tensor]],
-                             checksums: bool, in_worker: bool, results: list[Any]) -> None:
+    def _fetch_through_store(self, row: int, reads: list[tuple[int, _CacheArray | BaseException, torch.Tensor, bool]],
+                             in_worker: bool, results: list[Any]) -> None:
         """``_fetch`` for arrays of other stores (fsspec URLs) and layouts only zarr reads: in one
         event-loop round trip, chunks fetched through zarr's store."""
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.buffer.cpu import NDBuffer
         from zarr.core.sync import sync
 
-        async def read(cache_array: _CacheArray | BaseException, output: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        async def read(cache_array: _CacheArray | BaseException, output: torch.Tensor, checksum: bool
+                       ) -> tuple[torch.Tensor, int | None]:
             if isinstance(cache_array, BaseException):
                 raise cache_array
             array, values = cache_array.array, output.numpy()
             if cache_array.decompress is None:
                 await array.get_orthogonal_selection((slice(row, row + 1),), out=NDBuffer.from_numpy_array(values[None]))
-                return output, format.checksum(values) if checksums else None
+                return output, format.checksum(values) if checksum else None
             key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
             raw = await (array.store_path / key).get(prototype=default_buffer_prototype())
             raw = None if raw is None else raw.as_numpy_array()
             if in_worker or raw is None:
-                return output, _decompress_row_chunk(cache_array, raw, values, checksums)
-            return output, await asyncio.to_thread(_decompress_row_chunk, cache_array, raw, values, checksums)
+                return output, _decompress_row_chunk(cache_array, raw, values, checksum)
+            return output, await asyncio.to_thread(_decompress_row_chunk, cache_array, raw, values, checksum)
 
         async def read_all() -> list[Any]:
-            return await asyncio.gather(*(read(cache_array, output) for _, cache_array, output in reads),
+            return await asyncio.gather(*(read(cache_array, output, checksum) for _, cache_array, output, checksum in reads),
                                         return_exceptions=True)
 
-        for (index, _, _), result in zip(reads, sync(read_all())):
+        for (index, *_), result in zip(reads, sync(read_all())):
             results[index] = result
 
     def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -441,9 +488,10 @@ class CachedTargetsDataset(torch.utils.data.Dataset):
 
 
 def open_cache(location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-               verify: bool = True) -> FeatureCache:
-    """Open a cache read-only; raises CacheNotFoundError / CacheFormatError with what to do."""
+               verify: bool = True, check_values: bool = False) -> FeatureCache:
+    """Open a cache read-only (``verify``, ``check_values``: see FeatureCache); raises
+    CacheNotFoundError / CacheFormatError with what to do."""
     try:
-        return FeatureCache(location, storage_options=storage_options, verify=verify)
+        return FeatureCache(location, storage_options=storage_options, verify=verify, check_values=check_values)
     except KeyError as exc:
         raise CacheFormatError(f"{os.fspath(location)}: incomplete cache layout ({exc} missing)") from exc

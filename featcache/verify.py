@@ -36,8 +36,9 @@ class VerifyReport:
 
 
 def verify_cache(location: str, storage_options: dict[str, Any] | None = None, progress: bool = False) -> VerifyReport:
-    """Decode every complete sample and compare its checksums; list what is missing or bad."""
-    cache = open_cache(location, storage_options=storage_options, verify=True)
+    """Decode every complete sample and compare its chunks' and values' checksums with what the build
+    recorded; list what is missing or bad."""
+    cache = open_cache(location, storage_options=storage_options, verify=True, check_values=True)
     status = cache.status()
     report = VerifyReport(location=location, total=len(cache))
     rows = range(len(cache))

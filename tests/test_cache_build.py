@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from zarr import codecs as zarr_codecs
 
 from featcache import codecs, format, models, store
 from featcache.build import BuildOptions, build_cache
@@ -208,7 +209,10 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
     assert not report.ok
     assert sorted(key for key, _ in report.corrupt) == sorted([cache.keys[1], cache.keys[4]])
     assert any("pts_neck.0" in reason for key, reason in report.corrupt if key == cache.keys[1])
-    with pytest.raises(CorruptSampleError, match=f"{cache.keys[4]}.*pts_middle_encoder"):
+    # a plain read checks each chunk's own crc32c, and a complete sample's missing chunk is damage
+    with pytest.raises(CorruptSampleError, match=f"{cache.keys[1]}.*pts_neck.0.*crc32c"):
+        cache[cache.keys[1]]
+    with pytest.raises(CorruptSampleError, match=f"{cache.keys[4]}.*pts_middle_encoder.*missing"):
         cache[cache.keys[4]]
     cache[cache.keys[0]]  # undamaged samples still read
 
@@ -220,6 +224,56 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "repaired 2 samples" in fixed.stdout
     assert_same_cache(str(out), reference_cache)
+
+
+def test_intact_chunk_of_another_sample_is_caught_by_verify_not_by_a_plain_read(reference_cache, tmp_path):
+    out = tmp_path / "swapped"
+    shutil.copytree(reference_cache, out)
+    shutil.copyfile(chunk_file(out, "pts_neck.0", 3), chunk_file(out, "pts_neck.0", 2))
+    plain, checked = open_cache(out), open_cache(out, check_values=True)
+    reference = open_cache(reference_cache)
+    # its crc32c is intact, so a plain read hands out sample 3's stored values (with sample 2's int8
+    # scales): the price of checking 5.7 MB of chunk bytes per read instead of 31 MB of values
+    assert np.array_equal(plain.read_row(2, decode=False)["pts_neck.0"], reference.read_row(3, decode=False)["pts_neck.0"])
+    with pytest.raises(CorruptSampleError, match=f"{plain.keys[2]}.*pts_neck.0.*checksum the build recorded"):
+        checked.read_row(2)
+    report = verify_cache(str(out))
+    assert [key for key, _ in report.corrupt] == [plain.keys[2]] and report.bad_rows == [2]
+
+
+def _without_chunk_checksums(location: Path) -> None:
+    """Rewrite a cache's per-sample arrays as featcache wrote them before chunks carried a crc32c."""
+    group = store.open_group(location, mode="r+")
+    for path in [format.RECORDS_ARRAY] + [f"{kind}/{name}" for kind in ("features", "qparams")
+                                          for name in group[kind].array_keys()]:
+        array = group[path]
+        values, compressors = array[...], [codec for codec in array.compressors
+                                           if not isinstance(codec, zarr_codecs.Crc32cCodec)]
+        assert len(compressors) == len(array.compressors) - 1, path
+        del group[path]
+        group.create_array(path, shape=values.shape, chunks=array.chunks, dtype=values.dtype,
+                           fill_value=array.fill_value, compressors=compressors or None)[...] = values
+
+
+def test_cache_without_chunk_checksums_reads_and_is_checked_by_its_values(reference_cache, tmp_path):
+    out = tmp_path / "older"
+    shutil.copytree(reference_cache, out)
+    _without_chunk_checksums(out)
+    cache, reference = open_cache(out), open_cache(reference_cache)
+    assert not cache._array(format.feature_path("pts_neck.0")).chunk_checksum
+    for key in reference.keys:
+        assert all(np.array_equal(value, reference.read(key)[name]) for name, value in cache.read(key).items())
+    assert verify_cache(str(out)).ok
+    flipped = chunk_file(out, "pts_neck.0", 1)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    chunk_file(out, "pts_middle_encoder", 4).unlink()
+    fresh = open_cache(out)
+    for row, layer in ((1, "pts_neck.0"), (4, "pts_middle_encoder")):
+        with pytest.raises(CorruptSampleError, match=f"{fresh.keys[row]}.*{layer}"):
+            fresh.read_row(row)
+    assert sorted(verify_cache(str(out)).bad_rows) == [1, 4]
 
 
 def test_creation_interrupted_before_the_manifest_is_rebuilt(nus_six, pillar_ckpt, tmp_path):

@@ -321,6 +321,14 @@ def chunk_bytes(location: str, array: Any, row: int) -> bytes:
     return (Path(location) / array.path / key).read_bytes()
 
 
+def compressed_payload(array: Any, chunk: bytes) -> bytes:
+    """A stored chunk without the crc32c zarr appends to it (``codecs.checksummed``): what the
+    compressor alone decodes."""
+    from zarr.codecs import Crc32cCodec
+
+    return chunk[:-4] if isinstance(array.metadata.codecs[-1], Crc32cCodec) else chunk
+
+
 def in_memory_decode_rate(location: str, passes: int) -> float:
     """Samples/s of decoding the cache's stored chunk bytes, already in memory, into what the trainer's
     reader hands over: numcodecs decompress into preallocated stored-value (and int8 scale/offset)
@@ -332,9 +340,12 @@ def in_memory_decode_rate(location: str, passes: int) -> float:
     for row in range(manifest.num_samples):
         sample = []
         for layer in manifest.layers:
-            qparams = (chunk_bytes(location, group[format.qparams_path(layer.name)], row)
-                       if layer.codec.precision == "int8" else None)
-            sample.append((layer, chunk_bytes(location, group[format.feature_path(layer.name)], row), qparams))
+            qparams = None
+            if layer.codec.precision == "int8":
+                array = group[format.qparams_path(layer.name)]
+                qparams = compressed_payload(array, chunk_bytes(location, array, row))
+            array = group[format.feature_path(layer.name)]
+            sample.append((layer, compressed_payload(array, chunk_bytes(location, array, row)), qparams))
         chunks.append(sample)
     decoders = {layer.name: decompressor(layer.codec) for layer in manifest.layers}
     outputs = {layer.name: (np.zeros(layer.shape, layer.codec.storage_dtype), np.zeros((2, layer.shape[0]), np.float32))
