@@ -10,11 +10,12 @@ The same class reads an HDF5 export (``featcache export --format hdf5``): same l
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import json
 import os
 import sys
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -141,6 +142,30 @@ def _decompress_row_chunk(cache_array: _CacheArray, raw: np.ndarray | None, valu
     return format.checksum(values) if checksum else None
 
 
+def _row_specs(layer: format.LayerSpec) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    """The arrays holding one row of ``layer`` as (path, per-row shape, dtype): its stored values,
+    then, for int8, its per-channel scale and offset."""
+    specs = [(format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype)]
+    if layer.codec.precision == "int8":
+        specs.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
+    return specs
+
+
+def _advise_will_need(paths: list[str]) -> None:
+    """Have the kernel start reading these files into the page cache (``FeatureCache.prefetch``)."""
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 class FeatureCache:
     """A read-only view of one cache.
 
@@ -163,6 +188,7 @@ class FeatureCache:
         self._root: Any = None
         self._arrays: dict[str, _CacheArray] = {}  # per process, by array path
         self._io: concurrent.futures.ThreadPoolExecutor | None = None  # per process: local chunk reads
+        self._readahead: concurrent.futures.ThreadPoolExecutor | None = None  # per process: ``prefetch``
         self._spare_buffers: dict[str, list[np.ndarray]] = {}  # per process: chunk bytes buffers, by array path
         group = self._open()
         raw = group.attrs.get("featcache")
@@ -190,7 +216,8 @@ class FeatureCache:
             else:
                 self._root = store.open_group(self.location, mode="r", storage_options=self.storage_options)
             self._pid = os.getpid()
-            self._arrays, self._io, self._spare_buffers = {}, None, {}  # a forked child has no pool threads
+            # a forked child has none of its parent's pool threads
+            self._arrays, self._io, self._readahead, self._spare_buffers = {}, None, None, {}
         return self._root
 
     def _array(self, path: str) -> _CacheArray:
@@ -216,7 +243,7 @@ class FeatureCache:
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_root"], state["_pid"], state["_arrays"], state["_io"], state["_spare_buffers"] = None, None, {}, None, {}
+        state.update(_root=None, _pid=None, _arrays={}, _io=None, _readahead=None, _spare_buffers={})
         return state
 
     # -- lookup ---------------------------------------------------------------------------
@@ -279,23 +306,20 @@ class FeatureCache:
         key = self.keys[row]
         wanted = [(position, layer) for position, layer in enumerate(self.manifest.layers)
                   if layers is None or layer.name in layers]
-        specs, sum_values = [], {}
+        specs, sum_values, value_sums = [], {}, []
         for _, layer in wanted:
-            layer_specs = [(format.feature_path(layer.name), layer.shape, layer.codec.storage_dtype)]
-            if layer.codec.precision == "int8":
-                layer_specs.append((format.qparams_path(layer.name), (2, layer.shape[0]), np.dtype(np.float32)))
+            layer_specs = _row_specs(layer)
             sum_values[layer.name] = self.verify and (
                 self.check_values or not all(self._chunks_checked(path) for path, _, _ in layer_specs))
             specs += layer_specs
+            value_sums += [sum_values[layer.name]] * len(layer_specs)
         if shared:
             outputs = handoff.shared_tensors([(shape, dtype) for _, shape, dtype in specs])
         else:
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
         record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
         # a layer's checksum runs over its values, then its int8 scales: the values' sum is taken where
-        # they are decompressed, the scales' (a few KB) below
-        value_sums = [sum_values[layer.name] for _, layer in wanted
-                      for _ in range(2 if layer.codec.precision == "int8" else 1)]
+        # they are decompressed, the scales' (a few KB) chained to it below
         record, *results = self._fetch(row, [record_spec, *specs],
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
                                        checksums=[False, *value_sums])
@@ -449,6 +473,31 @@ class FeatureCache:
         for (index, *_), result in zip(reads, sync(read_all())):
             results[index] = result
 
+    def prefetch(self, rows: Iterable[int], layers: list[str] | None = None) -> None:
+        """Start fetching these rows' chunks from disk into the page cache and return at once.
+
+        For readers that know which rows come next (``ReadaheadSampler``): a cold read then finds
+        its chunks in memory instead of waiting for the disk in the middle of a row. Local caches
+        only (``posix_fadvise(WILLNEED)`` per chunk file, issued on a background thread of this
+        process, since the kernel fills the page cache in the caller); a no-op for URLs and HDF5.
+        Unknown rows and missing files are skipped: this is a hint, the read checks everything.
+        """
+        rows = list(rows)
+        if not rows or _is_hdf5(self.location) or store.is_url(self.location) or not hasattr(os, "posix_fadvise"):
+            return
+        paths = [format.RECORDS_ARRAY] + [path for layer in self.manifest.layers if layers is None or layer.name in layers
+                                          for path, _, _ in _row_specs(layer)]
+        try:
+            arrays = [self._array(path) for path in paths]
+        except Exception:  # noqa: BLE001 - damaged metadata: the read reports it by name
+            return
+        if self._readahead is None:
+            self._readahead = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-readahead")
+        self._readahead.submit(_advise_will_need, [
+            os.path.join(cache_array.directory, cache_array.array.metadata.encode_chunk_key(
+                (row,) + (0,) * (cache_array.array.ndim - 1)))
+            for row in rows if 0 <= row < len(self.keys) for cache_array in arrays if cache_array.directory])
+
     def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:
         return self.read_row(self.row_of(key), layers)
 
@@ -458,10 +507,50 @@ class FeatureCache:
     def close(self) -> None:
         if self._root is not None and hasattr(self._root, "close"):
             self._root.close()
-        if self._io is not None and self._pid == os.getpid():
-            self._io.shutdown(wait=False)
-        self._root, self._io = None, None
+        for pool in (self._io, self._readahead):
+            if pool is not None and self._pid == os.getpid():
+                pool.shutdown(wait=False)
+        self._root, self._io, self._readahead = None, None, None
         self._arrays, self._spare_buffers = {}, {}
+
+
+class ReadaheadSampler(torch.utils.data.Sampler):
+    """Wraps a sampler of dataset indices and, ``depth`` indices before yielding each one, has the
+    cache prefetch that index's row (``FeatureCache.prefetch``).
+
+    A DataLoader asks its sampler for indices ahead of the workers that will read them, and the
+    order is otherwise known to no one, so the sampler is where cold reads can be announced. The
+    page-cache fill then runs while the workers decompress earlier rows, instead of inside a read.
+
+    Args:
+        sampler: any sampler (or iterable) of dataset indices; ``set_epoch`` is passed on.
+        cache: the cache whose rows the dataset reads.
+        rows: ``rows[index]`` is the cache row of dataset item ``index`` (None: the item's key).
+        depth: how many indices ahead of the one yielded to prefetch, on top of the DataLoader's own
+            lead (``prefetch_factor`` batches per worker).
+        layers: the layers the reader reads (default: all).
+    """
+
+    def __init__(self, sampler: Iterable[int], cache: FeatureCache, rows: Sequence[int] | None = None,
+                 depth: int = 4, layers: list[str] | None = None) -> None:
+        self.sampler, self.cache, self.depth, self.layers = sampler, cache, max(0, depth), layers
+        self.rows = list(range(len(cache))) if rows is None else list(rows)
+
+    def __iter__(self) -> Iterator[int]:
+        upcoming: collections.deque[int] = collections.deque()
+        for index in self.sampler:
+            self.cache.prefetch([self.rows[index]], self.layers)
+            upcoming.append(index)
+            if len(upcoming) > self.depth:
+                yield upcoming.popleft()
+        yield from upcoming
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
 
 class CachedTargetsDataset(torch.utils.data.Dataset):

@@ -441,3 +441,82 @@ def test_s3_build_and_read_match_local(reference_cache, nus_six, pillar_ckpt, s3
     assert verify_cache(url, storage).ok
     again = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
     assert again.returncode == 0 and "wrote 0 samples" in again.stdout
+
+
+# -- readahead ---------------------------------------------------------------------------------
+def _resident_fraction(path: Path) -> float:
+    """Fraction of a file's pages in the page cache (mincore(2) on a shared read-only mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                               ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, vector) == 0, ctypes.get_errno()
+            return sum(byte & 1 for byte in vector.raw) / pages
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_brings_a_cold_rows_chunks_into_the_page_cache(reference_cache, tmp_path):
+    out = tmp_path / "cold"
+    shutil.copytree(reference_cache, out)
+    cache = open_cache(out)
+    layers = cache.layer_names
+    files = {row: [chunk_file(out, layer, row) for layer in layers] for row in (2, 4)}
+    for paths in files.values():
+        for path in paths:
+            path.read_bytes()
+            _evict(path)
+    if max(_resident_fraction(path) for paths in files.values() for path in paths) > 0.5:
+        pytest.skip("this filesystem keeps file pages after POSIX_FADV_DONTNEED (tmpfs?): no file can be made cold")
+    cache.prefetch([2, 99], layers=layers)  # an unknown row is skipped: prefetch is a hint
+    cache._readahead.shutdown(wait=True)
+    deadline = time.monotonic() + 10
+    while min(_resident_fraction(path) for path in files[2]) < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the kernel's reads complete after the advice returns
+    assert min(_resident_fraction(path) for path in files[2]) == 1.0
+    assert max(_resident_fraction(path) for path in files[4]) < 0.5  # rows not announced stay cold
+
+
+def test_readahead_sampler_keeps_the_order_and_announces_rows_ahead(reference_cache):
+    from featcache.reader import ReadaheadSampler
+
+    cache = open_cache(reference_cache)
+    announced: list[int] = []
+
+    class Recording(type(cache)):
+        def prefetch(self, rows, layers=None):
+            announced.extend(rows)
+
+    cache.__class__ = Recording
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(3)).tolist()
+    rows = [len(cache) - 1 - index for index in range(len(cache))]  # dataset index -> cache row
+    sampler = ReadaheadSampler(order, cache, rows=rows, depth=2)
+    yielded = []
+    for index in sampler:
+        yielded.append(index)
+        # every index yielded so far, and the next two, were announced, as their cache rows
+        assert announced == [rows[i] for i in order[:min(len(yielded) + 2, len(order))]]
+    assert yielded == order and len(sampler) == len(order)

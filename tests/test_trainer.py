@@ -142,6 +142,30 @@ def test_cached_and_online_targets_give_the_same_losses(pillar_cache, nus_six, p
         assert losses["online"][key] == pytest.approx(losses["cached"][key], rel=1e-5, abs=1e-6), key
 
 
+def test_train_sampler_keeps_the_students_order_and_announces_its_cache_rows(pillar_cache, nus_six):
+    from mmengine.registry import DATA_SAMPLERS, init_default_scope
+
+    from featcache import open_cache
+    from featcache.models import sample_key
+    from trainer.train import TrainOptions, build_runner_config
+
+    cfg = build_runner_config(TrainOptions(HALF, pillar_cache, cfg_options=student_options(nus_six)))
+    wrapped = cfg.train_dataloader.sampler
+    assert wrapped.type == "CacheReadaheadSampler" and wrapped.sampler.type == "DefaultSampler"
+    assert wrapped.cache == pillar_cache
+    init_default_scope("mmdet3d")
+    dataset = models.build_dataset(models.unwrap_dataset_cfg(cfg.train_dataloader.dataset))
+    sampler = DATA_SAMPLERS.build(wrapped, default_args=dict(dataset=dataset, seed=7))
+    plain = DATA_SAMPLERS.build(wrapped.sampler, default_args=dict(dataset=dataset, seed=7))
+    cache = open_cache(pillar_cache)
+    assert sampler.rows == [cache.row_of(sample_key(dataset.get_data_info(i))) for i in range(len(dataset))]
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        assert list(sampler) == list(plain) and len(sampler) == len(plain)
+    assert list(plain) != list(range(len(dataset)))  # shuffled: the order really is the wrapped sampler's
+
+
 def test_resume_continues_with_identical_state(pillar_cache, nus_six, tmp_path):
     straight = tmp_path / "straight"
     _train(NOAUG, pillar_cache, straight, nus_six, epochs=2)

@@ -2,7 +2,8 @@
 
 What is added to the user's config: the model becomes a ``CacheDistiller`` around it (heads
 sized from a probe of the student and the cache manifest), the train pipeline's
-``Pack3DDetInputs`` becomes ``PackDetInputsWithCache``, and a work dir. Everything else (logs,
+``Pack3DDetInputs`` becomes ``PackDetInputsWithCache``, the train sampler is wrapped in
+``CacheReadaheadSampler`` (same order; cold reads announced ahead), and a work dir. Everything else (logs,
 checkpoints, ``--resume``, schedulers, TensorBoard, DDP via ``torchrun``) is mmengine's Runner.
 Mismatches between the cache and the student's data are errors before any training step.
 """
@@ -20,7 +21,7 @@ from featcache.checkpoint import allow_openmmlab_globals_for_process
 from featcache.errors import CacheMismatchError, ConfigError
 from featcache.recording import LayerRecorder
 
-TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms"]
+TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms", "trainer.samplers"]
 
 
 @dataclass
@@ -108,6 +109,7 @@ def build_runner_config(options: TrainOptions):
     cfg = models.load_config(options.student_config, options.cfg_options)
     models.init_mmdet3d_scope()
     import trainer.distiller  # noqa: F401  (registers CacheDistiller / PackDetInputsWithCache)
+    import trainer.samplers  # noqa: F401  (registers CacheReadaheadSampler)
 
     if not options.no_distill:
         cfg.model = _distiller_model_cfg(cfg, options)
@@ -131,7 +133,8 @@ def build_runner_config(options: TrainOptions):
 
 
 def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
-    """``CacheDistiller`` around ``cfg.model``; rewires the train pipeline to carry cached targets."""
+    """``CacheDistiller`` around ``cfg.model``; rewires the train pipeline to carry cached targets and
+    the train sampler to announce upcoming samples to the cache (``CacheReadaheadSampler``)."""
     if not options.cache and not options.online_teacher:
         raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons, "
                           "or --no-distill for the student alone)")
@@ -140,6 +143,9 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
         inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, cache.layer_names, options)
+        cfg.train_dataloader.sampler = dict(type="CacheReadaheadSampler", sampler=cfg.train_dataloader.sampler,
+                                            cache=options.cache, layers=cache.layer_names,
+                                            storage_options=options.storage_options)
         teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
         modules = list(dict.fromkeys(layer.module for layer in cache.manifest.layers))
         dataset = models.build_dataset(inner)
