@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from featcache import codecs, format, handoff, store  # noqa: E402
-from featcache.reader import FeatureCache  # noqa: E402
+from featcache.reader import FeatureCache, ReadaheadSampler  # noqa: E402
 
 CODECS = ("fp32-none", "fp16-zstd1", "fp16-lz4", "bf16-zstd3", "int8-zstd3", "int8-lz4")
 LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
@@ -223,7 +223,7 @@ def stored_bytes_per_sample(path: Path, manifest: format.Manifest) -> float:
 class CacheRows(torch.utils.data.Dataset):
     """Row i of a cache as the trainer's pipeline hands it over (``PackDetInputsWithCache``):
     ``{layer: stored tensor}`` plus int8 scale/offset tensors, read through FeatureCache by key with
-    checksums checked; the float conversion happens later, on the training device."""
+    chunk checksums checked; the float conversion happens later, on the training device."""
 
     def __init__(self, location: str) -> None:
         self.cache = FeatureCache(location)
@@ -285,9 +285,14 @@ class ChunkFileRows(torch.utils.data.Dataset):
 
 def row_loader(dataset: torch.utils.data.Dataset, workers: int) -> torch.utils.data.DataLoader:
     """One sample per item, shuffled, workers persistent across passes as the training configs have
-    them (mmdet3d's and ours): a pass then measures the steady state, not worker start-up."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=True, num_workers=workers,
-                                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
+    them (mmdet3d's and ours): a pass then measures the steady state, not worker start-up. Cache
+    rows are sampled through ``ReadaheadSampler``, as ``featcache train`` samples them."""
+    sampler: torch.utils.data.Sampler = torch.utils.data.RandomSampler(dataset,
+                                                                        generator=torch.Generator().manual_seed(0))
+    if isinstance(dataset, CacheRows):
+        sampler = ReadaheadSampler(sampler, dataset.cache)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers,
+                                       persistent_workers=workers > 0)
 
 
 def timed_pass(loader: torch.utils.data.DataLoader) -> float:
@@ -594,7 +599,7 @@ def cold_method(ctx: Context) -> str:
 def figure_read(ctx: Context) -> Section:
     """Figure 2: FeatureCache through a DataLoader (0/1/2 workers, warm/cold) vs in-memory decode."""
     passes, modes = ctx.sizes.read_passes, read_modes(ctx)
-    rows = ctx.sizes.scale_rows
+    rows = 8 * ctx.sizes.scale_rows  # the larger scale cache: more rows per timed pass, steadier rates
     location, primer = str(ctx.scale_caches[rows]), str(ctx.codec_caches[codecs.DEFAULT_CODEC.name])
     mb = fp32_bytes(FeatureCache(location).manifest) / 1e6
     stored_mb = ctx.codec_bytes[codecs.DEFAULT_CODEC.name] / 1e6
@@ -628,13 +633,15 @@ def figure_read(ctx: Context) -> Section:
         table_rows.append([labels[kind], workers, mode if not kind.startswith("handoff") else "-", f"{rate[case]:.2f}",
                            f"{rate[case] * mb:.0f}", f"{rate[case] / decode:.2f}",
                            f"{tuned_rate:.2f}" if tuned_rate else "-"])
-    lines = [f"Default codec {codecs.DEFAULT_CODEC.name}, the N={rows}-row cache of figure 4, synthesised by "
+    lines = [f"Default codec {codecs.DEFAULT_CODEC.name}, the 8N={rows}-row cache of figure 4, synthesised by "
              f"writing the real teacher features of {len(ctx.features)} frames repeatedly with `CacheWriter` "
              "(manifest copied from the build). "
              f"MB = float32-equivalent MB of features handed out ({mb:.1f} MB/sample), as the trainer's pipeline "
              "(`PackDetInputsWithCache`) hands them out: stored values and int8 scale/offset, the float conversion "
              "left to `CacheDistiller` on the training device (`codecs.decode_tensor`). One sample per DataLoader item "
-             "(`batch_size=None`), shuffled, checksums verified, DataLoader workers persistent across passes as in "
+             "(`batch_size=None`), shuffled through `ReadaheadSampler` as `featcache train` samples (each row's chunk "
+             "files announced to the kernel 4 rows before the DataLoader asks for it), chunk checksums verified, "
+             "DataLoader workers persistent across passes as in "
              "the training configs (started by an untimed first pass over the same cache); median of "
              f"{passes} pass(es) over all rows, each timed from the first round of samples received (one per worker) "
              "to the last (steady state: DataLoader worker start-up excluded). "
@@ -642,15 +649,18 @@ def figure_read(ctx: Context) -> Section:
              "already in RAM, numcodecs decompress into preallocated stored-value (+ int8 scale/offset) outputs reused "
              "row after row (no allocation: the codec's own speed), one thread, no zarr, no file, no checksum. "
              "Chunk files only = the same rows' chunk files read whole with "
-             f"Python (stored bytes, {stored_mb:.1f} MB/sample; MB/s column still in decoded MB): the I/O floor. "
+             f"Python (stored bytes, {stored_mb:.1f} MB/sample; MB/s column still in decoded MB; no readahead): the "
+             "I/O floor of a plain read. "
              "Hand-off only = each item is tensors of the layers' stored shapes and dtypes filled with ones, no cache "
              "involved: torch's way = fresh tensors, which torch copies into new shared memory to send; "
              "featcache.handoff = tensors in the worker's reused shared-memory buffers, sent as a file descriptor. "
-             "FeatureCache = `read_row_tensors`, what `PackDetInputsWithCache` calls: each array's chunk of the row "
-             "fetched through the zarr store and decompressed by numcodecs straight into its output (zarr's own "
-             "pipeline decodes into a new buffer, then copies); with 0 workers the arrays are read concurrently "
-             "(both cores; the in-memory decode uses one), in a DataLoader worker in turn, into the worker's reused "
-             "shared-memory buffers (`featcache.handoff`). Each column set runs in its own fresh process; the "
+             "FeatureCache = `read_row_tensors`, what `PackDetInputsWithCache` calls: the row's chunk files read "
+             "directly into reused buffers on the reader's I/O threads, each chunk's crc32c checked (the stored "
+             "bytes; `featcache verify` also sums the values), then decompressed by numcodecs straight into its "
+             "output (zarr's own pipeline decodes into a new buffer, then copies); with 0 workers the arrays are "
+             "decompressed concurrently (both cores; the in-memory decode uses one), in a DataLoader worker one at "
+             "a time as their files arrive, into the worker's reused shared-memory buffers (`featcache.handoff`). "
+             "Each column set runs in its own fresh process; the "
              f"last column with `GLIBC_TUNABLES={GLIBC_TUNABLES}` (STORAGE-FACTS: outputs over glibc's 32 MiB mmap "
              "threshold page-fault fresh memory on every read; the 512x180x180 neck map is 66 MB as float32, 17 MB as uint8).", ""]
     lines += table(["reader", "workers", "cache", "samples/s", "MB/s", "/ in-memory decode",
@@ -766,7 +776,8 @@ def figure_hdf5(ctx: Context) -> Section:
     lines = [f"The {rows}-row default-codec cache and its HDF5 export (same stored values, HDF5 gzip level 1 + "
              "shuffle instead of zstd). Write s/sample is what each path does (not the same work: the Zarr write "
              "encodes fp32, the export re-reads and verifies the Zarr cache). MB/sample = whole file/directory size "
-             "/ rows. Read: FeatureCache (it opens both), DataLoader 0 workers, shuffled, checksums verified, "
+             "/ rows. Read: FeatureCache (it opens both), DataLoader 0 workers, shuffled, checksums verified (Zarr: "
+             "each chunk's crc32c, with readahead; HDF5: the values against the records, no readahead), "
              "steady-state rate as in figure 2, median "
              f"of {ctx.sizes.read_passes} pass(es); {cold_method(ctx)} (an HDF5 export of the figure-1 cache for "
              "the HDF5 reads).", ""]
