@@ -22,7 +22,8 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     """Write ``out`` (via ``out.partial`` and a rename, so a crash leaves no half file)."""
     import h5py
 
-    cache = open_cache(location, storage_options=storage_options)
+    # values checked against the records too: the export copies those checksums, and HDF5 reads sum the values
+    cache = open_cache(location, storage_options=storage_options, check_values=True)
     root = cache._open()
     partial = out + ".partial"
     rows = range(len(cache))

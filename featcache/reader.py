@@ -2,8 +2,9 @@
 
 Read-only, and safe in DataLoader worker processes: the store is opened lazily, once per
 process, and the object pickles without its open handles. Every read checks the sample's
-records row (complete?) and its checksum, so a damaged or missing chunk is an error naming the
-sample and layer, never zeros or garbage handed to a trainer.
+records row (complete?) and its chunks' checksums, so a damaged or missing chunk is an error naming
+the sample and layer, never zeros or garbage handed to a trainer. (A chunk moved intact from another
+row is left to ``featcache verify``, which also sums the values: see FORMAT.md.)
 
 The same class reads an HDF5 export (``featcache export --format hdf5``): same layout, same checks.
 """
@@ -96,7 +97,6 @@ class _CacheArray(NamedTuple):
     decompress: Callable[[np.ndarray, np.ndarray], None] | None  # ``_row_chunk_decompressor``
     directory: str | None  # local zarr store: the array's directory, whose chunk files are read directly
     chunk_checksum: bool  # ``decompress`` checks each chunk's crc32c, so summing the values is optional
-    fill_when_missing: bool  # a missing chunk reads as the fill value (zarr's rule), else it is damage
 
 
 def _read_chunk_file(path: str, spare: list[np.ndarray]) -> np.ndarray | None:
@@ -129,16 +129,18 @@ def _read_chunk_file(path: str, spare: list[np.ndarray]) -> np.ndarray | None:
 
 def _decompress_row_chunk(cache_array: _CacheArray, raw: np.ndarray | None, values: np.ndarray,
                           checksum: bool) -> int | None:
-    """Decompress one row's chunk bytes into ``values`` (None: the chunk does not exist, which reads
-    as the fill value where ``fill_when_missing``, e.g. a records row not yet written); returns the
-    values' crc32c if ``checksum``. The checksum runs here, while the values may still be in this
-    core's cache."""
+    """Decompress one row's chunk bytes into ``values``; returns the values' crc32c if ``checksum``
+    (run here, while the values may still be in this core's cache).
+
+    A chunk that does not exist (``raw`` None) reads as the fill value, as in zarr, and its crc32c is
+    always returned: zarr stores no chunk for a row equal to the fill value (an all-zero map, a
+    records row not yet written), so only the checksum the build recorded tells that from a lost
+    chunk, and the caller must compare it.
+    """
     if raw is None:
-        if not cache_array.fill_when_missing:
-            raise FileNotFoundError("the chunk is missing from the store")
         values[...] = cache_array.array.metadata.fill_value
-    else:
-        cache_array.decompress(raw, values)
+        return format.checksum(values)
+    cache_array.decompress(raw, values)
     return format.checksum(values) if checksum else None
 
 
@@ -226,7 +228,7 @@ class FeatureCache:
         if path not in self._arrays:
             array = root[path]
             if _is_hdf5_root(root):
-                self._arrays[path] = _CacheArray(array, None, None, chunk_checksum=False, fill_when_missing=True)
+                self._arrays[path] = _CacheArray(array, None, None, chunk_checksum=False)
             else:
                 from zarr.storage import LocalStore
 
@@ -235,10 +237,7 @@ class FeatureCache:
                 directory = (os.path.join(str(store_.root), array.path)
                              if isinstance(store_, LocalStore) and decompress is not None else None)
                 checked = decompress is not None and _has_chunk_checksum(array.metadata)
-                # records: a row not written yet has no chunk; elsewhere, without a chunk crc32c the
-                # values' checksum is what notices a missing chunk
-                self._arrays[path] = _CacheArray(array.async_array, decompress, directory, chunk_checksum=checked,
-                                                 fill_when_missing=path == format.RECORDS_ARRAY or not checked)
+                self._arrays[path] = _CacheArray(array.async_array, decompress, directory, chunk_checksum=checked)
         return self._arrays[path]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -312,14 +311,15 @@ class FeatureCache:
             sum_values[layer.name] = self.verify and (
                 self.check_values or not all(self._chunks_checked(path) for path, _, _ in layer_specs))
             specs += layer_specs
-            value_sums += [sum_values[layer.name]] * len(layer_specs)
+            value_sums += [sum_values[layer.name]] + [False] * (len(layer_specs) - 1)  # scales: chained below
         if shared:
             outputs = handoff.shared_tensors([(shape, dtype) for _, shape, dtype in specs])
         else:
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
         record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
         # a layer's checksum runs over its values, then its int8 scales: the values' sum is taken where
-        # they are decompressed, the scales' (a few KB) chained to it below
+        # they are decompressed, the scales' (a few KB) chained to it below. The record's own chunk has
+        # no crc32c (a damaged one spoils one row's status or checksums, which verify reports).
         record, *results = self._fetch(row, [record_spec, *specs],
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
                                        checksums=[False, *value_sums])
@@ -342,8 +342,11 @@ class FeatureCache:
                                          f"cannot be decoded: {type(failure).__name__}: {failure}; "
                                          "run `featcache verify --repair`") from failure
             values, crc = stored
-            scales = None if qparams is None else qparams[0]
-            if sum_values[layer.name]:
+            scales, scales_crc = (None, None) if qparams is None else qparams
+            # a crc32c nobody asked for means a chunk was missing (``_decompress_row_chunk``): compare it
+            chunk_missing = not sum_values[layer.name] and (crc is not None or scales_crc is not None)
+            if sum_values[layer.name] or chunk_missing:
+                crc = crc if crc is not None else format.checksum(values.numpy())
                 if scales is not None:
                     crc = format.checksum(scales.numpy(), start=crc)
                 if crc != int(record[1 + position]):
@@ -523,9 +526,10 @@ class ReadaheadSampler(torch.utils.data.Sampler):
     page-cache fill then runs while the workers decompress earlier rows, instead of inside a read.
 
     Args:
-        sampler: any sampler (or iterable) of dataset indices; ``set_epoch`` is passed on.
+        sampler: any sampler of dataset indices (iterable, with a length); ``set_epoch`` is passed on.
         cache: the cache whose rows the dataset reads.
-        rows: ``rows[index]`` is the cache row of dataset item ``index`` (None: the item's key).
+        rows: ``rows[index]`` is the cache row of dataset item ``index`` (None: row ``index``; out of
+            range, e.g. -1: nothing to prefetch).
         depth: how many indices ahead of the one yielded to prefetch, on top of the DataLoader's own
             lead (``prefetch_factor`` batches per worker).
         layers: the layers the reader reads (default: all).

@@ -59,8 +59,7 @@ class CacheWriter:
                                    chunks=(1, 2, layer.shape[0]), dtype=np.float32, fill_value=0,
                                    compressors=codecs.checksummed())
         group.create_array(format.RECORDS_ARRAY, shape=(n, 1 + len(manifest.layers)),
-                           chunks=(1, 1 + len(manifest.layers)), dtype=np.uint32, fill_value=0,
-                           compressors=codecs.checksummed())
+                           chunks=(1, 1 + len(manifest.layers)), dtype=np.uint32, fill_value=0, compressors=None)
         # The manifest goes last: a cache whose manifest exists has all its arrays.
         group.attrs["featcache"] = manifest.to_dict()
         return cls(group, manifest, location)

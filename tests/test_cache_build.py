@@ -212,7 +212,7 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
     # a plain read checks each chunk's own crc32c, and a complete sample's missing chunk is damage
     with pytest.raises(CorruptSampleError, match=f"{cache.keys[1]}.*pts_neck.0.*crc32c"):
         cache[cache.keys[1]]
-    with pytest.raises(CorruptSampleError, match=f"{cache.keys[4]}.*pts_middle_encoder.*missing"):
+    with pytest.raises(CorruptSampleError, match=f"{cache.keys[4]}.*pts_middle_encoder.*checksum the build recorded"):
         cache[cache.keys[4]]
     cache[cache.keys[0]]  # undamaged samples still read
 
@@ -224,6 +224,35 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "repaired 2 samples" in fixed.stdout
     assert_same_cache(str(out), reference_cache)
+
+
+def test_all_zero_layer_has_no_chunk_yet_reads_and_verifies(reference_cache, tmp_path):
+    from featcache.writer import CacheWriter
+
+    out = tmp_path / "zeros"
+    shutil.copytree(reference_cache, out)
+    features = open_cache(out).read_row(0)
+    features["pts_neck.0"] = np.zeros_like(features["pts_neck.0"])  # e.g. a frame with no points in range
+    CacheWriter.open(str(out)).write_sample(0, features)
+    # zarr stores no chunk equal to the fill value: the reader cannot tell this from a lost chunk by
+    # the chunk alone, only by the checksum the build recorded
+    assert not [path for path in (out / "features" / "pts_neck.0" / "c" / "0").rglob("*") if path.is_file()]
+    cache = open_cache(out)
+    assert not cache.read_row(0)["pts_neck.0"].any()
+    assert verify_cache(str(out)).ok
+
+
+def test_damaged_records_row_spoils_only_its_own_sample(reference_cache, tmp_path):
+    out = tmp_path / "records"
+    shutil.copytree(reference_cache, out)
+    record = next((out / format.RECORDS_ARRAY / "c" / "3").rglob("*"))
+    data = bytearray(record.read_bytes())
+    data[-1] ^= 0xFF  # the last layer's checksum
+    record.write_bytes(bytes(data))
+    cache = open_cache(out)
+    assert list(cache.status()) == [format.STATUS_COMPLETE] * len(cache)  # the other rows' status reads
+    report = verify_cache(str(out))
+    assert [key for key, _ in report.corrupt] == [cache.keys[3]] and report.bad_rows == [3]
 
 
 def test_intact_chunk_of_another_sample_is_caught_by_verify_not_by_a_plain_read(reference_cache, tmp_path):
@@ -244,8 +273,7 @@ def test_intact_chunk_of_another_sample_is_caught_by_verify_not_by_a_plain_read(
 def _without_chunk_checksums(location: Path) -> None:
     """Rewrite a cache's per-sample arrays as featcache wrote them before chunks carried a crc32c."""
     group = store.open_group(location, mode="r+")
-    for path in [format.RECORDS_ARRAY] + [f"{kind}/{name}" for kind in ("features", "qparams")
-                                          for name in group[kind].array_keys()]:
+    for path in [f"{kind}/{name}" for kind in ("features", "qparams") for name in group[kind].array_keys()]:
         array = group[path]
         values, compressors = array[...], [codec for codec in array.compressors
                                            if not isinstance(codec, zarr_codecs.Crc32cCodec)]

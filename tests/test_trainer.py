@@ -165,6 +165,20 @@ def test_train_sampler_keeps_the_students_order_and_announces_its_cache_rows(pil
         assert list(sampler) == list(plain) and len(sampler) == len(plain)
     assert list(plain) != list(range(len(dataset)))  # shuffled: the order really is the wrapped sampler's
 
+    # mmengine hands the sampler the wrapped dataset: wrappers (CBGS, Repeat) repeat samples, and each
+    # item maps to its sample's row
+    from mmdet3d.registry import DATASETS
+
+    balanced = DATASETS.build(dict(type="RepeatDataset", times=2,
+                                   dataset=models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)))
+    assert len(balanced) == 2 * len(dataset)
+    sampler = DATA_SAMPLERS.build(wrapped, default_args=dict(dataset=balanced, seed=7))
+    assert sampler.rows == [cache.row_of(sample_key(balanced.get_data_info(i))) for i in range(len(balanced))]
+    announced = []
+    sampler.cache.prefetch = lambda rows, layers=None: announced.extend(rows)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(balanced))) and announced == [sampler.rows[i] for i in order]
+
 
 def test_resume_continues_with_identical_state(pillar_cache, nus_six, tmp_path):
     straight = tmp_path / "straight"

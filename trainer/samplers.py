@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from mmdet3d.registry import DATA_SAMPLERS
 
 from featcache import open_cache
-from featcache.models import dataset_keys
+from featcache.models import sample_key
 from featcache.reader import ReadaheadSampler
 
 
@@ -21,7 +21,7 @@ class CacheReadaheadSampler(ReadaheadSampler):
     """``ReadaheadSampler`` built from an mmengine config.
 
     Args:
-        dataset: the training dataset (mmengine passes it, as to any sampler).
+        dataset: the training dataset, wrappers included (mmengine passes it, as to any sampler).
         sampler: config of the wrapped sampler (e.g. ``dict(type='DefaultSampler', shuffle=True)``),
             built with the same dataset and seed.
         cache: location of the cache the dataset's pipeline reads (``PackDetInputsWithCache``).
@@ -35,6 +35,8 @@ class CacheReadaheadSampler(ReadaheadSampler):
                  storage_options: dict[str, Any] | None = None, seed: int | None = None) -> None:
         inner = DATA_SAMPLERS.build(sampler, default_args=dict(dataset=dataset, seed=seed))
         feature_cache = open_cache(cache, storage_options=storage_options)
-        # a sample the cache lacks gets row -1, which prefetch skips; the pipeline reports it by name
-        rows = [feature_cache.row_of(key) if key in feature_cache else -1 for key in dataset_keys(dataset)]
+        # Items of dataset wrappers (CBGS, Repeat, ClassBalanced) repeat samples: keys may recur here.
+        # A sample the cache lacks gets row -1, which prefetch skips; the pipeline reports it by name.
+        keys = [sample_key(dataset.get_data_info(index)) for index in range(len(dataset))]
+        rows = [feature_cache.row_of(key) if key in feature_cache else -1 for key in keys]
         super().__init__(inner, feature_cache, rows, depth=depth, layers=list(layers) if layers else None)
