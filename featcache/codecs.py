@@ -91,8 +91,8 @@ DEFAULT_CODEC = CodecSpec(precision="int8", compressor="zstd", level=3)
 
 def checksummed(compressors: list[Any] | None = None) -> list[Any]:
     """Zarr compressors ending with zarr's crc32c codec: each stored chunk carries the crc32c of its
-    compressed bytes, which a read checks for 1/5 of the cost of summing the decompressed values
-    (5.7 MB against 31 MB per BEVFusion-lidar row at the default codec)."""
+    compressed bytes, which a read checks for a fraction of the cost of summing the decompressed
+    values (the compression ratio: BENCHMARKS.md, storage figure)."""
     import zarr.codecs
 
     return [*(compressors or []), zarr.codecs.Crc32cCodec()]

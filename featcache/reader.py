@@ -104,8 +104,10 @@ def _read_chunk_file(path: str, spare: list[np.ndarray]) -> np.ndarray | None:
     small), or None if the file does not exist (zarr: the chunk was never written). The caller puts
     the buffer back once done with it.
 
-    Through zarr's LocalStore a warm BEVFusion-lidar row took 1.7-2.5 ms to fetch (a fresh bytes
-    object per chunk, one event-loop round trip per file), against 0.6 ms this way (BENCHMARKS.md).
+    zarr's LocalStore returns each chunk as a fresh bytes object, after an event-loop round trip and
+    a thread hop per file; for a BEVFusion-lidar row that took about three times as long as reading
+    the same files into reused buffers (profiled when this was written; the read-path figure of
+    BENCHMARKS.md measures the whole read).
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -178,7 +180,8 @@ class FeatureCache:
             ``codecs.checksummed``), else each layer's values against the checksum in ``records``.
         check_values: with ``verify``, also sum every layer's values against ``records`` when its
             chunks carry their own crc32c: catches a chunk that is intact but not the one the build
-            recorded (what ``featcache verify`` runs; about 5x the checksum work of a read).
+            recorded (what ``featcache verify`` runs; the checksum then covers the decompressed values, not
+            the compressed bytes).
     """
 
     def __init__(self, location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
