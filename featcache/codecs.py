@@ -98,6 +98,14 @@ def checksummed(compressors: list[Any] | None = None) -> list[Any]:
     return [*(compressors or []), zarr.codecs.Crc32cCodec()]
 
 
+def has_chunk_checksum(metadata: Any) -> bool:
+    """True when a zarr array's chunks end with zarr's crc32c of their bytes (``checksummed``)."""
+    import zarr.codecs
+
+    codecs_ = list(getattr(metadata, "codecs", ()))
+    return bool(codecs_) and isinstance(codecs_[-1], zarr.codecs.Crc32cCodec)
+
+
 def parse_codec(text: str) -> CodecSpec:
     """Parse ``fp16-zstd1`` style names; the error lists what is valid."""
     match = _CODEC_RE.match(text.strip().lower())

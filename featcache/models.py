@@ -164,9 +164,14 @@ def sample_key(data_info: dict[str, Any]) -> str:
     raise ConfigError(f"dataset item has no token, sample_idx or lidar path to key it by: keys {sorted(data_info)}")
 
 
+def item_keys(dataset) -> list[str]:
+    """Sample key of every item, in dataset order; wrappers (CBGS, Repeat) may repeat samples."""
+    return [sample_key(dataset.get_data_info(index)) for index in range(len(dataset))]
+
+
 def dataset_keys(dataset) -> list[str]:
     """Sample keys of every item, in dataset order; duplicates are an error (keys must be unique)."""
-    keys = [sample_key(dataset.get_data_info(index)) for index in range(len(dataset))]
+    keys = item_keys(dataset)
     if len(set(keys)) != len(keys):
         seen: set[str] = set()
         duplicate = next(key for key in keys if key in seen or seen.add(key))

@@ -35,14 +35,6 @@ def _is_hdf5_root(root: Any) -> bool:
     return type(root).__module__.startswith("h5py")
 
 
-def _has_chunk_checksum(metadata: Any) -> bool:
-    """True when the array's chunks end with zarr's crc32c of their bytes (``codecs.checksummed``)."""
-    from zarr.codecs import Crc32cCodec
-
-    codecs_ = list(getattr(metadata, "codecs", ()))
-    return bool(codecs_) and isinstance(codecs_[-1], Crc32cCodec)
-
-
 def _row_chunk_decompressor(metadata: Any, verify: bool = True) -> Callable[[np.ndarray, np.ndarray], None] | None:
     """How to decompress one chunk of a cache array straight into the caller's output, or None if the
     array is not laid out as ``featcache.format`` writes it (one chunk per row, the bytes codec in
@@ -60,7 +52,7 @@ def _row_chunk_decompressor(metadata: Any, verify: bool = True) -> Callable[[np.
 
     grid = getattr(metadata, "chunk_grid", None)
     codecs_ = list(getattr(metadata, "codecs", ()))
-    checked = _has_chunk_checksum(metadata)
+    checked = codecs.has_chunk_checksum(metadata)
     if checked:
         codecs_ = codecs_[:-1]
     if tuple(getattr(grid, "chunk_shape", ())) != (1, *metadata.shape[1:]) or not codecs_:
@@ -97,6 +89,10 @@ class _CacheArray(NamedTuple):
     decompress: Callable[[np.ndarray, np.ndarray], None] | None  # ``_row_chunk_decompressor``
     directory: str | None  # local zarr store: the array's directory, whose chunk files are read directly
     chunk_checksum: bool  # ``decompress`` checks each chunk's crc32c, so summing the values is optional
+
+    def local_chunk_path(self, row: int) -> str:
+        """The file holding sample ``row`` (local stores: ``directory`` is set)."""
+        return os.path.join(self.directory, store.row_chunk_key(self.array, row))
 
 
 def _read_chunk_file(path: str, spare: list[np.ndarray]) -> np.ndarray | None:
@@ -239,7 +235,7 @@ class FeatureCache:
                 store_ = array.store_path.store
                 directory = (os.path.join(str(store_.root), array.path)
                              if isinstance(store_, LocalStore) and decompress is not None else None)
-                checked = decompress is not None and _has_chunk_checksum(array.metadata)
+                checked = decompress is not None and codecs.has_chunk_checksum(array.metadata)
                 self._arrays[path] = _CacheArray(array.async_array, decompress, directory, chunk_checksum=checked)
         return self._arrays[path]
 
@@ -418,10 +414,8 @@ class FeatureCache:
             self._io = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="featcache-read")
 
         def read(cache_array: _CacheArray) -> tuple[np.ndarray | None, list[np.ndarray]]:
-            array = cache_array.array
             spare = self._spare_buffers.setdefault(cache_array.directory, [])
-            path = os.path.join(cache_array.directory, array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1)))
-            return _read_chunk_file(path, spare), spare
+            return _read_chunk_file(cache_array.local_chunk_path(row), spare), spare
 
         def finish(cache_array: _CacheArray, output: torch.Tensor, checksum: bool, raw: np.ndarray | None,
                    spare: list[np.ndarray]) -> tuple[torch.Tensor, int | None]:
@@ -429,7 +423,7 @@ class FeatureCache:
                 return output, _decompress_row_chunk(cache_array, raw, output.numpy(), checksum)
             finally:
                 if raw is not None:
-                    spare.append(raw.base if raw.base is not None else raw)
+                    spare.append(raw.base)  # raw is a view of the buffer _read_chunk_file took from spare
 
         if in_worker:
             pending = {self._io.submit(read, cache_array): (index, cache_array, output, checksum)
@@ -465,8 +459,7 @@ class FeatureCache:
             if cache_array.decompress is None:
                 await array.get_orthogonal_selection((slice(row, row + 1),), out=NDBuffer.from_numpy_array(values[None]))
                 return output, format.checksum(values) if checksum else None
-            key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
-            raw = await (array.store_path / key).get(prototype=default_buffer_prototype())
+            raw = await (array.store_path / store.row_chunk_key(array, row)).get(prototype=default_buffer_prototype())
             raw = None if raw is None else raw.as_numpy_array()
             if in_worker or raw is None:
                 return output, _decompress_row_chunk(cache_array, raw, values, checksum)
@@ -499,10 +492,9 @@ class FeatureCache:
             return
         if self._readahead is None:
             self._readahead = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-readahead")
-        self._readahead.submit(_advise_will_need, [
-            os.path.join(cache_array.directory, cache_array.array.metadata.encode_chunk_key(
-                (row,) + (0,) * (cache_array.array.ndim - 1)))
-            for row in rows if 0 <= row < len(self.keys) for cache_array in arrays if cache_array.directory])
+        self._readahead.submit(_advise_will_need, [cache_array.local_chunk_path(row) for row in rows
+                                                   if 0 <= row < len(self.keys)
+                                                   for cache_array in arrays if cache_array.directory])
 
     def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:
         return self.read_row(self.row_of(key), layers)

@@ -64,11 +64,17 @@ def _damaged_metadata(location: str | os.PathLike, exc: Exception) -> CacheForma
         "cache, or delete the cache and build it again")
 
 
+def row_chunk_key(array: Any, row: int) -> str:
+    """Store key, relative to the array, of the one chunk holding sample ``row`` (zarr Array or
+    AsyncArray of a cache: one chunk per row)."""
+    return array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+
+
 def chunk_nbytes(array: zarr.Array, row: int) -> int | None:
     """Bytes one sample's chunk occupies in the store (after compression), if the store says."""
     from zarr.core.sync import sync
 
-    key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
+    key = row_chunk_key(array, row)
     try:
         return int(sync(array.store_path.store.getsize(f"{array.path}/{key}")))
     except Exception:

@@ -322,16 +322,13 @@ def decompressor(codec: codecs.CodecSpec) -> Callable[[bytes, np.ndarray], Any]:
 
 def chunk_bytes(location: str, array: Any, row: int) -> bytes:
     """The stored (compressed) bytes of one sample's chunk of a local cache's array."""
-    key = array.metadata.encode_chunk_key((row,) + (0,) * (array.ndim - 1))
-    return (Path(location) / array.path / key).read_bytes()
+    return (Path(location) / array.path / store.row_chunk_key(array, row)).read_bytes()
 
 
 def compressed_payload(array: Any, chunk: bytes) -> bytes:
     """A stored chunk without the crc32c zarr appends to it (``codecs.checksummed``): what the
     compressor alone decodes."""
-    from zarr.codecs import Crc32cCodec
-
-    return chunk[:-4] if isinstance(array.metadata.codecs[-1], Crc32cCodec) else chunk
+    return chunk[:-4] if codecs.has_chunk_checksum(array.metadata) else chunk
 
 
 def in_memory_decode_rate(location: str, passes: int) -> float:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from mmdet3d.registry import DATA_SAMPLERS
 
 from featcache import open_cache
-from featcache.models import sample_key
+from featcache.models import item_keys
 from featcache.reader import ReadaheadSampler
 
 
@@ -35,8 +35,6 @@ class CacheReadaheadSampler(ReadaheadSampler):
                  storage_options: dict[str, Any] | None = None, seed: int | None = None) -> None:
         inner = DATA_SAMPLERS.build(sampler, default_args=dict(dataset=dataset, seed=seed))
         feature_cache = open_cache(cache, storage_options=storage_options)
-        # Items of dataset wrappers (CBGS, Repeat, ClassBalanced) repeat samples: keys may recur here.
-        # A sample the cache lacks gets row -1, which prefetch skips; the pipeline reports it by name.
-        keys = [sample_key(dataset.get_data_info(index)) for index in range(len(dataset))]
-        rows = [feature_cache.row_of(key) if key in feature_cache else -1 for key in keys]
+        # a sample the cache lacks gets row -1, which prefetch skips; the pipeline reports it by name
+        rows = [feature_cache.row_of(key) if key in feature_cache else -1 for key in item_keys(dataset)]
         super().__init__(inner, feature_cache, rows, depth=depth, layers=list(layers) if layers else None)
