@@ -11,40 +11,20 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from featcache import codecs, format, models, store
-from featcache.errors import CacheMismatchError, InputDataError
+from featcache import codecs, format, location, models
+from featcache.errors import CacheMismatchError, ConfigError, InputDataError
+from featcache.options import DEFAULT_LAYERS, BuildOptions  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
 from featcache.world import World, close_world, init_world
 from featcache.writer import BackgroundWriter, CacheWriter
 
 logger = logging.getLogger("featcache.build")
-DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
-
-
-@dataclass
-class BuildOptions:
-    teacher_config: str
-    checkpoint: str
-    out: str
-    layers: Sequence[str] = DEFAULT_LAYERS
-    split: str = "train"
-    codec: str | None = None
-    cfg_options: dict[str, Any] = field(default_factory=dict)
-    force: bool = False
-    batch_size: int = 1
-    num_workers: int = 1
-    device: str | None = None
-    storage_options: dict[str, Any] | None = None
-    rows: Sequence[int] | None = None  # rebuild only these rows (verify --repair)
-    writer_depth: int = 4
-    trust_globals: Sequence[str] = ()
-    progress: bool = True
 
 
 @dataclass
@@ -81,17 +61,35 @@ def _mismatches(existing: format.Manifest, wanted: dict[str, Any]) -> list[str]:
             for name in wanted if have.get(name) != wanted[name]]
 
 
+def _key_differences(cache_keys: Sequence[str], keys: Sequence[str], count: int = 5) -> list[str]:
+    """The first rows whose sample differs between the cache and this build's dataset, by key."""
+    rows = [row for row in range(max(len(cache_keys), len(keys)))
+            if row >= len(cache_keys) or row >= len(keys) or cache_keys[row] != keys[row]]
+    def at(sequence: Sequence[str], row: int) -> str:
+        return repr(sequence[row]) if row < len(sequence) else "no sample"
+    lines = [f"row {row}: cache has {at(cache_keys, row)}, this build has {at(keys, row)}" for row in rows[:count]]
+    if len(rows) > count:
+        lines.append(f"... {len(rows) - count} more rows differ")
+    return lines
+
+
 class Builder:
     """One build run; see :func:`build_cache`."""
 
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
-        self.world: World = init_world()
+        # every option and --out first: a mistake fails now, before the model, dataset and teacher set-up
+        self.target: location.LocationState = options.validate()
         self.device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {self.device}: CUDA is not available here (torch {torch.__version__}); "
+                              "use --device cpu")
+        self.world: World = init_world()
         self.teacher = Teacher(options.teacher_config, options.checkpoint, options.layers, split=options.split,
                                cfg_options=options.cfg_options, device=self.device,
                                trust_globals=options.trust_globals)
         self.modules, self.cfg, self.keys = self.teacher.modules, self.teacher.cfg, self.teacher.keys
+        self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []
 
@@ -122,8 +120,9 @@ class Builder:
             pipeline=_pipeline_list(self.dataset_cfg), split=self.options.split, versions=library_versions(),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
-                   "cfg_options": self.options.cfg_options, "keys_from": "token / sample_idx / lidar file name",
-                   "point_cloud_range": list(self.cfg.get("point_cloud_range", []))})
+                   "cfg_options": self.options.cfg_options,
+                   "point_cloud_range": list(self.cfg.get("point_cloud_range", []))},
+            key_scheme=format.KEY_SCHEME)
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):
@@ -133,26 +132,37 @@ class Builder:
         """The cache's writer, plus the shape probe's sample (row, key, features) when this call created
         the cache: it is computed already and goes to the background writer with the others."""
         options, out = self.options, self.options.out
-        exists = store.exists(out, options.storage_options)
+        # every rank looks before any rank writes (rank 0 creates only after this barrier), so all
+        # take the same branch below
+        state = location.check_build_target(out, options.storage_options, force=options.force)
+        self.world.barrier()
+        exists = state.kind == location.CACHE
         if exists and not options.force:
             writer = CacheWriter.open(out, options.storage_options)
             names = writer.manifest.layer_names
             modules = writer.manifest.extra.get("modules")
             problems = [] if modules == list(self.modules) else [
                 f"modules: cache has {modules}, this build has {list(self.modules)}"]
-            problems += _mismatches(writer.manifest, self._identity(names, codecs.parse_codec_option(options.codec, names)))
+            identity = self._identity(names, codecs.parse_codec_option(options.codec, names))
+            problems += _mismatches(writer.manifest, identity)
+            cache_keys = writer.keys()
+            if writer.manifest.dataset_id != identity["dataset_id"]:
+                problems += _key_differences(cache_keys, self.keys)
+            problems += [f"sample {line}" for line in models.source_mismatches(cache_keys, writer.sources(),
+                                                                                self.keys, self.sources)[:5]]
             if problems:
                 raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
                                          "\nUse another --out, or --force to erase it and start over.")
             return writer, None
         if self.world.is_main:
-            if exists:
-                logger.warning("--force: erasing the cache at %s", out)
+            if exists or state.kind == location.DAMAGED:
+                logger.warning("--force: erasing featcache's files of the cache at %s (other files stay)", out)
             # the shape probe runs in this process: a worker started for one sample costs more than it
             rows, keys, batch = next(iter(self.teacher.loader([0], batch_size=1, num_workers=0)))
             features = self._teacher_features(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
-            writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options)
+            writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options,
+                                        sources=self.sources)
             probe = (rows[0], keys[0], {name: value[0] for name, value in features.items()})
         self.world.barrier()
         if self.world.is_main:

@@ -59,7 +59,8 @@ def main(verbose: bool) -> None:
 @click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
                                             "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override config entries (repeatable).")
-@click.option("--force", is_flag=True, help="Erase an existing cache at --out and start over.")
+@click.option("--force", is_flag=True, help="Erase the featcache cache at --out and start over (only featcache's own "
+                                          "files; a directory featcache did not create is refused).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--num-workers", type=click.IntRange(min=0), default=1, show_default=True, help="DataLoader workers.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda if available).")
@@ -74,13 +75,21 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: st
 
     Re-running the same command resumes; under `torchrun --nproc_per_node N` ranks share the work.
     """
-    from featcache.build import BuildOptions, build_cache
+    from featcache.options import BuildOptions, check_cfg_option_items
+
+    # every option, --out included, before the heavy imports and the teacher's set-up
+    check_cfg_option_items(cfg_options)
+    options = BuildOptions(
+        teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
+        force=force, batch_size=batch_size, num_workers=num_workers, device=device,
+        storage_options=parse_storage_options(storage_options), trust_globals=trust_global)
+    options.validate()
+
+    from featcache.build import build_cache
     from featcache.models import parse_cfg_options
 
-    result = build_cache(BuildOptions(
-        teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
-        cfg_options=parse_cfg_options(cfg_options), force=force, batch_size=batch_size, num_workers=num_workers,
-        device=device, storage_options=parse_storage_options(storage_options), trust_globals=trust_global))
+    options.cfg_options = parse_cfg_options(cfg_options)
+    result = build_cache(options)
     click.echo(f"{result.location}: wrote {result.written} samples in {result.seconds:.1f}s "
                f"({result.already_complete} already complete, {result.total} in split)")
     if result.invalid_keys:
@@ -149,35 +158,44 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
     reader = open_cache(cache, options)
     complete = np.flatnonzero(reader.status() == format.STATUS_COMPLETE)
     if plot:
-        key = sample or (reader.keys[complete[0]] if len(complete) else None)
+        key = sample or (reader.row_keys[complete[0]] if len(complete) else None)
         if key is None:
             raise click.ClickException("no complete sample to plot")
         click.echo(f"wrote {plot_sample(reader, key, plot)} (sample {key})")
     if fidelity_samples:
+        from featcache.models import check_sources, parse_cfg_options
         from featcache.teacher import Teacher
-        from featcache.models import parse_cfg_options
 
         manifest = reader.manifest
         teacher = Teacher.from_manifest(manifest, checkpoint=checkpoint, cfg_options=parse_cfg_options(cfg_options))
+        check_sources(reader, teacher.dataset)  # the teacher's dataset must hold the same scans under the same keys
         click.echo(f"\nfidelity vs fp32 teacher output ({min(fidelity_samples, len(complete))} samples)")
         for row in complete[:fidelity_samples]:
-            reference = teacher.features_of_row(int(row))
+            key = reader.row_keys[row]
+            reference = teacher.features_of_row(teacher.row_of(key))  # by key: the info list may be reordered
             for name, figures in fidelity(reader, reference, int(row)).items():
-                click.echo(f"  {reader.keys[row]:<34} {name:<22} cosine {figures['cosine']:.6f}  "
+                click.echo(f"  {key:<34} {name:<22} cosine {figures['cosine']:.6f}  "
                            f"max|err| {figures['max_abs_error']:.3g} (max|x| {figures['max_abs_value']:.3g})")
 
 
 @main.command()
 @click.argument("cache")
 @click.option("--format", "export_format", type=click.Choice(["hdf5"]), required=True)
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is an existing file (never a directory).")
 @storage_option
 @fail_cleanly
-def export(cache: str, export_format: str, out: str, storage_options: str | None) -> None:
-    """Export CACHE to OUT (one HDF5 file the reader also opens)."""
+def export(cache: str, export_format: str, out: str, overwrite: bool, storage_options: str | None) -> None:
+    """Export CACHE to OUT (one HDF5 file, .h5 or .hdf5, which the reader also opens). An existing OUT
+    is refused unless --overwrite."""
+    from featcache.export import check_export_target
+
+    check_export_target(cache, out, overwrite)  # before the cache is read
     from featcache.export import export_hdf5
 
-    click.echo(f"wrote {export_hdf5(cache, out, parse_storage_options(storage_options), progress=sys.stderr.isatty())}")
+    written = export_hdf5(cache, out, parse_storage_options(storage_options), overwrite=overwrite,
+                          progress=sys.stderr.isatty())
+    click.echo(f"wrote {written}")
 
 
 if __name__ == "__main__":

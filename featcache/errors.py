@@ -42,6 +42,21 @@ class SampleNotCachedError(FeatcacheError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class SampleKeyTypeError(SampleNotCachedError, TypeError):
+    """A cache was indexed with a key of the wrong type (``cache[0]`` where keys are str)."""
+
+
+class UnknownLayerError(ConfigError, KeyError):
+    """A layer name that the cache does not hold; the message lists the layers it does hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class NotACacheError(FeatcacheError, FileExistsError):
+    """A location holds files featcache did not write; featcache refuses to write or erase there."""
+
+
 class CorruptSampleError(FeatcacheError, IOError):
     """A sample's stored bytes fail their checksum or cannot be decoded."""
 

@@ -1,53 +1,116 @@
 """``featcache export --format hdf5``: the same cache as one HDF5 file (h5py).
 
-Same layout as the Zarr group (``keys``, ``features/<layer>``, ``qparams/<layer>``, ``records``,
-manifest as JSON in the root attribute ``featcache``), chunk = 1 sample, so
+Same layout as the Zarr group (``keys``, ``sources``, ``features/<layer>``, ``qparams/<layer>``,
+``records``, manifest as JSON in the root attribute ``featcache``), chunk = 1 sample, so
 :class:`featcache.reader.FeatureCache` reads it with the same checks. Stored values are copied
 unchanged (checksums stay valid); HDF5's own gzip+shuffle replaces the Zarr compressor.
+
+An existing OUT is never replaced unless asked (``overwrite``), and a directory never is. The file
+is written under a fresh temporary name beside OUT and moved into place last, so a crash leaves
+no half file at OUT and nothing of anyone else's is truncated.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 
 import numpy as np
 
 from featcache import format
-from featcache.reader import open_cache
+from featcache.errors import ConfigError
 
 EXPORT_FORMATS = ("hdf5",)
+HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
-def export_hdf5(location: str, out: str, storage_options=None, compression_level: int = 1, progress: bool = False) -> str:
-    """Write ``out`` (via ``out.partial`` and a rename, so a crash leaves no half file)."""
+def check_export_target(location: str, out: str, overwrite: bool = False) -> None:
+    """Refuse an OUT the export must not write: not .h5/.hdf5 (the reader would not open it), a
+    directory, the cache itself, or an existing file without ``overwrite``. ConfigError naming it."""
+    if "://" in out:
+        raise ConfigError(f"export OUT {out!r}: HDF5 exports are written to a local file path")
+    if not out.lower().endswith(HDF5_SUFFIXES):
+        raise ConfigError(f"export OUT {out!r} must end with .h5 or .hdf5 (how the reader knows an HDF5 cache)")
+    if os.path.isdir(out):
+        raise ConfigError(f"export OUT {out!r} is a directory; featcache never replaces a directory: "
+                          f"name a file, e.g. {os.path.join(out, 'cache.h5')}")
+    if "://" not in os.fspath(location) and os.path.lexists(out) and os.path.exists(location) and \
+            os.path.samefile(out, location):
+        raise ConfigError(f"export OUT {out!r} is the cache being exported")
+    if os.path.lexists(out) and not overwrite:
+        raise ConfigError(f"export OUT {out!r} exists; featcache does not replace it unless told to (--overwrite), "
+                          "or choose another name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"export OUT {out!r}: directory {parent} does not exist")
+
+
+def _move_into_place(partial: str, out: str, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(partial, out)
+        return
+    try:  # a hard link fails if OUT appeared meanwhile: nothing is replaced, ever
+        os.link(partial, out)
+    except FileExistsError as exc:
+        raise ConfigError(f"export OUT {out!r} appeared while exporting; not replaced (--overwrite to replace "
+                          "it)") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(out):  # a filesystem without hard links: check, then rename
+            raise ConfigError(f"export OUT {out!r} appeared while exporting; not replaced") from exc
+        os.rename(partial, out)
+        return
+    os.unlink(partial)
+
+
+def export_hdf5(location: str, out: str, storage_options=None, compression_level: int = 1, progress: bool = False,
+                overwrite: bool = False) -> str:
+    """Write ``out`` from the cache at ``location``; see the module docstring for what is refused."""
     import h5py
 
+    from featcache.reader import open_cache
+
+    out = os.fspath(out)
+    check_export_target(location, out, overwrite)
     # values checked against the records too: the export copies those checksums, and HDF5 reads sum the values
     cache = open_cache(location, storage_options=storage_options, check_values=True)
     root = cache._open()
-    partial = out + ".partial"
+    handle, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
+                                       prefix=os.path.basename(out) + ".", suffix=".partial")
+    os.close(handle)
     rows = range(len(cache))
     if progress:
         from tqdm import tqdm
 
         rows = tqdm(rows, unit="sample", desc="featcache export")
-    with h5py.File(partial, "w") as h5:
-        h5.attrs["featcache"] = json.dumps(cache.manifest.to_dict())
-        h5.create_dataset(format.KEYS_ARRAY, data=np.asarray(cache.keys, dtype=object), dtype=h5py.string_dtype())
-        records = np.asarray(root[format.RECORDS_ARRAY][:])
-        h5.create_dataset(format.RECORDS_ARRAY, data=records)
-        targets = {}
-        for layer in cache.manifest.layers:
-            shape = (len(cache), *layer.shape)
-            targets[format.feature_path(layer.name)] = h5.create_dataset(
-                format.feature_path(layer.name), shape=shape, dtype=layer.codec.storage_dtype,
-                chunks=(1, *layer.shape), compression="gzip", compression_opts=compression_level, shuffle=True)
-            if layer.codec.precision == "int8":
-                h5.create_dataset(format.qparams_path(layer.name), data=np.asarray(root[format.qparams_path(layer.name)][:]))
-        for row in rows:
-            if records[row, 0] != format.STATUS_COMPLETE:
-                continue
-            for layer_name, stored in cache.read_row(row, decode=False).items():
-                targets[format.feature_path(layer_name)][row] = stored
-    os.replace(partial, out)
+    try:
+        with h5py.File(partial, "w") as h5:
+            h5.attrs["featcache"] = json.dumps(cache.manifest.to_dict())
+            h5.create_dataset(format.KEYS_ARRAY, data=np.asarray(cache.row_keys, dtype=object),
+                              dtype=h5py.string_dtype())
+            if cache.sources is not None:
+                h5.create_dataset(format.SOURCES_ARRAY, data=np.asarray(cache.sources, dtype=object),
+                                  dtype=h5py.string_dtype())
+            records = np.asarray(root[format.RECORDS_ARRAY][:])
+            h5.create_dataset(format.RECORDS_ARRAY, data=records)
+            targets = {}
+            for layer in cache.manifest.layers:
+                shape = (len(cache), *layer.shape)
+                targets[format.feature_path(layer.name)] = h5.create_dataset(
+                    format.feature_path(layer.name), shape=shape, dtype=layer.codec.storage_dtype,
+                    chunks=(1, *layer.shape), compression="gzip", compression_opts=compression_level, shuffle=True)
+                if layer.codec.precision == "int8":
+                    h5.create_dataset(format.qparams_path(layer.name),
+                                      data=np.asarray(root[format.qparams_path(layer.name)][:]))
+            for row in rows:
+                if records[row, 0] != format.STATUS_COMPLETE:
+                    continue
+                for layer_name, stored in cache.read_row(row, decode=False).items():
+                    targets[format.feature_path(layer_name)][row] = stored
+        _move_into_place(partial, out, overwrite)
+    finally:
+        if os.path.lexists(partial):  # ours: mkstemp made the name; gone already once moved into place
+            os.unlink(partial)
     return out

@@ -2,8 +2,10 @@
 
 One Zarr v3 group::
 
+    <cache>/featcache.json       creation marker, written before anything else (MARKER)
     <cache>/zarr.json            group; attributes["featcache"] = Manifest.to_dict()
-    <cache>/keys                 (N,) str      sample identity (token / sample_idx), row order
+    <cache>/keys                 (N,) str      sample identity (token, else lidar path), row order
+    <cache>/sources              (N,) str      each sample's lidar file, relative to the data root
     <cache>/features/<layer>     (N, C, H, W)  stored values, chunk = 1 sample, no shards
     <cache>/qparams/<layer>      (N, 2, C)     int8 layers only: per-channel scale and offset
     <cache>/records              (N, 1 + L)    uint32, chunk = 1 sample: [status, crc32c per layer]
@@ -24,13 +26,19 @@ import numpy as np
 
 from featcache.codecs import CodecSpec
 from featcache.errors import CacheFormatError
+from featcache.location import ENTRIES, MARKER  # noqa: F401  (part of the format: the creation marker)
 
 FORMAT_NAME = "featcache"
 FORMAT_VERSION = 1
 KEYS_ARRAY = "keys"
+SOURCES_ARRAY = "sources"
 RECORDS_ARRAY = "records"
 FEATURES_GROUP = "features"
 QPARAMS_GROUP = "qparams"
+
+# What ``models.sample_key`` returns; recorded in the manifest. Caches without it were written before
+# keys were identities: token-keyed ones still read, position-keyed ones are refused.
+KEY_SCHEME = "token, else lidar path relative to the data root"
 
 STATUS_MISSING = 0
 STATUS_COMPLETE = 1
@@ -79,6 +87,7 @@ class Manifest:
     created: str
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    key_scheme: str | None = None  # KEY_SCHEME; None: written before keys were identities
 
     @property
     def layer_names(self) -> list[str]:
@@ -88,7 +97,9 @@ class Manifest:
         for layer in self.layers:
             if layer.name == name:
                 return layer
-        raise KeyError(f"layer {name!r} is not in this cache; it holds {', '.join(self.layer_names)}")
+        from featcache.errors import UnknownLayerError
+
+        raise UnknownLayerError(f"layer {name!r} is not in this cache; it holds {', '.join(self.layer_names)}")
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -109,6 +120,7 @@ class Manifest:
             "checkpoint_sha256": self.checkpoint_sha256,
             "pipeline": self.pipeline, "split": self.split, "versions": self.versions,
             "created": self.created, "extra": self.extra,
+            **({"key_scheme": self.key_scheme} if self.key_scheme is not None else {}),
         }
 
     @classmethod
@@ -127,13 +139,29 @@ class Manifest:
                 teacher_config=data["teacher_config"], teacher_config_path=data["teacher_config_path"],
                 teacher_model_sha256=data["teacher_model_sha256"], checkpoint_sha256=data["checkpoint_sha256"], pipeline=data["pipeline"], split=data["split"],
                 versions=data["versions"], created=data["created"], format_version=version,
-                extra=data.get("extra", {}))
+                extra=data.get("extra", {}), key_scheme=data.get("key_scheme"))
         except KeyError as exc:
             raise CacheFormatError(f"{where}: damaged manifest (required field {exc} is missing); restore zarr.json "
                                    "from a copy of the cache, or rebuild with `featcache build --force`") from exc
         except (TypeError, ValueError) as exc:
             raise CacheFormatError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); restore zarr.json "
                                    "from a copy of the cache, or rebuild with `featcache build --force`") from exc
+
+
+def check_keys_are_identities(manifest: Manifest, keys: Sequence[str], where: str) -> None:
+    """Refuse a cache written before keys were identities whose keys are list positions.
+
+    Those caches keyed token-less samples by mmengine's ``sample_idx``, which is the position in the
+    info list: a reordered or subset list would pair every row with another scan's targets.
+    Token-keyed caches of that time keep working."""
+    if manifest.key_scheme is not None or not keys:
+        return
+    if list(keys) == [str(row) for row in range(len(keys))]:
+        raise CacheFormatError(
+            f"{where}: its samples are keyed by their position in the info list ('0' to '{len(keys) - 1}'), as "
+            "featcache did before keys named the scan; a reordered or filtered info list would pair rows with "
+            f"other scans' targets, so it is not used. Rebuild it: `featcache build ... --out {where} --force` "
+            "(keys become lidar paths relative to the data root)")
 
 
 def sha256_text(text: str) -> str:

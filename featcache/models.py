@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from mmengine.config import Config
@@ -29,16 +29,10 @@ def packaged_config_dir() -> Path:
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A config file path; ``mmdet3d::centerpoint/x.py`` or a bare package-relative path names
-    a config shipped inside mmdet3d."""
-    text = os.fspath(path)
-    candidate = Path(text)
-    if candidate.is_file():
-        return candidate
-    relative = text.split("::", 1)[1] if text.startswith("mmdet3d::") else text
-    packaged = packaged_config_dir() / relative
-    if packaged.is_file():
-        return packaged
-    raise ConfigError(f"config {text!r} not found (looked at {candidate.resolve()} and {packaged})")
+    a config shipped inside mmdet3d (``featcache.options.resolve_config_path``)."""
+    from featcache.options import resolve_config_path as resolve
+
+    return resolve(path)
 
 
 def parse_cfg_options(items: Iterable[str]) -> dict[str, Any]:
@@ -153,20 +147,76 @@ def build_dataset(dataset_cfg):
                           f"{type(exc).__name__}: {exc}") from exc
 
 
-def sample_key(data_info: dict[str, Any]) -> str:
-    """A sample's stable identity: nuScenes ``token``, else ``sample_idx``, else its lidar file."""
-    for field in ("token", "sample_idx"):
-        if data_info.get(field) is not None:
-            return str(data_info[field])
-    lidar = data_info.get("lidar_points", {}).get("lidar_path") or data_info.get("lidar_path")
-    if lidar:
-        return os.path.basename(str(lidar))
-    raise ConfigError(f"dataset item has no token, sample_idx or lidar path to key it by: keys {sorted(data_info)}")
+def _lidar_path(data_info: dict[str, Any]) -> str | None:
+    lidar = (data_info.get("lidar_points") or {}).get("lidar_path") or data_info.get("lidar_path")
+    return str(lidar) if lidar else None
+
+
+def _relative_to(path: str, data_root: str | os.PathLike | None) -> str:
+    """``path`` relative to ``data_root`` (posix separators), or normalised as is when it lies outside."""
+    if data_root is None or not str(data_root):
+        return path
+    root = os.fspath(data_root)
+    if "://" in path or "://" in root:  # URLs (mmengine file backends): a plain prefix
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+    absolute, root = os.path.abspath(path), os.path.abspath(root)
+    if absolute.startswith(root.rstrip(os.sep) + os.sep):
+        return os.path.relpath(absolute, root).replace(os.sep, "/")
+    return absolute
+
+
+def sample_source(data_info: dict[str, Any], data_root: str | os.PathLike | None = None) -> str:
+    """The scan a sample reads: its lidar file relative to ``data_root`` (the dataset's), so it stays
+    the same when the dataset moves. The cache records it per row (``sources``)."""
+    lidar = _lidar_path(data_info)
+    if not lidar:
+        raise ConfigError(f"dataset item has no lidar path (lidar_points.lidar_path) to name its scan by: keys "
+                          f"{sorted(data_info)}")
+    return _relative_to(lidar, data_root)
+
+
+def sample_key(data_info: dict[str, Any], data_root: str | os.PathLike | None = None) -> str:
+    """A sample's identity, the one place it is defined: the nuScenes-style ``token`` where the info has
+    one, else its lidar file relative to the dataset's ``data_root`` (``sample_source``).
+
+    Never ``sample_idx``: mmengine sets it to the item's position in the info list, so a reordered
+    or filtered list would pair every sample with another scan's targets. An item without a token
+    needs ``data_root`` (the path relative to it is what stays the same when the dataset moves)."""
+    token = data_info.get("token")
+    if token is not None and str(token):
+        return str(token)
+    if data_root is None:
+        raise ConfigError("dataset item has no token, so its key is its lidar path relative to the data root, "
+                          "and no data_root was given to take it relative to (pass the dataset's data_root, "
+                          "e.g. models.sample_key(info, dataset.data_root))")
+    return sample_source(data_info, data_root)
+
+
+def dataset_data_root(dataset) -> str | None:
+    """The ``data_root`` of a dataset, below CBGS/Repeat/ClassBalanced wrappers; a ConcatDataset's
+    when all its parts share one (else None: keys then need tokens)."""
+    while not hasattr(dataset, "data_root") and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    if hasattr(dataset, "data_root"):
+        return dataset.data_root
+    parts = getattr(dataset, "datasets", None)
+    if parts:
+        roots = {dataset_data_root(part) for part in parts}
+        return roots.pop() if len(roots) == 1 else None
+    return None
 
 
 def item_keys(dataset) -> list[str]:
     """Sample key of every item, in dataset order; wrappers (CBGS, Repeat) may repeat samples."""
-    return [sample_key(dataset.get_data_info(index)) for index in range(len(dataset))]
+    root = dataset_data_root(dataset)
+    return [sample_key(dataset.get_data_info(index), root) for index in range(len(dataset))]
+
+
+def item_sources(dataset) -> list[str]:
+    """``sample_source`` of every item, in dataset order."""
+    root = dataset_data_root(dataset)
+    return [sample_source(dataset.get_data_info(index), root) for index in range(len(dataset))]
 
 
 def dataset_keys(dataset) -> list[str]:
@@ -177,3 +227,42 @@ def dataset_keys(dataset) -> list[str]:
         duplicate = next(key for key in keys if key in seen or seen.add(key))
         raise ConfigError(f"sample key {duplicate!r} occurs more than once in the dataset; keys must be unique")
     return keys
+
+
+def dataset_sources(dataset) -> list[str]:
+    """``sample_source`` of every item, in dataset order (what a cache records beside the keys)."""
+    return item_sources(dataset)
+
+
+def source_mismatches(cache_keys: Sequence[str], cache_sources: Sequence[str] | None, keys: Sequence[str],
+                      sources: Sequence[str]) -> list[str]:
+    """``key: cache has A, the dataset reads B`` for each key whose scan differs (keys not in the cache
+    are left to the caller); nothing when the cache records no sources (written before it did)."""
+    if cache_sources is None:
+        return []
+    recorded = dict(zip(cache_keys, cache_sources))
+    return [f"{key!r}: the cache holds {recorded[key]}, the dataset reads {source}"
+            for key, source in zip(keys, sources) if key in recorded and recorded[key] != source]
+
+
+def check_sources(cache, dataset) -> int:
+    """Refuse a cache whose samples are other scans than ``dataset``'s under the same keys.
+
+    For every dataset item whose key is in ``cache`` (a ``FeatureCache``), the lidar file the cache
+    recorded for that key must be the one the dataset reads (both relative to their data roots, so
+    a moved dataset matches). Raises CacheMismatchError naming the first mismatching keys. Keys the
+    cache lacks are not checked here (a coverage check reports them). Returns the number of items
+    checked: 0 when the cache records no sources (token-keyed caches written before featcache did).
+    """
+    from featcache.errors import CacheMismatchError
+
+    if getattr(cache, "sources", None) is None:
+        return 0
+    keys, sources = item_keys(dataset), item_sources(dataset)
+    problems = source_mismatches(cache.row_keys, cache.sources, keys, sources)
+    if problems:
+        raise CacheMismatchError(
+            f"{len(problems)} sample(s) of the dataset are other scans than the ones cache {cache.location} holds "
+            f"under the same key, e.g. " + "; ".join(problems[:5]) + ". Its targets would be another scan's: "
+            "use the info file the cache was built from, or rebuild the cache from this one")
+    return sum(1 for key in keys if key in cache)

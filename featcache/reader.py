@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import collections.abc
 import concurrent.futures
 import json
 import os
@@ -22,13 +23,18 @@ import numpy as np
 import torch
 
 from featcache import codecs, format, handoff, store
-from featcache.errors import CacheFormatError, CacheNotFoundError, CorruptSampleError, SampleNotCachedError
+from featcache.errors import (CacheFormatError, CacheNotFoundError, CorruptSampleError, SampleKeyTypeError,
+                              SampleNotCachedError, UnknownLayerError)
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def _is_hdf5(location: str) -> bool:
     return not store.is_url(location) and location.lower().endswith(HDF5_SUFFIXES)
+
+
+def _strings(values: Any) -> list[str]:
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
 
 def _is_hdf5_root(root: Any) -> bool:
@@ -166,8 +172,17 @@ def _advise_will_need(paths: list[str]) -> None:
             os.close(fd)
 
 
-class FeatureCache:
-    """A read-only view of one cache.
+class FeatureCache(collections.abc.Mapping):
+    """A read-only view of one cache: a ``Mapping`` of sample key -> ``{layer: float32 tensor}``.
+
+    ``keys()``, ``items()``, ``values()``, ``in``, ``len`` and ``get`` work as for a mapping, keys
+    in row order; ``row_keys[row]`` is the key of a row. ``len`` counts every row, built or not: a
+    key of a sample not built yet (or invalid) is ``in`` the cache, and reading it raises
+    ``SampleNotCachedError`` naming it (``get`` too: its default is only for keys not in the cache).
+    Keys are str (a token, or a lidar path relative to the data root); a key of another type raises
+    ``SampleKeyTypeError`` (a KeyError and a TypeError) saying so. A layer name the cache does not
+    hold raises ``UnknownLayerError`` listing those it does. Equality is identity: comparing two
+    caches' contents would read every sample (compare ``manifest``, ``row_keys`` or run ``verify``).
 
     Args:
         location: cache directory, fsspec URL, or an ``.h5`` export.
@@ -200,10 +215,20 @@ class FeatureCache:
                 raise CacheFormatError(f"{self.location}: damaged manifest (the featcache attribute is not JSON: "
                                        f"{exc}); restore it from a copy of the cache, or rebuild with "
                                        "`featcache build --force`") from exc
+        if raw is None and not _is_hdf5(self.location):
+            from featcache import location as locations
+
+            state = locations.inspect(self.location, storage_options)
+            if state.kind == locations.DAMAGED:  # the manifest was lost next to recorded samples: say so
+                raise CacheFormatError(state.problem)
         self.manifest = format.Manifest.from_dict(raw, where=self.location)
-        keys = group[format.KEYS_ARRAY][:]
-        self.keys: list[str] = [k.decode() if isinstance(k, bytes) else str(k) for k in keys]
-        self._rows = {key: row for row, key in enumerate(self.keys)}
+        self.row_keys: tuple[str, ...] = tuple(_strings(group[format.KEYS_ARRAY][:]))
+        format.check_keys_are_identities(self.manifest, self.row_keys, where=self.location)
+        # each row's lidar file relative to the data root (``models.sample_source``); None for caches
+        # written before featcache recorded them
+        self.sources: tuple[str, ...] | None = (tuple(_strings(group[format.SOURCES_ARRAY][:]))
+                                                if format.SOURCES_ARRAY in group else None)
+        self._rows = {key: row for row, key in enumerate(self.row_keys)}
 
     # -- process-local handles ------------------------------------------------------------
     def _open(self):
@@ -246,24 +271,54 @@ class FeatureCache:
 
     # -- lookup ---------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.row_keys)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._rows
+        return isinstance(key, str) and key in self._rows
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.keys)
+        return iter(self.row_keys)
+
+    __eq__ = object.__eq__  # see the class docstring; Mapping's would read every sample
+    __hash__ = object.__hash__
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """``self[key]`` if ``key`` is in the cache, else ``default``; a sample in the cache but not
+        readable (not built yet, invalid, corrupt) raises, never reads as ``default``."""
+        self._check_key(key)
+        return self[key] if key in self._rows else default
 
     @property
     def layer_names(self) -> list[str]:
         return self.manifest.layer_names
 
+    def _check_key(self, key: object) -> None:
+        if isinstance(key, str):
+            return
+        example = f"e.g. {self.row_keys[0]!r}" if self.row_keys else "none yet"
+        hint = (f" Did you mean cache[{str(key)!r}]?" if str(key) in self._rows else "") + (
+            " For the sample in row N, use read_row(N) or row_keys[N]." if isinstance(key, (int, np.integer)) else "")
+        raise SampleKeyTypeError(f"cache {self.location} is keyed by str (sample token, else lidar path relative "
+                                 f"to the data root; {example}), not {type(key).__name__}: got {key!r}.{hint}")
+
+    def _check_layers(self, layers: Sequence[str] | str | None) -> list[str] | None:
+        """``layers`` as a list (None: all), every name one the cache holds (else UnknownLayerError)."""
+        if layers is None:
+            return None
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [name for name in layers if name not in self.manifest.layer_names]
+        if unknown:
+            raise UnknownLayerError(f"layer(s) {', '.join(map(repr, unknown))} not in cache {self.location}; it holds "
+                                    f"{', '.join(self.manifest.layer_names)}")
+        return layers
+
     def row_of(self, key: str) -> int:
+        self._check_key(key)
         try:
             return self._rows[key]
         except KeyError:
             raise SampleNotCachedError(f"sample {key!r} is not in cache {self.location} "
-                                       f"({len(self.keys)} samples, split {self.manifest.split!r})") from None
+                                       f"({len(self)} samples, split {self.manifest.split!r})") from None
 
     def status(self) -> np.ndarray:
         """Per-row status (format.STATUS_*) of every sample."""
@@ -272,7 +327,7 @@ class FeatureCache:
     # -- reading --------------------------------------------------------------------------
     def read_row(self, row: int, layers: list[str] | None = None, decode: bool = True) -> dict[str, np.ndarray]:
         """One sample's features as float32 arrays (``decode=False``: stored values, int8 undecoded)."""
-        stored = self.read_row_stored(row, layers)
+        stored = self.read_row_stored(row, self._check_layers(layers))
         if not decode:
             return {name: values for name, (values, _) in stored.items()}
         return {name: codecs.decode(values, self.manifest.layer(name).codec, qparams)
@@ -301,7 +356,11 @@ class FeatureCache:
                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The checked read behind ``read_row_stored`` / ``read_row_tensors`` (``shared``: outputs in
         shared memory)."""
-        key = self.keys[row]
+        layers = self._check_layers(layers)
+        if not isinstance(row, (int, np.integer)) or not 0 <= row < len(self.row_keys):
+            raise IndexError(f"row {row!r} is not a row of cache {self.location} (0 to {len(self.row_keys) - 1}); "
+                             "look samples up by key with cache[key]")
+        key = self.row_keys[row]
         wanted = [(position, layer) for position, layer in enumerate(self.manifest.layers)
                   if layers is None or layer.name in layers]
         specs, sum_values, value_sums = [], {}, []
@@ -482,6 +541,7 @@ class FeatureCache:
         Unknown rows and missing files are skipped: this is a hint, the read checks everything.
         """
         rows = list(rows)
+        layers = self._check_layers(layers)
         if not rows or _is_hdf5(self.location) or store.is_url(self.location) or not hasattr(os, "posix_fadvise"):
             return
         paths = [format.RECORDS_ARRAY] + [path for layer in self.manifest.layers if layers is None or layer.name in layers
@@ -493,10 +553,11 @@ class FeatureCache:
         if self._readahead is None:
             self._readahead = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-readahead")
         self._readahead.submit(_advise_will_need, [cache_array.local_chunk_path(row) for row in rows
-                                                   if 0 <= row < len(self.keys)
+                                                   if 0 <= row < len(self.row_keys)
                                                    for cache_array in arrays if cache_array.directory])
 
     def read(self, key: str, layers: list[str] | None = None) -> dict[str, np.ndarray]:
+        """One sample's features (float32 arrays) by key; ``layers``: a subset of ``layer_names``."""
         return self.read_row(self.row_of(key), layers)
 
     def __getitem__(self, key: str) -> dict[str, torch.Tensor]:
@@ -562,10 +623,11 @@ class CachedTargetsDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, cache: FeatureCache, layers: list[str] | None = None) -> None:
-        from featcache.models import dataset_keys
+        from featcache.models import check_sources, dataset_keys
 
-        self.dataset, self.cache, self.layers = dataset, cache, layers
+        self.dataset, self.cache, self.layers = dataset, cache, cache._check_layers(layers)
         self.rows = [cache.row_of(key) for key in dataset_keys(dataset)]
+        check_sources(cache, dataset)  # the same key must name the same scan
 
     def __len__(self) -> int:
         return len(self.dataset)

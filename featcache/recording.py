@@ -16,18 +16,11 @@ import torch
 from torch import nn
 
 from featcache.errors import ConfigError
+from featcache.options import split_layer_names  # noqa: F401  (``--layers`` parsing lives with the options)
 
 
 class _AllLayersRecorded(Exception):
     """Raised from the last hook to skip the rest of the forward pass (heads, NMS)."""
-
-
-def split_layer_names(text: str | Sequence[str]) -> list[str]:
-    names = [name.strip() for name in text.split(",")] if isinstance(text, str) else list(text)
-    names = [name for name in names if name]
-    if not names:
-        raise ConfigError("--layers is empty; name at least one module, e.g. pts_middle_encoder,pts_backbone")
-    return names
 
 
 def find_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:

@@ -10,15 +10,13 @@ from typing import Any
 
 import zarr
 
-from featcache.errors import CacheFormatError, CacheNotFoundError, FeatcacheError
+from featcache.errors import CacheFormatError, CacheNotFoundError, ConfigError, FeatcacheError
+from featcache.location import damaged_metadata as _damaged_metadata
+from featcache.location import is_url  # noqa: F401  (featcache.store.is_url is used across the package)
 
 # What zarr raises on a group zarr.json that is not valid metadata (garbage bytes, cut short, not
 # an object); its own not-found errors are ValueErrors too, so those are caught first.
 DAMAGED_METADATA_ERRORS = (ValueError, TypeError, AttributeError)
-
-
-def is_url(location: str | os.PathLike) -> bool:
-    return "://" in os.fspath(location)
 
 
 def _zarr_kwargs(location: str | os.PathLike, storage_options: dict[str, Any] | None) -> dict[str, Any]:
@@ -28,19 +26,20 @@ def _zarr_kwargs(location: str | os.PathLike, storage_options: dict[str, Any] | 
     return kwargs
 
 
-def exists(location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-           attribute: str = "featcache") -> bool:
-    """True when a group with the manifest ``attribute`` exists. The manifest is written last when
-    a cache is created, so a group without it is a creation that was interrupted (nothing in it
-    can be recorded as complete) and counts as absent."""
+def exists(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+    """True when a featcache cache (a group with its manifest) is at ``location``. The manifest is
+    written last when a cache is created, so a creation still under way (or interrupted) is not one
+    yet. A damaged cache raises CacheFormatError: it is never taken for an absent one, which a build
+    would create afresh over the recorded samples (see ``featcache.location``)."""
+    from featcache import location as locations
+
     try:
-        group = zarr.open_group(mode="r", **_zarr_kwargs(location, storage_options))
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        state = locations.inspect(location, storage_options)
+    except ConfigError:  # a file: no cache there
         return False
-    except DAMAGED_METADATA_ERRORS as exc:
-        # not "absent": a build would then re-create the cache and erase every recorded sample
-        raise _damaged_metadata(location, exc) from exc
-    return attribute in group.attrs
+    if state.kind == locations.DAMAGED:
+        raise CacheFormatError(state.problem)
+    return state.kind == locations.CACHE
 
 
 def open_group(location: str | os.PathLike, mode: str = "r", storage_options: dict[str, Any] | None = None):
@@ -53,15 +52,23 @@ def open_group(location: str | os.PathLike, mode: str = "r", storage_options: di
     except PermissionError as exc:
         raise FeatcacheError(f"cannot open {os.fspath(location)!r} for {'writing' if mode != 'r' else 'reading'}: "
                              f"{exc}") from exc
-    except DAMAGED_METADATA_ERRORS as exc:
-        raise _damaged_metadata(location, exc) from exc
+    except (*DAMAGED_METADATA_ERRORS, KeyError) as exc:
+        raise _metadata_problem(location, storage_options, exc) from exc
 
 
-def _damaged_metadata(location: str | os.PathLike, exc: Exception) -> CacheFormatError:
-    return CacheFormatError(
-        f"{os.fspath(location)}: the cache's group metadata (zarr.json, which holds the manifest) is damaged "
-        f"({type(exc).__name__}: {exc}); the samples' data was not touched. Restore zarr.json from a copy of the "
-        "cache, or delete the cache and build it again")
+def _metadata_problem(location: str | os.PathLike, storage_options: dict[str, Any] | None,
+                      exc: Exception) -> CacheFormatError:
+    """The error for a group zarr.json zarr cannot read, in ``featcache.location``'s words when it can say
+    more (e.g. a parsable zarr.json without a manifest, next to recorded samples)."""
+    from featcache import location as locations
+
+    try:
+        state = locations.inspect(location, storage_options)
+    except Exception:  # noqa: BLE001 - zarr's own error is the one to report then
+        state = None
+    if state is not None and state.kind == locations.DAMAGED:
+        return CacheFormatError(state.problem)
+    return _damaged_metadata(location, exc)
 
 
 def row_chunk_key(array: Any, row: int) -> str:

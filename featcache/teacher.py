@@ -74,6 +74,7 @@ class Teacher:
         if len(self.dataset) == 0:
             raise ConfigError(f"split {split!r} of {config} has no samples")
         self.keys = models.dataset_keys(self.dataset)
+        self.sources = models.dataset_sources(self.dataset)  # each key's lidar file, relative to the data root
         self.model = models.build_model(self.cfg, checkpoint, device, trust_globals).eval()
         recording.find_modules(self.model, self.modules)  # fail now, naming the module, not mid-build
         self.samples = _KeyedSamples(self.dataset, self.keys)
@@ -104,6 +105,14 @@ class Teacher:
         """The lidar files of samples, by key (for error messages)."""
         rows = {key: row for row, key in enumerate(self.keys)}
         return [_lidar_path(self.dataset, rows[key]) for key in keys]
+
+    def row_of(self, key: str) -> int:
+        """This teacher's dataset row of sample ``key`` (ConfigError if its dataset lacks it)."""
+        if not hasattr(self, "_rows"):
+            self._rows = {k: row for row, k in enumerate(self.keys)}
+        if key not in self._rows:
+            raise ConfigError(f"sample {key!r} is not in the teacher's {len(self.keys)}-sample dataset")
+        return self._rows[key]
 
     def features_of_row(self, row: int) -> dict[str, np.ndarray]:
         _, _, batch = next(iter(self.loader([row])))

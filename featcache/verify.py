@@ -47,7 +47,7 @@ def verify_cache(location: str, storage_options: dict[str, Any] | None = None, p
 
         rows = tqdm(rows, unit="sample", desc="featcache verify")
     for row in rows:
-        key = cache.keys[row]
+        key = cache.row_keys[row]
         if status[row] == format.STATUS_MISSING:
             report.missing.append(key)
             report.bad_rows.append(row)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featcache import codecs, format, store
+from featcache import location as location_
 from featcache.errors import CacheFormatError, FeatcacheError, InvalidFeatureError
 
 
@@ -26,6 +27,10 @@ class WriteStats:
     invalid: int = 0
     raw_bytes: int = 0  # float32-equivalent bytes of the features written
     stored_bytes: int = 0  # bytes in the store after compression (0 when the store cannot say)
+
+
+def _strings(values: Any) -> list[str]:
+    return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
 
 class CacheWriter:
@@ -43,13 +48,31 @@ class CacheWriter:
 
     @classmethod
     def create(cls, location: str, manifest: format.Manifest, keys: Sequence[str],
-               storage_options: dict[str, Any] | None = None) -> "CacheWriter":
-        """Create an empty cache (erasing anything at ``location``) for ``keys``."""
+               storage_options: dict[str, Any] | None = None, sources: Sequence[str] | None = None
+               ) -> "CacheWriter":
+        """Create an empty cache for ``keys`` (row order) and their ``sources`` (each sample's lidar
+        file relative to the data root, ``models.sample_source``).
+
+        Order: the creation marker first (the location is featcache's from then on), then the group,
+        the arrays, and last the manifest (a cache whose manifest exists has all its arrays). What
+        is at ``location`` must be nothing, an empty directory, or featcache's own (a cache, an
+        interrupted creation): only featcache's entries are erased (``featcache.location.erase``),
+        files of anyone else's are left as they are, and a location holding only those is refused
+        (NotACacheError)."""
         if len(keys) != manifest.num_samples:
             raise ValueError(f"{len(keys)} keys for a manifest of {manifest.num_samples} samples")
-        group = store.open_group(location, mode="w", storage_options=storage_options)
+        if sources is not None and len(sources) != len(keys):
+            raise ValueError(f"{len(sources)} sources for {len(keys)} keys")
+        state = location_.check_build_target(location, storage_options, force=True)
+        if state.kind in (location_.CACHE, location_.CREATING, location_.DAMAGED):
+            location_.erase(location, storage_options)
+        location_.write_marker(location, storage_options)
+        group = store.open_group(location, mode="a", storage_options=storage_options)  # no zarr.json is left here
         n = manifest.num_samples
         group.create_array(format.KEYS_ARRAY, shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(keys, dtype=str)
+        if sources is not None:
+            group.create_array(format.SOURCES_ARRAY, shape=(n,), dtype=str,
+                               chunks=(max(n, 1),))[:] = np.asarray(sources, dtype=str)
         for layer in manifest.layers:
             group.create_array(format.feature_path(layer.name), shape=(n, *layer.shape),
                                chunks=(1, *layer.shape), dtype=layer.codec.storage_dtype, fill_value=0,
@@ -69,9 +92,21 @@ class CacheWriter:
         group = store.open_group(location, mode="r+", storage_options=storage_options)
         manifest = format.Manifest.from_dict(group.attrs.get("featcache"), where=location)
         try:
-            return cls(group, manifest, location)
+            writer = cls(group, manifest, location)
         except KeyError as exc:
             raise CacheFormatError(f"{location}: array {exc} is missing; rebuild with --force") from exc
+        format.check_keys_are_identities(manifest, writer.keys(), where=location)
+        return writer
+
+    def keys(self) -> list[str]:
+        """The cache's sample keys, in row order."""
+        return _strings(self.group[format.KEYS_ARRAY][:])
+
+    def sources(self) -> list[str] | None:
+        """Each row's source file (relative to the data root); None for caches written before sources."""
+        if format.SOURCES_ARRAY not in self.group:
+            return None
+        return _strings(self.group[format.SOURCES_ARRAY][:])
 
     def status(self) -> np.ndarray:
         """Per-row status (format.STATUS_*), read from every records chunk."""
