@@ -58,5 +58,5 @@ def test_quick_demo_writes_plots_and_loadable_students(quick_demo):
     for run, config in (("student_half_kd", "configs/demo/student_half.py"),
                         ("student_slim_kd", "configs/demo/student_slim.py")):
         model = models.build_model(models.load_config(REPO / config), work / run / "student.pth")
-        assert not any(name.startswith(("heads.", "criteria.")) for name in model.state_dict())
+        assert not any(name.startswith(("terms.", "heads.", "criteria.")) for name in model.state_dict())
 

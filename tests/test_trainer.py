@@ -77,14 +77,14 @@ def _tree_digest(path: str) -> str:
 def test_two_students_train_from_one_pillar_cache(pillar_cache, nus_six, tmp_path):
     before = _tree_digest(pillar_cache)
     for config in (HALF, QUARTER):
-        logs = _train(config, pillar_cache, tmp_path / Path(config).stem, nus_six, "--loss", "crd", epochs=4)
-        kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
+        logs = _train(config, pillar_cache, tmp_path / Path(config).stem, nus_six, "--kd", "crd=1", epochs=4)
+        kd = [entry["loss_kd_crd_pts_neck__0"] for entry in logs if "loss_kd_crd_pts_neck__0" in entry]
         total = [entry["loss"] for entry in logs if "loss" in entry]
         assert len(kd) == 12 and all(np.isfinite(kd)) and all(np.isfinite(total))
         # CRD scores against memory banks that hold random vectors until each sample has been seen
         # once (epoch 1 = iterations 1-3): learning shows from epoch 2 to the last
         assert np.mean(kd[-3:]) < np.mean(kd[3:6]), kd
-        assert {"loss_kd_pts_middle_encoder", "loss_kd_pts_backbone__2", "task0.loss_heatmap"} <= set(logs[0])
+        assert {"loss_kd_crd_pts_middle_encoder", "loss_kd_crd_pts_backbone__2", "task0.loss_heatmap"} <= set(logs[0])
         dumped = next((tmp_path / Path(config).stem).glob("*.py")).read_text()
         assert "CacheDistiller" in dumped and "PackDetInputsWithCache" in dumped
         assert (tmp_path / Path(config).stem / "epoch_4.pth").is_file()
@@ -92,8 +92,9 @@ def test_two_students_train_from_one_pillar_cache(pillar_cache, nus_six, tmp_pat
 
 
 def test_student_distils_from_voxel_teacher_across_grids(voxel_cache, nus_six, tmp_path):
+    # the deprecated --loss still works (and means --kd infonce=1)
     logs = _train(QUARTER, voxel_cache, tmp_path / "wd", nus_six, "--loss", "infonce", epochs=2)
-    kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
+    kd = [entry["loss_kd_infonce_pts_neck__0"] for entry in logs if "loss_kd_infonce_pts_neck__0" in entry]
     assert len(kd) == 6 and all(np.isfinite(kd))
     # the 54 m teacher grid covers the student's 51.2 m grid; only the corners of scenes rotated by
     # the train pipeline (up to 22.5 degrees) and scaled up by up to 5% fall outside it
@@ -116,7 +117,7 @@ def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeyp
     distiller = runner.model
     assert distiller.teacher is None and "featcache.teacher" not in sys.modules
     trained = {name.split(".")[0] for name, p in distiller.named_parameters() if p.requires_grad}
-    assert trained == {"student", "heads"}
+    assert trained == {"student", "terms"}
 
 
 def test_cached_and_online_targets_give_the_same_losses(pillar_cache, nus_six, pillar_ckpt):
@@ -203,7 +204,7 @@ def test_two_process_gloo_ddp_trains(pillar_cache, nus_six, tmp_path):
                 "--master_port", str(free_port()), "-m", "trainer.cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = _train(NOAUG, pillar_cache, tmp_path / "ddp", nus_six, epochs=1, env=env, launcher=launcher)
-    kd = [entry["loss_kd_pts_neck__0"] for entry in logs if "loss_kd_pts_neck__0" in entry]
+    kd = [entry["loss_kd_crd_pts_neck__0"] for entry in logs if "loss_kd_crd_pts_neck__0" in entry]
     assert len(kd) == 2 and all(np.isfinite(kd))  # 6 samples / (2 ranks x batch 2) = 2 iterations
 
 
@@ -255,3 +256,58 @@ def test_gt_paste_records_pasted_footprints():
     result = transform.transform(scene)
     assert len(result["gt_bboxes_3d"]) == 3
     assert np.allclose(result["pasted_boxes_bev"], [[10.0, 5.0, 4.0, 2.0, 0.3]])
+
+
+def test_every_arm_starts_from_the_same_student_weights(pillar_cache, nus_six, pillar_ckpt, tmp_path):
+    """Iteration 0 (a run of 0 epochs saves the initialised student): --no-distill, every term and an
+    online teacher leave the generator the student's init_weights draws from untouched."""
+    from featcache.checkpoint import load_checkpoint_file
+    from trainer.train import TrainOptions, train
+
+    options = {**student_options(nus_six), "train_cfg.max_epochs": 0, "randomness.seed": 3}
+    arms = {"no-kd": dict(no_distill=True, cache=None),
+            **{name: dict(kd={name: 1.0}, cache=pillar_cache) for name in ("crd", "infonce", "mse", "pkd")},
+            "crd+infonce+pkd": dict(kd={"crd": 1.0, "infonce": 1.0, "pkd": 5.0}, cache=pillar_cache),
+            "online": dict(kd={"infonce": 1.0}, cache=None, online_teacher=(PILLAR_CONFIG, str(pillar_ckpt)),
+                           teacher_cfg_options=nus_cfg_options(nus_six))}
+    weights = {}
+    for arm, extra in arms.items():
+        runner = train(TrainOptions(HALF, work_dir=str(tmp_path / arm), cfg_options=options, **extra))
+        assert runner.iter == 0
+        weights[arm] = load_checkpoint_file(tmp_path / arm / "student.pth")["state_dict"]
+    reference = weights.pop("no-kd")
+    for arm, state in weights.items():
+        assert state.keys() == reference.keys(), arm
+        for key, value in reference.items():
+            assert torch.equal(state[key], value), (arm, key)
+    # and the seed does decide them: another seed, other weights
+    runner = train(TrainOptions(HALF, None, no_distill=True, work_dir=str(tmp_path / "seed4"),
+                                cfg_options={**options, "randomness.seed": 4}))
+    other = load_checkpoint_file(tmp_path / "seed4" / "student.pth")["state_dict"]
+    assert not torch.equal(other["pts_backbone.blocks.0.0.weight"], reference["pts_backbone.blocks.0.0.weight"])
+
+
+def test_kd_terms_come_from_the_flag_the_config_or_the_deprecated_loss_flag():
+    from mmengine.config import Config
+
+    from featcache.errors import ConfigError
+    from trainer.train import TrainOptions, resolve_terms
+
+    plain = Config(dict())
+    configured = Config(dict(distill=dict(terms=dict(infonce=dict(weight=2.0, cells_per_sample=64), pkd=5.0),
+                                          warmup_iters=30)))
+    assert resolve_terms(plain, TrainOptions(HALF, None)) == ({"crd": {"weight": 1.0}}, 0)
+    assert resolve_terms(configured, TrainOptions(HALF, None)) == (
+        {"infonce": {"weight": 2.0, "cells_per_sample": 64}, "pkd": {"weight": 5.0}}, 30)
+    # --kd picks terms and weights; parameters of a term the config names are kept
+    assert resolve_terms(configured, TrainOptions(HALF, None, kd={"infonce": 1.0}, kd_warmup=0,
+                                                  temperature=0.2)) == (
+        {"infonce": {"weight": 1.0, "cells_per_sample": 64, "temperature": 0.2}}, 0)
+    assert resolve_terms(plain, TrainOptions(HALF, None, loss="mse", alpha=3.0)) == ({"mse": {"weight": 3.0}}, 0)
+    assert resolve_terms(plain, TrainOptions(HALF, None, alpha=2.0)) == ({"crd": {"weight": 2.0}}, 0)
+    with pytest.raises(ConfigError, match="replaced by --kd"):
+        resolve_terms(plain, TrainOptions(HALF, None, loss="crd", kd={"pkd": 1.0}))
+    with pytest.raises(ConfigError, match="does not exist; choose from crd, infonce, mse, pkd"):
+        resolve_terms(Config(dict(distill=dict(terms=dict(pdk=1.0)))), TrainOptions(HALF, None))
+    with pytest.raises(ConfigError, match="no setting alpha"):
+        resolve_terms(Config(dict(distill=dict(alpha=1.0))), TrainOptions(HALF, None))

@@ -165,6 +165,77 @@ def test_training_killed_after_a_checkpoint_resumes_with_the_same_losses(referen
     expected, resumed = _scalars_by_iteration(straight), _scalars_by_iteration(interrupted)
     assert list(expected) == [1, 2, 3, 4] and list(resumed) == [3, 4]  # 2 samples x 2 epochs, batch 1
     for step, terms in resumed.items():
-        assert terms.keys() == expected[step].keys() and {"loss", "grad_norm", "loss_kd_pts_neck__0"} <= set(terms)
+        assert terms.keys() == expected[step].keys() and {"loss", "grad_norm", "loss_kd_crd_pts_neck__0"} <= set(terms)
         for name, value in terms.items():
             assert value == pytest.approx(expected[step][name], rel=1e-6, abs=1e-7), (step, name)
+
+
+def _clean_failure(command: list[str]) -> str:
+    """Run a `featcache train` command that must fail on user input: exit 1, one error line, no traceback."""
+    result = subprocess.run(command, capture_output=True, text=True, env=ONE_THREAD, timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result.stderr
+
+
+def test_crd_on_a_one_sample_cache_says_what_to_use_instead(tmp_path, nus_one, pillar_ckpt):
+    from featcache.build import BuildOptions, build_cache
+    from lidar_fixtures import PILLAR_CONFIG, nus_cfg_options
+
+    cache = tmp_path / "one"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(cache), layers="pts_neck",
+                             cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    error = _clean_failure(_train_command(cache, tmp_path / "wd", nus_one, samples=1, batch_size=1))
+    assert "needs at least 2 cached samples" in error and "--kd infonce=1" in error
+
+
+def test_a_checkpoint_of_another_model_is_named_not_loaded(reference_cache, nus_six, tmp_path):
+    from featcache.checkpoint import load_checkpoint_file
+
+    # a checkpoint of the distiller around a wider student: same tensor names, other shapes
+    wide = tmp_path / "wide"
+    command = _train_command(reference_cache, wide, nus_six, epochs=1)
+    wider = ["--cfg-options", "model.pts_neck.out_channels=[96,96,96]", "--cfg-options",
+             "model.pts_bbox_head.in_channels=288"]
+    code, output = _finish(_start(command + wider, tmp_path / "wide.log"))
+    assert code == 0, output[-3000:]
+    checkpoint = wide / "epoch_1.pth"
+    shapes = {k: tuple(v.shape) for k, v in load_checkpoint_file(checkpoint)["state_dict"].items()}
+    error = _clean_failure(_train_command(reference_cache, tmp_path / "wd", nus_six) +
+                           ["--cfg-options", f"load_from={checkpoint}"])
+    assert f"checkpoint {checkpoint} does not fit this model" in error
+    assert re.search(r"(\d+) of its \d+ shared tensors have other shapes", error)
+    first = re.search(r"\(([\w.]+): checkpoint \(([\d, ]+)\)", error)
+    assert first and shapes[first.group(1)] == tuple(int(x) for x in first.group(2).split(", "))
+    # a plain student checkpoint given to a distillation run shares no tensor name with it
+    error = _clean_failure(_train_command(reference_cache, tmp_path / "wd2", nus_six) +
+                           ["--cfg-options", f"load_from={wide / 'student.pth'}"])
+    assert "shares no tensor name with this model" in error
+
+
+def test_a_teacher_grid_that_barely_overlaps_warns_with_both_ranges(reference_cache, nus_six, caplog):
+    import logging
+
+    from mmdet3d.registry import MODELS
+    from mmengine.dataset import pseudo_collate
+
+    from featcache import models
+    from trainer.train import TrainOptions, build_runner_config
+
+    options = {"train_dataloader.dataset.data_root": f"{nus_six}/", "train_dataloader.dataset.ann_file": "infos.pkl"}
+    cfg = build_runner_config(TrainOptions(NOAUG, reference_cache, kd={"infonce": 1.0}, cfg_options=options))
+    dataset = models.build_dataset(models.unwrap_dataset_cfg(cfg.train_dataloader.dataset))
+    for teacher_range, warned in (([-51.2, -51.2, 51.2, 51.2], False), ([-20.0, -20.0, 20.0, 20.0], True)):
+        cfg.model.teacher_range = teacher_range  # as if the cache came from a teacher with this BEV range
+        model = MODELS.build(cfg.model).train()
+        batch = model.data_preprocessor(pseudo_collate([dataset[0]]), True)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="trainer.distiller"):
+            losses = model.loss(batch["inputs"], batch["data_samples"])
+            model.loss(batch["inputs"], batch["data_samples"])  # the warning is for the first step only
+        messages = [record.getMessage() for record in caplog.records if "pts_neck__0" in record.getMessage()]
+        assert len(messages) == (1 if warned else 0), [record.getMessage() for record in caplog.records]
+        if warned:
+            fraction = float(losses["kd_valid_fraction_pts_neck__0"])
+            assert fraction < 0.2 and f"only {100 * fraction:.0f}%" in messages[0]
+            assert str(teacher_range) in messages[0] and "[-51.2, -51.2, 51.2, 51.2]" in messages[0]

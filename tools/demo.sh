@@ -12,7 +12,9 @@ PY=.venv/bin/python
 FC=.venv/bin/featcache
 TEACHER_CONFIG=configs/demo/teacher_pillar.py
 TEACHER_CKPT=${TEACHER_CKPT:-checkpoints/demo_teacher_pillar.pth}
-KD_LOSS=${KD_LOSS:-infonce}
+# distillation recipe (featcache train --kd); KD_LOSS=NAME, the older switch, means KD=NAME=1
+KD=${KD:-${KD_LOSS:+$KD_LOSS=1}}
+KD=${KD:-infonce=1}
 
 if [[ "${1:-}" == "--quick" ]]; then
     MODE=quick; WORK=${DEMO_WORK_DIR:-work_dirs/demo_quick}; DATA=$WORK/data
@@ -50,15 +52,15 @@ if [[ "${RETRAIN_TEACHER:-0}" == 1 || ! -f "$TEACHER_CKPT" ]]; then
 fi
 stage build $FC build "$TEACHER_CONFIG" "$TEACHER_CKPT" --out "$CACHE" --layers pts_neck "${DATA_OPTS[@]}"
 stage verify $FC verify "$CACHE"
-stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --loss "$KD_LOSS" \
+stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --kd "$KD" \
     --work-dir "$WORK/student_half_kd" "${STUDENT_OPTS[@]}"
-stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --loss "$KD_LOSS" \
+stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --kd "$KD" \
     --work-dir "$WORK/student_slim_kd" "${STUDENT_OPTS[@]}"
 stage train_half_nokd $FC train configs/demo/student_half.py --no-distill \
     --work-dir "$WORK/student_half_nokd" "${STUDENT_OPTS[@]}"
 # Step time with the teacher in the process: same student, loss and batch, on the first samples only.
 stage train_half_online $FC train configs/demo/student_half.py --online-teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
-    --loss "$KD_LOSS" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
+    --kd "$KD" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
     --teacher-cfg-options "train_dataloader.dataset.data_root=$DATA/" \
     --cfg-options "train_dataloader.dataset.indices=$ONLINE_SAMPLES" --cfg-options train_cfg.max_epochs=1
 stage report $PY tools/demo_report.py --out "$WORK/report.md" --cache "$CACHE" --timings "$TIMINGS" \

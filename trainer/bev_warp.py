@@ -93,6 +93,51 @@ def boxes_on_grid(bev_range: Sequence[float], height: int, width: int, boxes: Te
     return mask
 
 
+def gaussian_radius(length: Tensor, width: Tensor, min_overlap: float = 0.1) -> Tensor:
+    """CenterNet's radius (cells) within which a box's corners may move and keep IoU >= ``min_overlap``,
+    for box sizes in cells (the rule mmdet3d's CenterHead draws its heatmap targets with)."""
+    sums, area = length + width, length * width
+    r1 = (sums + torch.sqrt(sums ** 2 - 4 * area * (1 - min_overlap) / (1 + min_overlap))) / 2
+    r2 = (2 * sums + torch.sqrt((2 * sums) ** 2 - 16 * (1 - min_overlap) * area)) / 2
+    b3 = -2 * min_overlap * sums
+    r3 = (b3 + torch.sqrt(b3 ** 2 - 16 * min_overlap * (min_overlap - 1) * area)) / 2
+    return torch.minimum(torch.minimum(r1, r2), r3)
+
+
+def gaussian_foreground(bev_range: Sequence[float], height: int, width: int, boxes: Tensor,
+                        min_radius: int = 2, min_overlap: float = 0.1) -> Tensor:
+    """(H, W) float in [0, 1]: the CenterHead-style Gaussian of every box (N, 5: x, y, l, w, yaw), max over boxes.
+
+    Box centres are exact (sub-cell), radii are ``gaussian_radius`` of the box size in cells, at
+    least ``min_radius`` (CenterHead's ``min_radius``), sigma = (2r + 1) / 6 as in
+    ``draw_heatmap_gaussian``. Unlike "cell centre inside the box", a pedestrian or a cone on a
+    1.28 m grid still weighs a few cells: at that size most small objects contain no cell centre.
+    """
+    heat = torch.zeros(height, width, device=boxes.device)
+    if not len(boxes):
+        return heat
+    x_min, y_min, x_max, y_max = bev_range
+    cell_x, cell_y = (x_max - x_min) / width, (y_max - y_min) / height
+    radius = gaussian_radius(boxes[:, 2] / cell_x, boxes[:, 3] / cell_y, min_overlap).floor().clamp_min(min_radius)
+    sigma = (2 * radius + 1) / 6
+    centre_col = (boxes[:, 0] - x_min) / cell_x - 0.5  # in cell-index units: cell c's centre is at c
+    centre_row = (boxes[:, 1] - y_min) / cell_y - 0.5
+    cols = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    rows = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    for index in range(len(boxes)):
+        r = int(radius[index])
+        c0, c1 = int(centre_col[index].round()) - r, int(centre_col[index].round()) + r + 1
+        r0, r1 = int(centre_row[index].round()) - r, int(centre_row[index].round()) + r + 1
+        c0, c1, r0, r1 = max(c0, 0), min(c1, width), max(r0, 0), min(r1, height)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        dx = cols[c0:c1] - centre_col[index]
+        dy = rows[r0:r1] - centre_row[index]
+        blob = torch.exp(-(dy[:, None] ** 2 + dx[None] ** 2) / (2 * sigma[index] ** 2))
+        heat[r0:r1, c0:c1] = torch.maximum(heat[r0:r1, c0:c1], blob)
+    return heat
+
+
 class BevAlignment:
     """Where each cell of a student BEV grid (augmented frame) reads the teacher's grid (cache frame).
 
@@ -102,7 +147,9 @@ class BevAlignment:
     cache frame): only those have a target.
 
     ``read_matrix`` turns "these student cells, weighted, summed into these rows" into a sparse
-    matrix over teacher cells (bilinear taps, grid_sample's zero padding and ``align_corners=False``).
+    matrix over teacher cells (bilinear taps, grid_sample's border padding and ``align_corners=False``).
+    Border, not zero, padding: a valid cell within half a teacher cell of the grid's edge has taps
+    beyond the last cell centre, and zero padding would blend zeros into its target there.
     Losses that need the teacher only at sampled cells, box means or one pooled vector read those
     few values through it instead of warping whole maps: at BEVFusion sizes the dense warp of the
     four cached maps costs as much as the student's own step.
@@ -132,7 +179,7 @@ class BevAlignment:
         if self.identity:
             return teacher
         return F.grid_sample(teacher[None].float(), self.sampling_grid()[None], mode="bilinear",
-                             padding_mode="zeros", align_corners=False)[0]
+                             padding_mode="border", align_corners=False)[0]
 
     def sampling_grid(self) -> Tensor:
         """(Hs, Ws, 2) source points in grid_sample's normalised coordinates (align_corners=False)."""
@@ -141,10 +188,12 @@ class BevAlignment:
         return ((self.pixels + 0.5) * scale - 1).reshape(*self.student_hw, 2)
 
     def _taps(self, cells: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Bilinear taps of the given student cells on the teacher grid, off-grid taps dropped (zero
-        padding): for each tap, the position in ``cells`` it belongs to, its flat teacher cell, its weight."""
+        """Bilinear taps of the given student cells on the teacher grid, off-grid taps moved to the nearest
+        edge cell (border padding, as grid_sample's ``padding_mode="border"``): for each tap, the position
+        in ``cells`` it belongs to, its flat teacher cell, its weight."""
         height, width = self.teacher_hw
-        pixels = self.pixels[cells]
+        # border padding clamps the sampling point itself onto [0, size - 1] (grid_sample's rule)
+        pixels = torch.stack([self.pixels[cells, 0].clamp(0, width - 1), self.pixels[cells, 1].clamp(0, height - 1)], -1)
         corner = pixels.floor()
         frac = pixels - corner
         corner = corner.long()
@@ -182,7 +231,7 @@ class BevAlignment:
         """
         source = torch.zeros(1, 1, *self.teacher_hw, device=cell_weights.device, requires_grad=True)
         with torch.enable_grad():
-            warped = F.grid_sample(source, self.sampling_grid()[None], mode="bilinear", padding_mode="zeros",
+            warped = F.grid_sample(source, self.sampling_grid()[None], mode="bilinear", padding_mode="border",
                                    align_corners=False)
             (gradient,) = torch.autograd.grad(warped, source, cell_weights.reshape(warped.shape).float())
         return gradient.flatten()

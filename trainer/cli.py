@@ -21,14 +21,32 @@ def _pairs(text: str | None) -> dict[str, str] | None:
     return pairs
 
 
+def _kd(text: str | None) -> dict[str, float] | None:
+    if not text:
+        return None
+    from trainer.terms import parse_kd_spec
+
+    try:
+        return parse_kd_spec(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--kd") from None
+
+
 @main.command()
 @click.argument("student_config")
 @click.option("--cache", default=None, help="Feature cache built by `featcache build`.")
 @click.option("--work-dir", default=None, help="Default: work_dirs/<config name>.")
-@click.option("--loss", type=click.Choice(["crd", "infonce", "mse"]), default="crd", show_default=True)
-@click.option("--alpha-crd", "alpha", type=float, default=1.0, show_default=True, help="Weight of the distillation loss.")
-@click.option("--temperature", type=float, default=0.07, show_default=True)
-@click.option("--feat-dim", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--kd", default=None, metavar="TERM=WEIGHT,...",
+              help="Distillation terms and weights, e.g. infonce=1,pkd=5 (terms: crd, infonce, mse, pkd). "
+                   "Default: the student config's distill.terms, else crd=1.")
+@click.option("--kd-warmup", type=click.IntRange(min=0), default=None, metavar="ITERS",
+              help="Raise the distillation weights linearly over the first ITERS iterations.")
+@click.option("--loss", type=click.Choice(["crd", "infonce", "mse", "pkd"]), default=None,
+              help="Deprecated: --loss X --alpha-crd A is --kd X=A.")
+@click.option("--alpha-crd", "alpha", type=float, default=None, help="Deprecated: the weight of --loss (see --kd).")
+@click.option("--temperature", type=float, default=None, help="Temperature of crd and infonce (default 0.07).")
+@click.option("--feat-dim", type=click.IntRange(min=1), default=None,
+              help="Embedding size of crd's and infonce's projection heads (default 128).")
 @click.option("--pairs", default=None, help="student_layer=cache_layer,... (default: layers with the same name).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
 @click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override student config entries.")
@@ -39,11 +57,11 @@ def _pairs(text: str | None) -> dict[str, str] | None:
 @click.option("--no-distill", is_flag=True, help="Train the student with its detection loss only (baseline).")
 @storage_option
 @fail_cleanly
-def train(student_config: str, cache: str | None, work_dir: str | None, loss: str, alpha: float, temperature: float,
-          feat_dim: int, pairs: str | None, resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool,
-          online_teacher: tuple[str, str] | None, teacher_cfg_options: tuple[str, ...], no_distill: bool,
-          storage_options: str | None) -> None:
-    """Train STUDENT_CONFIG with detection + distillation loss against cached teacher features.
+def train(student_config: str, cache: str | None, work_dir: str | None, kd: str | None, kd_warmup: int | None,
+          loss: str | None, alpha: float | None, temperature: float | None, feat_dim: int | None, pairs: str | None,
+          resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool, online_teacher: tuple[str, str] | None,
+          teacher_cfg_options: tuple[str, ...], no_distill: bool, storage_options: str | None) -> None:
+    """Train STUDENT_CONFIG with detection + distillation losses against cached teacher features.
 
     No teacher is built or loaded when --cache is given. Under `torchrun` it trains with DDP.
     """
@@ -51,8 +69,8 @@ def train(student_config: str, cache: str | None, work_dir: str | None, loss: st
     from trainer.train import TrainOptions, train as run_training
 
     run_training(TrainOptions(
-        student_config=student_config, cache=cache, work_dir=work_dir, loss=loss, alpha=alpha,
-        temperature=temperature, feat_dim=feat_dim, pairs=_pairs(pairs), resume=resume,
+        student_config=student_config, cache=cache, work_dir=work_dir, kd=_kd(kd), kd_warmup=kd_warmup, loss=loss,
+        alpha=alpha, temperature=temperature, feat_dim=feat_dim, pairs=_pairs(pairs), resume=resume,
         cfg_options=parse_cfg_options(cfg_options), storage_options=parse_storage_options(storage_options),
         skip_corrupt=skip_corrupt, online_teacher=tuple(online_teacher) if online_teacher else None,
         teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill))

@@ -1,13 +1,14 @@
-"""``CacheDistiller``: an mmdet3d student trained with its detection loss plus a distillation
-loss against teacher features that come from a featcache cache (or, for comparisons, from a
-teacher run online through the same code path).
+"""``CacheDistiller``: an mmdet3d student trained with its detection loss plus weighted distillation
+terms (``trainer.terms``) against teacher maps that come from a featcache cache (or, for
+comparisons, from a teacher run online through the same code path).
 
-The distillation term lives in ``loss()``: mmengine's DDP wrapper calls the data preprocessor,
+The distillation terms live in ``loss()``: mmengine's DDP wrapper calls the data preprocessor,
 ``forward(mode='loss')`` and ``parse_losses`` itself, never a model's own ``train_step``.
 Only loss entries meant for the optimiser contain "loss" (``parse_losses`` sums every such key).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -16,15 +17,18 @@ from mmengine.model import BaseModel
 from torch import Tensor, nn
 
 from featcache import codecs
+from featcache.errors import ConfigError
 from featcache.recording import LayerRecorder
-from trainer.bev_warp import BevAlignment, boxes_on_grid
-from trainer.heads import ProjectionMLP, head_key
-from trainer.losses import (CRDLoss, InfoNCELoss, MaskedMSELoss, box_cells, gather_cells, instance_infonce,
-                            mean_by_box)
+from trainer.bev_warp import BevAlignment, gaussian_foreground
+from trainer.heads import head_key
 from trainer.targets import TeacherMaps
+from trainer.terms import DistillStep, LayerStep, TermContext, build_term
 from trainer.transforms import qparams_field, target_field
 
-LOSSES = ("crd", "infonce", "mse")
+logger = logging.getLogger("trainer.distiller")
+# Below this share of student cells with a teacher target at the first step, the two grids barely
+# overlap: the cache was probably built by a teacher with another BEV range than the student's.
+LOW_VALID_FRACTION = 0.8
 
 
 def gather_across_ranks(tensor: Tensor) -> Tensor:
@@ -49,17 +53,17 @@ def module_of(layer: str, module_names: set[str]) -> str:
     raise ValueError(f"layer {layer!r} names no module of the student")
 
 
-def gt_box_masks(data_samples: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
-                 device: torch.device) -> Tensor:
-    """(B, H, W) float: 1 for BEV cells whose centre lies inside a GT box (rotated), else 0."""
-    masks = []
+def gt_foreground(data_samples: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
+                  device: torch.device, min_radius: int = 2, min_overlap: float = 0.1) -> Tensor:
+    """(B, H, W) float in [0, 1]: each sample's GT boxes as CenterHead-style Gaussians (``gaussian_foreground``)."""
+    maps = []
     for sample in data_samples:
         if "bboxes_3d" in sample.gt_instances_3d and len(sample.gt_instances_3d.bboxes_3d):
             boxes = sample.gt_instances_3d.bboxes_3d.tensor.to(device)[:, [0, 1, 3, 4, 6]]  # x, y, l, w, yaw
         else:
             boxes = torch.zeros(0, 5, device=device)
-        masks.append(boxes_on_grid(bev_range, height, width, boxes).float())
-    return torch.stack(masks)
+        maps.append(gaussian_foreground(bev_range, height, width, boxes, min_radius, min_overlap))
+    return torch.stack(maps)
 
 
 @MODELS.register_module()
@@ -72,65 +76,65 @@ class CacheDistiller(BaseModel):
         student_shapes / teacher_shapes: per-sample (C, H, W) of each paired layer, probed from
             the student and read from the cache manifest by ``featcache train``.
         student_range / teacher_range: BEV extents [x_min, y_min, x_max, y_max] of the two grids.
-        loss: 'crd' (pooled features, memory banks over cache rows), 'infonce' (BEV cells with
-            foreground-weighted sampling, plus GT instances) or 'mse' (masked regression).
+        terms: term name (``trainer.terms.TERMS``) -> dict(weight=..., **the term's parameters),
+            e.g. ``{'infonce': {'weight': 1.0}, 'pkd': {'weight': 5.0}}``. Each term's loss for each
+            pair is logged as ``loss_kd_<term>_<layer>``, already weighted.
+        warmup_iters: the weights rise linearly from 1/warmup_iters of their value at the first
+            training step to their full value at step ``warmup_iters`` (0: full from the start).
+        foreground: dict(min_radius=, min_overlap=) of the GT Gaussian the terms weight cells by.
         num_samples: rows in the cache (CRD's memory size).
         online_teacher: dict(config=..., checkpoint=..., cfg_options=...) to compute targets live
             instead of reading them from data samples (comparisons only; never used with a cache).
         target_codecs: cache layer -> codec name (the manifest's): data samples carry the stored
             values, decoded on the training device; without an entry they are taken as floats.
+
+    Everything built besides the student (terms' heads and memory banks, the online teacher) is
+    drawn from a forked random generator: the student's ``init_weights`` then sees the generator
+    exactly as it would without distillation, so every arm of a comparison starts from the same
+    student weights for a given seed.
     """
 
     def __init__(self, student: dict, pairs: dict[str, str], student_shapes: dict[str, Sequence[int]],
                  teacher_shapes: dict[str, Sequence[int]], student_range: Sequence[float],
-                 teacher_range: Sequence[float], loss: str = "crd", alpha: float = 1.0, temperature: float = 0.07,
-                 feat_dim: int = 128, num_samples: int = 1, nce_k: int = 4096, cells_per_sample: int = 256,
-                 online_teacher: dict | None = None, target_codecs: dict[str, str] | None = None,
-                 init_cfg: dict | None = None) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"loss {loss!r}: choose one of {', '.join(LOSSES)}")
+                 teacher_range: Sequence[float], terms: dict[str, dict] | None = None, warmup_iters: int = 0,
+                 foreground: dict | None = None, num_samples: int = 1, online_teacher: dict | None = None,
+                 target_codecs: dict[str, str] | None = None, init_cfg: dict | None = None) -> None:
         student_model = MODELS.build(student)
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.student = student_model
         self.data_preprocessor = self.student.data_preprocessor  # the student's own voxelisation
         self.pairs = dict(pairs)
-        self.loss_name, self.alpha, self.temperature = loss, alpha, temperature
         self.target_codecs = {layer: codecs.parse_codec(name) for layer, name in (target_codecs or {}).items()}
         self.student_range, self.teacher_range = list(student_range), list(teacher_range)
         self.student_shapes = {name: tuple(shape) for name, shape in student_shapes.items()}
         self.teacher_shapes = {name: tuple(shape) for name, shape in teacher_shapes.items()}
+        self.foreground = dict(min_radius=2, min_overlap=0.1, **(foreground or {}))
+        self.warmup_iters = int(warmup_iters)
         modules = {name for name, _ in self.student.named_modules() if name}
         self.student_modules = sorted({module_of(layer, modules) for layer in self.pairs})
-        self.heads = nn.ModuleDict()
-        self.criteria = nn.ModuleDict()
-        for s_layer, t_layer in self.pairs.items():
-            key = head_key(s_layer)
-            s_channels, t_channels = self.student_shapes[s_layer][0], self.teacher_shapes[t_layer][0]
-            if loss == "mse":
-                self.heads[key] = nn.ModuleDict({"student": nn.Conv2d(s_channels, t_channels, kernel_size=1)})
-                self.criteria[key] = MaskedMSELoss()
-                continue
-            self.heads[key] = nn.ModuleDict({"student": ProjectionMLP(s_channels, feat_dim),
-                                             "teacher": ProjectionMLP(t_channels, feat_dim)})
-            self.criteria[key] = (CRDLoss(feat_dim, num_samples, nce_k=nce_k, temperature=temperature,
-                                          gather=gather_across_ranks)
-                                  if loss == "crd" else InfoNCELoss(cells_per_sample, temperature))
+        context = TermContext(channels={head_key(s): (self.student_shapes[s][0], self.teacher_shapes[t][0])
+                                        for s, t in self.pairs.items()},
+                              num_samples=num_samples, gather=gather_across_ranks)
+        terms = terms if terms is not None else {"crd": {"weight": 1.0}}
+        if not terms:
+            raise ConfigError("no distillation term configured; name at least one (--kd infonce=1), or train "
+                              "with --no-distill")
+        self.weights: dict[str, float] = {}
+        self.terms = nn.ModuleDict()
         self.teacher = None
         self.teacher_modules: list[str] = []
-        if online_teacher:
-            self._build_online_teacher(online_teacher)
-
-    def _build_online_teacher(self, spec: dict) -> None:
-        from featcache import models
-
-        cfg = models.load_config(spec["config"], spec.get("cfg_options"))
-        teacher = models.build_model(cfg, spec["checkpoint"]).eval()
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
-        modules = {name for name, _ in teacher.named_modules() if name}
-        self.teacher_modules = sorted({module_of(layer, modules) for layer in self.pairs.values()})
-        # kept outside the module tree: not trained, not saved in checkpoints, not DDP-synchronised
-        self.__dict__["teacher"] = teacher
+        # training steps seen (a buffer: a resumed run continues the warm-up where it stopped)
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+        with torch.random.fork_rng(devices=[]):
+            for name, params in terms.items():
+                params = dict(params)
+                self.weights[name] = float(params.pop("weight", 1.0))
+                try:
+                    self.terms[name] = build_term(name, context, **params)
+                except ValueError as exc:
+                    raise ConfigError(f"distillation term {name!r}: {exc}") from exc
+            if online_teacher:
+                self._build_online_teacher(online_teacher)
 
     # -- targets ----------------------------------------------------------------------------
     def _raw_targets(self, inputs: dict, data_samples: list) -> tuple[dict[str, TeacherMaps], bool]:
@@ -165,57 +169,19 @@ class CacheDistiller(BaseModel):
         return [BevAlignment(self.teacher_range, maps.hw, self.student_range, student_hw,
                              sample.metainfo if unaugmented_frame else {}, device) for sample in data_samples]
 
-    # -- losses -----------------------------------------------------------------------------
-    def _distill(self, key: str, student: Tensor, maps: TeacherMaps, alignments: list[BevAlignment],
-                 data_samples: list) -> Tensor:
-        heads, criterion = self.heads[key], self.criteria[key]
+    # -- the step's shared view ---------------------------------------------------------------
+    def _layer_step(self, s_layer: str, student: Tensor, maps: TeacherMaps, data_samples: list,
+                    unaugmented_frame: bool) -> LayerStep:
         hw = tuple(student.shape[-2:])
-        valid = torch.stack([alignment.valid.reshape(hw) for alignment in alignments])
-        if self.loss_name == "mse":
-            warped = torch.stack([alignment.warp(maps.decoded(index)) for index, alignment in enumerate(alignments)])
-            return criterion(heads["student"](student), warped.to(student.dtype), valid)
-        if self.loss_name == "crd":
-            weights = valid.flatten(1).float()
-            denominator = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
-            pooled_s = (student.flatten(2) * weights[:, None]).sum(dim=2) / denominator
-            pooled_t = torch.cat([self._pooled_teacher(maps, index, alignment, weights[index] / denominator[index])
-                                  for index, alignment in enumerate(alignments)])
-            # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
-            rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
-                                   device=student.device)
-            return criterion(heads["student"](pooled_s), heads["teacher"](pooled_t.to(student.dtype)), rows)
-        # Only sampled cells and box-pooled vectors are read and projected, never whole maps.
-        project = (heads["student"], heads["teacher"])
-        foreground = gt_box_masks(data_samples, self.student_range, *hw, student.device)
-
-        def teacher_at(index: int, cells: Tensor) -> Tensor:
-            return maps.read(index, alignments[index].read_matrix(cells)).to(student.dtype)
-
-        sampled = criterion.sample(student, valid, foreground)
-        boxes = [self._boxes_in_cells(sample, hw, student.device) for sample in data_samples]
-        covered = [box_cells(sample_boxes, *hw) for sample_boxes in boxes]
-        # one gather for sampled and box cells: each gather's backward zero-fills a whole-batch gradient
-        gathered = gather_cells(student, [torch.cat([cells, box_cell]) for cells, (box_cell, _) in zip(sampled, covered)])
-        keys = [teacher_at(index, cells) for index, cells in enumerate(sampled)]
-        cells_term = criterion.from_vectors([part[:len(cells)] for part, cells in zip(gathered, sampled)], keys, project)
-        instance_terms = []
-        for index, (sample_boxes, (box_cell, owner)) in enumerate(zip(boxes, covered)):
-            if len(sample_boxes) < 2:  # no negatives
-                continue
-            counts = torch.bincount(owner, minlength=len(sample_boxes)).float()
-            teacher_means = maps.read(index, alignments[index].read_matrix(box_cell, owner, 1.0 / counts[owner],
-                                                                           len(sample_boxes)))
-            student_means = mean_by_box(gathered[index][len(sampled[index]):], owner, len(sample_boxes))
-            instance_terms.append(instance_infonce(heads["student"](student_means),
-                                                   heads["teacher"](teacher_means.to(student.dtype)),
-                                                   self.temperature))
-        instance_term = torch.stack(instance_terms).mean() if instance_terms else cells_term.new_zeros(())
-        return cells_term + instance_term
-
-    @staticmethod
-    def _pooled_teacher(maps: TeacherMaps, index: int, alignment: BevAlignment, cell_weights: Tensor) -> Tensor:
-        """(1, C): the teacher map warped onto the student grid, summed with ``cell_weights`` (Hs*Ws,)."""
-        return maps.weighted_sum(index, alignment.splat(cell_weights))[None]
+        alignments = self._alignments(maps, hw, data_samples, unaugmented_frame, student.device)
+        # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
+        rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
+                               device=student.device)
+        return LayerStep(
+            key=head_key(s_layer), student=student, teacher=maps, alignments=alignments,
+            valid=torch.stack([alignment.valid.reshape(hw) for alignment in alignments]),
+            foreground=gt_foreground(data_samples, self.student_range, *hw, student.device, **self.foreground),
+            boxes=[self._boxes_in_cells(sample, hw, student.device) for sample in data_samples], rows=rows)
 
     def _boxes_in_cells(self, sample: Any, hw: Sequence[int], device: torch.device) -> Tensor:
         """GT boxes as axis-aligned [x1, y1, x2, y2] in student feature-cell coordinates."""
@@ -227,19 +193,39 @@ class CacheDistiller(BaseModel):
         cells = (corners - torch.tensor([x_min, y_min], device=device)) * scale
         return torch.cat([cells.min(dim=1).values, cells.max(dim=1).values], dim=1)
 
+    def weight_scale(self) -> float:
+        """The warm-up factor of every term's weight at the current step (1 after ``warmup_iters``)."""
+        if self.warmup_iters <= 0:
+            return 1.0
+        return min(1.0, (int(self.steps) + 1) / self.warmup_iters)
+
+    def _warn_low_overlap(self, step: DistillStep) -> None:
+        for layer in step.layers:
+            fraction = float(layer.valid.float().mean())
+            if fraction < LOW_VALID_FRACTION:
+                logger.warning(
+                    "only %.0f%% of the student's %s cells have a teacher target at the first step: the "
+                    "teacher's BEV range %s and the student's %s barely overlap (after augmentation). "
+                    "Is the cache from a teacher with another point_cloud_range? Distillation still runs, "
+                    "on those cells only.", 100 * fraction, layer.key, self.teacher_range, self.student_range)
+
     def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
         recorder = LayerRecorder(self.student, self.student_modules, detach=False)
         with recorder:
             losses = self.student.loss(inputs, data_samples)
         raw, unaugmented_frame = self._raw_targets(inputs, data_samples)
-        for s_layer, t_layer in self.pairs.items():
-            student = recorder.outputs[s_layer]
-            alignments = self._alignments(raw[t_layer], tuple(student.shape[-2:]), data_samples, unaugmented_frame,
-                                          student.device)
-            key = head_key(s_layer)
-            losses[f"loss_kd_{key}"] = self.alpha * self._distill(key, student, raw[t_layer], alignments, data_samples)
-            valid_fraction = torch.stack([alignment.valid.float().mean() for alignment in alignments]).mean()
-            losses[f"kd_valid_fraction_{key}"] = valid_fraction.detach()
+        step = DistillStep([self._layer_step(s_layer, recorder.outputs[s_layer], raw[t_layer], data_samples,
+                                             unaugmented_frame) for s_layer, t_layer in self.pairs.items()])
+        if self.training and int(self.steps) == 0:
+            self._warn_low_overlap(step)
+        scale = self.weight_scale()
+        for name, term in self.terms.items():
+            for key, value in term(step).items():
+                losses[f"loss_kd_{name}_{key}"] = (self.weights[name] * scale) * value
+        for layer in step.layers:
+            losses[f"kd_valid_fraction_{layer.key}"] = layer.valid.float().mean().detach()
+        if self.training:
+            self.steps += 1
         return losses
 
     def predict(self, inputs: dict, data_samples: list) -> list:

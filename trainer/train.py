@@ -26,13 +26,18 @@ TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms", "trainer.samplers"
 
 @dataclass
 class TrainOptions:
+    """What ``featcache train`` was asked for. Distillation terms come from ``kd`` (``--kd``), else the
+    student config's ``distill = dict(terms=..., warmup_iters=...)``, else ``crd=1``."""
+
     student_config: str
     cache: str | None
     work_dir: str | None = None
-    loss: str = "crd"
-    alpha: float = 1.0
-    temperature: float = 0.07
-    feat_dim: int = 128
+    kd: dict[str, float] | None = None  # term -> weight (--kd infonce=1,pkd=5)
+    kd_warmup: int | None = None  # iterations of linear weight warm-up (None: the config's, else 0)
+    loss: str | None = None  # deprecated (--loss X): same as kd={X: alpha}
+    alpha: float | None = None  # deprecated (--alpha-crd): the weight of --loss's term
+    temperature: float | None = None  # for the terms that take one (crd, infonce); None: the term's 0.07
+    feat_dim: int | None = None  # embedding size of the projection heads (crd, infonce); None: 128
     pairs: dict[str, str] | None = None  # student layer -> cache layer; default: same names
     resume: bool = False
     cfg_options: dict[str, Any] = field(default_factory=dict)
@@ -56,6 +61,52 @@ def _cache_point_cloud_range(manifest) -> list[float]:
     from mmengine.config import Config
 
     return list(Config.fromstring(manifest.teacher_config, ".py").get("point_cloud_range", []))
+
+
+def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
+    """The distillation terms (name -> dict(weight=..., **params)) and warm-up iterations of a run.
+
+    ``--kd`` names the terms and their weights; a term's other parameters come from the student
+    config's ``distill.terms`` entry of the same name, ``--temperature`` / ``--feat-dim`` override
+    them where the term takes them. The deprecated ``--loss X --alpha-crd A`` means ``--kd X=A``.
+    """
+    import inspect
+    import logging
+
+    from trainer.terms import TERMS
+
+    configured = dict(cfg.get("distill") or {})
+    unknown = sorted(set(configured) - {"terms", "warmup_iters"})
+    if unknown:
+        raise ConfigError(f"{options.student_config}: distill has no setting {', '.join(unknown)} "
+                          "(it takes terms=dict(name=weight or dict(weight=..., ...)) and warmup_iters=N)")
+    config_terms = {name: (dict(value) if isinstance(value, dict) else {"weight": float(value)})
+                    for name, value in dict(configured.get("terms") or {}).items()}
+    kd = dict(options.kd) if options.kd else None
+    if options.loss is not None or (options.alpha is not None and kd is None):
+        if kd is not None:
+            raise ConfigError("--loss/--alpha-crd are replaced by --kd TERM=WEIGHT[,TERM=WEIGHT...]; give --kd only")
+        loss = options.loss or "crd"  # --alpha-crd alone weighted the old default, crd
+        logging.getLogger("trainer.train").warning(
+            "--loss %s --alpha-crd %s is deprecated; use --kd %s=%s", loss, options.alpha, loss,
+            1.0 if options.alpha is None else options.alpha)
+        kd = {loss: 1.0 if options.alpha is None else float(options.alpha)}
+    if kd is not None:
+        terms = {name: {**config_terms.get(name, {}), "weight": float(weight)} for name, weight in kd.items()}
+    else:
+        terms = config_terms or {"crd": {"weight": 1.0}}
+    for name, params in terms.items():
+        if name not in TERMS:
+            raise ConfigError(f"distillation term {name!r} (from {'--kd' if kd else options.student_config}) does "
+                              f"not exist; choose from {', '.join(sorted(TERMS))}")
+        accepted = inspect.signature(TERMS[name].__init__).parameters
+        for option, value in (("temperature", options.temperature), ("feat_dim", options.feat_dim)):
+            if value is not None and option in accepted:
+                params[option] = value
+    warmup = options.kd_warmup if options.kd_warmup is not None else int(configured.get("warmup_iters", 0))
+    if warmup < 0:
+        raise ConfigError(f"distillation warm-up must be >= 0 iterations, got {warmup}")
+    return terms, warmup
 
 
 def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: TrainOptions) -> list:
@@ -138,6 +189,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     if not options.cache and not options.online_teacher:
         raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons, "
                           "or --no-distill for the student alone)")
+    terms, warmup = resolve_terms(cfg, options)
     inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
     student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
     if options.cache:
@@ -162,6 +214,10 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         target_codecs = {}
         num_samples = len(dataset)
     student_shapes = _probe_student(cfg, dataset, modules)
+    if "crd" in terms and num_samples < 2:
+        raise ConfigError(f"the crd term contrasts samples against each other and needs at least 2 cached samples; "
+                          f"{options.cache or options.student_config} has {num_samples}. Use more samples, or a "
+                          "term that works per sample: --kd infonce=1 (or pkd=1, mse=1)")
     pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes}
     if not pairs:
         raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
@@ -174,8 +230,8 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         type="CacheDistiller", student=copy.deepcopy(cfg.model), pairs=pairs,
         student_shapes={k: list(v) for k, v in student_shapes.items() if k in pairs},
         teacher_shapes={k: list(v) for k, v in teacher_shapes.items() if k in pairs.values()},
-        student_range=student_range, teacher_range=teacher_range, loss=options.loss, alpha=options.alpha,
-        temperature=options.temperature, feat_dim=options.feat_dim, num_samples=num_samples,
+        student_range=student_range, teacher_range=teacher_range, terms=terms, warmup_iters=warmup,
+        num_samples=num_samples,
         target_codecs={k: v for k, v in target_codecs.items() if k in pairs.values()},
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
@@ -208,7 +264,38 @@ def _runner_class():
             for tensor in model.state_dict().values():  # every rank starts from rank 0's weights
                 broadcast(tensor)
 
+        def load_checkpoint(self, filename: str, *args: Any, **kwargs: Any):
+            # mmengine loads non-strictly: a checkpoint of another model only logs one warning per
+            # tensor (a hundred lines) and training goes on from random weights
+            from mmengine.model import is_model_wrapper
+
+            model = self.model.module if is_model_wrapper(self.model) else self.model
+            check_checkpoint_fits(filename, model.state_dict())
+            return super().load_checkpoint(filename, *args, **kwargs)
+
     return DistillRunner
+
+
+def check_checkpoint_fits(filename: str, model_state: dict[str, torch.Tensor]) -> None:
+    """Raise ConfigError when checkpoint ``filename`` (``load_from`` or ``--resume``) does not fit the
+    model: tensors of other shapes (named, first few, and counted) or no tensor name in common."""
+    from featcache.checkpoint import load_checkpoint_file
+
+    state = load_checkpoint_file(filename)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    common = [key for key in state if key in model_state]
+    if state and not common:
+        raise ConfigError(f"checkpoint {filename} shares no tensor name with this model (it has e.g. "
+                          f"{', '.join(list(state)[:3])}; the model {', '.join(list(model_state)[:3])}): is it "
+                          "a plain student.pth given to a distillation run, or another detector's? Nothing was loaded")
+    wrong = [(key, tuple(state[key].shape), tuple(model_state[key].shape)) for key in common
+             if hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(model_state[key].shape)]
+    if wrong:
+        listed = "; ".join(f"{key}: checkpoint {have}, model {want}" for key, have, want in wrong[:3])
+        raise ConfigError(f"checkpoint {filename} does not fit this model: {len(wrong)} of its {len(common)} shared "
+                          f"tensors have other shapes ({listed}{'; ...' if len(wrong) > 3 else ''}). Was it trained "
+                          "with another config (widths, classes)? Use that config, another --work-dir, or no "
+                          "--resume / load_from")
 
 
 def train(options: TrainOptions):

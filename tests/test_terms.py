@@ -1,0 +1,199 @@
+"""Distillation terms (trainer.terms) on plain tensors, each against a reference computed another way."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.bev_warp import BevAlignment, gaussian_foreground
+from trainer.losses import CRDLoss
+from trainer.targets import TeacherMaps
+from trainer.terms import (TERMS, DistillStep, LayerStep, TermContext, build_term, parse_kd_spec,
+                           pkd_normalise)
+
+RANGE = [-8.0, -8.0, 8.0, 8.0]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _step(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None,
+          boxes: list[torch.Tensor] | None = None, teacher_range=RANGE, meta: dict | None = None) -> DistillStep:
+    batch, _, height, width = student.shape
+    alignments = [BevAlignment(teacher_range, tuple(teacher.shape[-2:]), RANGE, (height, width), meta or {})
+                  for _ in range(batch)]
+    grid_valid = torch.stack([a.valid.reshape(height, width) for a in alignments])
+    valid = grid_valid if valid is None else valid & grid_valid
+    layer = LayerStep(key="neck", student=student, teacher=TeacherMaps(list(teacher)), alignments=alignments,
+                      valid=valid, foreground=torch.zeros(batch, height, width),
+                      boxes=boxes or [torch.zeros(0, 4)] * batch, rows=torch.arange(batch))
+    return DistillStep([layer])
+
+
+def _context(cs: int, ct: int, num_samples: int = 8) -> TermContext:
+    return TermContext(channels={"neck": (cs, ct)}, num_samples=num_samples)
+
+
+def test_kd_spec_parses_weights_and_names_the_valid_terms():
+    assert parse_kd_spec("infonce=1,pkd=5") == {"infonce": 1.0, "pkd": 5.0}
+    assert parse_kd_spec("crd") == {"crd": 1.0}
+    with pytest.raises(ValueError, match="choose from crd, infonce, mse, pkd"):
+        parse_kd_spec("infonse=1")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_kd_spec("pkd=x")
+    with pytest.raises(ValueError, match="unknown distillation term"):
+        build_term("nope", _context(4, 4))
+    with pytest.raises(ValueError, match="has no parameter tau; it takes feat_dim, temperature"):
+        build_term("crd", _context(4, 4), tau=1.0)
+    assert set(TERMS) == {"crd", "infonce", "mse", "pkd"}
+
+
+def test_crd_term_needs_two_rows_and_says_what_to_use_instead():
+    with pytest.raises(ValueError, match="at least 2 cache rows.*--kd infonce=1"):
+        build_term("crd", _context(4, 4, num_samples=1))
+
+
+def test_pkd_is_one_minus_pearson_per_channel_over_valid_cells():
+    student, teacher = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    teacher[:, 1] = 4 * student[:, 1] + 7  # perfectly correlated channel: no loss from it
+    valid = torch.rand(2, 6, 6) > 0.3
+    term = build_term("pkd", _context(3, 3), eps=0.0).double()
+    loss = float(term(_step(student, teacher, valid))["neck"])
+    # reference: Pearson's r per channel over the valid cells of the whole batch, by numpy
+    s = student.permute(1, 0, 2, 3).numpy()[:, valid.numpy()]
+    t = teacher.permute(1, 0, 2, 3).numpy()[:, valid.numpy()]
+    n = s.shape[1]
+    expected = np.mean([(n - 1) / n * (1 - np.corrcoef(s[c], t[c])[0, 1]) for c in range(3)])
+    assert loss == pytest.approx(expected, rel=1e-9)
+    # mmrazor's PKDLoss on a fully valid map: F.mse_loss of the standardised maps / 2
+    everywhere = torch.ones(2, 6, 6, dtype=torch.bool)
+    mmrazor = F.mse_loss(pkd_normalise(student, None, 0.0), pkd_normalise(teacher, None, 0.0)) / 2
+    assert float(term(_step(student, teacher, everywhere))["neck"]) == pytest.approx(float(mmrazor), rel=1e-9)
+
+
+def test_pkd_adapts_student_channels_and_ignores_teacher_scale():
+    student, teacher = torch.randn(2, 5, 4, 4), torch.randn(2, 3, 4, 4)
+    term = build_term("pkd", _context(5, 3))
+    step = _step(student, teacher)
+    scaled = _step(student, teacher * 100 - 3)
+    assert torch.allclose(term(step)["neck"], term(scaled)["neck"], atol=1e-5)
+    term(step)["neck"].backward()
+    assert term.adapters["neck"].weight.grad.abs().sum() > 0
+
+
+def test_mse_term_is_masked_mean_squared_error_through_its_adapter():
+    student, teacher = torch.randn(2, 4, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    valid = torch.rand(2, 5, 5) > 0.5
+    term = build_term("mse", _context(4, 4)).double()
+    with torch.no_grad():  # adapter = identity, so the reference is plain masked MSE
+        term.adapters["neck"].weight.copy_(torch.eye(4, dtype=torch.float64)[:, :, None, None])
+        term.adapters["neck"].bias.zero_()
+    loss = float(term(_step(student, teacher, valid))["neck"])
+    diff = (student - teacher).numpy() ** 2
+    mask = valid.numpy()
+    expected = sum(diff[b, :, i, j].sum() for b in range(2) for i in range(5) for j in range(5) if mask[b, i, j])
+    assert loss == pytest.approx(expected / (mask.sum() * 4), rel=1e-9)
+
+
+def test_crd_term_contrasts_valid_cell_means():
+    student, teacher = torch.randn(3, 6, 4, 4), torch.randn(3, 6, 4, 4)
+    valid = torch.rand(3, 4, 4) > 0.4
+    term = build_term("crd", _context(6, 6, num_samples=10), feat_dim=8, nce_k=5)
+    reference = copy.deepcopy(term)
+    loss = term(_step(student, teacher, valid))["neck"]
+    # reference: pool by hand over the valid cells, project, score with a copy of the same CRD state
+    weights = valid.flatten(1).float()
+    pooled_s = (student.flatten(2) * weights[:, None]).sum(2) / weights.sum(1, keepdim=True)
+    pooled_t = (teacher.flatten(2) * weights[:, None]).sum(2) / weights.sum(1, keepdim=True)
+    heads = reference.heads["neck"]
+    crd: CRDLoss = reference.criteria["neck"]
+    expected = crd(heads["student"](pooled_s), heads["teacher"](pooled_t), torch.arange(3))
+    torch.testing.assert_close(loss, expected)
+
+
+def _info_nce_reference(query: np.ndarray, key: np.ndarray, temperature: float) -> float:
+    total = 0.0
+    for i in range(len(query)):
+        logits = [float(query[i] @ key[j]) / temperature for j in range(len(key))]
+        total -= logits[i] - math.log(sum(math.exp(v) for v in logits))
+    return total / len(query)
+
+
+def test_infonce_term_cells_and_instances_against_loops_boxes_off_grid_left_out():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(1, 6, 8, 8, dtype=torch.float64), torch.randn(1, 6, 8, 8, dtype=torch.float64)
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    valid[:, :, 6:] = False  # e.g. outside the teacher's grid
+    boxes = [torch.tensor([[0.0, 0.0, 2.0, 2.0], [3.0, 3.0, 5.0, 4.0], [6.2, 1.0, 7.8, 3.0]], dtype=torch.float64)]
+    term = build_term("infonce", _context(6, 6), feat_dim=4, cells_per_sample=1000).double()
+    loss = float(term(_step(student, teacher, valid, boxes))["neck"])
+    heads = term.heads["neck"]
+    project = lambda head, x: head(x).detach().numpy()  # noqa: E731
+    cells = valid[0].flatten().nonzero().flatten()  # every valid cell is drawn (InfoNCE is order-free)
+    s_cells, t_cells = student[0].flatten(1)[:, cells].T, teacher[0].flatten(1)[:, cells].T
+    expected = _info_nce_reference(project(heads["student"], s_cells), project(heads["teacher"], t_cells), 0.07)
+    # instances: the third box lies in the invalid columns 6-7 and is left out; the others are means
+    # over the cells they cover: rows 0-1 x cols 0-1, rows 3 x cols 3-4
+    box_cells = [[r * 8 + c for r in (0, 1) for c in (0, 1)], [3 * 8 + 3, 3 * 8 + 4]]
+    s_means = torch.stack([student[0].flatten(1)[:, idx].mean(1) for idx in box_cells])
+    t_means = torch.stack([teacher[0].flatten(1)[:, idx].mean(1) for idx in box_cells])
+    s_emb = F.normalize(heads["student"](s_means), dim=1).detach().numpy()
+    t_emb = F.normalize(heads["teacher"](t_means), dim=1).detach().numpy()
+    expected += _info_nce_reference(s_emb, t_emb, 0.07)
+    assert loss == pytest.approx(expected, rel=1e-7)
+
+
+def test_every_term_backpropagates_into_student_and_runs_on_stored_int8_targets():
+    from featcache import codecs
+
+    spec = codecs.parse_codec("int8-zstd3")
+    teacher = torch.randn(2, 5, 8, 8)
+    stored, qparams = zip(*(codecs.encode(map_.numpy(), spec) for map_ in teacher))
+    maps = TeacherMaps([torch.from_numpy(s) for s in stored], spec, [torch.from_numpy(q) for q in qparams])
+    for name in sorted(TERMS):
+        student = torch.randn(2, 3, 8, 8, requires_grad=True)
+        step = _step(student, teacher, boxes=[torch.tensor([[1.0, 1.0, 3.0, 3.0], [4.0, 4.0, 6.0, 7.0]])] * 2)
+        step.layers[0].teacher = maps
+        step.layers[0].foreground = torch.rand(2, 8, 8)
+        term = build_term(name, _context(3, 5))
+        loss = term(step)["neck"]
+        assert torch.isfinite(loss), name
+        loss.backward()
+        assert student.grad.abs().sum() > 0, name
+
+
+def test_gaussian_foreground_matches_mmdet3d_centerhead_targets():
+    from mmdet3d.models.utils import draw_heatmap_gaussian, gaussian_radius
+
+    # a 4.5 x 1.9 m car and a 0.7 x 0.7 m pedestrian on 1.28 m cells, centred on cell centres
+    bev, size = [-32.0, -32.0, 32.0, 32.0], 50
+    cell = 64 / size
+    boxes = torch.tensor([[(10 + 0.5) * cell - 32, (20 + 0.5) * cell - 32, 4.5, 1.9, 0.0],
+                          [(30 + 0.5) * cell - 32, (5 + 0.5) * cell - 32, 0.7, 0.7, 0.0]])
+    ours = gaussian_foreground(bev, size, size, boxes, min_radius=2, min_overlap=0.1)
+    reference = torch.zeros(size, size)
+    for x, y, length, width, _ in boxes.tolist():
+        radius = max(2, int(gaussian_radius((torch.tensor(width / cell), torch.tensor(length / cell)), min_overlap=0.1)))
+        draw_heatmap_gaussian(reference, torch.tensor([round((x + 32) / cell - 0.5), round((y + 32) / cell - 0.5)]),
+                              radius)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)  # float32 box centres
+    assert ours[5, 30] == 1 and (ours > 0.1).sum() >= 9  # the pedestrian weighs a few cells, not none
+
+
+def test_border_cells_read_the_edge_value_not_zero_padding():
+    # student at twice the teacher's resolution over the same range: its edge cells' sources lie within
+    # half a teacher cell of the grid's edge, where zero padding would read 0.75 of the value
+    teacher = torch.ones(2, 8, 8)
+    alignment = BevAlignment(RANGE, (8, 8), RANGE, (16, 16), {})
+    assert alignment.valid.all()
+    torch.testing.assert_close(alignment.warp(teacher), torch.ones(2, 16, 16))
+    cells = torch.arange(256)
+    read = TeacherMaps([teacher]).read(0, alignment.read_matrix(cells))
+    torch.testing.assert_close(read, torch.ones(256, 2))
+    torch.testing.assert_close(alignment.splat(torch.ones(256)).sum(), torch.tensor(256.0))

@@ -1,0 +1,299 @@
+"""Distillation loss terms: small torch-only modules, each owning its projection heads or adapters.
+
+The distiller fills one :class:`DistillStep` per training step (student maps, teacher maps as the
+cache handed them out, the per-sample alignment of the two grids, ``valid`` and foreground masks,
+GT boxes, cache rows) and every configured term reads what it needs from it. Terms are combined by
+weight (``--kd infonce=1,pkd=5``); each returns one loss per distilled layer pair, logged as
+``loss_kd_<term>_<layer>``. Nothing here imports mmengine or mmdet3d, so every term is unit-tested
+on plain tensors (tests/test_losses_heads.py, tests/test_terms.py).
+
+Terms (:data:`TERMS`):
+
+* ``crd``: CRD (Tian et al., ICLR 2020) on each sample's valid-cell mean, momentum memory banks over
+  cache rows (``losses.CRDLoss``).
+* ``infonce``: InfoNCE over BEV cells sampled per sample (foreground-weighted by the GT Gaussian,
+  never from invalid cells), plus InfoNCE over GT instances pooled over their valid cells.
+* ``mse``: masked feature regression through a 1x1 adapter.
+* ``pkd``: PKD (Cao et al., NeurIPS 2022; mmrazor's ``PKDLoss``): both maps standardised per channel
+  over the batch's valid cells, then half their mean squared difference, which is 1 - Pearson's r
+  per channel. A 1x1 adapter maps the student's channels onto the teacher's when they differ.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from trainer.bev_warp import BevAlignment
+from trainer.heads import ProjectionMLP
+from trainer.losses import (CRDLoss, InfoNCELoss, MaskedMSELoss, box_cells, gather_cells, instance_infonce,
+                            mean_by_box)
+from trainer.targets import TeacherMaps
+
+__all__ = ["LayerStep", "DistillStep", "TermContext", "KDTerm", "TERMS", "register_term", "build_term",
+           "parse_kd_spec", "pkd_normalise"]
+
+
+@dataclass
+class LayerStep:
+    """One distilled (student layer, teacher layer) pair in one training step.
+
+    Attributes:
+        key: the student layer's head key (``pts_neck.0`` -> ``pts_neck__0``), used in loss names.
+        student: (B, Cs, H, W) student map, with gradient.
+        teacher: the teacher's maps for the batch, stored values decoded where read.
+        alignments: per sample, where each student cell reads the teacher grid (augmentation undone).
+        valid: (B, H, W) bool, cells with a teacher target (on the teacher grid, not GT-pasted).
+        foreground: (B, H, W) float in [0, 1], the GT boxes' CenterHead-style Gaussian on the student grid.
+        boxes: per sample (N, 4) GT boxes as axis-aligned [x1, y1, x2, y2] in student cell units.
+        rows: (B,) long, the samples' cache rows (CRD's memory index).
+    """
+
+    key: str
+    student: Tensor
+    teacher: TeacherMaps
+    alignments: list[BevAlignment]
+    valid: Tensor
+    foreground: Tensor
+    boxes: list[Tensor]
+    rows: Tensor
+    _warped: Tensor | None = field(default=None, repr=False)
+
+    def warped_teacher(self) -> Tensor:
+        """(B, Ct, H, W) float32: every sample's whole teacher map on the student grid, computed once a
+        step for all dense terms (``mse``, ``pkd``)."""
+        if self._warped is None:
+            self._warped = torch.stack([alignment.warp(self.teacher.decoded(index))
+                                        for index, alignment in enumerate(self.alignments)])
+        return self._warped
+
+
+@dataclass
+class DistillStep:
+    """What the distiller knows about one training step, filled once and read by every term."""
+
+    layers: list[LayerStep]
+
+
+@dataclass(frozen=True)
+class TermContext:
+    """What a term needs at construction: per head key, the (student, teacher) channel counts; the
+    number of cache rows (CRD's memory size); an all-gather for DDP (CRD's memory updates)."""
+
+    channels: dict[str, tuple[int, int]]
+    num_samples: int = 1
+    gather: Callable[[Tensor], Tensor] | None = None
+
+
+class KDTerm(nn.Module):
+    """A distillation term: ``forward(step) -> {layer key: scalar loss}``, one per distilled pair."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.context = context
+
+    def forward(self, step: DistillStep) -> dict[str, Tensor]:
+        return {layer.key: self.layer_loss(layer) for layer in step.layers}
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        raise NotImplementedError
+
+
+TERMS: dict[str, type[KDTerm]] = {}
+
+
+def register_term(cls: type[KDTerm]) -> type[KDTerm]:
+    TERMS[cls.name] = cls
+    return cls
+
+
+def build_term(name: str, context: TermContext, **params: Any) -> KDTerm:
+    """The term ``name`` (a key of :data:`TERMS`) with its parameters; unknown names or parameters
+    raise a ValueError naming the valid ones."""
+    if name not in TERMS:
+        raise ValueError(f"unknown distillation term {name!r}; choose from {', '.join(sorted(TERMS))}")
+    import inspect
+
+    accepted = [p for p in inspect.signature(TERMS[name].__init__).parameters if p not in ("self", "context")]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"distillation term {name!r} has no parameter {', '.join(unknown)}; "
+                         f"it takes {', '.join(accepted) or 'none'}")
+    return TERMS[name](context, **params)
+
+
+def parse_kd_spec(text: str) -> dict[str, float]:
+    """``'infonce=1,pkd=5'`` -> ``{'infonce': 1.0, 'pkd': 5.0}``; a bare name weighs 1. Names are checked
+    against :data:`TERMS`."""
+    spec: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, weight = item.partition("=")
+        name = name.strip()
+        if name not in TERMS:
+            raise ValueError(f"--kd {text!r}: unknown term {name!r}; choose from {', '.join(sorted(TERMS))}")
+        try:
+            spec[name] = float(weight) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"--kd {text!r}: the weight of {name!r} is not a number: {weight!r}") from None
+        if not math.isfinite(spec[name]) or spec[name] < 0:
+            raise ValueError(f"--kd {text!r}: the weight of {name!r} must be a finite number >= 0")
+    if not spec:
+        raise ValueError(f"--kd {text!r} names no term; e.g. --kd infonce=1,pkd=5")
+    return spec
+
+
+def _projection_heads(context: TermContext, feat_dim: int) -> nn.ModuleDict:
+    return nn.ModuleDict({key: nn.ModuleDict({"student": ProjectionMLP(cs, feat_dim),
+                                              "teacher": ProjectionMLP(ct, feat_dim)})
+                          for key, (cs, ct) in context.channels.items()})
+
+
+def _adapters(context: TermContext, always: bool) -> nn.ModuleDict:
+    """A 1x1 convolution per pair from the student's channels to the teacher's (identity when equal
+    and not ``always``)."""
+    return nn.ModuleDict({key: nn.Conv2d(cs, ct, kernel_size=1) if always or cs != ct else nn.Identity()
+                          for key, (cs, ct) in context.channels.items()})
+
+
+@register_term
+class CRDTerm(KDTerm):
+    """CRD on one embedding per sample: the student map and the warped teacher map, each averaged over
+    the sample's valid cells, projected and contrasted against memory banks over cache rows."""
+
+    name = "crd"
+
+    def __init__(self, context: TermContext, feat_dim: int = 128, temperature: float = 0.07,
+                 nce_k: int = 4096, momentum: float = 0.5) -> None:
+        super().__init__(context)
+        if context.num_samples < 2:
+            raise ValueError(f"the crd term contrasts samples against each other and needs at least 2 cache rows; "
+                             f"this cache has {context.num_samples}. Build the cache over more samples, or use "
+                             "a term that works per sample (--kd infonce=1, pkd=1 or mse=1)")
+        self.heads = _projection_heads(context, feat_dim)
+        self.criteria = nn.ModuleDict({key: CRDLoss(feat_dim, context.num_samples, nce_k=nce_k,
+                                                    temperature=temperature, momentum=momentum,
+                                                    gather=context.gather) for key in context.channels})
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        weights = layer.valid.flatten(1).float()
+        denominator = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+        pooled_s = (layer.student.flatten(2) * weights[:, None]).sum(dim=2) / denominator
+        pooled_t = torch.stack([layer.teacher.weighted_sum(index, alignment.splat(weights[index] / denominator[index]))
+                                for index, alignment in enumerate(layer.alignments)])
+        heads = self.heads[layer.key]
+        return self.criteria[layer.key](heads["student"](pooled_s), heads["teacher"](pooled_t.to(layer.student.dtype)),
+                                        layer.rows)
+
+
+@register_term
+class InfoNCETerm(KDTerm):
+    """InfoNCE over sampled BEV cells (foreground-weighted) plus, with ``instance_weight`` > 0, InfoNCE
+    over GT instances: each box's student and teacher means over its *valid* covered cells (a box with
+    no valid cell is left out, so an off-grid box never contributes a padded teacher mean)."""
+
+    name = "infonce"
+
+    def __init__(self, context: TermContext, feat_dim: int = 128, temperature: float = 0.07,
+                 cells_per_sample: int = 256, fg_fraction: float = 0.5, instance_weight: float = 1.0) -> None:
+        super().__init__(context)
+        self.temperature, self.instance_weight = temperature, instance_weight
+        self.heads = _projection_heads(context, feat_dim)
+        self.cells = InfoNCELoss(cells_per_sample, temperature, fg_fraction=fg_fraction)
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        student, heads = layer.student, self.heads[layer.key]
+        hw = tuple(student.shape[-2:])
+        sampled = self.cells.sample(student, layer.valid, layer.foreground)
+        covered = [self._valid_box_cells(boxes, layer.valid[index].flatten(), hw)
+                   for index, boxes in enumerate(layer.boxes)]
+        # one gather for sampled and box cells: each gather's backward zero-fills a whole-batch gradient
+        gathered = gather_cells(student, [torch.cat([cells, box_cell]) for cells, (box_cell, _, _) in
+                                          zip(sampled, covered)])
+        keys = [layer.teacher.read(index, layer.alignments[index].read_matrix(cells)).to(student.dtype)
+                for index, cells in enumerate(sampled)]
+        loss = self.cells.from_vectors([part[:len(cells)] for part, cells in zip(gathered, sampled)], keys,
+                                       (heads["student"], heads["teacher"]))
+        if self.instance_weight <= 0:
+            return loss
+        instance_terms = []
+        for index, (box_cell, owner, count) in enumerate(covered):
+            if count < 2:  # no negatives
+                continue
+            per_box = torch.bincount(owner, minlength=count).float()
+            teacher_means = layer.teacher.read(index, layer.alignments[index].read_matrix(
+                box_cell, owner, 1.0 / per_box[owner], count))
+            student_means = mean_by_box(gathered[index][len(sampled[index]):], owner, count)
+            instance_terms.append(instance_infonce(heads["student"](student_means),
+                                                   heads["teacher"](teacher_means.to(student.dtype)), self.temperature))
+        if instance_terms:
+            loss = loss + self.instance_weight * torch.stack(instance_terms).mean()
+        return loss
+
+    @staticmethod
+    def _valid_box_cells(boxes: Tensor, valid: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor, int]:
+        """Cells each box covers that have a target: flat cells (K,), their box renumbered over the boxes
+        that keep at least one cell (K,), and how many boxes that is."""
+        cells, owner = box_cells(boxes, *hw)
+        keep = valid[cells]
+        cells, owner = cells[keep], owner[keep]
+        kept, owner = torch.unique(owner, return_inverse=True)
+        return cells, owner, len(kept)
+
+
+@register_term
+class MSETerm(KDTerm):
+    """Masked feature regression: a 1x1 adapter maps the student map onto the teacher's channels; mean
+    squared error over valid cells against the warped teacher map."""
+
+    name = "mse"
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__(context)
+        self.adapters = _adapters(context, always=True)
+        self.criterion = MaskedMSELoss()
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        return self.criterion(self.adapters[layer.key](layer.student), layer.warped_teacher().to(layer.student.dtype),
+                              layer.valid)
+
+
+def pkd_normalise(features: Tensor, mask: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """(B, C, H, W) standardised per channel over the batch's cells (``mask`` (B, H, W): valid cells only):
+    (x - mean) / (std + eps), mmrazor's ``PKDLoss.norm`` restricted to the cells that count."""
+    if mask is None:
+        mask = torch.ones(features.shape[0], *features.shape[-2:], dtype=torch.bool, device=features.device)
+    weight = mask.to(features.dtype)[:, None]
+    count = weight.sum().clamp_min(2.0)
+    mean = (features * weight).sum(dim=(0, 2, 3), keepdim=True) / count
+    # unbiased, as torch.std in mmrazor's norm
+    var = ((features - mean) ** 2 * weight).sum(dim=(0, 2, 3), keepdim=True) / (count - 1)
+    return (features - mean) / (var.sqrt() + eps)
+
+
+@register_term
+class PKDTerm(KDTerm):
+    """PKD: both maps standardised per channel over the batch's valid cells (``pkd_normalise``), then
+    half the mean squared difference over valid cells and channels, i.e. mean over channels of
+    1 - Pearson's r between student and teacher activations. Invariant to the teacher's per-channel
+    scale and offset, which is why it needs no weight tuning against the feature magnitudes the
+    other regression terms see."""
+
+    name = "pkd"
+
+    def __init__(self, context: TermContext, eps: float = 1e-6) -> None:
+        super().__init__(context)
+        self.eps = eps
+        self.adapters = _adapters(context, always=False)
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        student = pkd_normalise(self.adapters[layer.key](layer.student), layer.valid, self.eps)
+        teacher = pkd_normalise(layer.warped_teacher().to(student.dtype), layer.valid, self.eps)
+        weight = layer.valid.to(student.dtype)[:, None]
+        count = (weight.sum() * student.shape[1]).clamp_min(1.0)
+        return ((student - teacher) ** 2 * weight).sum() / count / 2
