@@ -1,0 +1,468 @@
+"""The quality benchmark: demo students trained under distillation recipes, several seeds each.
+
+Does a student trained from the cache come out better than the same student without it? One run
+per arm cannot say (the same demo twice gave the half student's KD-minus-no-KD gap as -0.024 and
++0.022 mAP), so every recipe is trained with several seeds on the demo benchmark (the generated
+scenes of ``make demo``, the shipped demo teacher, the students' 4-epoch schedule) and scored
+with the project's metric (nuScenes centre-distance mAP on the val split). Writes ``QUALITY.md``,
+``quality.json`` and ``quality.png`` at the repository root; never edit them by hand.
+
+Completed runs are reused: each record in ``quality.json`` carries the key it was trained under
+(student config text, recipe, seed, targets, teacher checkpoint, data and trainer revision; see
+``run_key``), so re-running the script trains only what is missing and the table grows across
+sessions. Runs of an older trainer revision move to ``superseded_runs`` and are no longer shown.
+
+Usage::
+
+    python tools/quality.py [--jobs 2] [--seeds 0 1 2] [--max-runs N] [--only half]
+    python tools/quality.py --report-only          # rewrite QUALITY.md from quality.json
+    python tools/quality.py --quick --out-dir DIR  # tiny smoke run (tests)
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import glob
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO)]
+
+TEACHER_CONFIG = REPO / "configs/demo/teacher_pillar.py"
+TEACHER_CKPT = REPO / "checkpoints/demo_teacher_pillar.pth"
+STUDENTS = {"half": REPO / "configs/demo/student_half.py", "slim": REPO / "configs/demo/student_slim.py"}
+NO_KD = "no-kd"
+# The recipes of the half student. Weights: crd, infonce and pkd losses are O(1) at the start, mse
+# depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6).
+HALF_RECIPES = (NO_KD, "crd=1", "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
+# What decides the outcome of a run: the trainer's training-step and evaluation code. The CLI and
+# Runner assembly (cli.py, train.py) check inputs and wire configs; they are not part of the key.
+TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "losses.py", "samplers.py",
+                 "targets.py", "terms.py", "transforms.py")
+SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
+
+
+@dataclass(frozen=True)
+class Run:
+    student: str  # "half" | "slim"
+    recipe: str  # "no-kd" or a --kd spec
+    seed: int
+    targets: str  # "cache" | "online" | "none"
+
+    @property
+    def name(self) -> str:
+        return f"{self.student}/{self.recipe.replace(',', '+')}/{self.targets}/seed{self.seed}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def trainer_revision() -> str:
+    digest = hashlib.sha256()
+    for name in TRAINER_FILES:
+        digest.update(name.encode() + b"\0" + (REPO / "trainer" / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def config_text(path: Path) -> str:
+    from featcache import models
+
+    return models.load_config(str(path)).text
+
+
+def run_key(run: Run, context: dict[str, str], quick: bool) -> str:
+    """What a run's result depends on: config (with its bases), recipe, seed, targets, teacher
+    checkpoint, data stamp, trainer revision and size."""
+    parts = [config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets, context["teacher_sha256"],
+             context["data_stamp"], context["trainer_revision"], "quick" if quick else "full"]
+    return sha256("\0".join(parts).encode())[:24]
+
+
+# -- one run (in a subprocess) ------------------------------------------------------------------
+
+def data_options(data: Path) -> list[str]:
+    return [f"train_dataloader.dataset.data_root={data}/", f"test_dataloader.dataset.data_root={data}/"]
+
+
+def schedule_options(quick: bool) -> list[str]:
+    """The quick size trains one epoch (the demo's --quick schedule)."""
+    if not quick:
+        return []
+    return ["train_cfg.max_epochs=1", "param_scheduler.1.T_max=1", "param_scheduler.1.end=1",
+            "default_hooks.logger.interval=1"] + eval_options(quick)
+
+
+def eval_options(quick: bool) -> list[str]:
+    # one-epoch students score near the 0.1 threshold everywhere: cap the boxes NMS sees per task
+    return ["model.test_cfg.pts.pre_max_size=100", "model.test_cfg.pts.post_max_size=50"] if quick else []
+
+
+def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one student and score it: the record quality.json keeps (run in its own process)."""
+    import torch
+
+    from featcache.models import parse_cfg_options
+    from trainer.evaluation import evaluate_checkpoint
+    from trainer.terms import parse_kd_spec
+    from trainer.train import TrainOptions, train
+
+    run = Run(**spec["run"])
+    work_dir = spec["work_dir"]
+    options = parse_cfg_options(spec["cfg_options"] + [f"randomness.seed={run.seed}"])
+    config = str(STUDENTS[run.student])
+    common = dict(student_config=config, work_dir=work_dir, cfg_options=options)
+    if run.recipe == NO_KD:
+        train_options = TrainOptions(cache=None, no_distill=True, **common)
+    elif run.targets == "online":
+        train_options = TrainOptions(cache=None, kd=parse_kd_spec(run.recipe), online_teacher=(
+            str(TEACHER_CONFIG), str(TEACHER_CKPT)), teacher_cfg_options=parse_cfg_options(spec["cfg_options"]),
+            **common)
+    else:
+        train_options = TrainOptions(cache=spec["cache"], kd=parse_kd_spec(run.recipe), **common)
+    start = time.perf_counter()
+    train(train_options)
+    train_s = time.perf_counter() - start
+    evaluation = evaluate_checkpoint(config, os.path.join(work_dir, "student.pth"),
+                                     parse_cfg_options(spec["cfg_options"]))
+    metrics = evaluation.metrics
+    return {**asdict(run), "key": spec["key"], "mAP": metrics["mAP"],
+            "AP": finite_or_none({name[3:]: value for name, value in metrics.items() if name.startswith("AP_")}),
+            "params": evaluation.num_parameters, "train_s": round(train_s, 1), "step_s": median_step_time(work_dir),
+            "torch_threads": torch.get_num_threads(), "finished": now()}
+
+
+def median_step_time(work_dir: str) -> float | None:
+    """Median logged iteration time (s) of the run, the first logging window (warm-up) left out."""
+    files = sorted(glob.glob(os.path.join(work_dir, "*", "vis_data", "scalars.json")))
+    if not files:
+        return None
+    with open(files[-1]) as stream:
+        times = [json.loads(line)["time"] for line in stream if '"time"' in line]
+    return round(statistics.median(times[1:] if len(times) > 1 else times), 4) if times else None
+
+
+def finite_or_none(values: dict[str, float]) -> dict[str, float | None]:
+    """AP per class with NaN (a class absent from the val split) as None: quality.json stays strict JSON."""
+    return {name: (None if value != value else value) for name, value in values.items()}
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+def log(message: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def featcache_cli() -> list[str]:
+    return [sys.executable, "-m", "trainer.cli"]
+
+
+def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
+    """Scenes, teacher cache; returns the context every run key includes."""
+    subprocess.run([sys.executable, str(REPO / "tools/generate_scenes.py"), "--out", str(data),
+                    *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
+                   check=True, stdout=subprocess.DEVNULL)
+    stamp_text = (data / "featcache_synth_stamp.json").read_text()  # generator, seed and split sizes
+    cache = work / "cache"
+    options = [item for option in data_options(data) for item in ("--cfg-options", option)]
+    subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
+                                      "--layers", "pts_neck", *options], check=True)
+    from featcache import format
+
+    return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
+            "trainer_revision": trainer_revision(), "cache": str(cache)}
+
+
+def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
+    from featcache.models import parse_cfg_options
+    from trainer.evaluation import evaluate_checkpoint
+
+    evaluation = evaluate_checkpoint(str(TEACHER_CONFIG), str(TEACHER_CKPT),
+                                     parse_cfg_options(data_options(data) + eval_options(quick)))
+    return {"mAP": evaluation.metrics["mAP"], "params": evaluation.num_parameters,
+            "AP": finite_or_none({name[3:]: value for name, value in evaluation.metrics.items()
+                                  if name.startswith("AP_")})}
+
+
+def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None) -> list[Run]:
+    """Breadth first: every recipe's first seed before any recipe's second."""
+    half = [NO_KD, "pkd=5"] if quick else list(HALF_RECIPES)
+    best = best_recipe(records, "half") or "infonce=1,pkd=5"
+    runs: list[Run] = []
+    for seed in seeds:
+        if only in (None, "half"):
+            runs += [Run("half", recipe, seed, "none" if recipe == NO_KD else "cache") for recipe in half]
+        if only in (None, "slim") and not quick:
+            runs += [Run("slim", NO_KD, seed, "none"), Run("slim", best, seed, "cache")]
+    if only in (None, "online") and not quick:
+        runs.append(Run("half", best, seeds[0], "online"))
+    return runs
+
+
+def best_recipe(records: list[dict], student: str) -> str | None:
+    """The cached recipe with the highest mean mAP over its seeds (at least 2 seeds), if any."""
+    groups = group_records(records)
+    candidates = [(statistics.mean(values), recipe) for (who, recipe, targets), values in groups.items()
+                  if who == student and targets == "cache" and len(values) >= 2]
+    return max(candidates)[1] if candidates else None
+
+
+def group_records(records: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for record in sorted(records, key=lambda r: r["seed"]):
+        groups.setdefault((record["student"], record["recipe"], record["targets"]), []).append(record["mAP"])
+    return groups
+
+
+def load(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"teacher": None, "runs": [], "superseded_runs": []}
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(state, indent=1, allow_nan=False) + "\n")
+    os.replace(partial, path)
+
+
+def run_one(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Train + evaluate in a fresh process (its own torch threads and generator state)."""
+    os.makedirs(spec["work_dir"], exist_ok=True)
+    spec_path = os.path.join(spec["work_dir"], "spec.json")
+    with open(spec_path, "w") as stream:
+        json.dump(spec, stream)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    log_path = os.path.join(spec["work_dir"], "run.log")
+    with open(log_path, "w") as stream:
+        result = subprocess.run([sys.executable, __file__, "--run-spec", spec_path], stdout=stream,
+                                stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        with open(log_path) as stream:
+            tail = stream.read()[-2000:]
+        raise RuntimeError(f"run {spec['run']} failed (exit {result.returncode}); log {log_path}:\n{tail}")
+    with open(os.path.join(spec["work_dir"], "record.json")) as stream:
+        return json.load(stream)
+
+
+def execute(args: argparse.Namespace) -> None:
+    out_dir = Path(args.out_dir)
+    state_path = out_dir / "quality.json"
+    state = load(state_path)
+    work = Path(args.work_dir)
+    data = work / "data" if args.quick else REPO / "data/generated/demo"
+    context = prepare(work, data, args.quick)
+    log(f"trainer revision {context['trainer_revision']}, cache {context['cache']}")
+    keys = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}): r for r in state["runs"]}
+    current = {}
+    for run, record in keys.items():
+        if record["key"] == run_key(run, context, args.quick):
+            current[run] = record
+        else:
+            state["superseded_runs"].append(record)
+    state["runs"] = list(current.values())
+    state["context"] = {key: value for key, value in context.items() if key != "cache"}
+    teacher_key = sha256((context["teacher_sha256"] + context["data_stamp"] + context["trainer_revision"]).encode())
+    if not state.get("teacher") or state["teacher"].get("key") != teacher_key:
+        log("evaluating the teacher")
+        state["teacher"] = {**evaluate_teacher(data, args.quick), "key": teacher_key}
+    save(state_path, state)
+    budget = args.max_runs
+    while True:
+        todo = [run for run in wanted_runs(state["runs"], args.seeds, args.quick, args.only) if run not in current]
+        todo = list(dict.fromkeys(todo))
+        if budget is not None:
+            todo = todo[:max(budget, 0)]
+        if not todo:
+            break
+        batch = todo[:args.jobs]
+        log(f"{len(todo)} runs to do; starting {', '.join(run.name for run in batch)}")
+        specs = []
+        for run in batch:
+            key = run_key(run, context, args.quick)
+            specs.append({"run": asdict(run), "key": key, "work_dir": str(work / "runs" / run.name),
+                          "cache": context["cache"],
+                          "cfg_options": data_options(data) + schedule_options(args.quick)})
+        threads = max(1, (os.cpu_count() or 2) // len(batch))
+        with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
+            futures = {pool.submit(run_one, spec, threads): spec for spec in specs}
+            for future in concurrent.futures.as_completed(futures):
+                record = future.result()
+                run = Run(**{k: record[k] for k in ("student", "recipe", "seed", "targets")})
+                current[run] = record
+                state["runs"] = list(current.values())
+                save(state_path, state)
+                write_report(out_dir, state, context, args.quick)
+                log(f"done {run.name}: mAP {record['mAP']:.4f} ({record['train_s']:.0f} s)")
+        if budget is not None:
+            budget -= len(batch)
+    write_report(out_dir, state, context, args.quick)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def describe(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], quick: bool) -> None:
+    teacher = state["teacher"]
+    groups = group_records(state["runs"])
+    records_by_group: dict[tuple[str, str, str], list[dict]] = {}
+    for record in state["runs"]:
+        records_by_group.setdefault((record["student"], record["recipe"], record["targets"]), []).append(record)
+    plot(out_dir / "quality.png", groups, teacher["mAP"])
+    from featcache.build import library_versions
+
+    versions = {**library_versions(), "python": platform.python_version()}
+    lines = ["# featcache quality benchmark", "",
+             f"Generated by `python tools/quality.py{' --quick' if quick else ''}` (last written {now()}) from the "
+             f"runs in `quality.json`; every figure is measured by the runs listed there. Do not edit by hand.", "",
+             f"- machine: {len(os.sched_getaffinity(0))} cores, {platform.processor() or platform.machine()}, "
+             f"Linux {platform.release()}; two trainings side by side at one torch thread each",
+             "- versions: " + ", ".join(f"{name} {version}" for name, version in versions.items()),
+             f"- trainer revision {context['trainer_revision']} (sha256 of trainer/{{{','.join(TRAINER_FILES)}}}); "
+             f"teacher checkpoint sha256 {context['teacher_sha256'][:12]}; scenes stamp {context['data_stamp']}",
+             f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
+             "ray-cast scans), the shipped demo teacher "
+             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map cached once at int8-zstd3, students trained "
+             f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
+             "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"
+             + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",
+             f"Teacher: mAP **{teacher['mAP']:.4f}**, {teacher['params']:,} parameters.", ""]
+    header = ["student", "recipe", "targets", "seeds", "mAP mean ± std", "min..max", "retention", "gain over no-KD",
+              "gap / larger std", "params", "step s", "train s"]
+    rows = []
+    verdicts = []
+    for (student, recipe, targets), values in sorted(groups.items(), key=lambda item: (item[0][0], item[0][2],
+                                                                                        item[0][1] != NO_KD, item[0][1])):
+        mean, std = describe(values)
+        base = groups.get((student, NO_KD, "none"))
+        gain = gap = None
+        if base and recipe != NO_KD:
+            base_mean, base_std = describe(base)
+            gain = mean - base_mean
+            larger = max(std, base_std)
+            gap = gain / larger if larger == larger and larger > 0 else None  # NaN-safe
+            if gap is not None and len(values) >= 3 and len(base) >= 3:
+                verdicts.append((student, recipe, targets, gain, gap))
+        records = records_by_group[(student, recipe, targets)]
+        step = [r["step_s"] for r in records if r.get("step_s")]
+        rows.append([student, f"`{recipe}`", targets, str(len(values)),
+                     f"{mean:.4f} ± {std:.4f}" if std == std else f"{mean:.4f}",
+                     f"{min(values):.4f}..{max(values):.4f}", f"{mean / teacher['mAP']:.3f}",
+                     "" if gain is None else f"{gain:+.4f}", "" if gap is None else f"{gap:+.2f}",
+                     f"{records[0]['params']:,}", f"{statistics.median(step):.3f}" if step else "",
+                     f"{statistics.median(r['train_s'] for r in records):.0f}"])
+    lines += ["## mAP per recipe", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Gap = (recipe mean - no-KD mean) / the larger of the two standard deviations. Step s: median "
+              "logged iteration time at one torch thread with another training beside it.", "",
+              "![mAP per recipe, one dot per seed](quality.png)", "", "## What the runs say", ""]
+    lines += conclusions(groups, verdicts, teacher["mAP"])
+    missing = missing_runs(state, quick)
+    if missing:
+        lines += ["", "## Not run yet", "", "These runs of the plan have no result yet (`python tools/quality.py` "
+                  "trains them, reusing every run above): " + ", ".join(f"`{name}`" for name in missing) + "."]
+    if state.get("superseded_runs"):
+        lines += ["", f"{len(state['superseded_runs'])} earlier runs were trained under another trainer revision, "
+                  "teacher, data or config; they are kept in `quality.json` (`superseded_runs`) and not shown."]
+    (out_dir / "QUALITY.md").write_text("\n".join(lines) + "\n")
+
+
+def conclusions(groups, verdicts, teacher_map: float) -> list[str]:
+    lines = []
+    clear = [v for v in verdicts if v[3] > 0 and v[4] > 3]
+    for student, recipe, targets, gain, gap in sorted(verdicts, key=lambda v: -v[3]):
+        judgement = ("beats no-KD beyond the spread" if gap > 3 else
+                     "is above no-KD, within the spread" if gain > 0 else "is not better than no-KD")
+        lines.append(f"- {student} student, `{recipe}` from the {targets}: {judgement} "
+                     f"({gain:+.4f} mAP, {gap:+.2f} x the larger std).")
+    if not verdicts:
+        lines.append("- No recipe has 3 seeds beside 3 no-KD seeds yet; no comparison is drawn.")
+    elif not clear:
+        lines.append("- **No recipe beats its no-KD twin beyond the run-to-run spread** (gap > 3 x the larger std): "
+                     "on this benchmark, feature distillation from the cache does not measurably help yet.")
+    crd = [v for v in verdicts if v[1] == "crd=1" and v[0] == "half"]
+    if crd:
+        _, _, _, gain, gap = crd[0]
+        best = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
+        lines.append(f"- CRD alone (`crd=1`) changes the half student's mAP by {gain:+.4f} ({gap:+.2f} x the "
+                     f"larger std) against no-KD; the best half recipe here is `{best[1]}` ({best[3]:+.4f}).")
+    return lines
+
+
+def missing_runs(state: dict[str, Any], quick: bool) -> list[str]:
+    done = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}) for r in state["runs"]}
+    seeds = sorted({r["seed"] for r in state["runs"]} | ({0} if quick else {0, 1, 2}))
+    return [run.name for run in dict.fromkeys(wanted_runs(state["runs"], seeds, quick, None)) if run not in done]
+
+
+def plot(path: Path, groups, teacher_map: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{s}\n{r}\n({t})" for (s, r, t) in groups]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4.5))
+    for index, values in enumerate(groups.values()):
+        ax.scatter([index] * len(values), values, s=28, zorder=3)
+        ax.hlines(statistics.mean(values), index - 0.25, index + 0.25, colors="k", zorder=4)
+    ax.axhline(teacher_map, color="tab:red", linestyle="--", label=f"teacher {teacher_map:.3f}")
+    ax.set_xticks(range(len(groups)), labels, fontsize=7)
+    ax.set_ylabel("val mAP")
+    ax.set_title("mAP per recipe (dots: seeds, bar: mean)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="6 train / 3 val scenes, one epoch, one seed")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainings side by side (threads split between them)")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument("--only", choices=["half", "slim", "online"], default=None)
+    parser.add_argument("--out-dir", default=str(REPO), help="where QUALITY.md, quality.json, quality.png go")
+    parser.add_argument("--work-dir", default=None, help="default: work_dirs/quality (quick: work_dirs/quality_quick)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from quality.json")
+    parser.add_argument("--run-spec", help=argparse.SUPPRESS)  # internal: one run, in its own process
+    args = parser.parse_args()
+    if args.run_spec:
+        with open(args.run_spec) as stream:
+            spec = json.load(stream)
+        record = train_and_evaluate(spec)
+        with open(os.path.join(spec["work_dir"], "record.json"), "w") as stream:
+            json.dump(record, stream)
+        return
+    args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    args.work_dir = args.work_dir or str(REPO / ("work_dirs/quality_quick" if args.quick else "work_dirs/quality"))
+    if args.report_only:
+        state = load(Path(args.out_dir) / "quality.json")
+        write_report(Path(args.out_dir), state, state["context"], args.quick)
+        return
+    execute(args)
+
+
+if __name__ == "__main__":
+    main()
