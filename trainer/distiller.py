@@ -136,6 +136,20 @@ class CacheDistiller(BaseModel):
             if online_teacher:
                 self._build_online_teacher(online_teacher)
 
+    def _build_online_teacher(self, spec: dict) -> None:
+        from featcache import models
+
+        cfg = models.load_config(spec["config"], spec.get("cfg_options"))
+        teacher = models.build_model(cfg, spec["checkpoint"]).eval()
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
+        modules = {name for name, _ in teacher.named_modules() if name}
+        self.teacher_modules = sorted({module_of(layer, modules) for layer in self.pairs.values()})
+        # kept outside the module tree: not trained, not saved in checkpoints, not DDP-synchronised
+        self.__dict__["teacher"] = teacher
+
+    # -- targets ----------------------------------------------------------------------------
+
     # -- targets ----------------------------------------------------------------------------
     def _raw_targets(self, inputs: dict, data_samples: list) -> tuple[dict[str, TeacherMaps], bool]:
         """Teacher maps per layer (as stored, decoded where read) and whether they are in the
