@@ -119,8 +119,8 @@ def assert_same_cache(a: str | Path, b: str | Path) -> None:
     from featcache.reader import open_cache
 
     left, right = open_cache(a), open_cache(b)
-    assert left.keys == right.keys
-    for row, key in enumerate(left.keys):
+    assert left.row_keys == right.row_keys
+    for row, key in enumerate(left.row_keys):
         stored_left, stored_right = left.read_row(row, decode=False), right.read_row(row, decode=False)
         assert stored_left.keys() == stored_right.keys(), key
         for layer, value in stored_left.items():

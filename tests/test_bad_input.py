@@ -1,11 +1,13 @@
 """Bad input stops `featcache build` with a message naming the culprit, keeps what was written,
-and the cache resumes once the input is fixed."""
+and the cache resumes once the input is fixed; a bad option stops it before any model, dataset or
+teacher work (in under 2 s)."""
 from __future__ import annotations
 
 import pickle
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,40 @@ def test_config_that_does_not_build_is_named(nus_one, pillar_ckpt, tmp_path):
             *cfg_option_args(nus_cfg_options(nus_one))]
     failed = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
     assert failed.returncode == 1 and "broken_teacher.py" in failed.stderr and "NoSuchNeck" in failed.stderr
+
+
+# -- options are checked before any model, dataset or teacher work ------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--codec", "nonsense"], "codec 'nonsense' is not of the form <precision>-<compressor>"),
+    (["--codec", "pts_neck=fp12-zstd1"], "codec 'fp12-zstd1'"),
+    (["--codec", "pts_neck:int8-zstd3,pts_backbone=fp16-lz4"], "--codec item 'pts_neck:int8-zstd3' is not LAYER=CODEC"),
+    (["--layers", "pts_neck,pts backbone"], "--layers: 'pts backbone' is not a module name"),
+    (["--layers", ","], "--layers is empty"),
+    (["--cfg-options", "train_dataloader.batch_size"], "--cfg-options item 'train_dataloader.batch_size' is not key=value"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device name"),
+    (["--storage-options", "{not json"], "--storage-options"),
+    (["--trust-global", "Unqualified"], "--trust-global 'Unqualified' is not module.Name"),
+    (["--batch-size", "0"], "--batch-size"),
+], ids=["codec", "layer-codec", "codec-item", "layers", "no-layers", "cfg-options", "device", "storage-options",
+        "trust-global", "batch-size"])
+def test_a_bad_option_fails_in_under_two_seconds_naming_it(nus_one, pillar_ckpt, tmp_path, args, message):
+    out = tmp_path / "cache"
+    command = FEATCACHE + ["build", PILLAR_CONFIG, str(pillar_ckpt), "--out", str(out), "--num-workers", "0",
+                           *cfg_option_args(nus_cfg_options(nus_one)), *args]
+    start = time.monotonic()
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert failed.returncode in (1, 2) and "Traceback" not in failed.stderr, failed.stderr  # 2: click's own checks
+    assert message in failed.stderr, failed.stderr
+    assert seconds < 2.0, f"{seconds:.2f}s: the option was checked after heavy set-up"
+    assert not out.exists()  # nothing was created for a build that cannot run
+
+
+def test_missing_config_and_checkpoint_fail_before_any_model_work(pillar_ckpt, tmp_path):
+    for config, ckpt, message in ((str(tmp_path / "no_such_teacher.py"), str(pillar_ckpt), "no_such_teacher.py' not found"),
+                                  (PILLAR_CONFIG, str(tmp_path / "gone.pth"), "gone.pth' does not exist")):
+        start = time.monotonic()
+        failed = subprocess.run(FEATCACHE + ["build", config, ckpt, "--out", str(tmp_path / "cache")],
+                                capture_output=True, text=True, timeout=120)
+        assert failed.returncode == 1 and message in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+        assert time.monotonic() - start < 2.0

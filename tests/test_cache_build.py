@@ -97,10 +97,10 @@ def test_fp32_cache_is_bit_exact_with_live_teacher(tmp_path, nus_six, pillar_ckp
     build_cache(_options(nus_six, pillar_ckpt, out, codec="fp32-none", batch_size=2))
     cache = open_cache(out)
     teacher = Teacher(PILLAR_CONFIG, str(pillar_ckpt), LAYERS, cfg_options=nus_cfg_options(nus_six))
-    assert cache.keys == teacher.keys
+    assert list(cache.row_keys) == teacher.keys
     for row in (0, 3, 5):
         live = teacher.features_of_row(row)
-        cached = cache[cache.keys[row]]
+        cached = cache[cache.row_keys[row]]
         assert set(cached) == {"pts_middle_encoder", "pts_neck.0"}
         for name, value in live.items():
             assert torch.equal(cached[name], torch.from_numpy(value)), name
@@ -120,7 +120,7 @@ def test_default_codec_is_close_to_teacher_and_smaller(reference_cache, nus_six,
     assert {layer.codec.name for layer in cache.manifest.layers} == {codecs.DEFAULT_CODEC.name} == {"int8-zstd3"}
     teacher = Teacher(PILLAR_CONFIG, str(pillar_ckpt), LAYERS, cfg_options=nus_cfg_options(nus_six))
     live = teacher.features_of_row(2)
-    cached = cache.read(cache.keys[2])
+    cached = cache.read(cache.row_keys[2])
     for name, value in live.items():
         assert_within_int8_step(cached[name], value, name)
     from featcache.inspection import layer_summaries
@@ -207,17 +207,17 @@ def test_corrupt_and_deleted_chunks_are_found_and_repaired(reference_cache, nus_
 
     report = verify_cache(str(out))
     assert not report.ok
-    assert sorted(key for key, _ in report.corrupt) == sorted([cache.keys[1], cache.keys[4]])
-    assert any("pts_neck.0" in reason for key, reason in report.corrupt if key == cache.keys[1])
+    assert sorted(key for key, _ in report.corrupt) == sorted([cache.row_keys[1], cache.row_keys[4]])
+    assert any("pts_neck.0" in reason for key, reason in report.corrupt if key == cache.row_keys[1])
     # a plain read checks each chunk's own crc32c, and a complete sample's missing chunk is damage
-    with pytest.raises(CorruptSampleError, match=f"{cache.keys[1]}.*pts_neck.0.*crc32c"):
-        cache[cache.keys[1]]
-    with pytest.raises(CorruptSampleError, match=f"{cache.keys[4]}.*pts_middle_encoder.*checksum the build recorded"):
-        cache[cache.keys[4]]
-    cache[cache.keys[0]]  # undamaged samples still read
+    with pytest.raises(CorruptSampleError, match=f"{cache.row_keys[1]}.*pts_neck.0.*crc32c"):
+        cache[cache.row_keys[1]]
+    with pytest.raises(CorruptSampleError, match=f"{cache.row_keys[4]}.*pts_middle_encoder.*checksum the build recorded"):
+        cache[cache.row_keys[4]]
+    cache[cache.row_keys[0]]  # undamaged samples still read
 
     cli = subprocess.run(FEATCACHE + ["verify", str(out)], capture_output=True, text=True)
-    assert cli.returncode == 1 and cache.keys[1] in cli.stdout and cache.keys[4] in cli.stdout
+    assert cli.returncode == 1 and cache.row_keys[1] in cli.stdout and cache.row_keys[4] in cli.stdout
 
     repair = ["verify", str(out), "--repair"] + cfg_option_args(nus_cfg_options(nus_six))
     fixed = subprocess.run(FEATCACHE + repair, capture_output=True, text=True)
@@ -252,7 +252,7 @@ def test_damaged_records_row_spoils_only_its_own_sample(reference_cache, tmp_pat
     cache = open_cache(out)
     assert list(cache.status()) == [format.STATUS_COMPLETE] * len(cache)  # the other rows' status reads
     report = verify_cache(str(out))
-    assert [key for key, _ in report.corrupt] == [cache.keys[3]] and report.bad_rows == [3]
+    assert [key for key, _ in report.corrupt] == [cache.row_keys[3]] and report.bad_rows == [3]
 
 
 def test_intact_chunk_of_another_sample_is_caught_by_verify_not_by_a_plain_read(reference_cache, tmp_path):
@@ -264,10 +264,10 @@ def test_intact_chunk_of_another_sample_is_caught_by_verify_not_by_a_plain_read(
     # its crc32c is intact, so a plain read hands out sample 3's stored values (with sample 2's int8
     # scales): the price of checking 5.7 MB of chunk bytes per read instead of 31 MB of values
     assert np.array_equal(plain.read_row(2, decode=False)["pts_neck.0"], reference.read_row(3, decode=False)["pts_neck.0"])
-    with pytest.raises(CorruptSampleError, match=f"{plain.keys[2]}.*pts_neck.0.*checksum the build recorded"):
+    with pytest.raises(CorruptSampleError, match=f"{plain.row_keys[2]}.*pts_neck.0.*checksum the build recorded"):
         checked.read_row(2)
     report = verify_cache(str(out))
-    assert [key for key, _ in report.corrupt] == [plain.keys[2]] and report.bad_rows == [2]
+    assert [key for key, _ in report.corrupt] == [plain.row_keys[2]] and report.bad_rows == [2]
 
 
 def _without_chunk_checksums(location: Path) -> None:
@@ -289,7 +289,7 @@ def test_cache_without_chunk_checksums_reads_and_is_checked_by_its_values(refere
     _without_chunk_checksums(out)
     cache, reference = open_cache(out), open_cache(reference_cache)
     assert not cache._array(format.feature_path("pts_neck.0")).chunk_checksum
-    for key in reference.keys:
+    for key in reference.row_keys:
         assert all(np.array_equal(value, reference.read(key)[name]) for name, value in cache.read(key).items())
     assert verify_cache(str(out)).ok
     flipped = chunk_file(out, "pts_neck.0", 1)
@@ -299,19 +299,9 @@ def test_cache_without_chunk_checksums_reads_and_is_checked_by_its_values(refere
     chunk_file(out, "pts_middle_encoder", 4).unlink()
     fresh = open_cache(out)
     for row, layer in ((1, "pts_neck.0"), (4, "pts_middle_encoder")):
-        with pytest.raises(CorruptSampleError, match=f"{fresh.keys[row]}.*{layer}"):
+        with pytest.raises(CorruptSampleError, match=f"{fresh.row_keys[row]}.*{layer}"):
             fresh.read_row(row)
     assert sorted(verify_cache(str(out)).bad_rows) == [1, 4]
-
-
-def test_creation_interrupted_before_the_manifest_is_rebuilt(nus_six, pillar_ckpt, tmp_path):
-    import zarr
-
-    out = tmp_path / "half_created"
-    zarr.open_group(str(out), mode="w", zarr_format=3).create_array("keys", shape=(6,), dtype=str)
-    assert not store.exists(out)
-    result = build_cache(_options(nus_six, pillar_ckpt, out))
-    assert result.written == 6 and verify_cache(str(out)).ok
 
 
 def test_unbuilt_sample_and_unknown_key_are_clear_errors(reference_cache, tmp_path):
@@ -321,11 +311,46 @@ def test_unbuilt_sample_and_unknown_key_are_clear_errors(reference_cache, tmp_pa
 
     cache = open_cache(out)
     CacheWriter.open(str(out)).clear([2])
-    with pytest.raises(SampleNotCachedError, match=f"{cache.keys[2]}.*not written yet"):
-        cache[cache.keys[2]]
+    with pytest.raises(SampleNotCachedError, match=f"{cache.row_keys[2]}.*not written yet"):
+        cache[cache.row_keys[2]]
     with pytest.raises(SampleNotCachedError, match="no-such-token.*not in cache"):
         cache["no-such-token"]
-    assert verify_cache(str(out)).missing == [cache.keys[2]]
+    assert verify_cache(str(out)).missing == [cache.row_keys[2]]
+
+
+def test_feature_cache_is_a_mapping_that_names_mistakes(reference_cache):
+    import collections.abc
+
+    from featcache.errors import SampleKeyTypeError, UnknownLayerError
+
+    cache = open_cache(reference_cache)
+    assert isinstance(cache, collections.abc.Mapping)
+    assert list(cache.keys()) == list(cache) == list(cache.row_keys) and len(cache) == 6
+    assert cache.row_keys[0] in cache and "no-such-token" not in cache and 0 not in cache
+    key, features = next(iter(cache.items()))
+    assert key == cache.row_keys[0] and set(features) == {"pts_middle_encoder", "pts_neck.0"}
+    assert cache.get("no-such-token") is None and torch.equal(cache.get(key)["pts_neck.0"], features["pts_neck.0"])
+    assert cache == cache and cache != open_cache(reference_cache)  # identity: a content comparison reads it all
+
+    # a key of the wrong type says which type the cache uses (and is both a KeyError and a TypeError)
+    for wrong in (0, np.int64(2), b"ca9a282c9e77460f8360f564131a8af5"):
+        with pytest.raises(SampleKeyTypeError, match=f"keyed by str .*e.g. {cache.row_keys[0]!r}.*not "
+                                                     f"{type(wrong).__name__}"):
+            cache[wrong]
+    with pytest.raises(TypeError, match="read_row\\(N\\)"):
+        cache.get(0)
+    with pytest.raises(KeyError):
+        cache.row_of(1)
+    # unknown layers raise, naming the cache's layers, in every read
+    holds = "it holds pts_middle_encoder, pts_neck.0"
+    for read in (lambda: cache.read(key, layers=["typo"]), lambda: cache.read(key, layers="pts_neck"),
+                 lambda: cache.read_row(0, layers=["pts_neck.0", "pts_backbone"]),
+                 lambda: cache.read_row_tensors(0, layers=["typo"]), lambda: cache.prefetch([0], layers=["typo"])):
+        with pytest.raises(UnknownLayerError, match=holds):
+            read()
+    assert set(cache.read(key, layers="pts_neck.0")) == {"pts_neck.0"}
+    with pytest.raises(IndexError, match="row 6 is not a row"):
+        cache.read_row(6)
 
 
 def test_non_finite_teacher_output_is_reported_not_cached(tmp_path, nus_six):
@@ -366,7 +391,7 @@ def test_voxel0075_teacher_caches_bevfusion_lidar_shapes(tmp_path_factory, nus_o
         "pts_backbone.1": (256, 90, 90), "pts_neck.0": (512, 180, 180)}
     live = Teacher(VOXEL_CONFIG, str(ckpt), "pts_middle_encoder,pts_backbone,pts_neck",
                    cfg_options=options).features_of_row(0)
-    cached = cache.read(cache.keys[0])
+    cached = cache.read(cache.row_keys[0])
     for name, value in live.items():
         assert_within_int8_step(cached[name], value, name)
 
@@ -377,8 +402,8 @@ def test_hdf5_export_reads_like_the_zarr_cache(reference_cache, tmp_path):
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     zarr_cache, h5_cache = open_cache(reference_cache), open_cache(out)
-    assert h5_cache.keys == zarr_cache.keys and h5_cache.manifest == zarr_cache.manifest
-    for key in zarr_cache.keys:
+    assert h5_cache.row_keys == zarr_cache.row_keys and h5_cache.manifest == zarr_cache.manifest
+    for key in zarr_cache.row_keys:
         for name, value in zarr_cache[key].items():
             assert torch.equal(h5_cache[key][name], value)
 
@@ -404,13 +429,13 @@ def test_reader_is_safe_in_dataloader_workers(reference_cache):
             return len(cache)
 
         def __getitem__(self, row):
-            return digest(cache[cache.keys[row]]["pts_neck.0"])
+            return digest(cache[cache.row_keys[row]]["pts_neck.0"])
 
     def digest(tensor):  # exact and independent of summation order (which varies with threads)
         return hashlib.sha256(tensor.numpy().tobytes()).hexdigest()
 
     digests = list(DataLoader(Rows(), batch_size=None, num_workers=2))
-    assert digests == [digest(cache[key]["pts_neck.0"]) for key in cache.keys]
+    assert digests == [digest(cache[key]["pts_neck.0"]) for key in cache.row_keys]
 
 
 def test_cached_targets_dataset_pairs_items_by_key(reference_cache, nus_six):
@@ -428,7 +453,7 @@ def test_cached_targets_dataset_pairs_items_by_key(reference_cache, nus_six):
     paired = CachedTargetsDataset(models.build_dataset(dataset_cfg), cache, layers=["pts_neck.0"])
     item, targets = paired[0]
     assert item["data_samples"].metainfo["lidar_path"].endswith("_gen5.pcd.bin")
-    assert torch.equal(targets["pts_neck.0"], cache[cache.keys[5]]["pts_neck.0"])
+    assert torch.equal(targets["pts_neck.0"], cache[cache.row_keys[5]]["pts_neck.0"])
 
 
 @pytest.fixture
@@ -462,8 +487,8 @@ def test_s3_build_and_read_match_local(reference_cache, nus_six, pillar_ckpt, s3
     built = subprocess.run(FEATCACHE + args, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-2000:]
     remote, local = open_cache(url, storage_options=storage), open_cache(reference_cache)
-    assert remote.keys == local.keys and remote.manifest.identity() == local.manifest.identity()
-    for key in local.keys:
+    assert remote.row_keys == local.row_keys and remote.manifest.identity() == local.manifest.identity()
+    for key in local.row_keys:
         for name, value in local.read(key).items():
             assert np.array_equal(remote.read(key)[name], value)
     assert verify_cache(url, storage).ok

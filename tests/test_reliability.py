@@ -1,10 +1,15 @@
 """Faults while building and reading: a full disk, readers during a build, repeated kill -9
-(tools/torture_build.py), a 2-rank build losing a rank, truncated chunks, damaged manifests."""
+(tools/torture_build.py), a 2-rank build losing a rank, truncated chunks, damaged manifests; and the
+user's mistakes: `--out` at a directory featcache did not create or at a file, a manifest lost next to
+recorded samples, an export over an existing file, and info lists reordered or edited under a cache
+(a sample's key is its identity)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -73,7 +78,7 @@ def test_reader_during_a_build_sees_only_complete_samples(nus_six, pillar_ckpt, 
             time.sleep(0.05)
             continue
         cache = open_cache(out)
-        for row, key in enumerate(cache.keys):
+        for row, key in enumerate(cache.row_keys):
             try:
                 features = cache.read(key)
             except SampleNotCachedError:
@@ -162,7 +167,7 @@ def test_truncated_chunk_is_named_by_verify_and_every_reader(reference_cache, nu
     out = tmp_path / "truncated"
     shutil.copytree(reference_cache, out)
     cache = open_cache(out)
-    bad_row, bad_key = 2, cache.keys[2]
+    bad_row, bad_key = 2, cache.row_keys[2]
     cut = chunk_file(out, "pts_neck.0", bad_row)
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
 
@@ -186,7 +191,7 @@ def test_truncated_chunk_is_named_by_verify_and_every_reader(reference_cache, nu
         packed[bad_row]
 
     reference = open_cache(reference_cache)  # the other samples are untouched and still read
-    for row, key in enumerate(cache.keys):
+    for row, key in enumerate(cache.row_keys):
         if row == bad_row:
             continue
         expected = reference[key]
@@ -243,4 +248,323 @@ def test_damaged_manifest_is_refused_by_name_and_nothing_is_lost(damage, referen
     assert _tree_digest(out) == damaged  # nothing was rewritten or erased
     (out / "zarr.json").write_bytes(original)
     assert verify_cache(str(out)).ok
+    assert_same_cache(out, reference_cache)
+
+
+# -- featcache never destroys what it did not write ---------------------------------------------
+def _user_files(root: Path) -> dict[str, bytes]:
+    """Files of the user's around a cache: notes, another cache-like directory, a nested result."""
+    files = {"notes.txt": b"experiment log\n", "other_cache/zarr.json": b'{"zarr_format": 3, "node_type": "group"}',
+             "other_cache/keys/c/0": os.urandom(64), "results/run1/metrics.json": b'{"map": 0.61}'}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def _assert_files_intact(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        assert (root / name).read_bytes() == data, name
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_build_into_a_directory_featcache_did_not_create_is_refused(nus_one, pillar_ckpt, small_cache, tmp_path,
+                                                                   force):
+    experiments = tmp_path / "experiments"  # `--out ~/experiments` instead of `~/experiments/cache1`
+    experiments.mkdir()
+    files = _user_files(experiments)
+    shutil.copytree(small_cache, experiments / "cache1")
+    before = _tree_digest(experiments)
+    start = time.monotonic()
+    build = subprocess.run(_build_args(nus_one, pillar_ckpt, experiments) + (["--force"] if force else []),
+                           capture_output=True, text=True, timeout=600)
+    seconds = time.monotonic() - start
+    assert build.returncode == 1 and "Traceback" not in build.stderr, build.stderr[-3000:]
+    assert "NotACacheError" in build.stderr and "is not a featcache cache" in build.stderr
+    assert "cache1, notes.txt, other_cache, results" in build.stderr  # a few of its entries, by name
+    assert f"--out {experiments / 'cache'}" in build.stderr  # what to do instead
+    assert seconds < 10, seconds  # refused before the teacher's set-up
+    assert _tree_digest(experiments) == before  # byte for byte, the other cache included
+    _assert_files_intact(experiments, files)
+    assert verify_cache(str(experiments / "cache1")).ok
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory, nus_one, pillar_ckpt) -> Path:
+    """A one-sample, one-layer cache of the real scan."""
+    from featcache.build import BuildOptions, build_cache
+
+    out = tmp_path_factory.mktemp("small") / "cache"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck",
+                             cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    return out
+
+
+def test_force_rebuilds_a_featcache_cache_and_keeps_the_users_files(nus_one, pillar_ckpt, small_cache, tmp_path):
+    from featcache.build import BuildOptions, build_cache
+
+    experiments = tmp_path / "experiments"
+    experiments.mkdir()
+    around = _user_files(experiments)
+    cache = experiments / "cache1"
+    shutil.copytree(small_cache, cache)
+    inside = {"README.mine": b"do not delete\n", "plots/bev.png": os.urandom(256)}
+    for name, data in inside.items():
+        (cache / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache / name).write_bytes(data)
+    result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(cache), layers="pts_neck",
+                                      cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False, force=True))
+    assert result.written == 1 and result.already_complete == 0  # rebuilt from scratch
+    assert verify_cache(str(cache)).ok
+    _assert_files_intact(experiments, around)
+    _assert_files_intact(cache, inside)  # --force erases featcache's files only
+    assert sorted(path.name for path in cache.iterdir()) == sorted(
+        ["featcache.json", "zarr.json", "keys", "sources", "records", "features", "qparams", "README.mine", "plots"])
+
+
+@pytest.mark.parametrize("group_file", [b"{}", b'{"zarr_format": 3, "node_type": "group"}',
+                                        b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'],
+                         ids=["empty-object", "no-attributes", "empty-attributes"])
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "before-markers"])
+def test_manifest_lost_next_to_recorded_samples_is_damage_not_a_fresh_start(reference_cache, nus_six, pillar_ckpt,
+                                                                            tmp_path, group_file, marked):
+    out = tmp_path / "lost_manifest"
+    shutil.copytree(reference_cache, out)
+    original = (out / "zarr.json").read_bytes()
+    (out / "zarr.json").write_bytes(group_file)
+    if not marked:  # a cache written before the creation marker
+        (out / "featcache.json").unlink()
+    files = _user_files(tmp_path)
+    damaged = _tree_digest(out)
+    problem = "zarr.json parses but holds no featcache manifest, while records/ holds recorded samples"
+
+    build = subprocess.run(torture_build.build_command(nus_six, pillar_ckpt, out), capture_output=True, text=True,
+                           timeout=600)
+    assert build.returncode == 1 and "Traceback" not in build.stderr, build.stderr[-3000:]
+    assert problem in build.stderr and "Restore zarr.json from a copy" in build.stderr
+    with pytest.raises(CacheFormatError, match=re.escape(problem)):
+        open_cache(out)
+    if not marked:  # --force erases only a cache featcache can tell it wrote
+        forced = subprocess.run(torture_build.build_command(nus_six, pillar_ckpt, out) + ["--force"],
+                                capture_output=True, text=True, timeout=600)
+        assert forced.returncode == 1 and problem in forced.stderr and f"delete {out} yourself" in forced.stderr
+
+    assert _tree_digest(out) == damaged  # nothing was rewritten or erased
+    _assert_files_intact(tmp_path, files)
+    (out / "zarr.json").write_bytes(original)
+    assert verify_cache(str(out)).ok
+    assert_same_cache(out, reference_cache)
+
+
+def test_interrupted_creation_is_redone_only_where_featcache_marked_it(nus_one, pillar_ckpt, tmp_path):
+    import zarr
+
+    from featcache.build import BuildOptions, build_cache
+    from featcache.errors import NotACacheError
+
+    def options(out: Path) -> BuildOptions:
+        return BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck",
+                            cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
+
+    marked, unmarked = tmp_path / "marked", tmp_path / "unmarked"
+    for out in (marked, unmarked):  # what a creation leaves before its manifest: a group and some arrays
+        zarr.open_group(str(out), mode="w", zarr_format=3).create_array("keys", shape=(1,), dtype=str)
+        (out / "mine.txt").write_bytes(b"a file of the user's")
+    (marked / "featcache.json").write_text(json.dumps({"format": "featcache"}))
+    assert not store.exists(marked) and not store.exists(unmarked)
+    assert build_cache(options(marked)).written == 1 and verify_cache(str(marked)).ok
+    assert (marked / "mine.txt").read_bytes() == b"a file of the user's"
+
+    before = _tree_digest(unmarked)  # a Zarr group featcache did not mark may be anyone's
+    for force in (False, True):
+        with pytest.raises(NotACacheError, match="Zarr group featcache did not create.*keys, mine.txt, zarr.json"):
+            build_cache(dataclasses.replace(options(unmarked), force=force))
+    assert _tree_digest(unmarked) == before
+
+
+def test_build_out_at_a_file_is_a_one_line_error(nus_one, pillar_ckpt, tmp_path):
+    target = tmp_path / "results.txt"
+    target.write_bytes(b"precious")
+    for out in (target, target / "cache"):
+        build = subprocess.run(_build_args(nus_one, pillar_ckpt, out), capture_output=True, text=True, timeout=600)
+        assert build.returncode == 1 and "Traceback" not in build.stderr, build.stderr
+        assert len(build.stderr.strip().splitlines()) == 1, build.stderr
+        assert "ConfigError" in build.stderr and f"{target} is a file" in build.stderr
+    assert target.read_bytes() == b"precious"
+
+
+def test_export_never_replaces_an_existing_out_unless_told(reference_cache, tmp_path):
+    out = tmp_path / "cache.h5"
+    out.write_bytes(b"an older export the user keeps")
+    export = FEATCACHE + ["export", reference_cache, "--format", "hdf5"]
+    refused = subprocess.run(export + [str(out)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"{out}' exists" in refused.stderr and "--overwrite" in refused.stderr
+    assert out.read_bytes() == b"an older export the user keeps"
+
+    directory = tmp_path / "exports.h5"  # a directory is never replaced, --overwrite or not
+    directory.mkdir()
+    files = _user_files(directory)
+    for extra in ([], ["--overwrite"]):
+        result = subprocess.run(export + [str(directory), *extra], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 1 and "is a directory" in result.stderr, result.stderr
+    _assert_files_intact(directory, files)
+    wrong_suffix = subprocess.run(export + [str(tmp_path / "cache.zarr")], capture_output=True, text=True, timeout=300)
+    assert wrong_suffix.returncode == 1 and "must end with .h5 or .hdf5" in wrong_suffix.stderr
+
+    replaced = subprocess.run(export + [str(out), "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert replaced.returncode == 0, replaced.stderr
+    assert_same_cache(out, reference_cache)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache.h5", "exports.h5"]  # no temporary left
+
+
+# -- a sample's key is its identity -------------------------------------------------------------
+def _tokenless(nus_six: Path, root: Path, count: int = 2) -> Path:
+    """``count`` frames without tokens (KITTI-like: mmengine's sample_idx is the list position), and the
+    same frames in reverse order as ``swapped.pkl``."""
+    shutil.copytree(nus_six, root)
+    infos = pickle.loads((root / "infos.pkl").read_bytes())
+    infos["data_list"] = infos["data_list"][:count]
+    for info in infos["data_list"]:
+        del info["token"]
+        info.pop("sample_idx", None)
+    (root / "infos.pkl").write_bytes(pickle.dumps(infos))
+    (root / "swapped.pkl").write_bytes(pickle.dumps({**infos, "data_list": infos["data_list"][::-1]}))
+    return root
+
+
+def _ann_file(options: dict, name: str) -> dict:
+    return {key: (name if key.endswith("ann_file") else value) for key, value in options.items()}
+
+
+def _tokenless_cache(nus_six: Path, pillar_ckpt: Path, tmp_path: Path) -> tuple[Path, Path]:
+    from featcache.build import BuildOptions, build_cache
+
+    data = _tokenless(nus_six, tmp_path / "kitti_like")
+    out = tmp_path / "cache"
+    result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck",
+                                      cfg_options=nus_cfg_options(data), num_workers=0, progress=False))
+    assert result.written == 2
+    return data, out
+
+
+def test_tokenless_samples_are_keyed_by_their_scan_not_their_position(nus_six, pillar_ckpt, tmp_path):
+    from featcache.reader import CachedTargetsDataset
+
+    data, out = _tokenless_cache(nus_six, pillar_ckpt, tmp_path)
+    infos = pickle.loads((data / "infos.pkl").read_bytes())["data_list"]
+    scans = [f"samples/LIDAR_TOP/{info['lidar_points']['lidar_path']}" for info in infos]
+    cache = open_cache(out)
+    assert list(cache.row_keys) == scans and list(cache.sources) == scans
+    assert cache.manifest.key_scheme == format.KEY_SCHEME
+
+    # the same two frames, swapped: resuming is refused by name, and the cache is untouched
+    before = _tree_digest(out)
+    swapped = cfg_option_args(_ann_file(nus_cfg_options(data), "swapped.pkl"))
+    resume = subprocess.run(FEATCACHE + ["build", PILLAR_CONFIG, str(pillar_ckpt), "--out", str(out), "--layers",
+                                         "pts_neck", "--num-workers", "0", *swapped],
+                            capture_output=True, text=True, timeout=600)
+    assert resume.returncode == 1 and "Traceback" not in resume.stderr, resume.stderr[-3000:]
+    assert "already complete" not in resume.stdout + resume.stderr
+    assert f"row 0: cache has {scans[0]!r}, this build has {scans[1]!r}" in resume.stderr
+    assert _tree_digest(out) == before
+
+    # readers pair by key, so the swapped list gets each frame's own targets
+    inspect = subprocess.run(FEATCACHE + ["inspect", str(out), "--fidelity", "2", *swapped], capture_output=True,
+                             text=True, timeout=600)
+    assert inspect.returncode == 0, inspect.stderr[-3000:]
+    cosines = {line.split()[0]: float(line.split("cosine ")[1].split()[0])
+               for line in inspect.stdout.splitlines() if "cosine" in line}
+    assert set(cosines) == set(scans) and min(cosines.values()) > 0.999, inspect.stdout
+    cfg = models.load_config(PILLAR_CONFIG, _ann_file(nus_cfg_options(data), "swapped.pkl"))
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "train"))
+    paired = CachedTargetsDataset(dataset, cache)
+    for index, scan in enumerate(scans[::-1]):
+        item, targets = paired[index]
+        assert item["data_samples"].metainfo["lidar_path"].endswith(scan)
+        assert torch.equal(targets["pts_neck.0"], cache[scan]["pts_neck.0"])
+
+
+def _with_scans_swapped(source: Path, root: Path) -> Path:
+    """The same tokens in the same order, but rows 0 and 1 read each other's lidar file."""
+    shutil.copytree(source, root)
+    infos = pickle.loads((root / "infos.pkl").read_bytes())
+    first, second = infos["data_list"][0]["lidar_points"], infos["data_list"][1]["lidar_points"]
+    first["lidar_path"], second["lidar_path"] = second["lidar_path"], first["lidar_path"]
+    (root / "infos.pkl").write_bytes(pickle.dumps(infos))
+    return root
+
+
+def test_same_key_on_another_scan_is_refused_by_resume_and_by_readers(reference_cache, nus_six, pillar_ckpt,
+                                                                      tmp_path):
+    from featcache.errors import CacheMismatchError
+    from featcache.reader import CachedTargetsDataset
+
+    data = _with_scans_swapped(nus_six, tmp_path / "edited")
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    before = _tree_digest(out)
+    cache = open_cache(out)
+    token, scan = cache.row_keys[0], cache.sources[0]
+    resume = subprocess.run(torture_build.build_command(data, pillar_ckpt, out), capture_output=True, text=True,
+                            timeout=600)
+    assert resume.returncode == 1 and "Traceback" not in resume.stderr, resume.stderr[-3000:]
+    assert f"sample {token!r}: the cache holds {scan}, the dataset reads {cache.sources[1]}" in resume.stderr
+    assert _tree_digest(out) == before
+
+    dataset = models.build_dataset(models.dataset_cfg_for_split(
+        models.load_config(PILLAR_CONFIG, nus_cfg_options(data)), "train"))
+    for check in (lambda: models.check_sources(cache, dataset), lambda: CachedTargetsDataset(dataset, cache)):
+        with pytest.raises(CacheMismatchError, match=f"2 sample.*{token}.*{re.escape(scan)}"):
+            check()
+    same = models.build_dataset(models.dataset_cfg_for_split(
+        models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six)), "train"))
+    assert models.check_sources(cache, same) == 6
+
+
+def _as_written_before_identities(out: Path, keys: list[str] | None = None) -> None:
+    """Rewrite a cache as featcache wrote it before keys were identities: no marker, no sources, no
+    key scheme in the manifest (and, for token-less samples, keys that were list positions)."""
+    import zarr
+
+    metadata = json.loads((out / "zarr.json").read_text())
+    del metadata["attributes"]["featcache"]["key_scheme"]
+    (out / "zarr.json").write_text(json.dumps(metadata))
+    shutil.rmtree(out / "sources")
+    (out / "featcache.json").unlink()
+    if keys is not None:
+        zarr.open_array(str(out / "keys"), mode="r+")[:] = np.asarray(keys, dtype=str)
+
+
+def test_position_keyed_cache_from_before_is_refused_with_rebuild_advice(nus_six, pillar_ckpt, tmp_path):
+    data, out = _tokenless_cache(nus_six, pillar_ckpt, tmp_path)
+    _as_written_before_identities(out, keys=["0", "1"])
+    before = _tree_digest(out)
+    advice = "keyed by their position in the info list"
+    with pytest.raises(CacheFormatError, match=f"{advice}.*Rebuild it: `featcache build .* --force`"):
+        open_cache(out)
+    args = FEATCACHE + ["build", PILLAR_CONFIG, str(pillar_ckpt), "--out", str(out), "--layers", "pts_neck",
+                        "--num-workers", "0", *cfg_option_args(nus_cfg_options(data))]
+    resume = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert resume.returncode == 1 and advice in resume.stderr and "Traceback" not in resume.stderr, resume.stderr
+    assert _tree_digest(out) == before
+    rebuilt = subprocess.run(args + ["--force"], capture_output=True, text=True, timeout=600)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert open_cache(out).row_keys[0].startswith("samples/LIDAR_TOP/") and verify_cache(str(out)).ok
+
+
+def test_token_keyed_cache_from_before_still_reads_and_resumes(reference_cache, nus_six, pillar_ckpt, tmp_path):
+    from featcache.build import BuildOptions, build_cache
+
+    out = tmp_path / "older"
+    shutil.copytree(reference_cache, out)
+    _as_written_before_identities(out)
+    cache, reference = open_cache(out), open_cache(reference_cache)
+    assert cache.row_keys == reference.row_keys and cache.sources is None
+    dataset = models.build_dataset(models.dataset_cfg_for_split(
+        models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six)), "train"))
+    assert models.check_sources(cache, dataset) == 0  # nothing recorded to compare
+    result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_middle_encoder,pts_neck",
+                                      cfg_options=nus_cfg_options(nus_six), num_workers=0, progress=False))
+    assert result.written == 0 and result.already_complete == 6
     assert_same_cache(out, reference_cache)
