@@ -53,7 +53,7 @@ class LocationState:
 
 class _Local:
     def __init__(self, location: str) -> None:
-        self.root = os.path.abspath(os.path.expanduser(location))
+        self.root = os.path.abspath(location)  # as zarr takes it: no ~ expansion (the shell does that)
 
     def kind_of_root(self) -> str:
         if os.path.isdir(self.root):
