@@ -169,6 +169,12 @@ def _few(entries: list[str], count: int = 5) -> str:
     return shown + (f", ... ({len(entries)} entries)" if len(entries) > count else "")
 
 
+def _recovery(where: str, marked: bool) -> str:
+    if marked:
+        return "or, to discard the cache, `featcache build ... --force` (it erases only featcache's files)"
+    return f"or, if the cache is disposable, delete {where} yourself and build again"
+
+
 def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> LocationState:
     """What is at ``location`` (see ``LocationState``); raises ConfigError when it is a file."""
     where = os.fspath(location)
@@ -181,6 +187,11 @@ def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None 
     marked = _read_marker(access)
     raw = access.read("zarr.json")
     if raw is None:
+        if access.has_files_under("records"):  # recorded samples without their group: damage, marked or not
+            return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries), problem=(
+                f"{where}: zarr.json (the group metadata, which holds the manifest) is missing while records/ "
+                "holds recorded samples: damage, not an interrupted creation, and nothing was touched. Restore "
+                f"zarr.json from a copy of the cache, {_recovery(where, marked)}"))
         if marked:
             return LocationState(where, CREATING, marked=True, entries=tuple(entries))
         return LocationState(where, FOREIGN, entries=tuple(entries),
@@ -200,14 +211,11 @@ def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None 
         return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries),
                              problem=f"{where}: zarr.json's featcache manifest is not a featcache manifest "
                                      f"({type(manifest).__name__}); restore zarr.json from a copy of the cache")
-    recorded = access.has_files_under("records")
-    if recorded:
-        how = ("or, to discard the cache, `featcache build ... --force` (it erases only featcache's files)" if marked
-               else f"or, if the cache is disposable, delete {where} yourself and build again")
+    if access.has_files_under("records"):
         return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries), problem=(
             f"{where}: zarr.json parses but holds no featcache manifest, while records/ holds recorded samples: "
             "the manifest was lost (damage, not an interrupted creation), and nothing was touched. Restore "
-            f"zarr.json from a copy of the cache, {how}"))
+            f"zarr.json from a copy of the cache, {_recovery(where, marked)}"))
     if marked:
         return LocationState(where, CREATING, marked=True, entries=tuple(entries))
     return LocationState(where, FOREIGN, entries=tuple(entries), problem=(

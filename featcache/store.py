@@ -47,6 +47,9 @@ def open_group(location: str | os.PathLike, mode: str = "r", storage_options: di
     try:
         return zarr.open_group(mode=mode, **_zarr_kwargs(location, storage_options))
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        damage = _damage(location, storage_options)  # e.g. zarr.json deleted next to recorded samples
+        if damage is not None:
+            raise damage from exc
         raise CacheNotFoundError(f"no feature cache at {os.fspath(location)!r}; build one with "
                                  "`featcache build TEACHER_CONFIG CHECKPOINT --out ...`") from exc
     except PermissionError as exc:
@@ -60,15 +63,18 @@ def _metadata_problem(location: str | os.PathLike, storage_options: dict[str, An
                       exc: Exception) -> CacheFormatError:
     """The error for a group zarr.json zarr cannot read, in ``featcache.location``'s words when it can say
     more (e.g. a parsable zarr.json without a manifest, next to recorded samples)."""
+    return _damage(location, storage_options) or _damaged_metadata(location, exc)
+
+
+def _damage(location: str | os.PathLike, storage_options: dict[str, Any] | None) -> CacheFormatError | None:
+    """``featcache.location``'s account of a damaged cache at ``location``, if that is what is there."""
     from featcache import location as locations
 
     try:
         state = locations.inspect(location, storage_options)
     except Exception:  # noqa: BLE001 - zarr's own error is the one to report then
-        state = None
-    if state is not None and state.kind == locations.DAMAGED:
-        return CacheFormatError(state.problem)
-    return _damaged_metadata(location, exc)
+        return None
+    return CacheFormatError(state.problem) if state.kind == locations.DAMAGED else None
 
 
 def row_chunk_key(array: Any, row: int) -> str:

@@ -323,20 +323,24 @@ def test_force_rebuilds_a_featcache_cache_and_keeps_the_users_files(nus_one, pil
 
 
 @pytest.mark.parametrize("group_file", [b"{}", b'{"zarr_format": 3, "node_type": "group"}',
-                                        b'{"zarr_format": 3, "node_type": "group", "attributes": {}}'],
-                         ids=["empty-object", "no-attributes", "empty-attributes"])
+                                        b'{"zarr_format": 3, "node_type": "group", "attributes": {}}', None],
+                         ids=["empty-object", "no-attributes", "empty-attributes", "deleted"])
 @pytest.mark.parametrize("marked", [True, False], ids=["marked", "before-markers"])
 def test_manifest_lost_next_to_recorded_samples_is_damage_not_a_fresh_start(reference_cache, nus_six, pillar_ckpt,
                                                                             tmp_path, group_file, marked):
     out = tmp_path / "lost_manifest"
     shutil.copytree(reference_cache, out)
     original = (out / "zarr.json").read_bytes()
-    (out / "zarr.json").write_bytes(group_file)
+    if group_file is None:
+        (out / "zarr.json").unlink()
+        problem = "zarr.json (the group metadata, which holds the manifest) is missing while records/ holds"
+    else:
+        (out / "zarr.json").write_bytes(group_file)
+        problem = "zarr.json parses but holds no featcache manifest, while records/ holds recorded samples"
     if not marked:  # a cache written before the creation marker
         (out / "featcache.json").unlink()
     files = _user_files(tmp_path)
     damaged = _tree_digest(out)
-    problem = "zarr.json parses but holds no featcache manifest, while records/ holds recorded samples"
 
     build = subprocess.run(torture_build.build_command(nus_six, pillar_ckpt, out), capture_output=True, text=True,
                            timeout=600)
