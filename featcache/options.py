@@ -39,9 +39,10 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-def check_codec_option(text: str | None) -> None:
-    """``--codec``'s syntax and codec names; the layer names it uses are checked once the teacher ran
-    (``codecs.parse_codec_option``)."""
+def check_codec_option(text: str | None, modules: Sequence[str] | None = None) -> None:
+    """``--codec``'s syntax and codec names, and that each layer it names is one of ``modules`` (the
+    ``--layers``) or an output of one (``pts_neck.0``); which outputs exist is known once the teacher
+    ran (``codecs.parse_codec_option``)."""
     if not text:
         return
     if "=" not in text:
@@ -50,10 +51,14 @@ def check_codec_option(text: str | None) -> None:
     items = [part.strip() for part in text.split(",") if part.strip()]
     for item in items:
         layer, sep, codec_text = item.partition("=")
-        if not sep or not layer.strip() or not _MODULE_NAME.match(layer.strip()):
+        layer = layer.strip()
+        if not sep or not layer or not _MODULE_NAME.match(layer):
             raise ConfigError(f"--codec item {item!r} is not LAYER=CODEC (e.g. pts_neck=int8-zstd3); give one codec "
                               "for every layer (fp16-zstd1) or per layer (pts_neck=fp32-none,pts_backbone=fp16-lz4)")
         codecs.parse_codec(codec_text)
+        if modules is not None and not any(layer == module or layer.startswith(module + ".")
+                                           or module.startswith(layer + ".") for module in modules):
+            raise ConfigError(f"--codec names layer {layer!r}, which --layers does not record ({', '.join(modules)})")
 
 
 def check_cfg_option_items(items: Iterable[str]) -> None:
@@ -114,10 +119,10 @@ class BuildOptions:
         if not os.path.isfile(self.checkpoint):
             kind = "is a directory, not a file" if os.path.isdir(self.checkpoint) else "does not exist"
             raise ConfigError(f"checkpoint {self.checkpoint!r} {kind}")
-        split_layer_names(self.layers)
+        modules = split_layer_names(self.layers)
         if self.split not in SPLITS:
             raise ConfigError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
-        check_codec_option(self.codec)
+        check_codec_option(self.codec, modules)
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")
         for name, value, least in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),

@@ -111,6 +111,7 @@ def test_config_that_does_not_build_is_named(nus_one, pillar_ckpt, tmp_path):
     (["--codec", "nonsense"], "codec 'nonsense' is not of the form <precision>-<compressor>"),
     (["--codec", "pts_neck=fp12-zstd1"], "codec 'fp12-zstd1'"),
     (["--codec", "pts_neck:int8-zstd3,pts_backbone=fp16-lz4"], "--codec item 'pts_neck:int8-zstd3' is not LAYER=CODEC"),
+    (["--layers", "pts_neck", "--codec", "pts_head=fp32-none"], "--codec names layer 'pts_head', which --layers does"),
     (["--layers", "pts_neck,pts backbone"], "--layers: 'pts backbone' is not a module name"),
     (["--layers", ","], "--layers is empty"),
     (["--cfg-options", "train_dataloader.batch_size"], "--cfg-options item 'train_dataloader.batch_size' is not key=value"),
@@ -118,7 +119,7 @@ def test_config_that_does_not_build_is_named(nus_one, pillar_ckpt, tmp_path):
     (["--storage-options", "{not json"], "--storage-options"),
     (["--trust-global", "Unqualified"], "--trust-global 'Unqualified' is not module.Name"),
     (["--batch-size", "0"], "--batch-size"),
-], ids=["codec", "layer-codec", "codec-item", "layers", "no-layers", "cfg-options", "device", "storage-options",
+], ids=["codec", "layer-codec", "codec-item", "codec-layer", "layers", "no-layers", "cfg-options", "device", "storage-options",
         "trust-global", "batch-size"])
 def test_a_bad_option_fails_in_under_two_seconds_naming_it(nus_one, pillar_ckpt, tmp_path, args, message):
     out = tmp_path / "cache"
