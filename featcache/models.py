@@ -258,7 +258,9 @@ def check_sources(cache, dataset) -> int:
 
     if getattr(cache, "sources", None) is None:
         return 0
-    keys, sources = item_keys(dataset), item_sources(dataset)
+    root = dataset_data_root(dataset)
+    infos = (dataset.get_data_info(index) for index in range(len(dataset)))
+    keys, sources = zip(*((sample_key(info, root), sample_source(info, root)) for info in infos)) if len(dataset) else ((), ())
     problems = source_mismatches(cache.row_keys, cache.sources, keys, sources)
     if problems:
         raise CacheMismatchError(
