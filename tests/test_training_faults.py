@@ -75,7 +75,7 @@ def _file_contents(root: str | Path) -> dict[str, bytes]:
 def test_corrupt_sample_stops_training_by_name_or_is_skipped_and_counted(reference_cache, nus_six, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)
-    bad_key = open_cache(cache).keys[1]  # one of the two samples trained on
+    bad_key = open_cache(cache).row_keys[1]  # one of the two samples trained on
     cut = chunk_file(cache, "pts_neck.0", 1)
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
 

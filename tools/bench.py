@@ -233,7 +233,7 @@ class CacheRows(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
         item = {}
-        for name, (values, qparams) in self.cache.read_row_tensors(self.cache.row_of(self.cache.keys[row])).items():
+        for name, (values, qparams) in self.cache.read_row_tensors(row).items():
             item[name] = values
             if qparams is not None:
                 item[f"{name}/qparams"] = qparams

@@ -116,7 +116,7 @@ def plot_bev(cache_path: str, runs: list[Run], cfg_options: dict, out_png: str) 
 
     cache = open_cache(cache_path)
     layer = cache.layer_names[0]
-    key = cache.keys[0]
+    key = cache.row_keys[0]
     teacher_map = torch.from_numpy(np.asarray(cache.read(key)[layer]))
     panels = [(f"teacher (from the cache)\n{layer} {tuple(teacher_map.shape)}", _norm_map(teacher_map))]
     for run in runs:

@@ -200,15 +200,16 @@ def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
 
 
 def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None) -> list[Run]:
-    """Breadth first: every recipe's first seed before any recipe's second."""
+    """In order: the half student's recipes seed by seed (every recipe's first seed before any
+    recipe's second), then the slim student (no-KD and the half student's best cached recipe), then
+    the online-teacher run of that recipe."""
     half = [NO_KD, "pkd=5"] if quick else list(HALF_RECIPES)
     best = best_recipe(records, "half") or "infonce=1,pkd=5"
     runs: list[Run] = []
-    for seed in seeds:
-        if only in (None, "half"):
-            runs += [Run("half", recipe, seed, "none" if recipe == NO_KD else "cache") for recipe in half]
-        if only in (None, "slim") and not quick:
-            runs += [Run("slim", NO_KD, seed, "none"), Run("slim", best, seed, "cache")]
+    if only in (None, "half"):
+        runs += [Run("half", recipe, seed, "none" if recipe == NO_KD else "cache") for seed in seeds for recipe in half]
+    if only in (None, "slim") and not quick:
+        runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"), Run("slim", best, seed, "cache"))]
     if only in (None, "online") and not quick:
         runs.append(Run("half", best, seeds[0], "online"))
     return runs

@@ -150,7 +150,7 @@ def main() -> int:
     built = subprocess.run(build_command(args.data, args.checkpoint, reference), check=True, capture_output=True,
                            text=True)
     build_seconds = time.monotonic() - start
-    total = len(open_cache(reference).keys)
+    total = len(open_cache(reference))
     # the build's own time, without start-up (model loading): a kill meant to land inside the
     # next sample waits a random part of this
     per_sample = float(re.search(r"wrote \d+ samples in ([\d.]+)s", built.stdout).group(1)) / total
@@ -236,7 +236,7 @@ def same_as_reference(reference: Path, tortured: Path) -> bool:
         print(report.summary(), file=sys.stderr)
         return False
     left, right = open_cache(reference), open_cache(tortured)
-    for row, key in enumerate(left.keys):
+    for row, key in enumerate(left.row_keys):
         a, b = left.read_row(row, decode=False), right.read_row(row, decode=False)
         if any(not np.array_equal(a[name], b[name]) for name in a):
             print(f"sample {key} differs from the uninterrupted build", file=sys.stderr)

@@ -123,6 +123,15 @@ def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: Tr
     return pipeline[:packs[0]] + [step] + pipeline[packs[0] + 1:]
 
 
+def _require_tokens(dataset, config: str) -> None:
+    """Training from a cache pairs pipeline results with cache rows by ``sample_key``, which the train
+    pipeline's pack step computes without the dataset's data_root, so it needs token-keyed samples."""
+    if len(dataset) and dataset.get_data_info(0).get("token") is None:
+        raise ConfigError(f"the training samples of {config} have no 'token' (KITTI-style infos): featcache train "
+                          "does not yet pair such samples with a cache (their key is the lidar path relative to the "
+                          "data root, which the pack step does not receive yet); use infos with tokens")
+
+
 def _check_cache_covers(dataset, cache, config: str) -> None:
     keys = models.dataset_keys(dataset)
     missing = [key for key in keys if key not in cache]
@@ -194,14 +203,16 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
+        dataset = models.build_dataset(inner)
+        _require_tokens(dataset, options.student_config)
         inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, cache.layer_names, options)
         cfg.train_dataloader.sampler = dict(type="CacheReadaheadSampler", sampler=cfg.train_dataloader.sampler,
                                             cache=options.cache, layers=cache.layer_names,
                                             storage_options=options.storage_options)
         teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
         modules = list(dict.fromkeys(layer.module for layer in cache.manifest.layers))
-        dataset = models.build_dataset(inner)
         _check_cache_covers(dataset, cache, options.student_config)
+        models.check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
         teacher_shapes = {layer.name: layer.shape for layer in cache.manifest.layers}
         target_codecs = {layer.name: layer.codec.name for layer in cache.manifest.layers}
         num_samples = cache.manifest.num_samples
