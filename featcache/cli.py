@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 from typing import Any, Callable
 
@@ -37,6 +38,44 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+class KeyValueItems(click.Option):
+    """``--cfg-options KEY=VALUE [KEY=VALUE ...]``, as mmengine's ``DictAction`` and every mmdet3d tool take it:
+    one flag takes several items, and the flag may be repeated. After the item the flag takes as usual, the
+    tokens that follow are taken too while each looks like ``KEY=VALUE`` (holds an ``=`` after a key, does
+    not start with ``-``); the first one that does not (an option, a positional argument without ``=``, or
+    ``--``) ends the list. Values are mmengine's: ``a=1``, ``a=x,y`` and ``a=[x,y]`` (lists), ``a=(x,y)``
+    (a tuple), ``a=None``/``True``; a later item for the same key wins."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("multiple", True)
+        kwargs.setdefault("metavar", "KEY=VALUE ...")
+        super().__init__(*args, **kwargs)
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            option = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if option is None:
+                continue
+            take_one = option.process
+
+            def process(value: Any, state: Any, take_one: Callable = take_one) -> None:
+                take_one(value, state)
+                while state.rargs and _KEY_VALUE.match(state.rargs[0]):
+                    take_one(state.rargs.pop(0), state)
+
+            option.process = process
+
+
+_KEY_VALUE = re.compile(r"^[A-Za-z_][^=\s]*=")
+
+
+def cfg_options_option(help_text: str, name: str = "--cfg-options") -> Callable:
+    """A ``KeyValueItems`` option (``--cfg-options`` semantics) with ``help_text``."""
+    return click.option(name, cls=KeyValueItems, help=help_text + " Several KEY=VALUE per flag, or repeat the flag "
+                        "(mmengine's DictAction: a=1 b=x,y c=[1,2] d=(1,2)).")
+
+
 storage_option = click.option("--storage-options", default=None, metavar="JSON",
                               help='fsspec options for URL caches, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:5000"}}\'.')
 
@@ -53,12 +92,14 @@ def main(verbose: bool) -> None:
 @click.argument("teacher_config")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, help="Cache directory or fsspec URL (s3://...).")
-@click.option("--layers", default="pts_middle_encoder,pts_backbone,pts_neck", show_default=True,
-              help="Comma-separated module names to record.")
+@click.option("--layers", default=None,
+              help="Comma-separated module names to record (default: the detector's BEV modules, "
+                   "pts_middle_encoder,pts_backbone,pts_neck for MVX-style detectors such as CenterPoint and "
+                   "BEVFusion, middle_encoder,backbone,neck for single-stage ones such as KITTI PointPillars).")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
                                             "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
-@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override config entries (repeatable).")
+@cfg_options_option("Override teacher config entries, e.g. train_dataloader.dataset.dataset.data_root=/data/nus/.")
 @click.option("--force", is_flag=True, help="Erase the featcache cache at --out and start over (only featcache's own "
                                           "files; a directory featcache did not create is refused).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
@@ -68,7 +109,7 @@ def main(verbose: bool) -> None:
               help="Allow one more type in the checkpoint's pickle (only for checkpoints you trust).")
 @storage_option
 @fail_cleanly
-def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: str, codec: str | None,
+def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, split: str, codec: str | None,
           cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
           trust_global: tuple[str, ...], storage_options: str | None) -> None:
     """Run TEACHER_CONFIG with CHECKPOINT once over a split and cache its features.
@@ -102,7 +143,7 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str, split: st
 @click.option("--repair", is_flag=True, help="Rebuild missing/corrupt samples with the teacher.")
 @click.option("--teacher-config", default=None, help="For --repair (default: the path in the manifest).")
 @click.option("--checkpoint", default=None, help="For --repair (default: the path in the manifest).")
-@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="For --repair: as given to build.")
+@cfg_options_option("For --repair: as given to build.")
 @storage_option
 @fail_cleanly
 def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str | None,
@@ -141,7 +182,7 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG of a sample's BEV energy.")
 @click.option("--sample", default=None, help="Sample key for --plot (default: the first complete one).")
 @click.option("--checkpoint", default=None, help="Teacher checkpoint for --fidelity (default: from the manifest).")
-@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="For --fidelity: as given to build.")
+@cfg_options_option("For --fidelity: as given to build.")
 @storage_option
 @fail_cleanly
 def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample: str | None, checkpoint: str | None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from featcache.cli import fail_cleanly, main, parse_storage_options, storage_option
+from featcache.cli import cfg_options_option, fail_cleanly, main, parse_storage_options, storage_option
 
 
 def _pairs(text: str | None) -> dict[str, str] | None:
@@ -49,11 +49,11 @@ def _kd(text: str | None) -> dict[str, float] | None:
               help="Embedding size of crd's and infonce's projection heads (default 128).")
 @click.option("--pairs", default=None, help="student_layer=cache_layer,... (default: layers with the same name).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --work-dir.")
-@click.option("--cfg-options", multiple=True, metavar="KEY=VALUE", help="Override student config entries.")
+@cfg_options_option("Override student config entries.")
 @click.option("--skip-corrupt", is_flag=True, help="Skip (and count) samples whose cache entry is damaged.")
 @click.option("--online-teacher", nargs=2, default=None, metavar="CONFIG CKPT",
               help="Compute targets with a live teacher instead of a cache (for comparisons).")
-@click.option("--teacher-cfg-options", multiple=True, metavar="KEY=VALUE", help="Overrides for --online-teacher.")
+@cfg_options_option("Overrides for --online-teacher.", name="--teacher-cfg-options")
 @click.option("--no-distill", is_flag=True, help="Train the student with its detection loss only (baseline).")
 @storage_option
 @fail_cleanly
