@@ -6,7 +6,10 @@ Everything featcache knows about mmdet3d lives here, so the rest of the package 
 from __future__ import annotations
 
 import copy
+import importlib
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -17,6 +20,15 @@ from featcache.checkpoint import load_weights
 from featcache.errors import ConfigError
 
 DATASET_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ConcatDataset")
+# what the wrappers take (mmengine/mmdet3d 1.4 signatures): any other key set on a wrapper is not the dataset's
+WRAPPER_ARGS = ("type", "dataset", "datasets", "times", "oversample_thr", "lazy_init", "ignore_keys")
+# the lidar branch's BEV modules: MVX-style detectors (CenterPoint, BEVFusion, MVXNet) and single-stage ones
+# (VoxelNet, DynamicVoxelNet: mmdet3d's KITTI PointPillars, SECOND)
+MVX_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
+SINGLE_STAGE_LAYERS = ("middle_encoder", "backbone", "neck")
+LAYER_CONVENTIONS = (f"MVX-style detectors (CenterPoint, BEVFusion): {','.join(MVX_LAYERS)}; single-stage ones "
+                     f"(VoxelNet: PointPillars, SECOND): {','.join(SINGLE_STAGE_LAYERS)}")
+logger = logging.getLogger("featcache.models")
 SPLITS = ("train", "val", "test")
 
 
@@ -49,21 +61,121 @@ def parse_cfg_options(items: Iterable[str]) -> dict[str, Any]:
     return options
 
 
+def _error_chain(exc: BaseException) -> str:
+    """``Type: message`` of an exception and of each exception it was raised from or during."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " <- caused by ".join(parts)
+
+
+def custom_import_names(cfg) -> list[str]:
+    """The module names of a config's ``custom_imports``."""
+    spec = cfg.get("custom_imports") or {}
+    imports = spec.get("imports", []) if hasattr(spec, "get") else []
+    return [imports] if isinstance(imports, str) else [str(name) for name in imports]
+
+
+def import_custom_modules(cfg, where: str) -> None:
+    """Import a config's ``custom_imports`` (as mmengine does), keeping the real cause of a failure.
+
+    mmengine replaces any ImportError with "Failed to import custom modules ... set PYTHONPATH", which
+    is wrong when the module is found but fails inside (BEVFusion's ops not compiled: ``cannot import
+    name 'bev_pool_ext'``). Here the message keeps the whole chain and says what to do."""
+    spec = cfg.get("custom_imports") or {}
+    allow_failed = bool(spec.get("allow_failed_imports", False)) if hasattr(spec, "get") else False
+    for name in custom_import_names(cfg):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            if allow_failed:
+                logger.warning("config %s: custom_imports module %r failed to import and is ignored "
+                               "(allow_failed_imports=True): %s", where, name, _error_chain(exc))
+                continue
+            raise ConfigError(custom_import_message(where, name, exc)) from exc
+
+
+def custom_import_message(where: str, name: str, exc: BaseException) -> str:
+    top = name.split(".")[0]
+    missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+    message = f"config {where!r}: its custom_imports module {name!r} does not import: {_error_chain(exc)}. "
+    if missing and (name == missing or name.startswith(missing + ".")):
+        return message + (f"Python does not find {missing!r}: put the directory that contains {top}/ on PYTHONPATH "
+                          f"(for projects.*: the mmdetection3d checkout's root; sys.path now starts "
+                          f"{', '.join(sys.path[:4])})")
+    if "BEVFusion" in name:
+        return message + ("The module is found but fails inside: BEVFusion's C++/CUDA ops (bev_pool, voxelization) "
+                          "are not built or not importable. Build them as mmdet3d's projects/BEVFusion/README.md "
+                          "says (in the checkout: `python projects/BEVFusion/setup.py develop`, with a CUDA "
+                          "toolkit matching torch), then retry; see README.md, Distilling a BEVFusion teacher")
+    return message + "The module is found but fails inside (the error above): fix it or what it imports, then retry"
+
+
+def wrapped_override_problem(cfg, key: str) -> str | None:
+    """Why ``--cfg-options key=...`` would not reach a dataset: a key set on a dataset wrapper (CBGS,
+    Repeat, ClassBalanced, Concat) that the wrapper does not take, with the path that would; else None."""
+    parts = key.split(".")
+    node: Any = cfg._cfg_dict if isinstance(cfg, Config) else cfg
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+        nxt = parts[depth + 1]
+        if isinstance(node, dict) and node.get("type") in DATASET_WRAPPERS and nxt not in WRAPPER_ARGS:
+            path, inner = ".".join(parts[:depth + 1]), node
+            while isinstance(inner, dict) and inner.get("type") in DATASET_WRAPPERS:
+                if "dataset" in inner:
+                    path, inner = path + ".dataset", inner["dataset"]
+                elif "datasets" in inner:
+                    path, inner = path + ".datasets.<i>", None
+                else:
+                    break
+            return (f"--cfg-options {key}: {'.'.join(parts[:depth + 1])} is a {node.get('type')} (a dataset wrapper), "
+                    f"which takes no {nxt!r}, so the override would not reach the dataset it wraps; set it there: "
+                    f"{path}.{'.'.join(parts[depth + 1:])}=...")
+    return None
+
+
 def load_config(path: str | os.PathLike, cfg_options: dict[str, Any] | None = None):
     """Load an mmengine config (with its ``custom_imports``) and apply overrides."""
     resolved = resolve_config_path(path)
     try:
         # no yapf: mmengine re-formats a config's text (1.5-3 s here) every time a Runner logs or
         # dumps it or a checkpoint or cache manifest stores it; unformatted text is still valid Python
-        cfg = Config.fromfile(str(resolved), format_python_code=False)
+        cfg = Config.fromfile(str(resolved), format_python_code=False, import_custom_modules=False)
         # mmengine 0.10.7's fromfile passes the flag only for lazy-import configs; set it for all
         cfg = Config(cfg.to_dict(), cfg_text=cfg.text, filename=cfg.filename, env_variables=cfg.env_variables,
                      format_python_code=False)
     except Exception as exc:
-        raise ConfigError(f"config {os.fspath(path)!r} does not load: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, OSError) and ("_base_" in str(exc) or "projects" in Path(resolved).parts):
+            hint = (" (a config's _base_ files must exist where it names them: a projects/BEVFusion config needs the "
+                    "whole mmdetection3d checkout, configs/_base_ included)")
+        raise ConfigError(f"config {os.fspath(path)!r} does not load: {_error_chain(exc)}{hint}") from exc
+    import_custom_modules(cfg, os.fspath(path))
     if cfg_options:
+        problems = [problem for problem in map(lambda key: wrapped_override_problem(cfg, key), cfg_options) if problem]
+        if problems:
+            raise ConfigError("; ".join(problems))
         cfg.merge_from_dict(cfg_options)
     return cfg
+
+
+def default_layers(model: torch.nn.Module) -> list[str]:
+    """``--layers`` when none are given: the lidar branch's BEV modules under the detector's convention
+    (``pts_*`` for MVX-style detectors, ``middle_encoder,backbone,neck`` for single-stage ones)."""
+    children = dict(model.named_children())
+    for convention in (MVX_LAYERS, SINGLE_STAGE_LAYERS):
+        present = [name for name in convention if children.get(name) is not None]
+        if present:
+            return present
+    raise ConfigError(f"{type(model).__name__} has none of the default layers ({LAYER_CONVENTIONS}); name the "
+                      f"modules to record with --layers (top-level modules: {', '.join(sorted(children))})")
 
 
 def init_mmdet3d_scope() -> None:

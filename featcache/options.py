@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 from featcache import codecs, location
 from featcache.errors import ConfigError
 
-DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
+DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")  # MVX-style detectors' (models.MVX_LAYERS)
+# ``layers=None`` (the CLI's default): the detector's convention, once it is built (models.default_layers)
 SPLITS = ("train", "val", "test")
 _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?$")
@@ -98,7 +99,7 @@ class BuildOptions:
     teacher_config: str
     checkpoint: str
     out: str
-    layers: Sequence[str] | str = DEFAULT_LAYERS
+    layers: Sequence[str] | str | None = None  # None: models.default_layers of the teacher
     split: str = "train"
     codec: str | None = None
     cfg_options: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +120,7 @@ class BuildOptions:
         if not os.path.isfile(self.checkpoint):
             kind = "is a directory, not a file" if os.path.isdir(self.checkpoint) else "does not exist"
             raise ConfigError(f"checkpoint {self.checkpoint!r} {kind}")
-        modules = split_layer_names(self.layers)
+        modules = split_layer_names(self.layers) if self.layers is not None else None
         if self.split not in SPLITS:
             raise ConfigError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
         check_codec_option(self.codec, modules)

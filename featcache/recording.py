@@ -30,7 +30,10 @@ def find_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]
     for name in names:
         if name not in available:
             top = sorted({key.split(".")[0] for key in available if key})
-            raise ConfigError(f"module {name!r} not found in {type(model).__name__}; top-level modules: {', '.join(top)}")
+            from featcache.models import LAYER_CONVENTIONS
+
+            raise ConfigError(f"module {name!r} not found in {type(model).__name__}; top-level modules: {', '.join(top)} "
+                              f"(the BEV layers of {LAYER_CONVENTIONS}; --layers names others)")
         found[name] = available[name]
     return found
 

@@ -64,10 +64,10 @@ def _collate(batch):
 class Teacher:
     """``features(batch)`` runs the detector up to its last hooked module on a collated batch."""
 
-    def __init__(self, config: str, checkpoint: str, layers: str | Sequence[str], split: str = "train",
+    def __init__(self, config: str, checkpoint: str, layers: str | Sequence[str] | None = None, split: str = "train",
                  cfg_options: dict[str, Any] | None = None, device: str = "cpu",
                  trust_globals: Sequence[str] = ()) -> None:
-        self.modules = recording.split_layer_names(layers)
+        self.modules = recording.split_layer_names(layers) if layers is not None else None
         self.cfg = models.load_config(config, cfg_options)
         self.dataset_cfg = models.dataset_cfg_for_split(self.cfg, split)
         self.dataset = models.build_dataset(self.dataset_cfg)
@@ -76,6 +76,8 @@ class Teacher:
         self.keys = models.dataset_keys(self.dataset)
         self.sources = models.dataset_sources(self.dataset)  # each key's lidar file, relative to the data root
         self.model = models.build_model(self.cfg, checkpoint, device, trust_globals).eval()
+        if self.modules is None:  # the detector's own convention (pts_* or middle_encoder, backbone, neck)
+            self.modules = models.default_layers(self.model)
         recording.find_modules(self.model, self.modules)  # fail now, naming the module, not mid-build
         self.samples = _KeyedSamples(self.dataset, self.keys)
 

@@ -198,3 +198,48 @@ def test_cli_help_lists_commands_and_rejects_unknown_options():
         assert f"  {command} " in result.stdout
     bad = subprocess.run(featcache + ["build", "--no-such-option"], capture_output=True, text=True)
     assert bad.returncode == 2 and "No such option '--no-such-option'" in bad.stderr and "Usage:" in bad.stderr
+
+
+def test_custom_import_failure_keeps_its_cause_and_says_what_to_do(tmp_path, monkeypatch):
+    # a BEVFusion-like project whose compiled op is missing: the module is found, and fails inside
+    package = tmp_path / "fakeprojects" / "BEVFusion" / "bevfusion"
+    (package / "ops").mkdir(parents=True)
+    for directory in (package.parent.parent, package.parent, package):
+        (directory / "__init__.py").touch()
+    (package / "__init__.py").write_text("from .ops import bev_pool\n")
+    (package / "ops" / "__init__.py").touch()
+    (package / "ops" / "bev_pool.py").write_text("from . import bev_pool_ext  # the op setup.py compiles\n")
+    base = models.resolve_config_path(PILLAR_CONFIG)
+    for name, module, expected in (
+            ("ops", "fakeprojects.BEVFusion.bevfusion", r"bev_pool_ext.*projects/BEVFusion/setup.py develop"),
+            ("path", "featcache_no_such_project.plugin", r"No module named 'featcache_no_such_project'.*PYTHONPATH")):
+        config = tmp_path / f"{name}.py"
+        config.write_text(f"_base_ = [{str(base)!r}]\n"
+                          f"custom_imports = dict(imports=[{module!r}], allow_failed_imports=False)\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        with pytest.raises(ConfigError, match=rf"{name}.py.*{module}.*does not import.*{expected}") as info:
+            models.load_config(config)
+        assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_override_on_a_wrapped_dataset_names_the_path_that_reaches_it():
+    # mmdet3d's CenterPoint nuScenes config wraps its train set in a CBGSDataset
+    with pytest.raises(ConfigError, match=r"train_dataloader.dataset is a CBGSDataset.*no 'data_root'.*"
+                                          r"train_dataloader.dataset.dataset.data_root="):
+        models.load_config(PILLAR_CONFIG, {"train_dataloader.dataset.data_root": "/data/nuscenes/"})
+    cfg = models.load_config(PILLAR_CONFIG, {"train_dataloader.dataset.dataset.data_root": "/data/nuscenes/",
+                                             "train_dataloader.dataset.type": "CBGSDataset"})
+    assert cfg.train_dataloader.dataset.dataset.data_root == "/data/nuscenes/"
+
+
+KITTI_CONFIG = "pointpillars/pointpillars_hv_secfpn_8xb6-160e_kitti-3d-car.py"
+
+
+def test_default_layers_follow_the_detector_and_a_missing_layer_lists_both_conventions():
+    centerpoint = models.build_model(models.load_config(PILLAR_CONFIG))
+    pointpillars = models.build_model(models.load_config(KITTI_CONFIG))  # a single-stage VoxelNet
+    assert models.default_layers(centerpoint) == ["pts_middle_encoder", "pts_backbone", "pts_neck"]
+    assert models.default_layers(pointpillars) == ["middle_encoder", "backbone", "neck"]
+    with pytest.raises(ConfigError, match=r"'pts_neck' not found in VoxelNet.*pts_middle_encoder,pts_backbone,"
+                                          r"pts_neck.*middle_encoder,backbone,neck"):
+        recording.find_modules(pointpillars, ["pts_neck"])
