@@ -37,6 +37,12 @@ class BuildResult:
     seconds: float
     stored_bytes: int
     raw_bytes: int
+    nonzero: dict[str, dict[str, float]] | None = None  # per layer, over every sample built so far (all runs)
+    nearly_zero_layers: tuple[str, ...] = ()  # layers (nearly) all zeros in every sample this run wrote
+
+
+# what a resume under other versions warns about: these change the teacher's arithmetic
+TEACHER_LIBRARIES = ("torch", "mmcv", "mmdet3d", "mmdet", "mmengine", "spconv")
 
 
 def library_versions() -> dict[str, str]:
@@ -92,6 +98,9 @@ class Builder:
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []
+        # the teacher's own code (its config's custom_imports), part of the cache's identity
+        self.teacher_code = models.custom_module_sources(self.cfg)
+        self.nonzero: dict[str, list[float]] = {}  # per layer, the non-zero fraction of each sample this run
 
     # -- identity ---------------------------------------------------------------------------
     def _identity(self, layer_names: list[str], codec_by_layer: dict[str, codecs.CodecSpec]) -> dict[str, Any]:
@@ -122,7 +131,7 @@ class Builder:
             extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
                    "cfg_options": self.options.cfg_options,
                    "point_cloud_range": list(self.cfg.get("point_cloud_range", []))},
-            key_scheme=format.KEY_SCHEME)
+            key_scheme=format.KEY_SCHEME, teacher_code=self.teacher_code)
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):
@@ -150,9 +159,12 @@ class Builder:
                 problems += _key_differences(cache_keys, self.keys)
             problems += [f"sample {line}" for line in models.source_mismatches(cache_keys, writer.sources(),
                                                                                 self.keys, self.sources)[:5]]
+            if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
+                problems += models.source_differences(writer.manifest.teacher_code, self.teacher_code)
             if problems:
                 raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
                                          "\nUse another --out, or --force to erase it and start over.")
+            self._warn_versions(writer.manifest.versions)
             return writer, None
         if self.world.is_main:
             if exists or state.kind == location.DAMAGED:
@@ -169,9 +181,58 @@ class Builder:
             return writer, probe
         return CacheWriter.open(out, options.storage_options), None
 
+    def _warn_versions(self, recorded: dict[str, str]) -> None:
+        now = library_versions()
+        changed = [f"{name} {recorded.get(name, 'absent')} -> {now.get(name, 'absent')}" for name in TEACHER_LIBRARIES
+                   if recorded.get(name) != now.get(name) and (name in recorded or name in now)]
+        if changed and self.world.is_main:
+            logger.warning("resuming %s with other library versions than the cache was started with (%s): the "
+                           "samples built now may differ slightly from the earlier ones; --force rebuilds all of "
+                           "them with one set", self.options.out, ", ".join(changed))
+
+    def _count_nonzero(self, features: dict[str, np.ndarray]) -> None:
+        """Record each sample's non-zero fraction per layer (of the teacher's float32 output)."""
+        for name, value in features.items():
+            per_sample = value.reshape(value.shape[0], -1)
+            fractions = np.count_nonzero(per_sample, axis=1) / max(per_sample.shape[1], 1)
+            self.nonzero.setdefault(name, []).extend(float(f) for f in fractions)
+
+    def _nonzero_summary(self, writer: CacheWriter) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, float]]]:
+        """Every rank's non-zero fractions, merged with those of earlier runs (group attribute
+        ``featcache_nonzero``), and the layers (nearly) all zeros in every sample of this run, with that
+        run's sample count and largest fraction. A repair (``rows``) leaves the recorded figures as they are."""
+        gathered = [self.nonzero]
+        if self.world.size > 1:
+            import torch.distributed as dist
+
+            gathered = [None] * self.world.size
+            dist.all_gather_object(gathered, self.nonzero)
+        this_run: dict[str, list[float]] = {}
+        for part in gathered:
+            for name, fractions in (part or {}).items():
+                this_run.setdefault(name, []).extend(fractions)
+        nearly_zero = {name: (len(fractions), max(fractions)) for name, fractions in this_run.items()
+                       if fractions and max(fractions) < format.NEAR_ZERO_FRACTION}
+        earlier = dict(writer.group.attrs.get(format.NONZERO_ATTRIBUTE) or {})
+        if self.options.rows is not None:
+            return earlier, nearly_zero
+        summary = {}
+        for name in writer.manifest.layer_names:
+            fractions, before = this_run.get(name, []), earlier.get(name) or {}
+            count = len(fractions) + int(before.get("samples", 0))
+            if not count:
+                continue
+            total = sum(fractions) + float(before.get("mean", 0.0)) * int(before.get("samples", 0))
+            summary[name] = {"samples": count, "mean": total / count,
+                             "min": min(fractions + ([before["min"]] if "min" in before else [])),
+                             "max": max(fractions + ([before["max"]] if "max" in before else []))}
+        return summary, nearly_zero
+
     def _teacher_features(self, batch, keys: list[str]) -> dict[str, np.ndarray]:
         try:
-            return self.teacher.features(batch)
+            features = self.teacher.features(batch)
+            self._count_nonzero(features)
+            return features
         except Exception as exc:
             raise InputDataError(f"the teacher failed on sample(s) {', '.join(map(repr, keys))} "
                                  f"({', '.join(self.teacher.lidar_paths(keys))}): {type(exc).__name__}: {exc}. "
@@ -195,11 +256,12 @@ class Builder:
         already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
                           and status[row] == format.STATUS_COMPLETE)) - writer.stats.samples
         background = BackgroundWriter(writer, depth=self.options.writer_depth, on_invalid=self._report_invalid)
-        progress = _Progress(len(rows), writer, enabled=self.options.progress and self.world.is_main,
+        progress = _Progress(len(rows) + (probe is not None), writer, enabled=self.options.progress and self.world.is_main,
                              rank_note=f" (rank 0 of {self.world.size})" if self.world.size > 1 else "")
         try:
             if probe is not None:  # written while the teacher runs on the next samples
                 background.submit(*probe)
+                progress.update(1)  # the set-up's sample is one of the split's
             if rows:
                 for batch_rows, batch_keys, batch in self._loader(rows):
                     features = self._teacher_features(batch, batch_keys)
@@ -211,15 +273,26 @@ class Builder:
             background.close()
             progress.close()
         self.world.barrier()
+        nonzero, nearly_zero = self._nonzero_summary(writer)
         if self.world.is_main:
             final = writer.status()
+            if nonzero and self.options.rows is None:
+                writer.group.attrs[format.NONZERO_ATTRIBUTE] = nonzero
             writer.set_progress(complete=int((final == format.STATUS_COMPLETE).sum()),
                                 invalid=int((final == format.STATUS_INVALID).sum()),
                                 missing=int((final == format.STATUS_MISSING).sum()))
+            for name, (count, largest) in nearly_zero.items():
+                logger.warning(
+                    "layer %s is (nearly) all zeros in every one of the %d samples this build wrote (at most %.4f%% "
+                    "non-zero): the teacher produces nothing there. Check the teacher before training from this "
+                    "cache: its checkpoint matches the config, the point cloud range covers the points, and custom "
+                    "ops return what the next module expects (e.g. voxel coordinates in (batch, z, y, x) order)",
+                    name, count, 100 * largest)
         result = BuildResult(location=self.options.out, total=len(self.keys), written=writer.stats.samples,
                              already_complete=already, invalid_keys=list(self.invalid_keys),
                              seconds=time.perf_counter() - start, stored_bytes=writer.stats.stored_bytes,
-                             raw_bytes=writer.stats.raw_bytes)
+                             raw_bytes=writer.stats.raw_bytes, nonzero=nonzero,
+                             nearly_zero_layers=tuple(nearly_zero))
         return result
 
 

@@ -44,6 +44,13 @@ STATUS_MISSING = 0
 STATUS_COMPLETE = 1
 STATUS_INVALID = 2  # teacher output was NaN/Inf: recorded so a resume does not retry forever
 
+# A layer whose non-zero fraction stays below this in every sample looked at is (nearly) all zeros:
+# a teacher that produces nothing there (e.g. voxel coordinates in another order than the scatter
+# expects gives a middle-encoder map 99.98% zeros). Real lidar BEV maps are far above it (the sparsest,
+# a pillar scatter of one nuScenes scan, is a few percent non-zero).
+NEAR_ZERO_FRACTION = 1e-3
+NONZERO_ATTRIBUTE = "featcache_nonzero"  # group attribute: per layer, non-zero fraction over the samples built
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -88,6 +95,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     key_scheme: str | None = None  # KEY_SCHEME; None: written before keys were identities
+    # the teacher's own code: {"modules": custom_imports, "files": {path: sha256}}; None: written before
+    # featcache recorded it (such caches resume without the check)
+    teacher_code: dict[str, Any] | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -121,6 +131,7 @@ class Manifest:
             "pipeline": self.pipeline, "split": self.split, "versions": self.versions,
             "created": self.created, "extra": self.extra,
             **({"key_scheme": self.key_scheme} if self.key_scheme is not None else {}),
+            **({"teacher_code": self.teacher_code} if self.teacher_code is not None else {}),
         }
 
     @classmethod
@@ -139,7 +150,8 @@ class Manifest:
                 teacher_config=data["teacher_config"], teacher_config_path=data["teacher_config_path"],
                 teacher_model_sha256=data["teacher_model_sha256"], checkpoint_sha256=data["checkpoint_sha256"], pipeline=data["pipeline"], split=data["split"],
                 versions=data["versions"], created=data["created"], format_version=version,
-                extra=data.get("extra", {}), key_scheme=data.get("key_scheme"))
+                extra=data.get("extra", {}), key_scheme=data.get("key_scheme"),
+                teacher_code=data.get("teacher_code"))
         except KeyError as exc:
             raise CacheFormatError(f"{where}: damaged manifest (required field {exc} is missing); restore zarr.json "
                                    "from a copy of the cache, or rebuild with `featcache build --force`") from exc

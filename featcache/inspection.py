@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache import format, store
+from featcache import codecs, format, store
 from featcache.reader import FeatureCache, open_cache
 
 
@@ -41,6 +41,49 @@ def layer_summaries(cache: FeatureCache, sample_rows: Sequence[int]) -> list[Lay
     return summaries
 
 
+def nonzero_fraction(values: np.ndarray, codec: codecs.CodecSpec, qparams: np.ndarray | None = None) -> float:
+    """Fraction of one stored sample's values that are not zero; int8: that decode to more than half a
+    quantisation step from zero (its affine does not put 0 on the grid unless 0 is the channel's min)."""
+    if not values.size:
+        return 0.0
+    if codec.precision != "int8":
+        return float(np.count_nonzero(values)) / values.size
+    decoded = codecs.decode(values, codec, qparams)
+    step = qparams[0].reshape((-1,) + (1,) * (values.ndim - 1))
+    return float(np.count_nonzero(np.abs(decoded) > step / 2)) / values.size
+
+
+def spread_rows(rows: Sequence[int], count: int) -> list[int]:
+    """Up to ``count`` of ``rows``, evenly spread over them (first and last included)."""
+    rows = list(rows)
+    if len(rows) <= count:
+        return rows
+    return [rows[int(round(i * (len(rows) - 1) / (count - 1)))] for i in range(count)] if count > 1 else rows[:1]
+
+
+def nearly_zero_layers(fractions: dict[str, list[float]]) -> dict[str, float]:
+    """Layers whose non-zero fraction is below ``format.NEAR_ZERO_FRACTION`` in every sample looked at,
+    with the largest fraction seen."""
+    return {name: max(values) for name, values in fractions.items()
+            if values and max(values) < format.NEAR_ZERO_FRACTION}
+
+
+def zero_layer_warning(name: str, largest: float, samples: int) -> str:
+    return (f"suspect: layer {name} is (nearly) all zeros in every one of the {samples} samples checked (at most "
+            f"{100 * largest:.4f}% non-zero): its teacher produced nothing there (mismatched checkpoint, point cloud "
+            "range, or a custom op returning what the next module does not expect); rebuild once the teacher is "
+            "fixed (`featcache build ... --force`)")
+
+
+def check_nonzero(cache: FeatureCache, rows: Sequence[int]) -> dict[str, list[float]]:
+    """Per layer, the non-zero fraction of each of ``rows`` (stored values, checksums checked)."""
+    fractions: dict[str, list[float]] = {}
+    for row in rows:
+        for name, (values, qparams) in cache.read_row_stored(int(row)).items():
+            fractions.setdefault(name, []).append(nonzero_fraction(values, cache.manifest.layer(name).codec, qparams))
+    return fractions
+
+
 def describe(location: str, storage_options: dict[str, Any] | None = None, sample_count: int = 8) -> str:
     """Human-readable manifest, per-layer size and compression, and completion."""
     cache = open_cache(location, storage_options=storage_options)
@@ -57,19 +100,33 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         f"{int((status == format.STATUS_INVALID).sum())} invalid, {int((status == format.STATUS_MISSING).sum())} missing",
         "versions     " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
         "",
-        f"{'layer':<24} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7}",
+        f"{'layer':<24} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7} {'non-zero':>9}",
     ]
+    checked = spread_rows(complete_rows, sample_count)
+    fractions = check_nonzero(cache, checked)
     total_stored, total_fp32 = 0.0, 0
     for summary in layer_summaries(cache, list(complete_rows[:sample_count])):
         mb = f"{summary.stored_bytes_per_sample / 1e6:.2f}" if summary.stored_bytes_per_sample else "n/a"
         ratio = f"{summary.ratio:.1f}" if summary.ratio else "n/a"
+        values = fractions.get(summary.name)
+        nonzero = f"{100 * float(np.mean(values)):.2f}%" if values else "n/a"
         lines.append(f"{summary.name:<24} {'x'.join(map(str, summary.shape)):<18} {summary.dtype:<8} "
-                     f"{summary.codec:<12} {mb:>10} {ratio:>7}")
+                     f"{summary.codec:<12} {mb:>10} {ratio:>7} {nonzero:>9}")
         total_stored += summary.stored_bytes_per_sample or 0
         total_fp32 += summary.fp32_bytes_per_sample
     if total_stored:
         lines.append(f"{'all layers':<24} {'':<18} {'':<8} {'':<12} {total_stored / 1e6:>10.2f} "
                      f"{total_fp32 / total_stored:>7.1f}")
+    if checked:
+        lines.append(f"(non-zero: mean fraction of values not zero over {len(checked)} complete samples)")
+    recorded = cache._open().attrs.get(format.NONZERO_ATTRIBUTE) if not cache.location.lower().endswith(
+        (".h5", ".hdf5")) else None
+    if recorded:
+        lines.append("non-zero at build: " + ", ".join(
+            f"{name} {100 * figures['mean']:.2f}% (min {100 * figures['min']:.2f}%, {figures['samples']} samples)"
+            for name, figures in recorded.items()))
+    for name, largest in nearly_zero_layers(fractions).items():
+        lines.append(zero_layer_warning(name, largest, len(checked)))
     return "\n".join(lines)
 
 

@@ -166,6 +166,52 @@ def load_config(path: str | os.PathLike, cfg_options: dict[str, Any] | None = No
     return cfg
 
 
+SOURCE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")
+
+
+def custom_module_sources(cfg) -> dict[str, Any]:
+    """The source files of a config's ``custom_imports`` modules (imported already) and their sha256:
+    ``{"modules": [...], "files": {path: sha256}}``, paths relative to the directory the top-level
+    package is imported from (``projects/BEVFusion/bevfusion/ops/voxel/voxelize.py``). A package counts
+    with every source file below it (Python and C/C++/CUDA); compiled extensions (.so) do not."""
+    import hashlib
+
+    names = custom_import_names(cfg)
+    files: dict[str, str] = {}
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None:  # allow_failed_imports=True and it failed: nothing of it ran
+            continue
+        depth = len(name.split("."))
+        paths = list(getattr(module, "__path__", None) or [])
+        if paths:
+            roots = [(Path(path), Path(path).parents[depth - 1]) for path in paths]
+            candidates = [(file, root) for directory, root in roots for file in sorted(directory.rglob("*"))
+                          if file.suffix in SOURCE_SUFFIXES and "__pycache__" not in file.parts and file.is_file()]
+        elif getattr(module, "__file__", None):
+            file = Path(module.__file__)
+            candidates = [(file, file.parents[depth - 1])]
+        else:
+            candidates = []
+        for file, root in candidates:
+            files[file.relative_to(root).as_posix()] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return {"modules": names, "files": dict(sorted(files.items()))}
+
+
+def source_differences(recorded: dict[str, Any], current: dict[str, Any], count: int = 10) -> list[str]:
+    """What changed between two ``custom_module_sources``: modules, then files changed, added, removed."""
+    lines = []
+    if list(recorded.get("modules", [])) != list(current.get("modules", [])):
+        lines.append(f"custom_imports: cache has {recorded.get('modules')}, this build has {current.get('modules')}")
+    have, now = recorded.get("files", {}), current.get("files", {})
+    lines += [f"teacher source {path}: changed" for path in sorted(set(have) & set(now)) if have[path] != now[path]]
+    lines += [f"teacher source {path}: new (not in the cache's teacher)" for path in sorted(set(now) - set(have))]
+    lines += [f"teacher source {path}: gone (was in the cache's teacher)" for path in sorted(set(have) - set(now))]
+    if len(lines) > count:
+        lines = lines[:count] + [f"... {len(lines) - count} more differences"]
+    return lines
+
+
 def default_layers(model: torch.nn.Module) -> list[str]:
     """``--layers`` when none are given: the lidar branch's BEV modules under the detector's convention
     (``pts_*`` for MVX-style detectors, ``middle_encoder,backbone,neck`` for single-stage ones)."""

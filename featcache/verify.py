@@ -6,7 +6,10 @@ from typing import Any
 
 from featcache import format
 from featcache.errors import CorruptSampleError
+from featcache.inspection import check_nonzero, nearly_zero_layers, spread_rows, zero_layer_warning
 from featcache.reader import open_cache
+
+NONZERO_SAMPLES = 16  # complete samples, spread over the cache, whose values verify checks for all-zero layers
 
 
 @dataclass
@@ -18,6 +21,8 @@ class VerifyReport:
     invalid: list[str] = field(default_factory=list)
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     bad_rows: list[int] = field(default_factory=list)  # missing + corrupt: what --repair rebuilds
+    nonzero_checked: int = 0  # complete samples whose non-zero fractions were looked at
+    nearly_zero: dict[str, float] = field(default_factory=dict)  # layer -> largest non-zero fraction seen
 
     @property
     def ok(self) -> bool:
@@ -32,12 +37,16 @@ class VerifyReport:
             lines.append(f"{len(self.invalid)} invalid (non-finite teacher output): {', '.join(self.invalid)}")
         for key, reason in self.corrupt:
             lines.append(f"corrupt {key}: {reason}")
+        for name, largest in self.nearly_zero.items():
+            lines.append(zero_layer_warning(name, largest, self.nonzero_checked))
         return "\n".join(lines)
 
 
 def verify_cache(location: str, storage_options: dict[str, Any] | None = None, progress: bool = False) -> VerifyReport:
     """Decode every complete sample and compare its chunks' and values' checksums with what the build
-    recorded; list what is missing or bad."""
+    recorded; list what is missing or bad. A layer (nearly) all zeros in every one of up to
+    ``NONZERO_SAMPLES`` complete samples spread over the cache is flagged (``nearly_zero``): the storage
+    is intact, but the teacher produced nothing there."""
     cache = open_cache(location, storage_options=storage_options, verify=True, check_values=True)
     status = cache.status()
     report = VerifyReport(location=location, total=len(cache))
@@ -46,6 +55,9 @@ def verify_cache(location: str, storage_options: dict[str, Any] | None = None, p
         from tqdm import tqdm
 
         rows = tqdm(rows, unit="sample", desc="featcache verify")
+    looked_at = set(spread_rows([row for row in range(len(cache)) if status[row] == format.STATUS_COMPLETE],
+                                NONZERO_SAMPLES))
+    fractions: dict[str, list[float]] = {}
     for row in rows:
         key = cache.row_keys[row]
         if status[row] == format.STATUS_MISSING:
@@ -56,9 +68,15 @@ def verify_cache(location: str, storage_options: dict[str, Any] | None = None, p
             report.invalid.append(key)
             continue
         try:
-            cache.read_row(row, decode=False)
+            if row in looked_at:
+                for name, values in check_nonzero(cache, [row]).items():
+                    fractions.setdefault(name, []).extend(values)
+                report.nonzero_checked += 1
+            else:
+                cache.read_row(row, decode=False)
             report.complete += 1
         except CorruptSampleError as exc:
             report.corrupt.append((key, str(exc)))
             report.bad_rows.append(row)
+    report.nearly_zero = nearly_zero_layers(fractions)
     return report
