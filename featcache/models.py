@@ -162,7 +162,10 @@ def load_config(path: str | os.PathLike, cfg_options: dict[str, Any] | None = No
         problems = [problem for problem in map(lambda key: wrapped_override_problem(cfg, key), cfg_options) if problem]
         if problems:
             raise ConfigError("; ".join(problems))
-        cfg.merge_from_dict(cfg_options)
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except Exception as exc:  # e.g. a dict given for a section the config sets to None
+            raise ConfigError(f"--cfg-options do not apply to config {os.fspath(path)!r}: {_error_chain(exc)}") from exc
     return cfg
 
 

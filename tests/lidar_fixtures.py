@@ -21,6 +21,10 @@ SHARED_DATA = Path(os.environ.get("FEATCACHE_SHARED_DATA", REPO.parent / "shared
 NUS_INFO = SHARED_DATA / "nuscenes" / "nuscenes_infos_demo.pkl"
 PILLAR_CONFIG = "centerpoint/centerpoint_pillar02_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py"
 VOXEL_CONFIG = "centerpoint/centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py"
+KITTI_INFO = SHARED_DATA / "kitti" / "kitti_infos_demo.pkl"
+# mmdet3d's packaged KITTI PointPillars: a single-stage VoxelNet (middle_encoder, backbone, neck), train set
+# wrapped in a RepeatDataset
+KITTI_CONFIG = "pointpillars/pointpillars_hv_secfpn_8xb6-160e_kitti-3d-car.py"
 TEST_CONFIGS = REPO / "tests" / "configs"
 CACHE_LAYERS = "pts_middle_encoder,pts_neck"  # what the shared reference cache (conftest) holds
 
@@ -65,6 +69,32 @@ def make_nuscenes_like(root: Path, count: int) -> Path:
     with open(root / "infos.pkl", "wb") as handle:
         pickle.dump({"metainfo": infos["metainfo"], "data_list": data_list}, handle)
     return root
+
+
+def make_kitti_like(root: Path) -> Path:
+    """The real KITTI scan laid out as mmdet3d's KITTI configs read it (``training/velodyne_reduced``,
+    a v2 info pkl ``root/infos.pkl``, no tokens) under ``root``; returns ``root``."""
+    with open(KITTI_INFO, "rb") as handle:
+        infos = pickle.load(handle)
+    velodyne = root / "training" / "velodyne_reduced"
+    velodyne.mkdir(parents=True, exist_ok=True)
+    for info in infos["data_list"]:
+        name = info["lidar_points"]["lidar_path"]
+        (velodyne / name).write_bytes((SHARED_DATA / "kitti" / name).read_bytes())
+    with open(root / "infos.pkl", "wb") as handle:
+        pickle.dump(infos, handle)
+    return root
+
+
+def kitti_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+    """--cfg-options pointing mmdet3d's KITTI configs at a make_kitti_like root (the train set is wrapped
+    in a RepeatDataset, hence ``dataset.dataset``)."""
+    options: dict[str, Any] = {}
+    for split in splits:
+        prefix = "train_dataloader.dataset.dataset" if split == "train" else f"{split}_dataloader.dataset"
+        options[f"{prefix}.data_root"] = str(data_root) + "/"
+        options[f"{prefix}.ann_file"] = "infos.pkl"
+    return options
 
 
 def nus_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
