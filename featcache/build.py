@@ -19,7 +19,7 @@ import torch
 
 from featcache import codecs, format, location, models
 from featcache.errors import CacheMismatchError, ConfigError, InputDataError
-from featcache.options import DEFAULT_LAYERS, BuildOptions  # noqa: F401  (featcache.build.BuildOptions)
+from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
 from featcache.world import World, close_world, init_world
 from featcache.writer import BackgroundWriter, CacheWriter
@@ -95,6 +95,8 @@ class Builder:
                                cfg_options=options.cfg_options, device=self.device,
                                trust_globals=options.trust_globals)
         self.modules, self.cfg, self.keys = self.teacher.modules, self.teacher.cfg, self.teacher.keys
+        if options.layers is None:  # the detector's default layers are known now: --codec must name them
+            check_codec_option(options.codec, self.modules)
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []

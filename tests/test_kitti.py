@@ -95,3 +95,13 @@ def test_kitti_student_config_trains_and_distilling_from_the_tokenless_cache_is_
     options = TrainOptions(student_config=STUDENT, cache=str(out), cfg_options=kitti_cfg_options(kitti, ("train",)))
     with pytest.raises(ConfigError, match="have no 'token' .KITTI-style infos.*use infos with tokens"):
         build_runner_config(options)
+
+
+def test_a_codec_for_a_layer_the_default_layers_lack_fails_before_the_teacher_runs(kitti, kitti_ckpt, tmp_path):
+    from featcache.build import BuildOptions, build_cache
+
+    options = BuildOptions(KITTI_CONFIG, str(kitti_ckpt), str(tmp_path / "cache"), codec="pts_neck=fp32-none",
+                           cfg_options=kitti_cfg_options(kitti, ("train", "test")), num_workers=0, progress=False)
+    with pytest.raises(ConfigError, match=r"--codec names layer 'pts_neck'.*middle_encoder, backbone, neck"):
+        build_cache(options)
+    assert not (tmp_path / "cache").exists()
