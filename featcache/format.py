@@ -46,8 +46,8 @@ STATUS_INVALID = 2  # teacher output was NaN/Inf: recorded so a resume does not 
 
 # A layer whose non-zero fraction stays below this in every sample looked at is (nearly) all zeros:
 # a teacher that produces nothing there (e.g. voxel coordinates in another order than the scatter
-# expects gives a middle-encoder map 99.98% zeros). Real lidar BEV maps are far above it (the sparsest,
-# a pillar scatter of one nuScenes scan, is a few percent non-zero).
+# expects gives a middle-encoder map 99.98% zeros). Real lidar BEV maps are far above it: the
+# sparsest here, CenterPoint-pillar's scatter of the real nuScenes scan, is 1.6% non-zero (tests).
 NEAR_ZERO_FRACTION = 1e-3
 NONZERO_ATTRIBUTE = "featcache_nonzero"  # group attribute: per layer, non-zero fraction over the samples built
 
