@@ -216,11 +216,14 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
 
 
 def best_recipe(records: list[dict], student: str) -> str | None:
-    """The cached recipe with the highest mean mAP over its seeds (at least 2 seeds), if any."""
+    """The cached recipe with the highest mean mAP, once every cached recipe of ``HALF_RECIPES`` has
+    at least 2 seeds (before that, a recipe with more seeds would win by arriving first); else None."""
     groups = group_records(records)
-    candidates = [(statistics.mean(values), recipe) for (who, recipe, targets), values in groups.items()
-                  if who == student and targets == "cache" and len(values) >= 2]
-    return max(candidates)[1] if candidates else None
+    cached = [recipe for recipe in HALF_RECIPES if recipe != NO_KD]
+    seeds = {recipe: len(groups.get((student, recipe, "cache"), [])) for recipe in cached}
+    if min(seeds.values()) < 2:
+        return None
+    return max(cached, key=lambda recipe: statistics.mean(groups[(student, recipe, "cache")]))
 
 
 def group_records(records: list[dict]) -> dict[tuple[str, str, str], list[float]]:
