@@ -84,10 +84,25 @@ def safe_globals(extra: Iterable[str] = ()) -> list[Any]:
 
 
 @contextlib.contextmanager
+def _allowing(allowed: list[Any]) -> Iterator[None]:
+    """``torch.serialization.safe_globals``, but leaving the process-wide list exactly as it was: torch's
+    context manager removes its globals on exit even when they were registered before it (by
+    ``allow_openmmlab_globals_for_process``), and a later plain ``torch.load`` (mmengine's resume)
+    would then refuse OpenMMLab's types."""
+    before = list(torch.serialization.get_safe_globals())
+    torch.serialization.add_safe_globals(allowed)
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+@contextlib.contextmanager
 def openmmlab_safe_globals(extra: Iterable[str] = ()) -> Iterator[None]:
     """Allow OpenMMLab's checkpoint types for every ``torch.load`` in the block, including
     mmengine's own (its Runner resumes with a plain ``torch.load``)."""
-    with torch.serialization.safe_globals(safe_globals(extra)):
+    with _allowing(safe_globals(extra)):
         yield
 
 
@@ -120,7 +135,7 @@ def load_checkpoint_file(path: str | os.PathLike, trust_globals: Iterable[str] =
     extra = tuple(trust_globals)
     allowed = safe_globals(extra)
     try:
-        with torch.serialization.safe_globals(allowed):
+        with _allowing(allowed):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         unsafe = _unsafe_globals(path, allowed)

@@ -142,6 +142,22 @@ def test_checkpoint_round_trip_through_safe_loader(tmp_path):
     assert "message_hub" in load_checkpoint_file(path)
 
 
+def test_safe_loads_leave_the_process_wide_allow_list_in_place(tmp_path):
+    # featcache train registers the allow-list for the process (mmengine's resume calls torch.load
+    # itself); a featcache load in between (the checkpoint-fit check) must not take it away again
+    from featcache.checkpoint import allow_openmmlab_globals_for_process
+
+    path = save_openmmlab_checkpoint(models.build_model(models.load_config(PILLAR_CONFIG)), tmp_path / "p.pth")
+    before = list(torch.serialization.get_safe_globals())
+    try:
+        allow_openmmlab_globals_for_process()
+        load_checkpoint_file(path)
+        assert "message_hub" in torch.load(path, weights_only=True)  # what mmengine's resume does
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
 class _Payload:
     def __init__(self, marker: str) -> None:
         self.marker = marker
