@@ -376,7 +376,9 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
     lines += ["## mAP per recipe", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     lines += ["", "Gap = (recipe mean - no-KD mean) / the larger of the two standard deviations. Step s: median "
-              "logged iteration time at one torch thread with another training beside it.", "",
+              "logged iteration time at one torch thread with another training beside it, and possibly other jobs "
+              "(tests) on the machine: a record of the run, not a speed figure (BENCHMARKS.md figure 7 times the "
+              "terms side by side).", "",
               "![mAP per recipe, one dot per seed](quality.png)", "", "## What the runs say", ""]
     lines += conclusions(groups, verdicts, teacher["mAP"])
     missing = missing_runs(state, quick)
