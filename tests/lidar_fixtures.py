@@ -86,26 +86,26 @@ def make_kitti_like(root: Path) -> Path:
     return root
 
 
-def kitti_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
-    """--cfg-options pointing mmdet3d's KITTI configs at a make_kitti_like root (the train set is wrapped
-    in a RepeatDataset, hence ``dataset.dataset``)."""
+def _wrapped_train_cfg_options(data_root: Path, splits: tuple[str, ...]) -> dict[str, Any]:
+    """data_root and ann_file of each split's loader, the train set wrapped once (``dataset.dataset``)."""
     options: dict[str, Any] = {}
     for split in splits:
         prefix = "train_dataloader.dataset.dataset" if split == "train" else f"{split}_dataloader.dataset"
         options[f"{prefix}.data_root"] = str(data_root) + "/"
         options[f"{prefix}.ann_file"] = "infos.pkl"
     return options
+
+
+def kitti_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
+    """--cfg-options pointing mmdet3d's KITTI configs at a make_kitti_like root (the train set is wrapped
+    in a RepeatDataset, hence ``dataset.dataset``)."""
+    return _wrapped_train_cfg_options(data_root, splits)
 
 
 def nus_cfg_options(data_root: Path, splits: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Any]:
     """--cfg-options pointing an mmdet3d CenterPoint nuScenes config's loaders at a
     make_nuscenes_like root (its train set is wrapped in CBGSDataset, hence ``dataset.dataset``)."""
-    options: dict[str, Any] = {}
-    for split in splits:
-        prefix = "train_dataloader.dataset.dataset" if split == "train" else f"{split}_dataloader.dataset"
-        options[f"{prefix}.data_root"] = str(data_root) + "/"
-        options[f"{prefix}.ann_file"] = "infos.pkl"
-    return options
+    return _wrapped_train_cfg_options(data_root, splits)
 
 
 def save_openmmlab_checkpoint(model: torch.nn.Module, path: Path) -> Path:
