@@ -187,15 +187,11 @@ def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None 
     marked = _read_marker(access)
     raw = access.read("zarr.json")
     if raw is None:
-        if access.has_files_under("records"):  # recorded samples without their group: damage, marked or not
-            return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries), problem=(
-                f"{where}: zarr.json (the group metadata, which holds the manifest) is missing while records/ "
-                "holds recorded samples: damage, not an interrupted creation, and nothing was touched. Restore "
-                f"zarr.json from a copy of the cache, {_recovery(where, marked)}"))
-        if marked:
-            return LocationState(where, CREATING, marked=True, entries=tuple(entries))
-        return LocationState(where, FOREIGN, entries=tuple(entries),
-                             problem=f"{where} is not empty and is not a featcache cache (it holds {_few(entries)})")
+        return _without_manifest(
+            where, access, marked, entries,
+            damage=f"{where}: zarr.json (the group metadata, which holds the manifest) is missing while records/ "
+                   "holds recorded samples: damage, not an interrupted creation, and nothing was touched.",
+            foreign=f"{where} is not empty and is not a featcache cache (it holds {_few(entries)})")
     try:
         metadata = json.loads(raw)
         if not isinstance(metadata, dict):
@@ -211,16 +207,24 @@ def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None 
         return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries),
                              problem=f"{where}: zarr.json's featcache manifest is not a featcache manifest "
                                      f"({type(manifest).__name__}); restore zarr.json from a copy of the cache")
+    return _without_manifest(
+        where, access, marked, entries,
+        damage=f"{where}: zarr.json parses but holds no featcache manifest, while records/ holds recorded samples: "
+               "the manifest was lost (damage, not an interrupted creation), and nothing was touched.",
+        foreign=f"{where} holds a Zarr group featcache did not create (no featcache marker or manifest; it holds "
+                f"{_few(entries)})")
+
+
+def _without_manifest(where: str, access: Any, marked: bool, entries: list[str], damage: str,
+                      foreign: str) -> "LocationState":
+    """A non-empty location with no featcache manifest: damage when records/ holds recorded samples
+    (marked or not), an interrupted creation when featcache's marker is there, else not featcache's."""
     if access.has_files_under("records"):
-        return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries), problem=(
-            f"{where}: zarr.json parses but holds no featcache manifest, while records/ holds recorded samples: "
-            "the manifest was lost (damage, not an interrupted creation), and nothing was touched. Restore "
-            f"zarr.json from a copy of the cache, {_recovery(where, marked)}"))
+        return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries),
+                             problem=f"{damage} Restore zarr.json from a copy of the cache, {_recovery(where, marked)}")
     if marked:
         return LocationState(where, CREATING, marked=True, entries=tuple(entries))
-    return LocationState(where, FOREIGN, entries=tuple(entries), problem=(
-        f"{where} holds a Zarr group featcache did not create (no featcache marker or manifest; it holds "
-        f"{_few(entries)})"))
+    return LocationState(where, FOREIGN, entries=tuple(entries), problem=foreign)
 
 
 def check_build_target(location: str | os.PathLike, storage_options: dict[str, Any] | None = None,
