@@ -90,12 +90,16 @@ def _allowing(allowed: list[Any]) -> Iterator[None]:
     ``allow_openmmlab_globals_for_process``), and a later plain ``torch.load`` (mmengine's resume)
     would then refuse OpenMMLab's types."""
     before = list(torch.serialization.get_safe_globals())
-    torch.serialization.add_safe_globals(allowed)
+    added = [obj for obj in allowed if obj not in before]
+    torch.serialization.add_safe_globals(added)
     try:
         yield
     finally:
+        # only what this block added goes: torch registers some of its own types lazily (DTensor on
+        # first use of torch.distributed.tensor), and those must stay
+        remaining = [obj for obj in torch.serialization.get_safe_globals() if obj not in added]
         torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals(before)
+        torch.serialization.add_safe_globals(remaining)
 
 
 @contextlib.contextmanager

@@ -58,3 +58,15 @@ def reference_cache(tmp_path_factory, nus_six, pillar_ckpt) -> str:
 def _quiet_threads(monkeypatch):
     # Two cores: torch's intra-op pool and DataLoader workers would otherwise oversubscribe them.
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+
+
+@pytest.fixture(autouse=True)
+def _own_torch_allow_list():
+    # torch's weights-only allow-list is process state: a test that changes it must not decide
+    # what a later test's plain torch.load accepts
+    import torch
+
+    before = list(torch.serialization.get_safe_globals())
+    yield
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(before)

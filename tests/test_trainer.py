@@ -112,8 +112,12 @@ def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeyp
     monkeypatch.setattr(checkpoint, "load_weights", refuse)
     monkeypatch.setattr(models, "load_weights", refuse)
     sys.modules.pop("featcache.teacher", None)
+    allow_list = list(torch.serialization.get_safe_globals())
     runner = train(TrainOptions(NOAUG, pillar_cache, work_dir=str(tmp_path / "wd"),
                                 cfg_options=student_options(nus_six, epochs=1)))
+    # train() allows OpenMMLab's checkpoint types for its own run only, not for the caller's process
+    left = [obj for obj in torch.serialization.get_safe_globals() if obj not in allow_list]
+    assert not [obj for obj in checkpoint.safe_globals() if obj in left]
     distiller = runner.model
     assert distiller.teacher is None and "featcache.teacher" not in sys.modules
     trained = {name.split(".")[0] for name, p in distiller.named_parameters() if p.requires_grad}

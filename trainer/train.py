@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from featcache import format, models, open_cache
-from featcache.checkpoint import allow_openmmlab_globals_for_process
+from featcache.checkpoint import openmmlab_safe_globals
 from featcache.errors import CacheMismatchError, ConfigError
 from featcache.recording import LayerRecorder
 
@@ -109,8 +109,10 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
     return terms, warmup
 
 
-def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: TrainOptions) -> list:
-    """Pack with cached targets, and record GT-paste regions (they have no cached target)."""
+def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: TrainOptions,
+                  data_root: str | None) -> list:
+    """Pack with cached targets, and record GT-paste regions (they have no cached target). ``data_root``
+    (the dataset's) keys token-less samples as the build did."""
     pipeline = [dict(step, type="ObjectSampleRecorded") if step["type"] == "ObjectSample" else step
                 for step in pipeline]
     packs = [index for index, step in enumerate(pipeline) if step["type"] == "Pack3DDetInputs"]
@@ -119,17 +121,8 @@ def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: Tr
                           f"targets to; found {len(packs)}")
     step = dict(pipeline[packs[0]])
     step.update(type="PackDetInputsWithCache", cache=cache, layers=list(layers), skip_corrupt=options.skip_corrupt,
-                storage_options=options.storage_options)
+                storage_options=options.storage_options, data_root=data_root)
     return pipeline[:packs[0]] + [step] + pipeline[packs[0] + 1:]
-
-
-def _require_tokens(dataset, config: str) -> None:
-    """Training from a cache pairs pipeline results with cache rows by ``sample_key``, which the train
-    pipeline's pack step computes without the dataset's data_root, so it needs token-keyed samples."""
-    if len(dataset) and dataset.get_data_info(0).get("token") is None:
-        raise ConfigError(f"the training samples of {config} have no 'token' (KITTI-style infos): featcache train "
-                          "does not yet pair such samples with a cache (their key is the lidar path relative to the "
-                          "data root, which the pack step does not receive yet); use infos with tokens")
 
 
 def _check_cache_covers(dataset, cache, config: str) -> None:
@@ -204,8 +197,8 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
         dataset = models.build_dataset(inner)
-        _require_tokens(dataset, options.student_config)
-        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, cache.layer_names, options)
+        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, cache.layer_names, options,
+                                          models.dataset_data_root(dataset))
         cfg.train_dataloader.sampler = dict(type="CacheReadaheadSampler", sampler=cfg.train_dataloader.sampler,
                                             cache=options.cache, layers=cache.layer_names,
                                             storage_options=options.storage_options)
@@ -318,10 +311,11 @@ def train(options: TrainOptions):
         if not dist.is_initialized():  # the Runner then uses this group instead of its CUDA-only init
             dist.init_process_group(backend="gloo")
     cfg = build_runner_config(options)
-    # mmengine's resume calls torch.load itself: allow OpenMMLab's checkpoint types (only those)
-    allow_openmmlab_globals_for_process()
-    runner = _runner_class().from_cfg(cfg)
-    runner.train()
+    # mmengine's resume calls torch.load itself: allow OpenMMLab's checkpoint types (only those), for
+    # this training only, so that a Python caller's later torch.load keeps torch's own allow-list
+    with openmmlab_safe_globals():
+        runner = _runner_class().from_cfg(cfg)
+        runner.train()
     save_student(runner, options.student_config)
     return runner
 
