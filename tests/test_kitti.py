@@ -79,22 +79,31 @@ def test_override_on_the_kitti_wrapper_says_where_it_belongs(kitti, kitti_ckpt, 
 STUDENT = str(REPO / "configs" / "students" / "pointpillars_kitti_car_student.py")
 
 
-def test_kitti_student_config_trains_and_distilling_from_the_tokenless_cache_is_refused(kitti, kitti_build, tmp_path):
-    from trainer.train import TrainOptions, build_runner_config, train
+def test_kitti_student_config_trains_and_distils_from_the_tokenless_cache(kitti, kitti_build, tmp_path):
+    from trainer.train import TrainOptions, train
 
     out, built = kitti_build
     assert built.returncode == 0, built.stderr[-3000:]
+    loader = {"train_dataloader.batch_size": 1, "train_dataloader.num_workers": 0,
+              "train_dataloader.persistent_workers": False}
     # the student config README describes (no GT-database paste, no val loop) trains on the one scan
     work_dir = tmp_path / "student"
     train(TrainOptions(student_config=STUDENT, cache=None, work_dir=str(work_dir), no_distill=True,
-                       cfg_options={**kitti_cfg_options(kitti, ("train", "test")), "train_dataloader.batch_size": 1,
-                                    "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}))
+                       cfg_options={**kitti_cfg_options(kitti, ("train", "test")), **loader}))
     assert (work_dir / "epoch_1.pth").is_file()
-    # not supported yet: the train pipeline's pack step (trainer/transforms.py) keys samples without the
-    # dataset's data_root, which a token-less key needs; the refusal says so instead of mispairing rows
-    options = TrainOptions(student_config=STUDENT, cache=str(out), cfg_options=kitti_cfg_options(kitti, ("train",)))
-    with pytest.raises(ConfigError, match="have no 'token' .KITTI-style infos.*use infos with tokens"):
-        build_runner_config(options)
+    # distilling from the KITTI cache: its samples have no token, so the pack step keys each by its
+    # lidar file relative to the dataset's data_root, as the build did, and reads that row's targets
+    runner = train(TrainOptions(student_config=STUDENT, cache=str(out), work_dir=str(tmp_path / "kd"),
+                                kd={"pkd": 1.0}, cfg_options={**kitti_cfg_options(kitti, ("train", "test")), **loader}))
+    (key,) = open_cache(str(out)).keys()
+    assert key.startswith("training/velodyne_reduced/") and key.endswith(".bin")  # relative: the data may move
+    pack = next(step for step in runner.train_dataloader.dataset.dataset.pipeline.transforms
+                if type(step).__name__ == "PackDetInputsWithCache")
+    assert pack.data_root == str(kitti) + "/"
+    losses = runner.message_hub.log_scalars
+    kd = [name for name in losses if name.startswith("train/loss_kd_pkd_")]
+    assert kd and all(np.isfinite(losses[name].current()) for name in kd)
+    assert (tmp_path / "kd" / "student.pth").is_file()
 
 
 def test_a_codec_for_a_layer_the_default_layers_lack_fails_before_the_teacher_runs(kitti, kitti_ckpt, tmp_path):

@@ -53,16 +53,25 @@ def module_of(layer: str, module_names: set[str]) -> str:
     raise ValueError(f"layer {layer!r} names no module of the student")
 
 
-def gt_foreground(data_samples: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
+def gt_boxes(data_samples: Sequence[Any]) -> list[Any]:
+    """Each sample's GT boxes (mmdet3d box structures, None without any), taken before the student's
+    loss runs: mmdet3d's anchor heads replace ``gt_instances_3d.bboxes_3d`` by a plain tensor in place
+    while assigning targets (``AnchorTrainMixin``)."""
+    return [sample.gt_instances_3d.bboxes_3d if "bboxes_3d" in sample.gt_instances_3d else None
+            for sample in data_samples]
+
+
+def gt_foreground(boxes: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
                   device: torch.device, min_radius: int = 2, min_overlap: float = 0.1) -> Tensor:
-    """(B, H, W) float in [0, 1]: each sample's GT boxes as CenterHead-style Gaussians (``gaussian_foreground``)."""
+    """(B, H, W) float in [0, 1]: each sample's GT boxes (``gt_boxes``) as CenterHead-style Gaussians
+    (``gaussian_foreground``)."""
     maps = []
-    for sample in data_samples:
-        if "bboxes_3d" in sample.gt_instances_3d and len(sample.gt_instances_3d.bboxes_3d):
-            boxes = sample.gt_instances_3d.bboxes_3d.tensor.to(device)[:, [0, 1, 3, 4, 6]]  # x, y, l, w, yaw
+    for sample_boxes in boxes:
+        if sample_boxes is not None and len(sample_boxes):
+            bev = sample_boxes.tensor.to(device)[:, [0, 1, 3, 4, 6]]  # x, y, l, w, yaw
         else:
-            boxes = torch.zeros(0, 5, device=device)
-        maps.append(gaussian_foreground(bev_range, height, width, boxes, min_radius, min_overlap))
+            bev = torch.zeros(0, 5, device=device)
+        maps.append(gaussian_foreground(bev_range, height, width, bev, min_radius, min_overlap))
     return torch.stack(maps)
 
 
@@ -184,7 +193,7 @@ class CacheDistiller(BaseModel):
                              sample.metainfo if unaugmented_frame else {}, device) for sample in data_samples]
 
     # -- the step's shared view ---------------------------------------------------------------
-    def _layer_step(self, s_layer: str, student: Tensor, maps: TeacherMaps, data_samples: list,
+    def _layer_step(self, s_layer: str, student: Tensor, maps: TeacherMaps, data_samples: list, boxes: list,
                     unaugmented_frame: bool) -> LayerStep:
         hw = tuple(student.shape[-2:])
         alignments = self._alignments(maps, hw, data_samples, unaugmented_frame, student.device)
@@ -194,14 +203,15 @@ class CacheDistiller(BaseModel):
         return LayerStep(
             key=head_key(s_layer), student=student, teacher=maps, alignments=alignments,
             valid=torch.stack([alignment.valid.reshape(hw) for alignment in alignments]),
-            foreground=gt_foreground(data_samples, self.student_range, *hw, student.device, **self.foreground),
-            boxes=[self._boxes_in_cells(sample, hw, student.device) for sample in data_samples], rows=rows)
+            foreground=gt_foreground(boxes, self.student_range, *hw, student.device, **self.foreground),
+            boxes=[self._boxes_in_cells(sample_boxes, hw, student.device) for sample_boxes in boxes], rows=rows)
 
-    def _boxes_in_cells(self, sample: Any, hw: Sequence[int], device: torch.device) -> Tensor:
-        """GT boxes as axis-aligned [x1, y1, x2, y2] in student feature-cell coordinates."""
-        if "bboxes_3d" not in sample.gt_instances_3d:
+    def _boxes_in_cells(self, boxes: Any, hw: Sequence[int], device: torch.device) -> Tensor:
+        """GT boxes (a sample's ``gt_boxes``) as axis-aligned [x1, y1, x2, y2] in student feature-cell
+        coordinates."""
+        if boxes is None:
             return torch.zeros(0, 4, device=device)
-        corners = sample.gt_instances_3d.bboxes_3d.corners[..., :2].to(device)  # (N, 8, 2)
+        corners = boxes.corners[..., :2].to(device)  # (N, 8, 2)
         x_min, y_min, x_max, y_max = self.student_range
         scale = torch.tensor([hw[1] / (x_max - x_min), hw[0] / (y_max - y_min)], device=device)
         cells = (corners - torch.tensor([x_min, y_min], device=device)) * scale
@@ -225,11 +235,12 @@ class CacheDistiller(BaseModel):
 
     def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
         recorder = LayerRecorder(self.student, self.student_modules, detach=False)
+        boxes = gt_boxes(data_samples)
         with recorder:
             losses = self.student.loss(inputs, data_samples)
         raw, unaugmented_frame = self._raw_targets(inputs, data_samples)
         step = DistillStep([self._layer_step(s_layer, recorder.outputs[s_layer], raw[t_layer], data_samples,
-                                             unaugmented_frame) for s_layer, t_layer in self.pairs.items()])
+                                             boxes, unaugmented_frame) for s_layer, t_layer in self.pairs.items()])
         if self.training and int(self.steps) == 0:
             self._warn_low_overlap(step)
         scale = self.weight_scale()

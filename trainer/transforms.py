@@ -66,20 +66,24 @@ class PackDetInputsWithCache(Pack3DDetInputs):
             mmengine's dataset answers by drawing another sample; every skip is logged and counted
             in ``skipped``. When False (default) the error stops training, naming the sample.
         storage_options: fsspec options for URL caches.
+        data_root: the dataset's ``data_root``. A sample without a token (KITTI-style infos) is keyed
+            by its lidar file relative to it (``featcache.models.sample_key``), as the build keyed it.
     """
 
     def __init__(self, cache: str, layers: Sequence[str] | None = None, skip_corrupt: bool = False,
-                 storage_options: dict[str, Any] | None = None, **pack_kwargs: Any) -> None:
+                 storage_options: dict[str, Any] | None = None, data_root: str | None = None,
+                 **pack_kwargs: Any) -> None:
         meta_keys = tuple(pack_kwargs.pop("meta_keys", Pack3DDetInputs.__init__.__defaults__[0]))
         super().__init__(meta_keys=tuple(dict.fromkeys(meta_keys + AUGMENTATION_META_KEYS)), **pack_kwargs)
         self.cache_location = cache
         self.cache = open_cache(cache, storage_options=storage_options)
         self.layers = list(layers) if layers else self.cache.layer_names
         self.skip_corrupt = skip_corrupt
+        self.data_root = data_root
         self.skipped = 0
 
     def transform(self, results: dict) -> dict | None:
-        key = sample_key(results)
+        key = sample_key(results, self.data_root)
         try:
             row = self.cache.row_of(key)
             features = self.cache.read_row_tensors(row, self.layers)
