@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from featcache import codecs, format, location, models
+from featcache import codecs, format, heads, location, models
 from featcache.errors import CacheMismatchError, ConfigError, InputDataError
 from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
@@ -93,10 +93,11 @@ class Builder:
         self.world: World = init_world()
         self.teacher = Teacher(options.teacher_config, options.checkpoint, options.layers, split=options.split,
                                cfg_options=options.cfg_options, device=self.device,
-                               trust_globals=options.trust_globals)
+                               trust_globals=options.trust_globals, head_outputs=options.head_outputs)
         self.modules, self.cfg, self.keys = self.teacher.modules, self.teacher.cfg, self.teacher.keys
         if options.layers is None:  # the detector's default layers are known now: --codec must name them
             check_codec_option(options.codec, self.modules)
+        self.head_outputs = self.teacher.head_outputs
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []
@@ -116,13 +117,20 @@ class Builder:
             "pipeline_sha256": format.sha256_text(json.dumps(_pipeline_list(self.dataset_cfg), sort_keys=True, default=str)),
         }
 
+    def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
+        """``--codec`` per layer; head outputs default to ``heads.HEAD_OUTPUT_CODEC`` (heatmap logits)."""
+        return codecs.parse_codec_option(self.options.codec, names, defaults={
+            name: heads.HEAD_OUTPUT_CODEC for name in names if name in self.head_outputs})
+
     def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:
         names = list(shapes)
-        codec_by_layer = codecs.parse_codec_option(self.options.codec, names)
+        codec_by_layer = self._codecs(names)
         identity = self._identity(names, codec_by_layer)
         layers = tuple(format.LayerSpec(name=name, module=name.rsplit(".", 1)[0] if name not in self.modules else name,
                                         index=None if name in self.modules else int(name.rsplit(".", 1)[1]),
-                                        shape=shapes[name], codec=codec_by_layer[name]) for name in names)
+                                        shape=shapes[name], codec=codec_by_layer[name],
+                                        meaning=self.head_outputs[name].meaning() if name in self.head_outputs else None)
+                       for name in names)
         return format.Manifest(
             layers=layers, num_samples=len(self.keys), dataset_id=identity["dataset_id"],
             teacher_config=self.cfg.pretty_text, teacher_config_path=os.path.abspath(str(
@@ -154,7 +162,7 @@ class Builder:
             modules = writer.manifest.extra.get("modules")
             problems = [] if modules == list(self.modules) else [
                 f"modules: cache has {modules}, this build has {list(self.modules)}"]
-            identity = self._identity(names, codecs.parse_codec_option(options.codec, names))
+            identity = self._identity(names, self._codecs(names))
             problems += _mismatches(writer.manifest, identity)
             cache_keys = writer.keys()
             if writer.manifest.dataset_id != identity["dataset_id"]:

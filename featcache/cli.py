@@ -96,6 +96,10 @@ def main(verbose: bool) -> None:
               help="Comma-separated module names to record (default: the detector's BEV modules, "
                    "pts_middle_encoder,pts_backbone,pts_neck for MVX-style detectors such as CenterPoint and "
                    "BEVFusion, middle_encoder,backbone,neck for single-stage ones such as KITTI PointPillars).")
+@click.option("--head-outputs", default=None, metavar="KINDS",
+              help="Also cache the head's dense outputs, per task: 'all' or some of heatmap,reg,height,dim,rot,vel "
+                   "(CenterHead; heatmaps as logits, fp16-zstd1 unless --codec names them). The manifest says each "
+                   "channel's class or meaning.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
                                             "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
@@ -109,8 +113,8 @@ def main(verbose: bool) -> None:
               help="Allow one more type in the checkpoint's pickle (only for checkpoints you trust).")
 @storage_option
 @fail_cleanly
-def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, split: str, codec: str | None,
-          cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
+def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, head_outputs: str | None, split: str,
+          codec: str | None, cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
           trust_global: tuple[str, ...], storage_options: str | None) -> None:
     """Run TEACHER_CONFIG with CHECKPOINT once over a split and cache its features.
 
@@ -123,7 +127,8 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, sp
     options = BuildOptions(
         teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
         force=force, batch_size=batch_size, num_workers=num_workers, device=device,
-        storage_options=parse_storage_options(storage_options), trust_globals=trust_global)
+        storage_options=parse_storage_options(storage_options), trust_globals=trust_global,
+        head_outputs=head_outputs)
     options.validate()
 
     from featcache.build import build_cache

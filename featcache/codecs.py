@@ -122,15 +122,17 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: {exc}") from None
 
 
-def parse_codec_option(text: str | None, layer_names: list[str]) -> dict[str, CodecSpec]:
+def parse_codec_option(text: str | None, layer_names: list[str],
+                       defaults: dict[str, CodecSpec] | None = None) -> dict[str, CodecSpec]:
     """Parse ``--codec``: one codec for all layers (``fp16-zstd1``) or per layer
-    (``pts_neck=int8-zstd3,pts_backbone=fp16-lz4``; unnamed layers keep the default)."""
+    (``pts_neck=int8-zstd3,pts_backbone=fp16-lz4``; unnamed layers keep their default: ``defaults``'
+    entry, else :data:`DEFAULT_CODEC`)."""
+    chosen = {name: (defaults or {}).get(name, DEFAULT_CODEC) for name in layer_names}
     if not text:
-        return {name: DEFAULT_CODEC for name in layer_names}
+        return chosen
     if "=" not in text:
         codec = parse_codec(text)
         return {name: codec for name in layer_names}
-    chosen = {name: DEFAULT_CODEC for name in layer_names}
     for item in filter(None, (part.strip() for part in text.split(","))):
         layer, _, codec_text = item.partition("=")
         matches = [name for name in layer_names if name == layer or name.startswith(layer + ".")]

@@ -61,15 +61,24 @@ class LayerSpec:
     index: int | None
     shape: tuple[int, ...]
     codec: CodecSpec
+    # a head output's description (``featcache.heads.HeadOutput.meaning``: kind, task, classes, what each
+    # channel holds, logits or values); None for feature layers and for caches written before it
+    meaning: dict[str, Any] | None = None
+
+    @property
+    def is_head_output(self) -> bool:
+        return self.meaning is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.module, "index": self.index,
-                "shape": list(self.shape), "codec": self.codec.to_dict()}
+                "shape": list(self.shape), "codec": self.codec.to_dict(),
+                **({"meaning": self.meaning} if self.meaning is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerSpec":
         return cls(name=data["name"], module=data["module"], index=data["index"],
-                   shape=tuple(int(s) for s in data["shape"]), codec=CodecSpec.from_dict(data["codec"]))
+                   shape=tuple(int(s) for s in data["shape"]), codec=CodecSpec.from_dict(data["codec"]),
+                   meaning=data.get("meaning"))
 
 
 @dataclass(frozen=True)

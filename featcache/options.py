@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from featcache import codecs, location
+from featcache import codecs, heads, location
 from featcache.errors import ConfigError
 
 DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")  # MVX-style detectors' (models.MVX_LAYERS)
@@ -112,6 +112,7 @@ class BuildOptions:
     writer_depth: int = 4
     trust_globals: Sequence[str] = ()
     progress: bool = True
+    head_outputs: str | Sequence[str] | None = None  # --head-outputs: heatmap,reg,... or all (featcache.heads)
 
     def validate(self) -> location.LocationState:
         """Check every option, ``--out`` last; returns what is at ``--out``. Raises ConfigError naming
@@ -123,6 +124,8 @@ class BuildOptions:
         modules = split_layer_names(self.layers) if self.layers is not None else None
         if self.split not in SPLITS:
             raise ConfigError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        if heads.parse_head_outputs(self.head_outputs) and modules is not None:
+            modules = [*modules, "pts_bbox_head", "bbox_head"]  # --codec may name head outputs too
         check_codec_option(self.codec, modules)
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")

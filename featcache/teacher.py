@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from featcache import models, recording
+from featcache import heads, models, recording
 from featcache.errors import ConfigError, InputDataError
 
 
@@ -66,8 +66,9 @@ class Teacher:
 
     def __init__(self, config: str, checkpoint: str, layers: str | Sequence[str] | None = None, split: str = "train",
                  cfg_options: dict[str, Any] | None = None, device: str = "cpu",
-                 trust_globals: Sequence[str] = ()) -> None:
+                 trust_globals: Sequence[str] = (), head_outputs: str | Sequence[str] | None = None) -> None:
         self.modules = recording.split_layer_names(layers) if layers is not None else None
+        head_kinds = heads.parse_head_outputs(head_outputs)
         self.cfg = models.load_config(config, cfg_options)
         self.dataset_cfg = models.dataset_cfg_for_split(self.cfg, split)
         self.dataset = models.build_dataset(self.dataset_cfg)
@@ -78,6 +79,9 @@ class Teacher:
         self.model = models.build_model(self.cfg, checkpoint, device, trust_globals).eval()
         if self.modules is None:  # the detector's own convention (pts_* or middle_encoder, backbone, neck)
             self.modules = models.default_layers(self.model)
+        # the head's dense outputs, after the features: {layer: HeadOutput}; each is one module's output
+        self.head_outputs = {output.layer: output for output in heads.head_outputs(self.model, head_kinds)}
+        self.modules = list(dict.fromkeys([*self.modules, *self.head_outputs]))
         recording.find_modules(self.model, self.modules)  # fail now, naming the module, not mid-build
         self.samples = _KeyedSamples(self.dataset, self.keys)
 

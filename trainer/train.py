@@ -197,17 +197,20 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
         dataset = models.build_dataset(inner)
-        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, cache.layer_names, options,
+        # feature layers; head outputs (build --head-outputs) only where --pairs names them
+        paired = set((options.pairs or {}).values())
+        layers = [layer for layer in cache.manifest.layers if not layer.is_head_output or layer.name in paired]
+        names = [layer.name for layer in layers]
+        inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, names, options,
                                           models.dataset_data_root(dataset))
         cfg.train_dataloader.sampler = dict(type="CacheReadaheadSampler", sampler=cfg.train_dataloader.sampler,
-                                            cache=options.cache, layers=cache.layer_names,
-                                            storage_options=options.storage_options)
+                                            cache=options.cache, layers=names, storage_options=options.storage_options)
         teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
-        modules = list(dict.fromkeys(layer.module for layer in cache.manifest.layers))
+        modules = list(dict.fromkeys(layer.module for layer in layers))
         _check_cache_covers(dataset, cache, options.student_config)
         models.check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
-        teacher_shapes = {layer.name: layer.shape for layer in cache.manifest.layers}
-        target_codecs = {layer.name: layer.codec.name for layer in cache.manifest.layers}
+        teacher_shapes = {layer.name: layer.shape for layer in layers}
+        target_codecs = {layer.name: layer.codec.name for layer in layers}
         num_samples = cache.manifest.num_samples
     else:  # online only: the teacher's shapes come from a probe of the teacher
         teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)

@@ -1,0 +1,129 @@
+"""A detector head's dense outputs as cache layers: the targets of response distillation.
+
+Feature KD alone is the weakest family for lidar detectors; the strongest published results
+(SparseKD, UniDistill) distil the teacher's *outputs*: its class heatmaps and regression maps.
+``featcache build --head-outputs heatmap,reg,...`` records them like any hooked layer (one layer per
+output module, so codecs, checksums, resume and readers treat them as features) and describes each
+in the manifest (``LayerSpec.meaning``): which head and task it comes from, the class of each
+heatmap channel, what each regression channel holds and in which unit, and that heatmaps are stored
+as logits (sigmoid them to get scores). A student then matches classes by name, not by position.
+
+Supported heads: mmdet3d's ``CenterHead`` (CenterPoint; per task a ``SeparateHead`` whose
+``heatmap``, ``reg``, ``height``, ``dim``, ``rot``, ``vel`` modules each return one map).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+from featcache import codecs
+from featcache.errors import ConfigError
+
+if TYPE_CHECKING:  # light at import: BuildOptions validates --head-outputs before torch is loaded
+    from torch import nn
+
+#: Everything a CenterHead task predicts densely, in the order its SeparateHead runs them.
+CENTERHEAD_OUTPUTS = ("heatmap", "reg", "height", "dim", "rot", "vel")
+
+#: Codec of head outputs unless ``--codec`` names them: heatmaps are logits whose both ends matter
+#: (a score of 0.001 vs 0.01 on background, 0.9 vs 0.99 on a peak); float16 keeps ~3 significant
+#: digits everywhere on the logit scale, where an 8-bit affine grid over a [-15, 5] range has steps of
+#: 0.08 logits, i.e. 8% relative error at low scores. Head outputs are ~1% of a BEVFusion-lidar
+#: sample's feature values, so the extra bytes are small.
+HEAD_OUTPUT_CODEC = codecs.CodecSpec(precision="fp16", compressor="zstd", level=1)
+
+# what each CenterHead regression channel holds (mmdet3d's CenterHead.get_targets_single)
+_CHANNELS = {
+    "reg": ("offset_x", "offset_y"),  # box centre minus its cell's integer index, in output cells
+    "height": ("z",),  # box gravity centre z, metres
+    "rot": ("sin_yaw", "cos_yaw"),
+    "vel": ("vx", "vy"),  # metres per second
+}
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """One dense head output recorded as a cache layer (the layer is named after its module)."""
+
+    layer: str
+    kind: str  # "heatmap" or a regression output: "reg", "height", "dim", "rot", "vel"
+    head: str  # the head module ("pts_bbox_head")
+    head_type: str  # "CenterHead"
+    task: int
+    classes: tuple[str, ...]  # the task's classes (a heatmap's channels, in order)
+    channels: tuple[str, ...]  # what each channel holds
+    stored: str  # "logits" (apply sigmoid for scores) or "values"
+
+    def meaning(self) -> dict[str, Any]:
+        """The manifest's description of the layer (``LayerSpec.meaning``)."""
+        return {"kind": self.kind, "head": self.head, "head_type": self.head_type, "task": self.task,
+                "classes": list(self.classes), "channels": list(self.channels), "stored": self.stored}
+
+
+def parse_head_outputs(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``--head-outputs``: ``all`` or a comma list of :data:`CENTERHEAD_OUTPUTS`; the error lists them."""
+    if text is None:
+        return ()
+    items = [part.strip() for part in (text.split(",") if isinstance(text, str) else text)]
+    items = [item for item in items if item]
+    if items == ["all"]:
+        return CENTERHEAD_OUTPUTS
+    unknown = [item for item in items if item not in CENTERHEAD_OUTPUTS]
+    if unknown or not items:
+        raise ConfigError(f"--head-outputs {text!r}: choose 'all' or some of {', '.join(CENTERHEAD_OUTPUTS)} "
+                          f"(comma-separated){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+    return tuple(dict.fromkeys(items))
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The detector's dense head: ``pts_bbox_head`` (MVX-style) or ``bbox_head`` (single-stage)."""
+    for name in ("pts_bbox_head", "bbox_head"):
+        head = getattr(model, name, None)
+        if head is not None:
+            return name, head
+    raise ConfigError(f"{type(model).__name__} has no pts_bbox_head or bbox_head whose outputs --head-outputs "
+                      "could record")
+
+
+def _out_channels(module: "nn.Module") -> int:
+    """Channels a head output module produces, from its last convolution. Not ``SeparateHead.heads``:
+    mmdet3d's CenterHead builds every task's SeparateHead from one ``heads`` dict it keeps updating, so
+    that dict ends up with the last task's heatmap size for all of them."""
+    convolutions = [child for child in module.modules() if hasattr(child, "out_channels")]
+    if not convolutions:
+        raise ConfigError(f"head output module {type(module).__name__} has no convolution to read its channels from")
+    return int(convolutions[-1].out_channels)
+
+
+def head_outputs(model: nn.Module, kinds: Sequence[str]) -> list[HeadOutput]:
+    """The layers of ``kinds`` (``parse_head_outputs``) in the detector's head, task by task.
+
+    Raises ConfigError naming the head type when it is not a CenterHead, and naming the task and the
+    outputs it has when a task lacks a requested one (e.g. ``vel`` for a KITTI head)."""
+    if not kinds:
+        return []
+    head_name, head = find_head(model)
+    if not (hasattr(head, "task_heads") and hasattr(head, "class_names")):
+        raise ConfigError(f"--head-outputs: {head_name} ({type(head).__name__}) is not a CenterHead; featcache "
+                          "describes the dense outputs of CenterHead (CenterPoint) heads. Record this head's modules as plain layers "
+                          "with --layers instead (their channels are then not described in the manifest)")
+    outputs = []
+    for task, (task_head, classes) in enumerate(zip(head.task_heads, head.class_names)):
+        available = list(getattr(task_head, "heads", {}))
+        for kind in kinds:
+            if kind not in available:
+                raise ConfigError(f"--head-outputs {kind}: task {task} ({', '.join(classes)}) of {head_name} has no "
+                                  f"{kind!r} output; it has {', '.join(available)}")
+            out_channels = _out_channels(getattr(task_head, kind))
+            if kind == "heatmap":
+                channels = tuple(classes)
+            elif kind == "dim":
+                channels = ("log_l", "log_w", "log_h") if getattr(head, "norm_bbox", True) else ("l", "w", "h")
+            else:
+                channels = _CHANNELS.get(kind, tuple(f"{kind}_{index}" for index in range(out_channels)))
+            if len(channels) != out_channels:  # a head configured differently from CenterPoint's
+                channels = tuple(f"{kind}_{index}" for index in range(out_channels))
+            outputs.append(HeadOutput(layer=f"{head_name}.task_heads.{task}.{kind}", kind=kind, head=head_name,
+                                      head_type=type(head).__name__, task=task, classes=tuple(classes),
+                                      channels=channels, stored="logits" if kind == "heatmap" else "values"))
+    return outputs

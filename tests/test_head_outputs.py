@@ -1,0 +1,127 @@
+"""Head outputs in the cache (`featcache build --head-outputs`): the teacher's dense CenterHead outputs
+as layers described in the manifest, on mmdet3d's CenterPoint-pillar nuScenes config and the real
+nuScenes scan."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from featcache import codecs, heads, models
+from featcache.build import BuildOptions, build_cache
+from featcache.errors import CacheMismatchError, ConfigError
+from featcache.reader import open_cache
+from featcache.verify import verify_cache
+from lidar_fixtures import KITTI_CONFIG, PILLAR_CONFIG, nus_cfg_options
+
+FEATCACHE = [sys.executable, "-m", "featcache.cli"]
+
+
+@pytest.fixture(scope="module")
+def head_cache(tmp_path_factory, nus_one, pillar_ckpt):
+    out = tmp_path_factory.mktemp("heads") / "cache"
+    result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck", head_outputs="all",
+                                      cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    assert result.written == 1
+    return out
+
+
+def _teacher_head_outputs(pillar_ckpt, data_root) -> list[dict[str, torch.Tensor]]:
+    """Reference, computed another way than the build's hooks: the teacher's features through its head's
+    own forward, per task."""
+    from mmengine.dataset import pseudo_collate
+
+    cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(data_root))
+    model = models.build_model(cfg, str(pillar_ckpt)).eval()
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "train"))
+    with torch.no_grad():
+        data = model.data_preprocessor(pseudo_collate([dataset[0]]), False)
+        _, pts_feats = model.extract_feat(data["inputs"], [s.metainfo for s in data["data_samples"]])
+        # multi_apply over feature levels: one list per task, one dict per level (a single level here)
+        per_task = [levels[0] for levels in model.pts_bbox_head(pts_feats)]
+    return per_task, model.pts_bbox_head
+
+
+def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pillar_ckpt):
+    cache = open_cache(str(head_cache))
+    per_task, head = _teacher_head_outputs(pillar_ckpt, nus_one)
+    assert len(per_task) == len(head.class_names) == 6
+    names = cache.layer_names
+    assert names[0] == "pts_neck.0"
+    expected = [f"pts_bbox_head.task_heads.{task}.{kind}" for task in range(6) for kind in heads.CENTERHEAD_OUTPUTS]
+    assert sorted(names[1:]) == sorted(expected)  # in the order the head runs them
+    (key,) = cache.keys()
+    row = cache.read(key)
+    for task, outputs in enumerate(per_task):
+        for kind in heads.CENTERHEAD_OUTPUTS:
+            layer = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.{kind}")
+            assert layer.is_head_output and layer.codec == heads.HEAD_OUTPUT_CODEC  # fp16: heatmap logits
+            reference = outputs[kind][0].numpy()
+            assert layer.shape == reference.shape
+            # fp16 keeps ~3 significant digits of every value, logits included
+            np.testing.assert_allclose(row[layer.name], reference, rtol=2e-3, atol=2e-3)
+            meaning = layer.meaning
+            assert meaning["kind"] == kind and meaning["task"] == task and meaning["head_type"] == "CenterHead"
+            assert meaning["classes"] == list(head.class_names[task])
+            assert len(meaning["channels"]) == reference.shape[0]
+        assert cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.heatmap").meaning["stored"] == "logits"
+    assert cache.manifest.layer("pts_bbox_head.task_heads.0.heatmap").meaning["channels"] == ["car"]
+    assert cache.manifest.layer("pts_bbox_head.task_heads.0.rot").meaning["channels"] == ["sin_yaw", "cos_yaw"]
+    assert cache.manifest.layer("pts_bbox_head.task_heads.0.dim").meaning["channels"] == ["log_l", "log_w", "log_h"]
+    assert cache.manifest.layer("pts_neck.0").meaning is None
+    assert cache.manifest.layer("pts_neck.0").codec == codecs.DEFAULT_CODEC
+    assert verify_cache(str(head_cache)).ok
+
+
+def test_head_output_caches_resume_only_with_the_same_outputs(head_cache, nus_one, pillar_ckpt):
+    same = BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(head_cache), layers="pts_neck", head_outputs="all",
+                        cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
+    assert build_cache(same).already_complete == 1
+    fewer = BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(head_cache), layers="pts_neck", head_outputs="heatmap",
+                         cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
+    with pytest.raises(CacheMismatchError, match="modules: cache has .*task_heads.0.vel"):
+        build_cache(fewer)
+
+
+def test_head_outputs_option_names_what_is_wrong(tmp_path, pillar_ckpt, nus_one):
+    with pytest.raises(ConfigError, match="choose 'all' or some of heatmap, reg.*unknown: heatmaps"):
+        BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(tmp_path / "c"), head_outputs="heatmaps").validate()
+    # a head that is not a CenterHead is refused by type, before anything is written
+    from lidar_fixtures import kitti_cfg_options, make_kitti_like, save_openmmlab_checkpoint
+
+    kitti = make_kitti_like(tmp_path / "kitti")
+    kitti_ckpt = save_openmmlab_checkpoint(models.build_model(models.load_config(KITTI_CONFIG)), tmp_path / "kitti.pth")
+    with pytest.raises(ConfigError, match=r"bbox_head \(Anchor3DHead\) is not a CenterHead"):
+        build_cache(BuildOptions(KITTI_CONFIG, str(kitti_ckpt), str(tmp_path / "k"), head_outputs="heatmap",
+                                 cfg_options=kitti_cfg_options(kitti), num_workers=0, progress=False))
+    assert not (tmp_path / "k").exists()
+    # --codec may name head outputs; the CLI takes the option
+    built = subprocess.run(FEATCACHE + ["build", PILLAR_CONFIG, str(pillar_ckpt), "--out", str(tmp_path / "cli"),
+                                        "--layers", "pts_neck", "--head-outputs", "heatmap", "--codec",
+                                        "pts_bbox_head=fp32-none", "--num-workers", "0", "--cfg-options",
+                                        *[f"{k}={v}" for k, v in nus_cfg_options(nus_one).items()]],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    manifest = open_cache(str(tmp_path / "cli")).manifest
+    assert [layer.codec.name for layer in manifest.layers] == ["int8-zstd3"] + ["fp32-none"] * 6
+
+
+def test_training_from_a_head_output_cache_pairs_features_only_unless_told(head_cache, nus_one):
+    # head outputs are response targets: feature terms never pick them up by name; --pairs may name them
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+
+    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
+    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"pkd": 1.0}, cfg_options=options))
+    assert cfg.model.pairs == {"pts_neck.0": "pts_neck.0"}
+    pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
+    assert pack["layers"] == ["pts_neck.0"]  # nothing read that no term uses
+    heatmap = "pts_bbox_head.task_heads.0.heatmap"
+    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"pkd": 1.0}, cfg_options=options,
+                                           pairs={heatmap: heatmap}))
+    assert cfg.model.pairs == {heatmap: heatmap} and cfg.model.teacher_shapes[heatmap] == [1, 128, 128]
