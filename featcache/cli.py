@@ -244,5 +244,52 @@ def export(cache: str, export_format: str, out: str, overwrite: bool, storage_op
     click.echo(f"wrote {written}")
 
 
+@main.command()
+@click.argument("student_config")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, help="Export directory (new or empty; an existing export only with --overwrite).")
+@click.option("--overwrite", is_flag=True, help="Replace the featcache export at --out (its own files only).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write model.int8.onnx, statically quantised on --calibration-scans training scans.")
+@click.option("--calibration-scans", type=click.IntRange(min=1), default=8, show_default=True)
+@cfg_options_option("Override config entries, e.g. train_dataloader.dataset.data_root=data/x/.")
+@fail_cleanly
+def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quantize: str | None,
+           calibration_scans: int, cfg_options: tuple[str, ...]) -> None:
+    """Export STUDENT_CONFIG with CHECKPOINT for ONNX Runtime: OUT/model.onnx + OUT/deploy.json."""
+    from featcache.deploy.export import check_out_directory
+
+    check_out_directory(out, overwrite)  # before any model work
+    from featcache.deploy.export import export_detector
+    from featcache.models import parse_cfg_options
+
+    result = export_detector(student_config, checkpoint, out, overwrite=overwrite,
+                             cfg_options=parse_cfg_options(cfg_options), quantize=quantize,
+                             calibration_scans=calibration_scans)
+    spec = result.spec
+    click.echo(f"{out}: model.onnx (opset {spec.onnx.opset}, {spec.source['num_parameters']:,} parameters, "
+               f"ORT vs PyTorch max|diff| {spec.check['max_abs_diff_fp32']:.2g}"
+               + (f"; int8: {spec.onnx.int8['file']}" if spec.onnx.int8 else "") + f") in {result.seconds:.1f}s")
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.argument("scan", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="Write the predictions to a .json or .npz file instead of printing them.")
+@click.option("--int8", "use_int8", is_flag=True, help="Run the export's int8 model.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@fail_cleanly
+def predict(export_dir: str, scan: str, out: str | None, use_int8: bool, threads: int | None) -> None:
+    """Detect boxes in SCAN (.bin) with the export in EXPORT_DIR (numpy + onnxruntime only, no torch/mmdet3d)."""
+    from featcache.deploy.runtime import DeployedDetector, detections_to_dict, write_detections
+
+    detector = DeployedDetector.open(export_dir, threads=threads, variant="int8" if use_int8 else "fp32")
+    detections = detector.predict(scan)
+    if out:
+        click.echo(f"{write_detections(detections, detector.spec.class_names, out)}: {len(detections)} boxes")
+    else:
+        click.echo(json.dumps(detections_to_dict(detections, detector.spec.class_names)))
+
+
 if __name__ == "__main__":
     main()
