@@ -1,0 +1,70 @@
+"""``featcache deploy --quantize int8``: static int8 quantisation of the exported graph (export side).
+
+onnxruntime's ``quantize_static`` in QDQ format, int8 weights per output channel and int8 activations,
+calibrated (min-max) on the voxelised pillars of a few *training* scans of the config's train split
+(spread evenly over it), never on the val scans the report scores. The scatter, the padding mask and the
+head's last convolutions stay as ONNX Runtime decides under QDQ; the accuracy cost is what
+``tools/deploy_report.py`` measures, not assumed.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+
+from featcache.deploy.runtime import sha256_of
+from featcache.deploy.spec import INT8_MODEL_FILE, DeploySpec
+from featcache.deploy.voxelize import hard_voxelize, prepare_points, read_scan
+from featcache.errors import ConfigError
+
+
+def training_scans(cfg, count: int) -> list[str]:
+    """``count`` lidar files of the config's train split, evenly spaced (ConfigError if it has none)."""
+    from featcache import models
+
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "train"))
+    if len(dataset) == 0:
+        raise ConfigError(f"config {cfg.filename!r}: the train split is empty, nothing to calibrate int8 on")
+    rows = np.unique(np.linspace(0, len(dataset) - 1, num=min(count, len(dataset))).round().astype(int))
+    paths = []
+    for row in rows:
+        info = dataset.get_data_info(int(row))
+        path = (info.get("lidar_points") or {}).get("lidar_path") or info.get("lidar_path")
+        if not path or not os.path.isfile(path):
+            raise ConfigError(f"train sample {row} of config {cfg.filename!r}: lidar file {path!r} not found "
+                              "(set train_dataloader.dataset.data_root with --cfg-options)")
+        paths.append(path)
+    return paths
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over voxelised scans."""
+
+    def __init__(self, spec: DeploySpec, paths: list[str]) -> None:
+        self._feeds: Iterator[dict[str, np.ndarray]] = (
+            hard_voxelize(prepare_points(read_scan(path, spec.points), spec.points, where=path), spec.voxel).feeds()
+            for path in paths)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8(spec: DeploySpec, directory: str, cfg, calibration_scans: int) -> DeploySpec:
+    """Write ``directory/model.int8.onnx`` from ``model.onnx``; the spec gains its file, checksum and the
+    calibration scans."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    paths = training_scans(cfg, calibration_scans)
+    source = os.path.join(directory, spec.onnx.file)
+    target = os.path.join(directory, INT8_MODEL_FILE)
+    partial = target + ".partial.onnx"
+    quantize_static(source, partial, _Calibration(spec, paths), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                    calibrate_method=CalibrationMethod.MinMax)
+    os.replace(partial, target)
+    int8 = {"file": INT8_MODEL_FILE, "sha256": sha256_of(target), "method": "onnxruntime quantize_static QDQ, "
+            "int8 weights per channel + int8 activations, MinMax calibration",
+            "calibration_scans": [os.path.basename(path) for path in paths]}
+    return replace(spec, onnx=replace(spec.onnx, int8=int8))
