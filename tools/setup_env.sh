@@ -55,6 +55,6 @@ log "mmdet3d and its SDKs (--no-deps)"
 pip_install -q --no-deps -c "$CONSTRAINTS" -r "$REQ/nodeps.txt"
 log "featcache (editable)"
 pip_install -q --no-deps --no-build-isolation -e "$ROOT"
-"$VENV/bin/python" -c 'import mmdet3d, mmcv.ops, spconv.pytorch, zarr, featcache, trainer; print("setup_env: imports ok")'
+"$VENV/bin/python" -c 'import mmdet3d, mmcv.ops, spconv.pytorch, zarr, onnxruntime, onnxscript, featcache, trainer; print("setup_env: imports ok")'
 echo "$STAMP_WANT" > "$STAMP_FILE"
 log "done"
