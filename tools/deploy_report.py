@@ -1,0 +1,343 @@
+"""Deployment report: each model exported with ``featcache deploy`` and measured in every form it runs in.
+
+For every ``--model NAME CONFIG CHECKPOINT`` (the teacher first): parameters, ONNX file sizes, batch-1
+CPU latency of PyTorch/mmdet3d (``data_preprocessor`` + ``predict``), ONNX Runtime fp32 and, with
+``--int8``, the statically quantised graph, each at 1 and 2 threads (median and p90 over the val
+scans, the first ``--warmup`` not timed), the peak resident memory of the process that ran it (each
+form in its own fresh process: the ORT one imports numpy + onnxruntime only), and the mAP of each form
+with the project's metric (``trainer.evaluation.CenterDistanceMetric`` on the config's test split, the
+same GT, so the forms differ only in their predictions). Also the largest ONNX-vs-PyTorch difference of
+the raw head outputs over the val scans, and the ratios issue #18 targets. Every number is measured by
+the run that writes the report.
+
+What each latency includes: PyTorch from the loaded points (the test pipeline's loading and range filter
+outside the timer, as ``trainer.evaluation.evaluate_checkpoint`` times it) to its boxes; ONNX Runtime
+from the loaded array (range filter, voxelisation, graph, decoding, NMS inside the timer).
+
+Usage::
+
+    python tools/deploy_report.py --out work_dirs/deploy/report.md --work-dir work_dirs/deploy \\
+        --model teacher configs/demo/teacher_pillar.py checkpoints/demo_teacher_pillar.pth \\
+        --model slim_kd configs/demo/student_slim.py work_dirs/demo/student_slim_kd/student.pth \\
+        [--int8] [--quick 5] [--cfg-options test_dataloader.dataset.data_root=data/generated/demo/]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORMS = ("pytorch", "fp32", "int8")
+FORM_LABELS = {"pytorch": "PyTorch (mmdet3d)", "fp32": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _worker(job: dict) -> dict:
+    """Run one form over the scans in this (fresh) process; predictions to ``job['out']`` (.npz)."""
+    threads, scans, warmup = int(job["threads"]), job["scans"], int(job["warmup"])
+    times, boxes, scores, labels = [], [], [], []
+    if job["form"] == "pytorch":
+        import torch
+        from mmdet3d.structures import LiDARInstance3DBoxes
+        from mmengine.dataset import Compose, pseudo_collate
+
+        from featcache.deploy.export import load_detector
+
+        torch.set_num_threads(threads)
+        cfg, model = load_detector(job["config"], job["checkpoint"], job["cfg_options"])
+        pipeline = Compose(cfg.test_dataloader.dataset.pipeline)
+        with torch.no_grad():
+            for index, scan in enumerate(scans):
+                batch = pseudo_collate([pipeline(dict(lidar_points=dict(lidar_path=scan),
+                                                      box_type_3d=LiDARInstance3DBoxes, box_mode_3d=None))])
+                start = time.perf_counter()
+                pred = model(**model.data_preprocessor(batch, False), mode="predict")[0].pred_instances_3d
+                if index >= warmup:
+                    times.append(time.perf_counter() - start)
+                boxes.append(pred.bboxes_3d.tensor.numpy())
+                scores.append(pred.scores_3d.numpy())
+                labels.append(pred.labels_3d.numpy())
+    else:
+        from featcache.deploy.runtime import DeployedDetector
+        from featcache.deploy.voxelize import read_scan
+
+        detector = DeployedDetector.open(job["export_dir"], threads=threads, variant=job["form"])
+        for index, scan in enumerate(scans):
+            points = read_scan(scan, detector.spec.points)
+            start = time.perf_counter()
+            detections = detector.predict(points)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+            boxes.append(detections.boxes)
+            scores.append(detections.scores)
+            labels.append(detections.labels)
+    counts = np.asarray([len(s) for s in scores])
+    np.savez(job["out"], boxes=np.concatenate(boxes), scores=np.concatenate(scores),
+             labels=np.concatenate(labels), counts=counts)
+    loaded = sorted(name for name in ("torch", "mmdet3d", "mmcv") if name in sys.modules)
+    return {"times_s": times, "peak_rss_mb": peak_rss_mb(), "heavy_modules_loaded": loaded}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so every worker would report the report process's peak."""
+    try:
+        with open("/proc/self/status") as stream:
+            for line in stream:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_worker(job: dict) -> dict:
+    """``_worker`` in a new interpreter limited to ``job['threads']`` threads; its result JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
+    result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)], env=env,
+                            capture_output=True, text=True, cwd=REPO)
+    if result.returncode != 0:
+        raise RuntimeError(f"{job['form']} worker failed for {job.get('name')}: {result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ main
+@dataclass
+class FormResult:
+    latency: dict[int, tuple[float, float]] = field(default_factory=dict)  # threads -> (median ms, p90 ms)
+    peak_rss_mb: float = math.nan
+    metrics: dict[str, float] = field(default_factory=dict)
+    predictions: str = ""
+
+
+@dataclass
+class ModelResult:
+    name: str
+    config: str
+    checkpoint: str
+    params: int = 0
+    onnx_mb: dict[str, float] = field(default_factory=dict)
+    raw_max_abs_diff: float = math.nan
+    forms: dict[str, FormResult] = field(default_factory=dict)
+
+
+def _val_samples(config: str, cfg_options: dict, limit: int | None):
+    """(lidar paths, data samples carrying eval_ann_info) of the config's test split, first ``limit``."""
+    from featcache import models
+
+    cfg = models.load_config(config, cfg_options)
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "test"))
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    paths, samples = [], []
+    for index in range(count):
+        info = dataset.get_data_info(index)
+        paths.append(info["lidar_points"]["lidar_path"])
+        samples.append(dataset[index]["data_samples"])
+    return cfg, paths, samples
+
+
+def _score(cfg, samples, predictions_npz: str) -> dict[str, float]:
+    """The config's test evaluator (CenterDistanceMetric) on stored predictions."""
+    import torch
+    from mmdet3d.registry import METRICS
+    from mmdet3d.structures import LiDARInstance3DBoxes
+    from mmengine.evaluator import Evaluator
+    from mmengine.structures import InstanceData
+
+    stored = np.load(predictions_npz)
+    evaluator = Evaluator(METRICS.build(cfg.test_evaluator))
+    evaluator.dataset_meta = {"classes": tuple(cfg.class_names) if "class_names" in cfg else None}
+    if evaluator.dataset_meta["classes"] is None:
+        evaluator.dataset_meta = {"classes": tuple(cfg.test_dataloader.dataset.metainfo["classes"])}
+    offsets = np.concatenate([[0], np.cumsum(stored["counts"])])
+    for index, sample in enumerate(samples):
+        part = slice(offsets[index], offsets[index + 1])
+        sample = sample.clone()
+        sample.pred_instances_3d = InstanceData(
+            bboxes_3d=LiDARInstance3DBoxes(torch.from_numpy(stored["boxes"][part]), box_dim=stored["boxes"].shape[1]),
+            scores_3d=torch.from_numpy(stored["scores"][part]), labels_3d=torch.from_numpy(stored["labels"][part]))
+        evaluator.process([sample], None)
+    metrics = evaluator.evaluate(len(samples))
+    return {key.split("/")[-1]: float(value) for key, value in metrics.items()}
+
+
+def _raw_difference(config: str, checkpoint: str, export_dir: str, scans: list[str], cfg_options: dict) -> float:
+    """Largest |ONNX Runtime - PyTorch| over every dense head output of every scan (fp32)."""
+    from featcache.deploy.export import load_detector, network_outputs
+    from featcache.deploy.runtime import DeployedDetector
+
+    _, model = load_detector(config, checkpoint, cfg_options)
+    detector = DeployedDetector.open(export_dir)
+    worst = 0.0
+    for scan in scans:
+        voxels = detector.voxelize(scan)
+        ours = detector.raw_outputs(voxels)
+        theirs = network_outputs(model, voxels.voxels, voxels.num_points, voxels.coors)
+        worst = max(worst, max(float(np.abs(ours[name] - theirs[name]).max()) for name in theirs))
+    return worst
+
+
+def _stats(times: list[float]) -> tuple[float, float]:
+    if not times:
+        return math.nan, math.nan
+    values = 1000.0 * np.asarray(times)
+    return float(np.median(values)), float(np.percentile(values, 90))
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
+    from featcache.deploy.export import export_detector
+    from featcache.deploy.spec import SPEC_FILE
+
+    results = []
+    scans: list[str] = []
+    context: dict = {}
+    for name, config, checkpoint in args.model:
+        result = ModelResult(name, config, checkpoint)
+        cfg, paths, samples = _val_samples(config, cfg_options, args.quick)
+        scans = paths
+        export_dir = os.path.join(args.work_dir, name)
+        if os.path.isdir(export_dir) and not os.path.isfile(os.path.join(export_dir, SPEC_FILE)) and os.listdir(export_dir):
+            raise SystemExit(f"{export_dir} exists and is not a featcache export; choose another --work-dir")
+        start = time.perf_counter()
+        spec = export_detector(config, checkpoint, export_dir, overwrite=True, cfg_options=cfg_options,
+                               quantize="int8" if args.int8 else None, calibration_scans=args.calibration_scans).spec
+        context.setdefault("export_s", {})[name] = time.perf_counter() - start
+        result.params = int(spec.source["num_parameters"])
+        result.onnx_mb["fp32"] = os.path.getsize(os.path.join(export_dir, spec.onnx.file)) / 1e6
+        forms = ["pytorch", "fp32"] + (["int8"] if spec.onnx.int8 else [])
+        if spec.onnx.int8:
+            result.onnx_mb["int8"] = os.path.getsize(os.path.join(export_dir, spec.onnx.int8["file"])) / 1e6
+        result.raw_max_abs_diff = _raw_difference(config, checkpoint, export_dir, paths, cfg_options)
+        for form in forms:
+            outcome = FormResult()
+            for threads in args.threads:
+                out = os.path.join(args.work_dir, f"{name}.{form}.t{threads}.npz")
+                job = {"name": name, "form": form, "config": config, "checkpoint": checkpoint, "export_dir": export_dir,
+                       "scans": paths, "threads": threads, "warmup": args.warmup, "cfg_options": cfg_options, "out": out}
+                measured = run_worker(job)
+                outcome.latency[threads] = _stats(measured["times_s"])
+                outcome.peak_rss_mb = max(measured["peak_rss_mb"], 0 if math.isnan(outcome.peak_rss_mb)
+                                          else outcome.peak_rss_mb)
+                if form != "pytorch" and measured["heavy_modules_loaded"]:
+                    raise RuntimeError(f"the {form} runtime loaded {measured['heavy_modules_loaded']}")
+                if threads == args.threads[0]:
+                    outcome.predictions = out
+            outcome.metrics = _score(cfg, samples, outcome.predictions)
+            result.forms[form] = outcome
+        results.append(result)
+        print(f"{name}: measured {', '.join(forms)} on {len(paths)} scans", file=sys.stderr)
+    context["num_scans"] = len(scans)
+    return results, context
+
+
+def write_report(results: list[ModelResult], context: dict, args, out: str) -> dict:
+    threads = args.threads
+    teacher = results[0]
+    lines = ["# Deployment report", "",
+             f"Generated by `tools/deploy_report.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+             f"{context['num_scans']} val scans (first {args.warmup} of each run not timed), batch 1, CPU "
+             f"({os.cpu_count()} cores, {platform.machine()}; load average {os.getloadavg()[0]:.1f} when it started). "
+             "Latency: median / p90 ms per scan. Peak memory: maximum resident set of the process that ran the form "
+             "(a fresh process per form; the ONNX Runtime ones import numpy and onnxruntime only). mAP: "
+             "nuScenes centre-distance mAP (`trainer/evaluation.py`) on the same scans and GT.", "",
+             "| model | form | params | ONNX MB | " + " | ".join(f"{t} thread{'s' if t > 1 else ''} ms" for t in threads)
+             + " | peak RSS MB | mAP | mAP - PyTorch |", "|" + "---|" * (7 + len(threads))]
+    for result in results:
+        reference = result.forms["pytorch"].metrics.get("mAP", math.nan)
+        for form, outcome in result.forms.items():
+            latency = " | ".join(f"{_fmt(outcome.latency[t][0])} / {_fmt(outcome.latency[t][1])}" for t in threads)
+            size = "-" if form == "pytorch" else _fmt(result.onnx_mb.get(form, math.nan), 2)
+            value = outcome.metrics.get("mAP", math.nan)
+            delta = "-" if form == "pytorch" else f"{value - reference:+.4f}"
+            lines.append(f"| {result.name} | {FORM_LABELS[form]} | {result.params:,} | {size} | {latency} | "
+                         f"{_fmt(outcome.peak_rss_mb, 0)} | {_fmt(value, 4)} | {delta} |")
+    lines += ["", "Raw head outputs, ONNX Runtime fp32 vs PyTorch, largest absolute difference over every output of "
+              "every scan: " + ", ".join(f"{r.name} {r.raw_max_abs_diff:.2g}" for r in results)
+              + " (target < 1e-4).", ""]
+
+    def median(result: ModelResult, form: str, t: int = threads[0]) -> float:
+        return result.forms[form].latency[t][0] if form in result.forms else math.nan
+
+    def retention(result: ModelResult, form: str) -> float:
+        return result.forms[form].metrics["mAP"] / teacher.forms["pytorch"].metrics["mAP"] \
+            if teacher.forms["pytorch"].metrics.get("mAP") else math.nan
+
+    ratios = []
+    checks = {}
+    lines += [f"## Ratios ({threads[0]} thread, median latency)", "", "| comparison | speed-up | target | mAP retention |",
+              "|---|---|---|---|"]
+    for result in results:
+        speedup = median(result, "pytorch") / median(result, "fp32")
+        ratios.append((f"{result.name}: ONNX Runtime fp32 vs PyTorch", speedup, 1.5, retention(result, "fp32")))
+        if "int8" in result.forms:
+            ratios.append((f"{result.name}: int8 vs fp32 ONNX Runtime", median(result, "fp32") / median(result, "int8"),
+                           1.5, retention(result, "int8")))
+    for result in results[1:]:
+        ratios.append((f"{result.name} vs teacher, both ONNX Runtime fp32",
+                       median(teacher, "fp32") / median(result, "fp32"), 2.0, retention(result, "fp32")))
+        ratios.append((f"{result.name} in ONNX Runtime fp32 vs teacher in PyTorch",
+                       median(teacher, "pytorch") / median(result, "fp32"), 3.0, retention(result, "fp32")))
+    for label, value, target, kept in ratios:
+        verdict = "met" if value >= target else "not met"
+        checks[label] = {"speedup": value, "target": target, "met": bool(value >= target), "retention": kept}
+        lines.append(f"| {label} | {value:.2f}x | >= {target}x ({verdict}) | {_fmt(kept, 3)} |")
+    lines += ["", "Parameters vs the teacher: " + ", ".join(
+        f"{r.name} {100 * r.params / teacher.params:.1f}%" for r in results[1:]) + ".", ""]
+    with open(out, "w") as stream:
+        stream.write("\n".join(lines))
+    summary = {"num_scans": context["num_scans"], "threads": threads, "checks": checks,
+               "models": {r.name: {"params": r.params, "onnx_mb": r.onnx_mb, "raw_max_abs_diff": r.raw_max_abs_diff,
+                                   "forms": {f: {"latency_ms": {str(t): v for t, v in o.latency.items()},
+                                                 "peak_rss_mb": o.peak_rss_mb, "metrics": o.metrics}
+                                             for f, o in r.forms.items()}} for r in results}}
+    with open(os.path.splitext(out)[0] + ".json", "w") as stream:
+        json.dump(summary, stream, indent=1)
+    print("\n".join(lines))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out")
+    parser.add_argument("--work-dir", default="work_dirs/deploy")
+    parser.add_argument("--model", nargs=3, action="append", metavar=("NAME", "CONFIG", "CHECKPOINT"),
+                        help="the first is the teacher the ratios refer to")
+    parser.add_argument("--int8", action="store_true", help="also build and measure the int8 model")
+    parser.add_argument("--calibration-scans", type=int, default=8)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--quick", type=int, default=None, metavar="N", help="only the first N val scans")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cfg-options", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(json.loads(args.worker))))
+        return
+    if not args.out or not args.model:
+        parser.error("--out and at least one --model are required")
+    from featcache import models
+
+    cfg_options = models.parse_cfg_options(args.cfg_options)
+    if args.quick is not None and args.quick <= args.warmup:
+        parser.error(f"--quick {args.quick} must exceed --warmup {args.warmup}")
+    os.makedirs(args.work_dir, exist_ok=True)
+    results, context = measure(args, cfg_options)
+    write_report(results, context, args, args.out)
+
+
+if __name__ == "__main__":
+    main()
