@@ -42,12 +42,19 @@ FEATCACHE = str(REPO / ".venv" / "bin" / "featcache") if (REPO / ".venv" / "bin"
 
 
 @pytest.fixture(scope="module")
-def scans(tmp_path_factory) -> list[str]:
-    """Three generated val scans (the demo's generator, seeded) and the real nuScenes LIDAR_TOP scan."""
-    assert REAL_SCAN is not None and NUS_INFO.is_file(), f"the real nuScenes scan is missing under {SHARED_DATA}"
+def scenes(tmp_path_factory):
+    """A generated dataset (the demo's generator, seeded): 2 train scans (int8 calibration), 3 val."""
     root = tmp_path_factory.mktemp("scenes")
-    subprocess.run([sys.executable, str(REPO / "tools" / "generate_scenes.py"), "--out", str(root), "--train", "1",
+    subprocess.run([sys.executable, str(REPO / "tools" / "generate_scenes.py"), "--out", str(root), "--train", "2",
                     "--val", "3", "--seed", "11", "--range", "40"], check=True, capture_output=True, cwd=REPO)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scans(scenes) -> list[str]:
+    """The three generated val scans and the real nuScenes LIDAR_TOP scan."""
+    assert REAL_SCAN is not None and NUS_INFO.is_file(), f"the real nuScenes scan is missing under {SHARED_DATA}"
+    root = scenes
     generated = sorted(str(path) for path in (root / "samples" / "LIDAR_TOP").glob("synth_val_*.bin"))
     assert len(generated) == 3
     return generated + [str(REAL_SCAN)]
@@ -75,12 +82,14 @@ def student_export(tmp_path_factory, student_ckpt) -> str:
 
 
 @pytest.fixture(scope="module")
-def teacher_export(tmp_path_factory) -> str:
+def teacher_export(tmp_path_factory, scenes) -> str:
+    """The shipped trained teacher, with an int8 copy calibrated on the generated train scans."""
     from featcache.deploy.export import export_detector
 
     assert TEACHER_CKPT.is_file(), f"the shipped demo teacher {TEACHER_CKPT} is missing"
     out = str(tmp_path_factory.mktemp("exports") / "teacher")
-    export_detector(str(REPO / TEACHER), str(TEACHER_CKPT), out)
+    export_detector(str(REPO / TEACHER), str(TEACHER_CKPT), out, quantize="int8", calibration_scans=2,
+                    cfg_options={"train_dataloader.dataset.data_root": f"{scenes}/"})
     return out
 
 
@@ -168,6 +177,21 @@ def test_trained_teacher_export_detects_what_mmdet3d_detects(teacher_export, sca
     _assert_equivalent(teacher_export, TEACHER, TEACHER_CKPT, scans, min_boxes=1)
 
 
+def test_int8_model_is_calibrated_on_training_scans_and_close_to_fp32(teacher_export, scans):
+    fp32 = DeployedDetector.open(teacher_export)
+    int8 = DeployedDetector.open(teacher_export, variant="int8")
+    info = fp32.spec.onnx.int8
+    assert info["calibration_scans"] == [f"synth_train_00000{i}__LIDAR_TOP.pcd.bin" for i in (0, 1)]
+    size = {name: os.path.getsize(os.path.join(teacher_export, name)) for name in ("model.onnx", info["file"])}
+    assert size[info["file"]] < 0.4 * size["model.onnx"]
+    voxels = fp32.voxelize(scans[0])
+    ours, reference = int8.raw_outputs(voxels), fp32.raw_outputs(voxels)
+    for name in ("task0.heatmap", "task0.reg"):  # quantised, so not equal, but the same maps
+        assert not np.array_equal(ours[name], reference[name])
+        assert np.corrcoef(ours[name].ravel(), reference[name].ravel())[0, 1] > 0.95, name
+    assert len(int8.postprocess(ours)) > 0
+
+
 BLOCKER = '''
 import importlib.abc, sys
 BLOCKED = ("torch", "mmcv", "mmdet", "mmdet3d", "mmengine", "spconv")
@@ -180,7 +204,7 @@ sys.meta_path.insert(0, _Block())
 '''
 
 
-def test_predict_command_needs_neither_torch_nor_mmdet3d(student_export, scans, tmp_path):
+def test_predict_command_needs_neither_torch_nor_mmdet3d(student_export, teacher_export, scans, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
@@ -200,6 +224,11 @@ def test_predict_command_needs_neither_torch_nor_mmdet3d(student_export, scans, 
     printed = subprocess.run([FEATCACHE, "predict", student_export, scans[0]], env=env, capture_output=True,
                              text=True, timeout=120)
     assert printed.returncode == 0 and json.loads(printed.stdout)["box_layout"][:3] == ["x", "y", "z"]
+    quantised = subprocess.run([FEATCACHE, "predict", teacher_export, scans[0], "--int8", "--threads", "1"], env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert quantised.returncode == 0, quantised.stderr
+    assert len(json.loads(quantised.stdout)["scores_3d"]) == len(
+        DeployedDetector.open(teacher_export, variant="int8").predict(scans[0]))
 
 
 def test_bad_scans_fail_naming_the_file(student_export, tmp_path, scans):
