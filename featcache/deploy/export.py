@@ -20,11 +20,13 @@ directory holding it is a finished export.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -254,15 +256,34 @@ def torch_inputs(points: np.ndarray, voxel: VoxelSpec) -> tuple[torch.Tensor, ..
     return tuple(torch.from_numpy(array) for array in (voxels.voxels, voxels.num_points, voxels.coors))
 
 
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's chatter (onnxscript's INFO rewrite notes, torch.onnx's "torchvision is not installed",
+    pytree deprecation warnings) off the console for the export only; errors still propagate."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _export_onnx(network: PillarNetwork, example: Sequence[torch.Tensor], path: str, max_voxels: int,
                  output_names: Sequence[str]) -> None:
     count = torch.export.Dim("voxels", min=1, max=max(max_voxels, 2))
-    with torch.no_grad():
+    with torch.no_grad(), _quiet_exporter():
         program = torch.onnx.export(
             network, tuple(example), dynamo=True, opset_version=OPSET, input_names=list(INPUT_NAMES),
             output_names=list(output_names), dynamic_shapes={"voxels": {0: count}, "num_points": {0: count}, "coors": {0: count}},
             external_data=False, verbose=False, report=False, optimize=True)
-    program.save(path, external_data=False)
+        program.save(path, external_data=False)
 
 
 def load_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, cfg_options: dict | None = None):

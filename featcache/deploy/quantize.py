@@ -8,6 +8,7 @@ head's last convolutions stay as ONNX Runtime decides under QDQ; the accuracy co
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from typing import Iterator
@@ -60,9 +61,15 @@ def quantize_int8(spec: DeploySpec, directory: str, cfg, calibration_scans: int)
     source = os.path.join(directory, spec.onnx.file)
     target = os.path.join(directory, INT8_MODEL_FILE)
     partial = target + ".partial.onnx"
-    quantize_static(source, partial, _Calibration(spec, paths), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax)
+    root = logging.getLogger()  # quantize_static logs its "consider pre-processing" advice on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(source, partial, _Calibration(spec, paths), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        root.setLevel(level)
     os.replace(partial, target)
     int8 = {"file": INT8_MODEL_FILE, "sha256": sha256_of(target), "method": "onnxruntime quantize_static QDQ, "
             "int8 weights per channel + int8 activations, MinMax calibration",
