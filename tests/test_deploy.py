@@ -296,8 +296,25 @@ def test_deploy_refuses_what_it_must_not_write_or_cannot_export(student_export, 
     assert not (tmp_path / "wrong").exists()
 
 
+@pytest.mark.parametrize("config", ["configs/students/centerpoint_pillar_half_nus.py",
+                                    "configs/students/centerpoint_pillar_quarter_nus.py"])
+def test_the_nuscenes_pillar_students_are_exportable(config):
+    """The project's nuScenes students pass the export's checks; their settings come from the built modules
+    (no test pipeline in these configs: the runtime takes the 5 features the voxel encoder reads)."""
+    from featcache import models
+    from featcache.deploy.export import check_exportable, describe
+
+    cfg = models.load_config(REPO / config)
+    model = models.build_model(cfg)
+    check_exportable(model)
+    points, voxel, decoder, nms = describe(model, cfg)
+    assert (points.load_dim, points.use_dim) == (5, (0, 1, 2, 3, 4))
+    assert voxel.grid_size == (512, 512, 1) and voxel.max_voxels == 40000 and nms.type == "rotate"
+    assert decoder.out_size_factor == 4 and decoder.code_size == 9
+
+
 @pytest.mark.parametrize("config, module", [
-    ("pointpillars/pointpillars_hv_secfpn_8xb6-160e_kitti-3d-car.py", r"bbox_head \(Anchor3DHead\)"),
+    ("configs/students/pointpillars_kitti_car_student.py", r"bbox_head \(Anchor3DHead\)"),
     ("centerpoint/centerpoint_voxel0075_second_secfpn_head-circlenms_8xb4-cyclic-20e_nus-3d.py",
      r"pts_voxel_encoder \(HardSimpleVFE\)"),
 ])
@@ -305,5 +322,6 @@ def test_a_detector_it_cannot_export_fails_naming_the_module(config, module):
     from featcache import models
     from featcache.deploy.export import check_exportable
 
+    path = REPO / config if config.startswith("configs/") else config
     with pytest.raises(UnsupportedModelError, match=module):
-        check_exportable(models.build_model(models.load_config(config)))
+        check_exportable(models.build_model(models.load_config(path)))
