@@ -32,7 +32,7 @@ from featcache.deploy.errors import ExportNotFoundError, PointsError, StaleExpor
 from featcache.deploy.runtime import DeployedDetector
 from featcache.deploy.spec import SPEC_FILE, VoxelSpec
 from featcache.deploy.voxelize import hard_voxelize
-from featcache.errors import CheckpointError
+from featcache.errors import CheckpointError, ConfigError
 
 STUDENT = "configs/demo/student_half.py"
 TEACHER = "configs/demo/teacher_pillar.py"
@@ -294,6 +294,13 @@ def test_deploy_refuses_what_it_must_not_write_or_cannot_export(student_export, 
         export_detector(str(REPO / STUDENT), str(TEACHER_CKPT), str(tmp_path / "wrong"))
     assert str(TEACHER_CKPT) in str(info.value) and "student_half.py" in str(info.value)
     assert not (tmp_path / "wrong").exists()
+    # int8 calibration needs the train scans: a wrong data root fails after model.onnx was written, and the
+    # half export goes with the directory this export created
+    nowhere = tmp_path / "no_data"
+    with pytest.raises(ConfigError, match="nuscenes_infos_train.pkl"):
+        export_detector(str(REPO / STUDENT), str(student_ckpt), str(tmp_path / "failed"), quantize="int8",
+                        cfg_options={"train_dataloader.dataset.data_root": f"{nowhere}/"})
+    assert not (tmp_path / "failed").exists()
 
 
 @pytest.mark.parametrize("config", ["configs/students/centerpoint_pillar_half_nus.py",

@@ -318,6 +318,8 @@ def export_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, ou
 
     start = time.perf_counter()
     out = os.fspath(out)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"--quantize {quantize!r}: only int8")
     check_out_directory(out, overwrite)
     if not os.path.isfile(checkpoint):
         raise CheckpointError(f"checkpoint {os.fspath(checkpoint)!r} does not exist")
@@ -331,10 +333,29 @@ def export_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, ou
         reference = network(*example)
     tasks = tuple(TaskSpec(tuple(names), tuple(task)) for names, task in zip(model.pts_bbox_head.class_names, heads))
 
+    created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     for name in OWN_FILES:  # --overwrite: the previous export's own files go first, the JSON first of all
         if os.path.lexists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
+    try:
+        spec = _write_export(out, cfg, model, network, example, reference, tasks, points, voxel, decoder, nms,
+                             os.fspath(config), os.fspath(checkpoint), cfg_options, quantize, calibration_scans)
+    except BaseException:
+        # no half export left behind: partial files go; a directory this call created goes if it is empty
+        for name in os.listdir(out):
+            if name.endswith((".partial", ".partial.onnx")) or name in OWN_FILES:
+                os.remove(os.path.join(out, name))
+        if created and not os.listdir(out):
+            os.rmdir(out)
+        raise
+    return DeployResult(out, spec, time.perf_counter() - start)
+
+
+def _write_export(out: str, cfg, model, network: PillarNetwork, example, reference, tasks, points: PointsSpec,
+                  voxel: VoxelSpec, decoder: DecoderSpec, nms: NmsSpec, config: str, checkpoint: str,
+                  cfg_options: dict | None, quantize: str | None, calibration_scans: int) -> DeploySpec:
+    """model.onnx, its self-check, the int8 copy if asked, then deploy.json (last)."""
     model_path = os.path.join(out, MODEL_FILE)
     partial = model_path + ".partial"
     output_names = tuple(f"task{i}.{name}" for i, task in enumerate(tasks) for name in task.outputs)
@@ -347,9 +368,9 @@ def export_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, ou
     import onnxruntime
 
     config_text = getattr(cfg, "text", "") or ""
-    source = {"config": os.fspath(config), "config_text_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+    source = {"config": config, "config_text_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
               "cfg_options": {key: repr(value) for key, value in (cfg_options or {}).items()},
-              "checkpoint": os.fspath(checkpoint), "checkpoint_sha256": sha256_of(checkpoint),
+              "checkpoint": checkpoint, "checkpoint_sha256": sha256_of(checkpoint),
               "detector": _type(model), "num_parameters": int(sum(p.numel() for p in model.parameters())),
               "versions": {"torch": torch.__version__, "mmcv": mmcv.__version__, "mmdet3d": mmdet3d.__version__,
                            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}}
@@ -367,10 +388,8 @@ def export_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, ou
         from featcache.deploy.quantize import quantize_int8
 
         spec = quantize_int8(spec, out, cfg, calibration_scans)
-    elif quantize is not None:
-        raise ConfigError(f"--quantize {quantize!r}: only int8")
     spec.write(out)
-    return DeployResult(out, spec, time.perf_counter() - start)
+    return spec
 
 
 def _session(path: str):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.deploy.errors import ExportNotFoundError, StaleExportError
+from featcache.deploy.errors import ExportNotFoundError, PointsError, StaleExportError
 from featcache.deploy.postprocess import Detections, postprocess
 from featcache.deploy.spec import DeploySpec
 from featcache.deploy.voxelize import Voxels, hard_voxelize, prepare_points, read_scan
@@ -103,8 +103,6 @@ class DeployedDetector:
         if isinstance(scan, (str, os.PathLike)):
             path = os.fspath(scan)
             if not os.path.isfile(path):
-                from featcache.deploy.errors import PointsError
-
                 raise PointsError(f"scan {path!r} does not exist")
             return prepare_points(read_scan(path, self.spec.points), self.spec.points, where=f"scan {path!r}")
         return prepare_points(scan, self.spec.points)

@@ -2,8 +2,8 @@
 
 One frozen dataclass per concern (points, voxels, head outputs, box decoding, NMS, the ONNX file, the
 source checkpoint and config), each with ``to_dict`` / ``from_dict``; ``from_dict`` checks every field
-once, so the runtime can trust a :class:`DeploySpec` it holds. numpy-free and torch-free: the runtime
-reads it on a machine without either's heavy parts.
+once, so the runtime can trust a :class:`DeploySpec` it holds. torch-free (numpy only inside
+``VoxelSpec.grid_size``): the runtime reads it where torch and mmdet3d are not installed.
 
 The JSON is written last by the export: a directory without it is an incomplete export.
 """
