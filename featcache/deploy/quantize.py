@@ -1,6 +1,8 @@
 """``featcache deploy --quantize int8``: static int8 quantisation of the exported graph (export side).
 
-onnxruntime's ``quantize_static`` in QDQ format, int8 weights per output channel and int8 activations,
+onnxruntime's ``quantize_static`` in QDQ format, int8 weights per output channel and uint8 activations
+(U8S8, ONNX Runtime's fast x86 path: with int8 activations the slim demo student ran 0.9x of fp32, with
+uint8 ones 1.6x faster, one thread),
 calibrated (min-max) on the voxelised pillars of a few *training* scans of the config's train split
 (spread evenly over it), never on the val scans the report scores. The scatter, the padding mask and the
 head's last convolutions stay as ONNX Runtime decides under QDQ; the accuracy cost is what
@@ -66,12 +68,12 @@ def quantize_int8(spec: DeploySpec, directory: str, cfg, calibration_scans: int)
     root.setLevel(logging.ERROR)
     try:
         quantize_static(source, partial, _Calibration(spec, paths), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax)
     finally:
         root.setLevel(level)
     os.replace(partial, target)
     int8 = {"file": INT8_MODEL_FILE, "sha256": sha256_of(target), "method": "onnxruntime quantize_static QDQ, "
-            "int8 weights per channel + int8 activations, MinMax calibration",
+            "int8 weights per channel + uint8 activations (U8S8), MinMax calibration",
             "calibration_scans": [os.path.basename(path) for path in paths]}
     return replace(spec, onnx=replace(spec.onnx, int8=int8))
