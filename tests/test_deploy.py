@@ -252,7 +252,7 @@ def test_bad_scans_fail_naming_the_file(student_export, tmp_path, scans):
         assert result.exit_code != 0 and path.name in result.output
 
 
-def test_missing_incomplete_and_stale_exports_are_refused(student_export, teacher_export, tmp_path):
+def test_missing_incomplete_and_stale_exports_are_refused(student_export, student_ckpt, teacher_export, tmp_path):
     with pytest.raises(ExportNotFoundError, match="does not exist"):
         DeployedDetector.open(tmp_path / "nowhere")
     incomplete = tmp_path / "incomplete"
@@ -272,6 +272,10 @@ def test_missing_incomplete_and_stale_exports_are_refused(student_export, teache
     (old / SPEC_FILE).write_text(json.dumps({**spec, "format_version": 0}))
     with pytest.raises(StaleExportError, match="format_version 0"):
         DeployedDetector.open(old)
+    DeployedDetector.open(student_export).check_source(student_ckpt)
+    with pytest.raises(StaleExportError, match="was made from checkpoint") as info:  # another checkpoint
+        DeployedDetector.open(student_export).check_source(TEACHER_CKPT)
+    assert str(TEACHER_CKPT) in str(info.value)
     result = CliRunner().invoke(main, ["predict", str(mixed), "x.bin"])
     assert result.exit_code == 1 and "StaleExportError" in result.output and "mixed" in result.output
 

@@ -72,6 +72,7 @@ def _worker(job: dict) -> dict:
         from featcache.deploy.voxelize import read_scan
 
         detector = DeployedDetector.open(job["export_dir"], threads=threads, variant=job["form"])
+        detector.check_source(job["checkpoint"])  # the export measured is the checkpoint's
         for index, scan in enumerate(scans):
             points = read_scan(scan, detector.spec.points)
             start = time.perf_counter()

@@ -98,6 +98,17 @@ class DeployedDetector:
             raise StaleExportError(f"{path}: graph outputs {list(outputs)[:4]}... are not the ones deploy.json lists")
         return cls(directory, spec, session, variant)
 
+    def check_source(self, checkpoint: str | os.PathLike) -> None:
+        """StaleExportError unless this export was made from ``checkpoint`` (its sha256, as deploy.json
+        records it): an export left over from an earlier checkpoint of the same run is stale."""
+        recorded = self.spec.source.get("checkpoint_sha256")
+        actual = sha256_of(checkpoint)
+        if recorded != actual:
+            raise StaleExportError(f"export {self.directory!r} was made from checkpoint "
+                                   f"{self.spec.source.get('checkpoint')!r} (sha256 {str(recorded)[:12]}...), not from "
+                                   f"{os.fspath(checkpoint)!r} (sha256 {actual[:12]}...): export it again "
+                                   "(featcache deploy --overwrite)")
+
     def points(self, scan: str | os.PathLike | np.ndarray) -> np.ndarray:
         """A scan path (``.bin``) or array as the checked, range-filtered float32 points the model takes."""
         if isinstance(scan, (str, os.PathLike)):
