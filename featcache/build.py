@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from featcache import boxes as boxes_
 from featcache import codecs, format, heads, location, models
 from featcache.errors import CacheMismatchError, ConfigError, InputDataError
 from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
@@ -39,6 +40,7 @@ class BuildResult:
     raw_bytes: int
     nonzero: dict[str, dict[str, float]] | None = None  # per layer, over every sample built so far (all runs)
     nearly_zero_layers: tuple[str, ...] = ()  # layers (nearly) all zeros in every sample this run wrote
+    truncated_boxes: dict[str, int] | None = None  # --boxes: sample key -> boxes left out past --max-boxes
 
 
 # what a resume under other versions warns about: these change the teacher's arithmetic
@@ -104,6 +106,10 @@ class Builder:
         # the teacher's own code (its config's custom_imports), part of the cache's identity
         self.teacher_code = models.custom_module_sources(self.cfg)
         self.nonzero: dict[str, list[float]] = {}  # per layer, the non-zero fraction of each sample this run
+        # --boxes: what the boxes record holds; its box width is known once the teacher ran (the probe), or
+        # from the cache being resumed
+        self.boxes_spec: boxes_.BoxesSpec | None = None
+        self.truncated_boxes: dict[str, int] = {}  # sample key -> boxes past the capacity, left out
 
     # -- identity ---------------------------------------------------------------------------
     def _identity(self, layer_names: list[str], codec_by_layer: dict[str, codecs.CodecSpec]) -> dict[str, Any]:
@@ -115,6 +121,7 @@ class Builder:
             "dataset_id": format.dataset_identity(self.keys),
             "num_samples": len(self.keys),
             "pipeline_sha256": format.sha256_text(json.dumps(_pipeline_list(self.dataset_cfg), sort_keys=True, default=str)),
+            "boxes": None if self.boxes_spec is None else self.boxes_spec.identity(),
         }
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
@@ -141,7 +148,7 @@ class Builder:
             extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
                    "cfg_options": self.options.cfg_options,
                    "point_cloud_range": list(self.cfg.get("point_cloud_range", []))},
-            key_scheme=format.KEY_SCHEME, teacher_code=self.teacher_code)
+            key_scheme=format.KEY_SCHEME, teacher_code=self.teacher_code, boxes=self.boxes_spec)
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):
@@ -159,6 +166,9 @@ class Builder:
         if exists and not options.force:
             writer = CacheWriter.open(out, options.storage_options)
             names = writer.manifest.layer_names
+            if options.boxes:  # the box width comes from the cache; capacity and classes from this build
+                fields = writer.manifest.boxes.fields if writer.manifest.boxes is not None else boxes_.LIDAR_BOX_FIELDS
+                self.boxes_spec = boxes_.spec_for(self.cfg, self.teacher.class_names, len(fields), options.max_boxes)
             modules = writer.manifest.extra.get("modules")
             problems = [] if modules == list(self.modules) else [
                 f"modules: cache has {modules}, this build has {list(self.modules)}"]
@@ -181,15 +191,21 @@ class Builder:
                 logger.warning("--force: erasing featcache's files of the cache at %s (other files stay)", out)
             # the shape probe runs in this process: a worker started for one sample costs more than it
             rows, keys, batch = next(iter(self.teacher.loader([0], batch_size=1, num_workers=0)))
-            features = self._teacher_features(batch, keys)
+            features, predicted = self._teacher_outputs(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
+            if options.boxes:
+                self.boxes_spec = boxes_.spec_for(self.cfg, self.teacher.class_names, predicted[0].bboxes.shape[1],
+                                                  options.max_boxes)
             writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options,
                                         sources=self.sources)
-            probe = (rows[0], keys[0], {name: value[0] for name, value in features.items()})
+            probe = (rows[0], keys[0], {name: value[0] for name, value in features.items()},
+                     self._packed_boxes(keys[0], predicted[0]) if options.boxes else None)
         self.world.barrier()
         if self.world.is_main:
             return writer, probe
-        return CacheWriter.open(out, options.storage_options), None
+        writer = CacheWriter.open(out, options.storage_options)
+        self.boxes_spec = writer.manifest.boxes  # rank 0's probe decided the box width
+        return writer, None
 
     def _warn_versions(self, recorded: dict[str, str]) -> None:
         now = library_versions()
@@ -238,15 +254,27 @@ class Builder:
                              "max": max(fractions + ([before["max"]] if "max" in before else []))}
         return summary, nearly_zero
 
-    def _teacher_features(self, batch, keys: list[str]) -> dict[str, np.ndarray]:
+    def _teacher_outputs(self, batch, keys: list[str]) -> tuple[dict[str, np.ndarray], list[boxes_.TeacherBoxes]]:
+        """The batch's features, and with ``--boxes`` each sample's predictions (else an empty list)."""
         try:
-            features = self.teacher.features(batch)
+            if self.options.boxes:
+                features, predicted = self.teacher.features_and_boxes(batch)
+            else:
+                features, predicted = self.teacher.features(batch), []
             self._count_nonzero(features)
-            return features
+            return features, predicted
         except Exception as exc:
             raise InputDataError(f"the teacher failed on sample(s) {', '.join(map(repr, keys))} "
                                  f"({', '.join(self.teacher.lidar_paths(keys))}): {type(exc).__name__}: {exc}. "
                                  "No points in the point cloud range, or a malformed point file?") from exc
+
+    def _packed_boxes(self, key: str, predicted: boxes_.TeacherBoxes) -> np.ndarray:
+        row, left_out = self.boxes_spec.pack(predicted, key)
+        if left_out:
+            self.truncated_boxes[key] = left_out
+            logger.warning("sample %r: the teacher returned %d boxes, the cache keeps %d (--max-boxes); the %d "
+                           "lowest-scoring are left out", key, len(predicted), self.boxes_spec.capacity, left_out)
+        return row
 
     def _report_invalid(self, key: str, exc: Exception) -> None:
         self.invalid_keys.append(key)
@@ -274,9 +302,10 @@ class Builder:
                 progress.update(1)  # the set-up's sample is one of the split's
             if rows:
                 for batch_rows, batch_keys, batch in self._loader(rows):
-                    features = self._teacher_features(batch, batch_keys)
+                    features, predicted = self._teacher_outputs(batch, batch_keys)
                     for position, (row, key) in enumerate(zip(batch_rows, batch_keys)):
-                        background.submit(row, key, {name: value[position] for name, value in features.items()})
+                        background.submit(row, key, {name: value[position] for name, value in features.items()},
+                                          self._packed_boxes(key, predicted[position]) if self.options.boxes else None)
                     progress.update(len(batch_rows))
         finally:
             # whatever was computed before a failure is still written
@@ -302,7 +331,7 @@ class Builder:
                              already_complete=already, invalid_keys=list(self.invalid_keys),
                              seconds=time.perf_counter() - start, stored_bytes=writer.stats.stored_bytes,
                              raw_bytes=writer.stats.raw_bytes, nonzero=nonzero,
-                             nearly_zero_layers=tuple(nearly_zero))
+                             nearly_zero_layers=tuple(nearly_zero), truncated_boxes=dict(self.truncated_boxes))
         return result
 
 

@@ -100,6 +100,12 @@ def main(verbose: bool) -> None:
               help="Also cache the head's dense outputs, per task: 'all' or some of heatmap,reg,height,dim,rot,vel "
                    "(CenterHead; heatmaps as logits, fp16-zstd1 unless --codec names them). The manifest says each "
                    "channel's class or meaning.")
+@click.option("--boxes", is_flag=True,
+              help="Also cache the teacher's decoded predictions (its own decoder and NMS): boxes, scores, labels "
+                   "per sample, for label distillation.")
+@click.option("--max-boxes", type=int, default=None,
+              help="Boxes kept per sample with --boxes (default: the teacher's test_cfg max_per_img, else 500); "
+                   "a sample with more keeps its highest-scoring ones, with a warning.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
                                             "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
@@ -113,9 +119,10 @@ def main(verbose: bool) -> None:
               help="Allow one more type in the checkpoint's pickle (only for checkpoints you trust).")
 @storage_option
 @fail_cleanly
-def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, head_outputs: str | None, split: str,
-          codec: str | None, cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
-          trust_global: tuple[str, ...], storage_options: str | None) -> None:
+def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, head_outputs: str | None, boxes: bool,
+          max_boxes: int | None, split: str, codec: str | None, cfg_options: tuple[str, ...], force: bool,
+          batch_size: int, num_workers: int, device: str | None, trust_global: tuple[str, ...],
+          storage_options: str | None) -> None:
     """Run TEACHER_CONFIG with CHECKPOINT once over a split and cache its features.
 
     Re-running the same command resumes; under `torchrun --nproc_per_node N` ranks share the work.
@@ -128,7 +135,7 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, he
         teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
         force=force, batch_size=batch_size, num_workers=num_workers, device=device,
         storage_options=parse_storage_options(storage_options), trust_globals=trust_global,
-        head_outputs=head_outputs)
+        head_outputs=head_outputs, boxes=boxes, max_boxes=max_boxes)
     options.validate()
 
     from featcache.build import build_cache
@@ -172,7 +179,8 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
         result = build_cache(BuildOptions(
             teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=cache,
             layers=manifest.extra["modules"], split=manifest.split, codec=codec,
-            cfg_options=parse_cfg_options(cfg_options), storage_options=options, rows=report.bad_rows))
+            cfg_options=parse_cfg_options(cfg_options), storage_options=options, rows=report.bad_rows,
+            boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None))
         click.echo(f"repaired {result.written} samples")
         report = verify_cache(cache, options)
         click.echo(report.summary())

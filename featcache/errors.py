@@ -53,6 +53,13 @@ class UnknownLayerError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class NoBoxesError(ConfigError, KeyError):
+    """The cache holds no teacher boxes (it was built without ``--boxes``)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class NotACacheError(FeatcacheError, FileExistsError):
     """A location holds files featcache did not write; featcache refuses to write or erase there."""
 

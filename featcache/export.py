@@ -104,11 +104,19 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
                 if layer.codec.precision == "int8":
                     h5.create_dataset(format.qparams_path(layer.name),
                                       data=np.asarray(root[format.qparams_path(layer.name)][:]))
+            spec = cache.manifest.boxes
+            if spec is not None:  # stored rows as they are: the records' checksums cover them
+                targets[format.BOXES_ARRAY] = h5.create_dataset(
+                    format.BOXES_ARRAY, shape=(len(cache), *spec.row_shape), dtype=np.float32,
+                    chunks=(1, *spec.row_shape), compression="gzip", compression_opts=compression_level, shuffle=True)
             for row in rows:
                 if records[row, 0] != format.STATUS_COMPLETE:
                     continue
                 for layer_name, stored in cache.read_row(row, decode=False).items():
                     targets[format.feature_path(layer_name)][row] = stored
+                if spec is not None:
+                    cache.read_boxes(row)  # checked against its record first
+                    targets[format.BOXES_ARRAY][row] = np.asarray(root[format.BOXES_ARRAY][row])
         _move_into_place(partial, out, overwrite)
     finally:
         if os.path.lexists(partial):  # ours: mkstemp made the name; gone already once moved into place

@@ -8,7 +8,9 @@ One Zarr v3 group::
     <cache>/sources              (N,) str      each sample's lidar file, relative to the data root
     <cache>/features/<layer>     (N, C, H, W)  stored values, chunk = 1 sample, no shards
     <cache>/qparams/<layer>      (N, 2, C)     int8 layers only: per-channel scale and offset
-    <cache>/records              (N, 1 + L)    uint32, chunk = 1 sample: [status, crc32c per layer]
+    <cache>/boxes                (N, M, D + 2) float32, --boxes only: the teacher's predictions
+    <cache>/records              (N, 1 + L [+ 1]) uint32, chunk = 1 sample: [status, crc32c per layer
+                                 [, crc32c of the boxes row]]
 
 A sample is complete when its ``records`` row says :data:`STATUS_COMPLETE`; the row is written
 only after every feature chunk of the sample, so a crash can leave unrecorded chunks, never a
@@ -24,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from featcache.boxes import BoxesSpec
 from featcache.codecs import CodecSpec
 from featcache.errors import CacheFormatError
 from featcache.location import ENTRIES, MARKER  # noqa: F401  (part of the format: the creation marker)
@@ -33,6 +36,7 @@ FORMAT_VERSION = 1
 KEYS_ARRAY = "keys"
 SOURCES_ARRAY = "sources"
 RECORDS_ARRAY = "records"
+BOXES_ARRAY = "boxes"
 FEATURES_GROUP = "features"
 QPARAMS_GROUP = "qparams"
 
@@ -107,10 +111,22 @@ class Manifest:
     # the teacher's own code: {"modules": custom_imports, "files": {path: sha256}}; None: written before
     # featcache recorded it (such caches resume without the check)
     teacher_code: dict[str, Any] | None = None
+    # the teacher's decoded predictions (build --boxes); None: the cache holds none
+    boxes: BoxesSpec | None = None
 
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
+
+    @property
+    def records_width(self) -> int:
+        """Columns of a ``records`` row: status, one checksum per layer, and the boxes' if held."""
+        return 1 + len(self.layers) + (self.boxes is not None)
+
+    @property
+    def boxes_record_column(self) -> int:
+        """The ``records`` column of the boxes row's checksum."""
+        return 1 + len(self.layers)
 
     def layer(self, name: str) -> LayerSpec:
         for layer in self.layers:
@@ -128,6 +144,7 @@ class Manifest:
             "dataset_id": self.dataset_id,
             "num_samples": self.num_samples,
             "pipeline_sha256": sha256_text(json.dumps(self.pipeline, sort_keys=True, default=str)),
+            "boxes": None if self.boxes is None else self.boxes.identity(),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +158,7 @@ class Manifest:
             "created": self.created, "extra": self.extra,
             **({"key_scheme": self.key_scheme} if self.key_scheme is not None else {}),
             **({"teacher_code": self.teacher_code} if self.teacher_code is not None else {}),
+            **({"boxes": self.boxes.to_dict()} if self.boxes is not None else {}),
         }
 
     @classmethod
@@ -160,7 +178,8 @@ class Manifest:
                 teacher_model_sha256=data["teacher_model_sha256"], checkpoint_sha256=data["checkpoint_sha256"], pipeline=data["pipeline"], split=data["split"],
                 versions=data["versions"], created=data["created"], format_version=version,
                 extra=data.get("extra", {}), key_scheme=data.get("key_scheme"),
-                teacher_code=data.get("teacher_code"))
+                teacher_code=data.get("teacher_code"),
+                boxes=BoxesSpec.from_dict(data["boxes"]) if data.get("boxes") is not None else None)
         except KeyError as exc:
             raise CacheFormatError(f"{where}: damaged manifest (required field {exc} is missing); restore zarr.json "
                                    "from a copy of the cache, or rebuild with `featcache build --force`") from exc

@@ -127,6 +127,13 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
             for name, figures in recorded.items()))
     for name, largest in nearly_zero_layers(fractions).items():
         lines.append(zero_layer_warning(name, largest, len(checked)))
+    spec = manifest.boxes
+    if spec is not None:
+        counts = [len(cache.read_boxes(int(row))) for row in checked]
+        per_sample = (f"{np.mean(counts):.1f} per sample (max {max(counts)}) over {len(counts)} complete samples"
+                      if counts else "no complete sample yet")
+        lines += ["", f"teacher boxes {per_sample}; up to {spec.capacity} kept per sample; fields "
+                      f"{', '.join(spec.fields)}; classes {', '.join(spec.classes)}"]
     return "\n".join(lines)
 
 
@@ -150,21 +157,53 @@ def bev_energy(features: np.ndarray) -> np.ndarray:
     return np.sqrt((flat.astype(np.float32) ** 2).sum(axis=0))
 
 
+def _box_outline(box: np.ndarray, extent: Sequence[float], height: int, width: int) -> np.ndarray:
+    """(5, 2) closed BEV outline of a box (x, y, l, w, yaw...) in pixel coordinates of a (height, width)
+    map covering ``extent`` [x0, y0, x1, y1] (imshow's pixel centres sit on integer coordinates)."""
+    x, y, length, box_width, yaw = (float(box[i]) for i in (0, 1, 3, 4, 6))
+    corners = np.array([[0.5, 0.5], [0.5, -0.5], [-0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]) * [length, box_width]
+    rotation = np.array([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]])
+    world = corners @ rotation.T + [x, y]
+    x0, y0, x1, y1 = extent
+    return np.stack([(world[:, 0] - x0) / (x1 - x0) * width - 0.5, (world[:, 1] - y0) / (y1 - y0) * height - 0.5], 1)
+
+
 def plot_sample(cache: FeatureCache, key: str, out_png: str) -> str:
-    """PNG of one sample's BEV feature energy, one panel per layer."""
+    """PNG of one sample: the BEV feature energy of each feature layer and the score map (sigmoid, max over
+    classes) of each cached heatmap, with the cached teacher boxes drawn on every panel when the cache
+    holds them (regression head outputs are not drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     features = cache.read(key)
-    fig, axes = plt.subplots(1, len(features), figsize=(4.2 * len(features), 4.2), squeeze=False)
-    for axis, (name, value) in zip(axes[0], features.items()):
-        image = axis.imshow(bev_energy(value), origin="lower", cmap="magma")
-        axis.set_title(f"{name}\n{'x'.join(map(str, value.shape))}", fontsize=9)
+    panels = []
+    for name, value in features.items():
+        layer = cache.manifest.layer(name)
+        if not layer.is_head_output:
+            panels.append((name, bev_energy(value), "magma", value.shape))
+        elif layer.meaning.get("stored") == "logits":
+            scores = 1.0 / (1.0 + np.exp(-value.astype(np.float32)))
+            panels.append((f"{name} ({', '.join(layer.meaning['classes'])})", scores.max(axis=0), "viridis",
+                           value.shape))
+    spec = cache.manifest.boxes
+    boxes = cache.teacher_boxes(key) if spec is not None else None
+    extent = cache.manifest.extra.get("point_cloud_range") or []
+    extent = [extent[0], extent[1], extent[3], extent[4]] if len(extent) == 6 else None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for axis, (title, image_values, cmap, shape) in zip(axes[0], panels):
+        image = axis.imshow(image_values, origin="lower", cmap=cmap)
+        if boxes is not None and extent is not None:
+            for box in boxes.bboxes:
+                outline = _box_outline(box, extent, *image_values.shape)
+                axis.plot(outline[:, 0], outline[:, 1], color="cyan", linewidth=0.7)
+            axis.set_xlim(-0.5, image_values.shape[1] - 0.5), axis.set_ylim(-0.5, image_values.shape[0] - 0.5)
+        axis.set_title(f"{title}\n{'x'.join(map(str, shape))}", fontsize=9)
         axis.set_xticks([]), axis.set_yticks([])
         fig.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
-    fig.suptitle(f"BEV feature energy (L2 over channels), sample {key}", fontsize=10)
+    drawn = f", {len(boxes)} teacher boxes (cyan)" if boxes is not None else ""
+    fig.suptitle(f"BEV feature energy (L2 over channels), heatmap scores{drawn}, sample {key}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -113,6 +113,8 @@ class BuildOptions:
     trust_globals: Sequence[str] = ()
     progress: bool = True
     head_outputs: str | Sequence[str] | None = None  # --head-outputs: heatmap,reg,... or all (featcache.heads)
+    boxes: bool = False  # --boxes: also the teacher's decoded predictions (featcache.boxes)
+    max_boxes: int | None = None  # boxes kept per sample (None: the teacher's max_per_img / max_num)
 
     def validate(self) -> location.LocationState:
         """Check every option, ``--out`` last; returns what is at ``--out``. Raises ConfigError naming
@@ -129,8 +131,11 @@ class BuildOptions:
         check_codec_option(self.codec, modules)
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")
+        if self.max_boxes is not None and not self.boxes:
+            raise ConfigError("--max-boxes is for --boxes (how many teacher boxes a sample keeps); add --boxes")
         for name, value, least in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),
-                                   ("writer_depth", self.writer_depth, 1)):
+                                   ("writer_depth", self.writer_depth, 1),
+                                   *((("--max-boxes", self.max_boxes, 1),) if self.max_boxes is not None else ())):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.device is not None and not _DEVICE.match(str(self.device)):

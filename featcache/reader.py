@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from featcache import codecs, format, handoff, store
-from featcache.errors import (CacheFormatError, CacheNotFoundError, CorruptSampleError, SampleKeyTypeError,
-                              SampleNotCachedError, UnknownLayerError)
+from featcache.boxes import TeacherBoxes
+from featcache.errors import (CacheFormatError, CacheNotFoundError, CorruptSampleError, NoBoxesError,
+                              SampleKeyTypeError, SampleNotCachedError, UnknownLayerError)
 
 HDF5_SUFFIXES = (".h5", ".hdf5")
 
@@ -374,7 +375,7 @@ class FeatureCache(collections.abc.Mapping):
             outputs = handoff.shared_tensors([(shape, dtype) for _, shape, dtype in specs])
         else:
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
-        record_spec = (format.RECORDS_ARRAY, (1 + len(self.manifest.layers),), np.dtype(np.uint32))
+        record_spec = (format.RECORDS_ARRAY, (self.manifest.records_width,), np.dtype(np.uint32))
         # a layer's checksum runs over its values, then its int8 scales: the values' sum is taken where
         # they are decompressed, the scales' (a few KB) chained to it below. The record's own chunk has
         # no crc32c (a damaged one spoils one row's status or checksums, which verify reports).
@@ -413,6 +414,44 @@ class FeatureCache(collections.abc.Mapping):
                                              "run `featcache verify --repair`")
             out[layer.name] = (values, scales)
         return out
+
+    def read_boxes(self, row: int) -> TeacherBoxes:
+        """The teacher's predictions for the sample in ``row`` (``featcache build --boxes``): boxes in the
+        cache's frame (the un-augmented scan), scores and labels indexing ``manifest.boxes.classes``.
+
+        Checked like features: the row's status, and the checksum the build recorded over the stored row,
+        which also catches a chunk that went missing (zarr would read it as zeros)."""
+        spec = self.manifest.boxes
+        if spec is None:
+            raise NoBoxesError(f"cache {self.location} holds no teacher boxes; build it with `featcache build "
+                               "--boxes` (a new --out, or --force: boxes change what every sample stores)")
+        if not isinstance(row, (int, np.integer)) or not 0 <= row < len(self.row_keys):
+            raise IndexError(f"row {row!r} is not a row of cache {self.location} (0 to {len(self.row_keys) - 1}); "
+                             "look samples up by key with teacher_boxes(key)")
+        key, root = self.row_keys[row], self._open()
+        try:
+            record = np.asarray(root[format.RECORDS_ARRAY][row])
+        except Exception as exc:  # noqa: BLE001 - reported by name
+            raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be read "
+                                     f"({type(exc).__name__}: {exc}); run `featcache verify --repair`") from exc
+        if record[0] != format.STATUS_COMPLETE:
+            state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
+            raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
+                                       "run `featcache build` again to complete the cache")
+        try:
+            stored = np.ascontiguousarray(root[format.BOXES_ARRAY][row], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk failing its crc32c
+            raise CorruptSampleError(f"sample {key!r} (row {row}) teacher boxes in {self.location} cannot be read: "
+                                     f"{type(exc).__name__}: {exc}; run `featcache verify --repair`") from exc
+        if format.checksum(stored) != int(record[self.manifest.boxes_record_column]):
+            raise CorruptSampleError(f"sample {key!r} (row {row}) teacher boxes in {self.location} fail the checksum "
+                                     "the build recorded (damaged, missing or replaced chunk); run `featcache verify "
+                                     "--repair`")
+        return spec.unpack(stored)
+
+    def teacher_boxes(self, key: str) -> TeacherBoxes:
+        """``read_boxes`` of the sample ``key``."""
+        return self.read_boxes(self.row_of(key))
 
     def _chunks_checked(self, path: str) -> bool:
         """True when the array's chunks carry their own crc32c, which every read checks."""

@@ -106,11 +106,24 @@ class LayerRecorder:
 def record_teacher(model: nn.Module, batch: dict[str, Any], module_names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Run ``model.test_step`` on a collated batch and return the named modules' outputs
     (batched, on the model's device). The forward stops once every named module has fired, so
-    heads and NMS are never run."""
-    recorder = LayerRecorder(model, module_names, detach=True, stop_when_done=True)
+    the rest (heads, decoding, NMS) runs only as far as a hooked module needs."""
+    return _record(model, batch, module_names, predict=False)[0]
+
+
+@torch.no_grad()
+def record_teacher_and_predict(model: nn.Module, batch: dict[str, Any], module_names: Sequence[str]
+                               ) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """``record_teacher`` plus the detector's own predictions: ``test_step`` runs to its end (decoder and
+    NMS), returning one ``Det3DDataSample`` per sample with ``pred_instances_3d``."""
+    return _record(model, batch, module_names, predict=True)
+
+
+def _record(model: nn.Module, batch: dict[str, Any], module_names: Sequence[str], predict: bool
+            ) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    recorder = LayerRecorder(model, module_names, detach=True, stop_when_done=not predict)
     with recorder:
-        model.test_step(batch)
+        predictions = model.test_step(batch)
     if recorder.missing():
         raise ConfigError(f"modules {recorder.missing()} did not run during {type(model).__name__}'s forward; "
                           "are they used by this detector's lidar branch?")
-    return recorder.outputs
+    return recorder.outputs, (list(predictions) if predict else [])

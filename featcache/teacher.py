@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from featcache import heads, models, recording
+from featcache import boxes, heads, models, recording
 from featcache.errors import ConfigError, InputDataError
 
 
@@ -106,6 +106,23 @@ class Teacher:
         """Batched float32 features ``{layer: (B, C, H, W)}`` of a collated batch."""
         outputs = recording.record_teacher(self.model, batch, self.modules)
         return {name: tensor.float().cpu().numpy() for name, tensor in outputs.items()}
+
+    def features_and_boxes(self, batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[boxes.TeacherBoxes]]:
+        """``features`` plus each sample's decoded predictions (the detector's own decoder and NMS)."""
+        outputs, predictions = recording.record_teacher_and_predict(self.model, batch, self.modules)
+        return ({name: tensor.float().cpu().numpy() for name, tensor in outputs.items()},
+                [boxes.predictions(sample) for sample in predictions])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The class of each prediction label: the dataset's classes (labels index them in mmdet3d)."""
+        classes = (getattr(self.dataset, "metainfo", None) or {}).get("classes")
+        if not classes:
+            classes = self.cfg.get("class_names")
+        if not classes:
+            raise ConfigError("the teacher's dataset names no classes (metainfo.classes) and its config no "
+                              "class_names: the labels of its boxes could not be named")
+        return tuple(classes)
 
     def lidar_paths(self, keys: Sequence[str]) -> list[str]:
         """The lidar files of samples, by key (for error messages)."""

@@ -74,6 +74,8 @@ def verify_cache(location: str, storage_options: dict[str, Any] | None = None, p
                 report.nonzero_checked += 1
             else:
                 cache.read_row(row, decode=False)
+            if cache.manifest.boxes is not None:
+                cache.read_boxes(row)
             report.complete += 1
         except CorruptSampleError as exc:
             report.corrupt.append((key, str(exc)))

@@ -44,6 +44,7 @@ class CacheWriter:
         self._qparams = {layer.name: group[format.qparams_path(layer.name)]
                          for layer in manifest.layers if layer.codec.precision == "int8"}
         self._records = group[format.RECORDS_ARRAY]
+        self._boxes = group[format.BOXES_ARRAY] if manifest.boxes is not None else None
         self.stats = WriteStats()
 
     @classmethod
@@ -81,8 +82,12 @@ class CacheWriter:
                 group.create_array(format.qparams_path(layer.name), shape=(n, 2, layer.shape[0]),
                                    chunks=(1, 2, layer.shape[0]), dtype=np.float32, fill_value=0,
                                    compressors=codecs.checksummed())
-        group.create_array(format.RECORDS_ARRAY, shape=(n, 1 + len(manifest.layers)),
-                           chunks=(1, 1 + len(manifest.layers)), dtype=np.uint32, fill_value=0, compressors=None)
+        if manifest.boxes is not None:
+            group.create_array(format.BOXES_ARRAY, shape=(n, *manifest.boxes.row_shape),
+                               chunks=(1, *manifest.boxes.row_shape), dtype=np.float32, fill_value=0,
+                               **codecs.CodecSpec("fp32", "zstd", 3).zarr_codecs())
+        group.create_array(format.RECORDS_ARRAY, shape=(n, manifest.records_width),
+                           chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0, compressors=None)
         # The manifest goes last: a cache whose manifest exists has all its arrays.
         group.attrs["featcache"] = manifest.to_dict()
         return cls(group, manifest, location)
@@ -112,12 +117,18 @@ class CacheWriter:
         """Per-row status (format.STATUS_*), read from every records chunk."""
         return np.asarray(self._records[:, 0])
 
-    def write_sample(self, row: int, features: dict[str, np.ndarray]) -> None:
-        """Encode, store and record one sample; raises InvalidFeatureError (nothing written) on NaN/Inf."""
+    def write_sample(self, row: int, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
+        """Encode, store and record one sample; raises InvalidFeatureError (nothing written) on NaN/Inf.
+        ``boxes``: the packed boxes row (``BoxesSpec.pack``), required when the cache holds boxes."""
         for name, value in features.items():
             if not np.isfinite(value).all():
                 bad = int(np.size(value) - np.isfinite(value).sum())
                 raise InvalidFeatureError(f"layer {name!r}: {bad} non-finite values")
+        if (boxes is None) != (self._boxes is None):
+            raise ValueError(f"row {row}: this cache {'holds' if self._boxes is not None else 'holds no'} teacher "
+                             f"boxes, and the sample came {'without' if boxes is None else 'with'} them")
+        if boxes is not None and not np.isfinite(boxes).all():
+            raise InvalidFeatureError(f"teacher boxes: {int(np.size(boxes) - np.isfinite(boxes).sum())} non-finite values")
         checksums = []
         for layer in self.manifest.layers:
             value = features[layer.name]
@@ -132,17 +143,23 @@ class CacheWriter:
                 checksums.append(format.checksum(stored))
             self.stats.raw_bytes += value.size * 4
             self.stats.stored_bytes += store.chunk_nbytes(self._features[layer.name], row) or 0
+        if boxes is not None:
+            self._boxes[row] = boxes
+            checksums.append(format.checksum(boxes))
+            self.stats.stored_bytes += store.chunk_nbytes(self._boxes, row) or 0
+        # last: the row is complete only once every chunk above is written
         self._records[row] = np.asarray([format.STATUS_COMPLETE, *checksums], dtype=np.uint32)
         self.stats.samples += 1
 
     def mark_invalid(self, row: int) -> None:
-        self._records[row] = np.asarray([format.STATUS_INVALID] + [0] * len(self.manifest.layers), dtype=np.uint32)
+        self._records[row] = np.asarray([format.STATUS_INVALID] + [0] * (self.manifest.records_width - 1),
+                                        dtype=np.uint32)
         self.stats.invalid += 1
 
     def clear(self, rows: Sequence[int]) -> None:
         """Forget rows (``verify --repair``): their records go back to missing before rebuilding."""
         for row in rows:
-            self._records[row] = np.zeros(1 + len(self.manifest.layers), dtype=np.uint32)
+            self._records[row] = np.zeros(self.manifest.records_width, dtype=np.uint32)
 
     def set_progress(self, **info: Any) -> None:
         """Summary attributes (counts, finish time) for `inspect`; not used for correctness."""
@@ -170,9 +187,9 @@ class BackgroundWriter:
                 return
             if self._error is not None:
                 continue  # drain without writing after a failure
-            row, key, features = item
+            row, key, features, boxes = item
             try:
-                self.writer.write_sample(row, features)
+                self.writer.write_sample(row, features, boxes)
             except InvalidFeatureError as exc:
                 self.writer.mark_invalid(row)
                 if self.on_invalid is not None:
@@ -182,10 +199,10 @@ class BackgroundWriter:
                                              f"failed: {type(exc).__name__}: {exc}")
                 self._error.__cause__ = exc
 
-    def submit(self, row: int, key: str, features: dict[str, np.ndarray]) -> None:
+    def submit(self, row: int, key: str, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((row, key, features))
+        self._queue.put((row, key, features, boxes))
 
     def close(self) -> None:
         """Write everything queued, stop the thread, and raise the first write error if any."""

@@ -1,8 +1,9 @@
-"""Head outputs in the cache (`featcache build --head-outputs`): the teacher's dense CenterHead outputs
-as layers described in the manifest, on mmdet3d's CenterPoint-pillar nuScenes config and the real
-nuScenes scan."""
+"""Response and label targets in the cache: the teacher's dense CenterHead outputs as layers described
+in the manifest (`featcache build --head-outputs`) and its decoded predictions (`--boxes`), on
+mmdet3d's CenterPoint-pillar nuScenes config and the real nuScenes scan."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import codecs, heads, models
+from featcache import boxes, codecs, format, heads, models
 from featcache.build import BuildOptions, build_cache
-from featcache.errors import CacheMismatchError, ConfigError
+from featcache.errors import CacheMismatchError, ConfigError, CorruptSampleError, NoBoxesError
+from featcache.export import export_hdf5
+from featcache.inspection import describe, plot_sample
 from featcache.reader import open_cache
 from featcache.verify import verify_cache
 from lidar_fixtures import KITTI_CONFIG, PILLAR_CONFIG, nus_cfg_options
@@ -24,7 +27,7 @@ FEATCACHE = [sys.executable, "-m", "featcache.cli"]
 def head_cache(tmp_path_factory, nus_one, pillar_ckpt):
     out = tmp_path_factory.mktemp("heads") / "cache"
     result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck", head_outputs="all",
-                                      cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+                                      boxes=True, cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
     assert result.written == 1
     return out
 
@@ -78,12 +81,16 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
 
 def test_head_output_caches_resume_only_with_the_same_outputs(head_cache, nus_one, pillar_ckpt):
     same = BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(head_cache), layers="pts_neck", head_outputs="all",
-                        cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
+                        boxes=True, cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
     assert build_cache(same).already_complete == 1
     fewer = BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(head_cache), layers="pts_neck", head_outputs="heatmap",
-                         cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
+                         boxes=True, cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
     with pytest.raises(CacheMismatchError, match="modules: cache has .*task_heads.0.vel"):
         build_cache(fewer)
+    no_boxes = BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(head_cache), layers="pts_neck", head_outputs="all",
+                            cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False)
+    with pytest.raises(CacheMismatchError, match=r"boxes: cache has \(500, \['x'.*this build has None"):
+        build_cache(no_boxes)
 
 
 def test_head_outputs_option_names_what_is_wrong(tmp_path, pillar_ckpt, nus_one):
@@ -125,3 +132,80 @@ def test_training_from_a_head_output_cache_pairs_features_only_unless_told(head_
     cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"pkd": 1.0}, cfg_options=options,
                                            pairs={heatmap: heatmap}))
     assert cfg.model.pairs == {heatmap: heatmap} and cfg.model.teacher_shapes[heatmap] == [1, 128, 128]
+
+
+def _teacher_predictions(pillar_ckpt, data_root):
+    """Reference: mmdet3d's own predict on the sample, outside featcache."""
+    from mmengine.dataset import pseudo_collate
+
+    cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(data_root))
+    model = models.build_model(cfg, str(pillar_ckpt)).eval()
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "train"))
+    with torch.no_grad():
+        (sample,) = model.test_step(pseudo_collate([dataset[0]]))
+    return sample.pred_instances_3d, dataset.metainfo["classes"]
+
+
+def test_teacher_boxes_are_its_predictions_checked_like_features(head_cache, nus_one, pillar_ckpt, tmp_path):
+    cache = open_cache(str(head_cache))
+    spec = cache.manifest.boxes
+    reference, classes = _teacher_predictions(pillar_ckpt, nus_one)
+    assert spec.capacity == 500 and spec.fields == boxes.LIDAR_BOX_FIELDS and spec.classes == tuple(classes)
+    (key,) = cache.keys()
+    cached = cache.teacher_boxes(key)
+    order = torch.argsort(-reference.scores_3d, stable=True).numpy()
+    assert len(cached) == len(reference.scores_3d) > 0
+    np.testing.assert_array_equal(cached.bboxes, reference.bboxes_3d.tensor.numpy()[order])
+    np.testing.assert_array_equal(cached.scores, reference.scores_3d.numpy()[order])
+    np.testing.assert_array_equal(cached.labels, reference.labels_3d.numpy()[order])
+    assert verify_cache(str(head_cache)).ok
+    # a damaged or vanished boxes chunk spoils its sample: read and verify name it, nothing else changes
+    for damage in ("flip", "delete"):
+        copy = tmp_path / damage
+        shutil.copytree(head_cache, copy)
+        (chunk,) = [path for path in (copy / format.BOXES_ARRAY / "c" / "0").rglob("*") if path.is_file()]
+        if damage == "delete":
+            chunk.unlink()
+        else:
+            data = bytearray(chunk.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            chunk.write_bytes(bytes(data))
+        with pytest.raises(CorruptSampleError, match=f"sample {key!r} .row 0. teacher boxes"):
+            open_cache(str(copy)).teacher_boxes(key)
+        report = verify_cache(str(copy))
+        assert [k for k, _ in report.corrupt] == [key] and report.bad_rows == [0]
+        open_cache(str(copy)).read(key)  # the features are intact
+    # HDF5 export: the same boxes, checked the same way
+    h5 = export_hdf5(str(head_cache), str(tmp_path / "cache.h5"))
+    exported = open_cache(h5).teacher_boxes(key)
+    np.testing.assert_array_equal(exported.bboxes, cached.bboxes)
+    np.testing.assert_array_equal(exported.labels, cached.labels)
+    # inspect reports them and draws them
+    text = describe(str(head_cache))
+    assert f"teacher boxes {len(cached)}.0 per sample" in text and "up to 500 kept" in text
+    assert plot_sample(cache, key, str(tmp_path / "bev.png")) and (tmp_path / "bev.png").stat().st_size > 10_000
+
+
+def test_max_boxes_keeps_the_highest_scores_and_says_so(nus_one, pillar_ckpt, tmp_path, caplog):
+    out = tmp_path / "few"
+    result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck", boxes=True,
+                                      max_boxes=5, cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    reference, _ = _teacher_predictions(pillar_ckpt, nus_one)
+    cache = open_cache(str(out))
+    (key,) = cache.keys()
+    kept = cache.teacher_boxes(key)
+    assert len(kept) == 5 and result.truncated_boxes == {key: len(reference.scores_3d) - 5}
+    np.testing.assert_array_equal(kept.scores, np.sort(reference.scores_3d.numpy())[::-1][:5])
+    assert "lowest-scoring are left out" in caplog.text
+    with pytest.raises(NoBoxesError, match="holds no teacher boxes; build it with `featcache build --boxes`"):
+        _cache_without_boxes(nus_one, pillar_ckpt, tmp_path)
+    with pytest.raises(ConfigError, match="--max-boxes is for --boxes"):
+        BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(tmp_path / "x"), max_boxes=5).validate()
+
+
+def _cache_without_boxes(nus_one, pillar_ckpt, tmp_path):
+    out = tmp_path / "plain"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck",
+                             cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    cache = open_cache(str(out))
+    return cache.teacher_boxes(cache.row_keys[0])
