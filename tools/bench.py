@@ -874,6 +874,74 @@ def train_step_times(cfgs: dict[str, Any], warmup: int, steps: dict[str, int]) -
     return times
 
 
+DEMO_TEACHER = (REPO / "configs" / "demo" / "teacher_pillar.py", REPO / "checkpoints" / "demo_teacher_pillar.pth")
+
+
+RESPONSE_FRAMES = 2  # frames of figure 8 (a response build of the voxel0075 teacher costs several s/frame)
+
+
+def figure_response(ctx: Context) -> Section:
+    """Figure 8: what response and label targets (``--head-outputs``, ``--boxes``) add to a cache: bytes per
+    sample next to the features', and build time next to a features-only build of the same frames."""
+    from featcache.build import BuildOptions, build_cache
+    from lidar_fixtures import VOXEL_CONFIG
+
+    frames = min(RESPONSE_FRAMES, ctx.sizes.frames)
+    demo_options = {"train_dataloader.dataset.data_root": f"{ctx.data_root}/",  # the demo's train set is not wrapped
+                    "train_dataloader.dataset.ann_file": "infos.pkl", "train_dataloader.dataset.indices": frames}
+    teachers = {"voxel0075 (BEVFusion-lidar sizes, seeded weights)": (
+                    VOXEL_CONFIG, str(ctx.checkpoint),
+                    {**ctx.cfg_options, "train_dataloader.dataset.dataset.indices": frames}),
+                "demo teacher (trained pillar, configs/demo)": (*map(str, DEMO_TEACHER), demo_options)}
+    variants = {"features only": {}, "+ heatmap, boxes": {"head_outputs": "heatmap", "boxes": True},
+                "+ all head outputs, boxes": {"head_outputs": "all", "boxes": True}}
+    rows, targets = [], []
+    for label, (config, checkpoint, cfg_options) in teachers.items():
+        plain_s = None
+        for variant, extra in variants.items():
+            log(f"response targets: {label}, {variant}")
+            out = ctx.work / f"response-{len(rows)}"
+            result = build_cache(BuildOptions(config, checkpoint, str(out), layers=LAYERS, cfg_options=cfg_options,
+                                              num_workers=BUILD_WORKERS, device="cpu", progress=False, **extra))
+            seconds = result.seconds / result.written
+            if plain_s is None:
+                plain_s = seconds
+                rows.append([label, variant, "", "", "", "", f"{seconds:.2f}", ""])
+                continue
+            cache = FeatureCache(str(out))
+            group, n = store.open_group(str(out)), len(cache)
+
+            def chunk_bytes(path: str) -> float:
+                return sum(store.chunk_nbytes(group[path], row) or 0 for row in range(n)) / n
+
+            feature_bytes = sum(chunk_bytes(format.feature_path(layer.name)) + (
+                chunk_bytes(format.qparams_path(layer.name)) if layer.codec.precision == "int8" else 0)
+                for layer in cache.manifest.layers if not layer.is_head_output)
+            head_layers = [layer for layer in cache.manifest.layers if layer.is_head_output]
+            head_bytes = sum(chunk_bytes(format.feature_path(layer.name)) for layer in head_layers)
+            box_bytes = chunk_bytes(format.BOXES_ARRAY)
+            boxes_per_sample = statistics.mean(len(cache.read_boxes(row)) for row in range(n))
+            share = (head_bytes + box_bytes) / feature_bytes
+            rows.append([label, f"{variant} ({len(head_layers)} layers)", f"{feature_bytes / 1e6:.2f}",
+                         f"{head_bytes / 1e6:.3f}", f"{box_bytes / 1e3:.1f} ({boxes_per_sample:.0f} boxes)",
+                         f"{share:.2%}", f"{seconds:.2f}", f"{seconds / plain_s:.2f}"])
+            if config == VOXEL_CONFIG:
+                targets.append(Target(f"(head outputs + boxes) / feature bytes, BEVFusion-lidar row, {variant}",
+                                      "<= 5%", f"{share:.2%}", share <= 0.05))
+    lines = [f"{frames} frames, built per teacher in this process one after the other: the feature layers "
+             f"({', '.join(LAYERS)}, default codec) alone, then with `--boxes` and `--head-outputs heatmap` or "
+             "`all` (CenterHead outputs of every task at their default fp16-zstd1; boxes = the decoded "
+             "predictions after the teacher's own decoder and NMS). Bytes per sample from "
+             "`featcache.store.chunk_nbytes`; boxes: the `boxes` row (capacity x (box fields + score + label), "
+             "float32, zstd3; padding compresses away). Time = `BuildResult.seconds` per sample; a response build "
+             "also runs the head, its decoder and NMS, which the features-only forward skips. The voxel0075 "
+             "weights are seeded, not trained: its maps are noise, which compresses worse than a trained head's "
+             "mostly-background heatmaps, and its boxes are as many as its decoder lets through.", ""]
+    lines += table(["teacher", "cached", "features MB/sample", "head outputs MB/sample", "boxes KB/sample",
+                    "(head + boxes) / features", "build s/sample", "/ features-only"], rows)
+    return Section("8. Response and label targets", lines, targets)
+
+
 def figure_train(ctx: Context) -> Section:
     """Figure 7: cached-KD vs no-KD vs online-KD training step time, same pillar student and batches."""
     from lidar_fixtures import VOXEL_CONFIG
@@ -941,7 +1009,7 @@ def figure_train(ctx: Context) -> Section:
 # In this order: figures 2 and 6 use the codec caches of figure 1, figures 2, 4 and 5 the scale caches.
 STEPS: tuple[Callable[[Context], Section | None], ...] = (
     figure_build, figure_storage, measure_codec_reads, make_scale_caches, figure_read, figure_scale, figure_hdf5,
-    figure_cost, figure_train)
+    figure_cost, figure_train, figure_response)
 
 
 # -- report -----------------------------------------------------------------------------------
