@@ -259,3 +259,16 @@ def test_default_layers_follow_the_detector_and_a_missing_layer_lists_both_conve
     with pytest.raises(ConfigError, match=r"'pts_neck' not found in VoxelNet.*pts_middle_encoder,pts_backbone,"
                                           r"pts_neck.*middle_encoder,backbone,neck"):
         recording.find_modules(pointpillars, ["pts_neck"])
+
+
+def test_a_checkpoint_of_other_widths_is_refused_naming_file_and_tensors(tmp_path):
+    from lidar_fixtures import REPO
+
+    half = models.build_model(models.load_config(str(REPO / "configs/students/centerpoint_pillar_half_nus.py")))
+    path = save_openmmlab_checkpoint(half, tmp_path / "half.pth")
+    full = models.build_model(models.load_config(PILLAR_CONFIG))
+    before = {name: value.clone() for name, value in full.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"half.pth' does not fit the model: \d+ tensors have other shapes "
+                                              r"\(pts_.*: checkpoint \(\d+.*, model \(\d+.*another config"):
+        load_weights(full, path)
+    assert all(torch.equal(before[name], value) for name, value in full.state_dict().items())  # nothing loaded
