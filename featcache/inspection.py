@@ -90,6 +90,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
     manifest = cache.manifest
     status = cache.status()
     complete_rows = np.flatnonzero(status == format.STATUS_COMPLETE)
+    width = max([24, *(len(name) for name in manifest.layer_names)])  # head outputs have long names
     lines = [
         f"cache        {location}",
         f"format       featcache v{manifest.format_version}, created {manifest.created}",
@@ -100,7 +101,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         f"{int((status == format.STATUS_INVALID).sum())} invalid, {int((status == format.STATUS_MISSING).sum())} missing",
         "versions     " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
         "",
-        f"{'layer':<24} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7} {'non-zero':>9}",
+        f"{'layer':<{width}} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7} {'non-zero':>9}",
     ]
     checked = spread_rows(complete_rows, sample_count)
     fractions = check_nonzero(cache, checked)
@@ -110,12 +111,12 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         ratio = f"{summary.ratio:.1f}" if summary.ratio else "n/a"
         values = fractions.get(summary.name)
         nonzero = f"{100 * float(np.mean(values)):.2f}%" if values else "n/a"
-        lines.append(f"{summary.name:<24} {'x'.join(map(str, summary.shape)):<18} {summary.dtype:<8} "
+        lines.append(f"{summary.name:<{width}} {'x'.join(map(str, summary.shape)):<18} {summary.dtype:<8} "
                      f"{summary.codec:<12} {mb:>10} {ratio:>7} {nonzero:>9}")
         total_stored += summary.stored_bytes_per_sample or 0
         total_fp32 += summary.fp32_bytes_per_sample
     if total_stored:
-        lines.append(f"{'all layers':<24} {'':<18} {'':<8} {'':<12} {total_stored / 1e6:>10.2f} "
+        lines.append(f"{'all layers':<{width}} {'':<18} {'':<8} {'':<12} {total_stored / 1e6:>10.2f} "
                      f"{total_fp32 / total_stored:>7.1f}")
     if checked:
         lines.append(f"(non-zero: mean fraction of values not zero over {len(checked)} complete samples)")
