@@ -176,6 +176,15 @@ def state_dict_of(checkpoint: dict[str, Any], path: str = "checkpoint") -> "Orde
     return weights
 
 
+def shape_mismatches(weights: dict[str, Any], model_state: dict[str, Any]) -> tuple[list[str], str]:
+    """The tensor names both hold with other shapes, and the first three of them described
+    (``name: checkpoint (..), model (..)``, ``; ...`` when there are more) for an error message."""
+    wrong = [(name, tuple(value.shape), tuple(model_state[name].shape)) for name, value in weights.items()
+             if name in model_state and hasattr(value, "shape") and tuple(value.shape) != tuple(model_state[name].shape)]
+    listed = "; ".join(f"{name}: checkpoint {have}, model {want}" for name, have, want in wrong[:3])
+    return [name for name, _, _ in wrong], listed + ("; ..." if len(wrong) > 3 else "")
+
+
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True,
                  trust_globals: Iterable[str] = ()) -> dict[str, Any]:
     """Load a checkpoint's weights into ``model`` (safely) and return the checkpoint's ``meta``.
@@ -185,14 +194,10 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
     """
     checkpoint = load_checkpoint_file(path, trust_globals)
     weights = state_dict_of(checkpoint, os.fspath(path))
-    model_state = model.state_dict()
-    wrong = [(name, tuple(value.shape), tuple(model_state[name].shape)) for name, value in weights.items()
-             if name in model_state and hasattr(value, "shape") and tuple(value.shape) != tuple(model_state[name].shape)]
+    wrong, listed = shape_mismatches(weights, model.state_dict())
     if wrong:  # torch would raise its own size-mismatch error listing every tensor, without the file
-        listed = "; ".join(f"{name}: checkpoint {have}, model {want}" for name, have, want in wrong[:3])
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit the model: {len(wrong)} tensors have other "
-                              f"shapes ({listed}{'; ...' if len(wrong) > 3 else ''}); was it trained with another "
-                              "config (widths, classes)?")
+                              f"shapes ({listed}); was it trained with another config (widths, classes)?")
     result = model.load_state_dict(weights, strict=False)
     if strict and (result.missing_keys or result.unexpected_keys):
         raise CheckpointError(

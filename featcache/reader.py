@@ -387,10 +387,7 @@ class FeatureCache(collections.abc.Mapping):
                                      f"read ({type(record).__name__}: {record}); run `featcache verify --repair`"
                                      ) from record
         record = record[0].numpy()
-        if record[0] != format.STATUS_COMPLETE:
-            state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
-            raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
-                                       "run `featcache build` again to complete the cache")
+        self._check_complete(record, key, row)
         out = {}
         for position, layer in wanted:
             stored = results.pop(0)
@@ -415,6 +412,13 @@ class FeatureCache(collections.abc.Mapping):
             out[layer.name] = (values, scales)
         return out
 
+    def _check_complete(self, record: np.ndarray, key: str, row: int) -> None:
+        """SampleNotCachedError unless the records row says the sample is complete."""
+        if record[0] != format.STATUS_COMPLETE:
+            state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
+            raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
+                                       "run `featcache build` again to complete the cache")
+
     def read_boxes(self, row: int) -> TeacherBoxes:
         """The teacher's predictions for the sample in ``row`` (``featcache build --boxes``): boxes in the
         cache's frame (the un-augmented scan), scores and labels indexing ``manifest.boxes.classes``.
@@ -434,10 +438,7 @@ class FeatureCache(collections.abc.Mapping):
         except Exception as exc:  # noqa: BLE001 - reported by name
             raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be read "
                                      f"({type(exc).__name__}: {exc}); run `featcache verify --repair`") from exc
-        if record[0] != format.STATUS_COMPLETE:
-            state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
-            raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
-                                       "run `featcache build` again to complete the cache")
+        self._check_complete(record, key, row)
         try:
             stored = np.ascontiguousarray(root[format.BOXES_ARRAY][row], dtype=np.float32)
         except Exception as exc:  # noqa: BLE001 - e.g. a damaged chunk failing its crc32c

@@ -286,7 +286,7 @@ def _runner_class():
 def check_checkpoint_fits(filename: str, model_state: dict[str, torch.Tensor]) -> None:
     """Raise ConfigError when checkpoint ``filename`` (``load_from`` or ``--resume``) does not fit the
     model: tensors of other shapes (named, first few, and counted) or no tensor name in common."""
-    from featcache.checkpoint import load_checkpoint_file
+    from featcache.checkpoint import load_checkpoint_file, shape_mismatches
 
     state = load_checkpoint_file(filename)
     state = state.get("state_dict", state) if isinstance(state, dict) else {}
@@ -295,12 +295,10 @@ def check_checkpoint_fits(filename: str, model_state: dict[str, torch.Tensor]) -
         raise ConfigError(f"checkpoint {filename} shares no tensor name with this model (it has e.g. "
                           f"{', '.join(list(state)[:3])}; the model {', '.join(list(model_state)[:3])}): is it "
                           "a plain student.pth given to a distillation run, or another detector's? Nothing was loaded")
-    wrong = [(key, tuple(state[key].shape), tuple(model_state[key].shape)) for key in common
-             if hasattr(state[key], "shape") and tuple(state[key].shape) != tuple(model_state[key].shape)]
+    wrong, listed = shape_mismatches(state, model_state)
     if wrong:
-        listed = "; ".join(f"{key}: checkpoint {have}, model {want}" for key, have, want in wrong[:3])
         raise ConfigError(f"checkpoint {filename} does not fit this model: {len(wrong)} of its {len(common)} shared "
-                          f"tensors have other shapes ({listed}{'; ...' if len(wrong) > 3 else ''}). Was it trained "
+                          f"tensors have other shapes ({listed}). Was it trained "
                           "with another config (widths, classes)? Use that config, another --work-dir, or no "
                           "--resume / load_from")
 
