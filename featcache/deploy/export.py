@@ -298,12 +298,8 @@ def load_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, cfg_
 
     try:
         load_weights(model, checkpoint)
-    except CheckpointError as exc:
+    except CheckpointError as exc:  # load_weights names the checkpoint and the tensors; add the config
         raise CheckpointError(f"{exc} (config {os.fspath(config)!r})") from exc
-    except RuntimeError as exc:  # load_state_dict: size mismatch for ...
-        detail = str(exc).strip().splitlines()
-        raise CheckpointError(f"checkpoint {os.fspath(checkpoint)!r} does not fit config {os.fspath(config)!r}: "
-                              f"{' '.join(line.strip() for line in detail[:4])}") from exc
     return cfg, model.eval()
 
 
