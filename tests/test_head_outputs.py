@@ -209,3 +209,39 @@ def _cache_without_boxes(nus_one, pillar_ckpt, tmp_path):
                              cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
     cache = open_cache(str(out))
     return cache.teacher_boxes(cache.row_keys[0])
+
+
+def test_heatmap_term_pairs_every_student_task_with_the_cached_heatmaps_and_reads_only_what_it_uses(head_cache,
+                                                                                                   nus_one):
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+
+    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
+    heatmaps = [f"pts_bbox_head.task_heads.{task}.heatmap" for task in range(6)]
+    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"heatmap": 10.0}, cfg_options=options))
+    assert cfg.model.pairs == {layer: layer for layer in heatmaps}  # no feature term: no feature pair
+    assert cfg.model.heatmap_pairs == {layer: list(range(len(classes))) for layer, classes in
+                                       zip(heatmaps, [["car"], ["truck", "construction_vehicle"], ["bus", "trailer"],
+                                                      ["barrier"], ["motorcycle", "bicycle"], ["pedestrian",
+                                                                                               "traffic_cone"]])}
+    pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
+    assert pack["layers"] == heatmaps
+    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"heatmap": 10.0, "pkd": 1.0},
+                                           cfg_options=options))
+    assert set(cfg.model.pairs) == {"pts_neck.0", *heatmaps} and set(cfg.model.heatmap_pairs) == set(heatmaps)
+
+
+def test_heatmap_classes_match_by_name_across_task_layouts():
+    from trainer.train import match_heatmaps
+
+    teacher = [("bbox_head.heatmap", ("car", "truck", "bus", "pedestrian", "barrier"))]  # one 5-class task
+    student = [("t0", ("car",)), ("t1", ("pedestrian", "bicycle")), ("t2", ("motorcycle",))]
+    assert match_heatmaps(student, teacher, "cache c") == {"t0": ("bbox_head.heatmap", [0]),
+                                                           "t1": ("bbox_head.heatmap", [3, -1])}  # t2: no class shared
+    split = [("a", ("car",)), ("b", ("truck",))]
+    with pytest.raises(ConfigError, match=r"\['car', 'truck'\] of student layer t0 are split over teacher layers"):
+        match_heatmaps([("t0", ("car", "truck"))], split, "cache c")
+    with pytest.raises(ConfigError, match="found no student class among the teacher's heatmap classes"):
+        match_heatmaps([("t0", ("tram",))], teacher, "cache c")

@@ -42,7 +42,7 @@ def _context(cs: int, ct: int, num_samples: int = 8) -> TermContext:
 def test_kd_spec_parses_weights_and_names_the_valid_terms():
     assert parse_kd_spec("infonce=1,pkd=5") == {"infonce": 1.0, "pkd": 5.0}
     assert parse_kd_spec("crd") == {"crd": 1.0}
-    with pytest.raises(ValueError, match="choose from crd, infonce, mse, pkd"):
+    with pytest.raises(ValueError, match="choose from crd, heatmap, infonce, mse, pkd"):
         parse_kd_spec("infonse=1")
     with pytest.raises(ValueError, match="not a number"):
         parse_kd_spec("pkd=x")
@@ -50,7 +50,7 @@ def test_kd_spec_parses_weights_and_names_the_valid_terms():
         build_term("nope", _context(4, 4))
     with pytest.raises(ValueError, match="has no parameter tau; it takes feat_dim, temperature"):
         build_term("crd", _context(4, 4), tau=1.0)
-    assert set(TERMS) == {"crd", "infonce", "mse", "pkd"}
+    assert set(TERMS) == {"crd", "heatmap", "infonce", "mse", "pkd"}
 
 
 def test_crd_term_needs_two_rows_and_says_what_to_use_instead():
@@ -191,6 +191,8 @@ def test_every_term_backpropagates_into_student_and_runs_on_stored_int8_targets(
         step = _step(student, teacher, boxes=[torch.tensor([[1.0, 1.0, 3.0, 3.0], [4.0, 4.0, 6.0, 7.0]])] * 2)
         step.layers[0].teacher = maps
         step.layers[0].foreground = torch.rand(2, 8, 8)
+        if "heatmap" in TERMS[name].kinds:  # a response term reads heatmap pairs: classes 0, 2 of the teacher's
+            step.layers[0].kind, step.layers[0].channel_map = "heatmap", torch.tensor([0, 2, -1])
         term = build_term(name, _context(3, 5))
         loss = term(step)["neck"]
         assert torch.isfinite(loss), name
@@ -227,3 +229,46 @@ def test_border_cells_read_the_edge_value_not_zero_padding():
     read = TeacherMaps([teacher]).read(0, alignment.read_matrix(cells))
     torch.testing.assert_close(read, torch.ones(256, 2))
     torch.testing.assert_close(alignment.splat(torch.ones(256)).sum(), torch.tensor(256.0))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.clip(1 / (1 + np.exp(-x)), 1e-4, 1 - 1e-4)
+
+
+@pytest.mark.parametrize("loss, gt_weight", [("mse", 0.0), ("l1", 0.0), ("mse", 8.0)])
+def test_heatmap_term_compares_matched_class_scores_on_the_augmented_grid(loss, gt_weight):
+    # teacher classes (car, truck, ped), student classes (ped, bus, car): bus has no teacher channel
+    teacher = torch.randn(2, 3, 8, 8) * 3
+    student = torch.randn(2, 3, 8, 8, requires_grad=True)
+    valid = torch.rand(2, 8, 8) > 0.2
+    step = _step(student, teacher, valid, meta={"transformation_3d_flow": ["HF"]})  # y -> -y: rows reversed
+    layer = step.layers[0]
+    layer.kind, layer.channel_map = "heatmap", torch.tensor([2, -1, 0])
+    layer.foreground = torch.rand(2, 8, 8)
+    value = build_term("heatmap", _context(3, 3), loss=loss, gt_weight=gt_weight)(step)["neck"]
+    # reference in numpy: the flipped teacher's sigmoid scores of the shared classes, weighted by their max
+    t = _sigmoid(teacher.numpy()[:, :, ::-1, :])[:, [2, 0]]
+    s = _sigmoid(student.detach().numpy())[:, [0, 2]]
+    w = valid.numpy() * t.max(axis=1) * (1 + gt_weight * layer.foreground.numpy())
+    d = (s - t) ** 2 if loss == "mse" else np.abs(s - t)
+    assert float(value) == pytest.approx(float((w * d.sum(axis=1)).sum() / w.sum()), rel=1e-5)
+    value.backward()
+    assert student.grad[:, 1].abs().sum() == 0 and student.grad[:, [0, 2]].abs().sum() > 0  # bus: no target
+
+
+def test_terms_read_only_the_pairs_of_their_kind():
+    student, teacher = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8)
+    feature = _step(student, teacher).layers[0]
+    heatmap = copy.copy(feature)
+    heatmap.key, heatmap.kind, heatmap.channel_map = "hm", "heatmap", torch.tensor([0, 1, 2])
+    step = DistillStep([feature, heatmap])
+    assert set(build_term("heatmap", _context(3, 3))(step)) == {"hm"}
+    assert set(build_term("pkd", _context(3, 3))(step)) == {"neck"}
+    # identical scores: no loss; no class in common: zero, not NaN
+    same = _step(teacher.clone(), teacher).layers[0]
+    same.kind, same.channel_map = "heatmap", torch.tensor([0, 1, 2])
+    assert float(build_term("heatmap", _context(3, 3))(DistillStep([same]))["neck"]) == pytest.approx(0, abs=1e-7)
+    same.channel_map = torch.tensor([-1, -1, -1])
+    assert float(build_term("heatmap", _context(3, 3))(DistillStep([same]))["neck"]) == 0
+    with pytest.raises(ValueError, match="'mse' \\(SparseKD\\) or 'l1'"):
+        build_term("heatmap", _context(3, 3), loss="kl")

@@ -17,6 +17,7 @@ Usage::
     python tools/quality.py [--jobs 2] [--seeds 0 1 2] [--max-runs N] [--only half]
     python tools/quality.py --report-only          # rewrite QUALITY.md from quality.json
     python tools/quality.py --quick --out-dir DIR  # tiny smoke run (tests)
+    python tools/quality.py --recipes no-kd heatmap=10 --seeds 0 --out-dir DIR --work-dir DIR  # a pilot
 """
 from __future__ import annotations
 
@@ -44,12 +45,16 @@ TEACHER_CKPT = REPO / "checkpoints/demo_teacher_pillar.pth"
 STUDENTS = {"half": REPO / "configs/demo/student_half.py", "slim": REPO / "configs/demo/student_slim.py"}
 NO_KD = "no-kd"
 # The recipes of the half student. Weights: crd, infonce and pkd losses are O(1) at the start, mse
-# depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6).
-HALF_RECIPES = (NO_KD, "crd=1", "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
-# What decides the outcome of a run: the trainer's training-step and evaluation code. The CLI and
-# Runner assembly (cli.py, train.py) check inputs and wire configs; they are not part of the key.
+# depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6);
+# heatmap=10 is SparseKD's heatmap-KD weight range (7-15) for the same confidence-weighted MSE.
+HALF_RECIPES = (NO_KD, "heatmap=10", "heatmap=10,infonce=1", "heatmap=10,crd=1", "crd=1", "infonce=1", "mse=1",
+                "pkd=5", "infonce=1,pkd=5")
+# What decides the outcome of a run: the trainer's training-step and evaluation code, and train.py,
+# which decides what is distilled (which layers and heatmap classes are paired). The CLI only parses.
 TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "losses.py", "samplers.py",
-                 "targets.py", "terms.py", "transforms.py")
+                 "targets.py", "terms.py", "train.py", "transforms.py")
+# What the benchmark's cache holds: the distilled feature map and the class heatmaps (--kd heatmap).
+CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "heatmap"]
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
 
 
@@ -178,10 +183,10 @@ def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
                    check=True, stdout=subprocess.DEVNULL)
     stamp_text = (data / "featcache_synth_stamp.json").read_text()  # generator, seed and split sizes
-    cache = work / "cache"
+    cache = work / "cache_neck_heatmap"  # a cache of other outputs (older sessions: "cache") is left alone
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
-                                      "--layers", "pts_neck", *options], check=True)
+                                      *CACHE_OUTPUTS, *options], check=True)
     from featcache import format
 
     return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
@@ -199,10 +204,13 @@ def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
                                   if name.startswith("AP_")})}
 
 
-def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None) -> list[Run]:
+def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None,
+                recipes: list[str] | None = None) -> list[Run]:
     """In order: the half student's recipes seed by seed (every recipe's first seed before any
     recipe's second), then the slim student (no-KD and the half student's best cached recipe), then
-    the online-teacher run of that recipe."""
+    the online-teacher run of that recipe. ``recipes`` (a pilot) trains those half recipes only."""
+    if recipes:
+        return [Run("half", recipe, seed, "none" if recipe == NO_KD else "cache") for seed in seeds for recipe in recipes]
     half = [NO_KD, "pkd=5"] if quick else list(HALF_RECIPES)
     best = best_recipe(records, "half") or "infonce=1,pkd=5"
     runs: list[Run] = []
@@ -288,7 +296,8 @@ def execute(args: argparse.Namespace) -> None:
     save(state_path, state)
     budget = args.max_runs
     while True:
-        todo = [run for run in wanted_runs(state["runs"], args.seeds, args.quick, args.only) if run not in current]
+        todo = [run for run in wanted_runs(state["runs"], args.seeds, args.quick, args.only, args.recipes)
+                if run not in current]
         todo = list(dict.fromkeys(todo))
         if budget is not None:
             todo = todo[:max(budget, 0)]
@@ -449,6 +458,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trainings side by side (threads split between them)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     parser.add_argument("--only", choices=["half", "slim", "online"], default=None)
+    parser.add_argument("--recipes", nargs="+", default=None,
+                        help="a pilot: train only these half-student recipes (give --out-dir elsewhere)")
     parser.add_argument("--out-dir", default=str(REPO), help="where QUALITY.md, quality.json, quality.png go")
     parser.add_argument("--work-dir", default=None, help="default: work_dirs/quality (quick: work_dirs/quality_quick)")
     parser.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from quality.json")

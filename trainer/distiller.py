@@ -96,6 +96,9 @@ class CacheDistiller(BaseModel):
             instead of reading them from data samples (comparisons only; never used with a cache).
         target_codecs: cache layer -> codec name (the manifest's): data samples carry the stored
             values, decoded on the training device; without an entry they are taken as floats.
+        heatmap_pairs: the pairs of ``pairs`` that are class heatmaps (student heatmap module ->
+            per student channel the teacher channel of the same class, -1 for none); read by response
+            terms (``heatmap``), not by the feature terms, which get no heads for them.
 
     Everything built besides the student (terms' heads and memory banks, the online teacher) is
     drawn from a forked random generator: the student's ``init_weights`` then sees the generator
@@ -107,12 +110,18 @@ class CacheDistiller(BaseModel):
                  teacher_shapes: dict[str, Sequence[int]], student_range: Sequence[float],
                  teacher_range: Sequence[float], terms: dict[str, dict] | None = None, warmup_iters: int = 0,
                  foreground: dict | None = None, num_samples: int = 1, online_teacher: dict | None = None,
-                 target_codecs: dict[str, str] | None = None, init_cfg: dict | None = None) -> None:
+                 target_codecs: dict[str, str] | None = None, heatmap_pairs: dict[str, Sequence[int]] | None = None,
+                 init_cfg: dict | None = None) -> None:
         student_model = MODELS.build(student)
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.student = student_model
         self.data_preprocessor = self.student.data_preprocessor  # the student's own voxelisation
         self.pairs = dict(pairs)
+        self.heatmap_pairs = {layer: [int(channel) for channel in channels]
+                              for layer, channels in (heatmap_pairs or {}).items()}
+        unpaired = sorted(set(self.heatmap_pairs) - set(self.pairs))
+        if unpaired:
+            raise ConfigError(f"heatmap_pairs {unpaired} are not in pairs {sorted(self.pairs)}")
         self.target_codecs = {layer: codecs.parse_codec(name) for layer, name in (target_codecs or {}).items()}
         self.student_range, self.teacher_range = list(student_range), list(teacher_range)
         self.student_shapes = {name: tuple(shape) for name, shape in student_shapes.items()}
@@ -122,7 +131,7 @@ class CacheDistiller(BaseModel):
         modules = {name for name, _ in self.student.named_modules() if name}
         self.student_modules = sorted({module_of(layer, modules) for layer in self.pairs})
         context = TermContext(channels={head_key(s): (self.student_shapes[s][0], self.teacher_shapes[t][0])
-                                        for s, t in self.pairs.items()},
+                                        for s, t in self.pairs.items() if s not in self.heatmap_pairs},
                               num_samples=num_samples, gather=gather_across_ranks)
         terms = terms if terms is not None else {"crd": {"weight": 1.0}}
         if not terms:
@@ -200,8 +209,11 @@ class CacheDistiller(BaseModel):
         # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
         rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
                                device=student.device)
+        channel_map = self.heatmap_pairs.get(s_layer)
         return LayerStep(
             key=head_key(s_layer), student=student, teacher=maps, alignments=alignments,
+            kind="feature" if channel_map is None else "heatmap",
+            channel_map=None if channel_map is None else torch.as_tensor(channel_map, device=student.device),
             valid=torch.stack([alignment.valid.reshape(hw) for alignment in alignments]),
             foreground=gt_foreground(boxes, self.student_range, *hw, student.device, **self.foreground),
             boxes=[self._boxes_in_cells(sample_boxes, hw, student.device) for sample_boxes in boxes], rows=rows)

@@ -17,9 +17,15 @@ Terms (:data:`TERMS`):
 * ``pkd``: PKD (Cao et al., NeurIPS 2022; mmrazor's ``PKDLoss``): both maps standardised per channel
   over the batch's valid cells, then half their mean squared difference, which is 1 - Pearson's r
   per channel. A 1x1 adapter maps the student's channels onto the teacher's when they differ.
+* ``heatmap``: response distillation on CenterHead class heatmaps (SparseKD, Yang et al. NeurIPS
+  2022): squared (or L1, UniDistill) difference of student and teacher sigmoid scores, classes
+  matched by name, each cell weighted by the teacher's highest class score.
 
-The two regression terms compare ``cells_per_sample`` valid cells per sample, drawn uniformly (0: every
-valid cell): an unbiased estimate of the loss over all valid cells that reads only those cells' teacher
+Feature terms read the ``feature`` pairs (hooked layers); response terms (``heatmap``) read the
+pairs of their kind (cached head outputs); :attr:`KDTerm.kinds` says which.
+
+The two regression terms compare ``cells_per_sample`` valid cells per sample (default 512), drawn
+uniformly (0: every valid cell): an unbiased estimate of the loss over all valid cells that reads only those cells' teacher
 values (``TeacherMaps.read``), never decoding and warping whole maps. At BEVFusion-lidar sizes (512
 channels on 180x180 per layer) the dense path cost 2-5x the student's own step.
 """
@@ -40,7 +46,7 @@ from trainer.losses import (CRDLoss, InfoNCELoss, box_cells, gather_cells, insta
 from trainer.targets import TeacherMaps
 
 __all__ = ["LayerStep", "DistillStep", "TermContext", "KDTerm", "TERMS", "register_term", "build_term",
-           "parse_kd_spec", "pkd_standardise"]
+           "parse_kd_spec", "pkd_standardise", "clamped_sigmoid"]
 
 
 @dataclass
@@ -56,6 +62,9 @@ class LayerStep:
         foreground: (B, H, W) float in [0, 1], the GT boxes' CenterHead-style Gaussian on the student grid.
         boxes: per sample (N, 4) GT boxes as axis-aligned [x1, y1, x2, y2] in student cell units.
         rows: (B,) long, the samples' cache rows (CRD's memory index).
+        kind: ``"feature"`` (a hooked layer) or a head output's kind (``"heatmap"``).
+        channel_map: for head outputs, (Cs,) long: per student channel the teacher channel holding the
+            same class (matched by name), -1 where the teacher has no such class.
     """
 
     key: str
@@ -66,6 +75,8 @@ class LayerStep:
     foreground: Tensor
     boxes: list[Tensor]
     rows: Tensor
+    kind: str = "feature"
+    channel_map: Tensor | None = None
     _regression: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def regression_pairs(self, cells_per_sample: int) -> tuple[Tensor, Tensor]:
@@ -91,8 +102,9 @@ class DistillStep:
 
 @dataclass(frozen=True)
 class TermContext:
-    """What a term needs at construction: per head key, the (student, teacher) channel counts; the
-    number of cache rows (CRD's memory size); an all-gather for DDP (CRD's memory updates)."""
+    """What a term needs at construction: per head key of a *feature* pair, the (student, teacher)
+    channel counts (terms size their heads and adapters from it); the number of cache rows (CRD's
+    memory size); an all-gather for DDP (CRD's memory updates)."""
 
     channels: dict[str, tuple[int, int]]
     num_samples: int = 1
@@ -100,16 +112,18 @@ class TermContext:
 
 
 class KDTerm(nn.Module):
-    """A distillation term: ``forward(step) -> {layer key: scalar loss}``, one per distilled pair."""
+    """A distillation term: ``forward(step) -> {layer key: scalar loss}``, one per distilled pair of
+    one of its :attr:`kinds`."""
 
     name: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ("feature",)
 
     def __init__(self, context: TermContext) -> None:
         super().__init__()
         self.context = context
 
     def forward(self, step: DistillStep) -> dict[str, Tensor]:
-        return {layer.key: self.layer_loss(layer) for layer in step.layers}
+        return {layer.key: self.layer_loss(layer) for layer in step.layers if layer.kind in self.kinds}
 
     def layer_loss(self, layer: LayerStep) -> Tensor:
         raise NotImplementedError
@@ -270,7 +284,7 @@ class MSETerm(KDTerm):
 
     name = "mse"
 
-    def __init__(self, context: TermContext, cells_per_sample: int = 2048) -> None:
+    def __init__(self, context: TermContext, cells_per_sample: int = 512) -> None:
         super().__init__(context)
         self.cells_per_sample = int(cells_per_sample)
         self.adapters = _adapters(context, always=True)
@@ -301,7 +315,7 @@ class PKDTerm(KDTerm):
 
     name = "pkd"
 
-    def __init__(self, context: TermContext, eps: float = 1e-6, cells_per_sample: int = 2048) -> None:
+    def __init__(self, context: TermContext, eps: float = 1e-6, cells_per_sample: int = 512) -> None:
         super().__init__(context)
         self.eps = eps
         self.cells_per_sample = int(cells_per_sample)
@@ -315,3 +329,61 @@ class PKDTerm(KDTerm):
         student_n = pkd_standardise(adapted, self.eps)
         teacher_n = pkd_standardise(teacher.to(adapted.dtype), self.eps)
         return (student_n - teacher_n).pow(2).mean() / 2
+
+
+def clamped_sigmoid(logits: Tensor, eps: float = 1e-4) -> Tensor:
+    """Sigmoid clamped to [eps, 1 - eps], as mmdet3d's CenterHead scores its heatmap (``clip_sigmoid``)."""
+    return torch.sigmoid(logits.float()).clamp(eps, 1 - eps)
+
+
+@register_term
+class HeatmapTerm(KDTerm):
+    """Response distillation on class heatmaps (SparseKD's heatmap KD; UniDistill's with ``loss="l1"``).
+
+    Per sample, the teacher's heatmap logits (cache frame) are warped onto the student's augmented
+    heatmap grid like any cached map (``BevAlignment.warp``: flips, rotation and scaling move the
+    cells, a resolution difference is resampled bilinearly), and the classes the student shares with
+    the teacher (``LayerStep.channel_map``) are compared as sigmoid scores:
+
+        loss = sum_cells w * sum_classes d(s, t) / sum_cells w,  d = (s - t)^2 or |s - t|,
+
+    over cells with a teacher target (``valid``), with w = the teacher's highest class score at the
+    cell when ``confidence_weighted`` (SparseKD's weighting: cells where the teacher sees an object,
+    or a false positive the student should learn to avoid too, count; the 99% of empty background
+    cells barely do), times ``1 + gt_weight * foreground`` (the GT Gaussian) when ``gt_weight`` > 0.
+    Heatmaps are small (classes x the head's grid), so the whole map is read.
+    """
+
+    name = "heatmap"
+    kinds = ("heatmap",)
+
+    def __init__(self, context: TermContext, loss: str = "mse", confidence_weighted: bool = True,
+                 gt_weight: float = 0.0) -> None:
+        super().__init__(context)
+        if loss not in ("mse", "l1"):
+            raise ValueError(f"heatmap loss must be 'mse' (SparseKD) or 'l1' (UniDistill), got {loss!r}")
+        if gt_weight < 0:
+            raise ValueError(f"heatmap gt_weight must be >= 0, got {gt_weight}")
+        self.loss, self.confidence_weighted, self.gt_weight = loss, bool(confidence_weighted), float(gt_weight)
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        student = layer.student
+        if layer.channel_map is None:
+            raise ValueError(f"heatmap pair {layer.key} has no channel_map (student class -> teacher channel)")
+        shared = (layer.channel_map >= 0).nonzero().flatten()
+        if not len(shared):  # no class in common: zero, still part of the graph
+            return student.sum() * 0
+        total, norm = student.sum() * 0, student.new_zeros(())
+        for index, alignment in enumerate(layer.alignments):
+            teacher = clamped_sigmoid(alignment.warp(layer.teacher.decoded(index)))[layer.channel_map[shared]]
+            scores = clamped_sigmoid(student[index, shared])
+            weights = layer.valid[index].float()
+            if self.confidence_weighted:
+                weights = weights * teacher.max(dim=0).values
+            if self.gt_weight > 0:
+                weights = weights * (1 + self.gt_weight * layer.foreground[index])
+            difference = scores - teacher
+            per_cell = (difference.pow(2) if self.loss == "mse" else difference.abs()).sum(dim=0)
+            total = total + (weights * per_cell).sum()
+            norm = norm + weights.sum()
+        return total / norm.clamp_min(1e-6)

@@ -141,12 +141,10 @@ def _check_cache_covers(dataset, cache, config: str) -> None:
                                  "or check `featcache verify`")
 
 
-def _probe_student(cfg, dataset, module_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def _probe_student(student, dataset, module_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Per-sample output shapes of the student's modules, from one real training sample."""
     from mmengine.dataset import pseudo_collate
 
-    models.init_mmdet3d_scope()
-    student = models.build_model(cfg)
     available = {name for name, _ in student.named_modules() if name}
     hooked = [name for name in module_names if name in available]
     if not hooked:
@@ -193,13 +191,33 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
                           "or --no-distill for the student alone)")
     terms, warmup = resolve_terms(cfg, options)
     inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
+    models.init_mmdet3d_scope()
+    student = models.build_model(cfg)
+    from trainer.terms import TERMS
+
+    wants_heatmaps = "heatmap" in terms
+    # feature layers are read (and paired) only for a term that distils features, or when --pairs names them
+    wants_features = bool(options.pairs) or any("feature" in TERMS[name].kinds for name in terms)
+    heatmaps: dict[str, tuple[str, list[int]]] = {}
     student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
         dataset = models.build_dataset(inner)
-        # feature layers; head outputs (build --head-outputs) only where --pairs names them
+        # feature layers for feature terms; head outputs (build --head-outputs) for --kd heatmap or where --pairs
+        # names them: nothing is read that no term uses
         paired = set((options.pairs or {}).values())
-        layers = [layer for layer in cache.manifest.layers if not layer.is_head_output or layer.name in paired]
+        if wants_heatmaps:
+            cached = [(layer.name, tuple(layer.meaning.get("classes", ()))) for layer in cache.manifest.layers
+                      if layer.is_head_output and layer.meaning.get("kind") == "heatmap"]
+            if not cached:
+                raise ConfigError(f"--kd heatmap distils the teacher's class heatmaps, and cache {options.cache} has "
+                                  "none; build it with `featcache build ... --head-outputs heatmap` (features "
+                                  "and heatmaps in one pass)")
+            heatmaps = match_heatmaps(_student_heatmaps(student, options.student_config), cached,
+                                      f"cache {options.cache}")
+            paired |= {t_layer for t_layer, _ in heatmaps.values()}
+        layers = [layer for layer in cache.manifest.layers
+                  if layer.name in paired or (wants_features and not layer.is_head_output)]
         names = [layer.name for layer in layers]
         inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, names, options,
                                           models.dataset_data_root(dataset))
@@ -215,17 +233,22 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     else:  # online only: the teacher's shapes come from a probe of the teacher
         teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
         teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
-        modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"]
+        modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"] if wants_features else []
         dataset = models.build_dataset(inner)
-        teacher_shapes = _probe_teacher_shapes(options, dataset, modules)
+        teacher_shapes, teacher_heatmaps = _probe_teacher_shapes(options, dataset, modules, wants_heatmaps)
+        if wants_heatmaps:
+            heatmaps = match_heatmaps(_student_heatmaps(student, options.student_config), teacher_heatmaps,
+                                      f"online teacher {options.online_teacher[0]}")
         target_codecs = {}
         num_samples = len(dataset)
-    student_shapes = _probe_student(cfg, dataset, modules)
+    student_shapes = _probe_student(student, dataset, list(dict.fromkeys([*modules, *heatmaps])))
     if "crd" in terms and num_samples < 2:
         raise ConfigError(f"the crd term contrasts samples against each other and needs at least 2 cached samples; "
                           f"{options.cache or options.student_config} has {num_samples}. Use more samples, or a "
                           "term that works per sample: --kd infonce=1 (or pkd=1, mse=1)")
-    pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes}
+    feature_pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes
+                                      and name not in heatmaps}
+    pairs = {**feature_pairs, **{s_layer: t_layer for s_layer, (t_layer, _) in heatmaps.items()}}
     if not pairs:
         raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
                           f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
@@ -240,19 +263,59 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         student_range=student_range, teacher_range=teacher_range, terms=terms, warmup_iters=warmup,
         num_samples=num_samples,
         target_codecs={k: v for k, v in target_codecs.items() if k in pairs.values()},
+        heatmap_pairs={s_layer: channels for s_layer, (_, channels) in heatmaps.items()},
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
 
-def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str], heatmaps: bool
+                          ) -> tuple[dict[str, tuple[int, ...]], list[tuple[str, tuple[str, ...]]]]:
+    """The online teacher's per-sample output shapes of ``modules`` (plus its class heatmaps when
+    ``heatmaps``) and its heatmap layers with their classes."""
     from mmengine.dataset import pseudo_collate
 
+    from featcache.heads import head_outputs
     from featcache.recording import record_teacher
 
     teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
-    outputs = record_teacher(teacher, pseudo_collate([dataset[0]]), modules)
-    return {name: tuple(value.shape[1:]) for name, value in outputs.items()}
+    outputs = [(output.layer, output.classes) for output in head_outputs(teacher, ["heatmap"])] if heatmaps else []
+    recorded = record_teacher(teacher, pseudo_collate([dataset[0]]), list(modules) + [layer for layer, _ in outputs])
+    return {name: tuple(value.shape[1:]) for name, value in recorded.items()}, outputs
+
+
+def match_heatmaps(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequence[tuple[str, Sequence[str]]],
+                   where: str) -> dict[str, tuple[str, list[int]]]:
+    """Pair each student heatmap layer (with its task's classes) with the teacher heatmap layer that
+    holds the same classes, matched by name, not position: a 10-class one-task teacher distils a
+    6-class student of four tasks. Returns student layer -> (teacher layer, per student channel the
+    teacher channel, -1 for a class the teacher lacks); a student task whose classes the teacher has
+    in none of its layers is left out, one whose classes are split over several is an error."""
+    pairs: dict[str, tuple[str, list[int]]] = {}
+    for s_layer, classes in student:
+        found = {t_layer: [list(t_classes).index(name) if name in t_classes else -1 for name in classes]
+                 for t_layer, t_classes in teacher if set(classes) & set(t_classes)}
+        if len(found) > 1:
+            raise ConfigError(f"the heatmap term compares one student heatmap with one teacher heatmap, but the classes "
+                              f"{list(classes)} of student layer {s_layer} are split over teacher layers {sorted(found)} "
+                              f"({where}); give the student tasks that group classes as the teacher's do")
+        if found:
+            (t_layer, channels), = found.items()
+            pairs[s_layer] = (t_layer, channels)
+    if not pairs:
+        raise ConfigError(f"the heatmap term found no student class among the teacher's heatmap classes ({where}: "
+                          f"{sorted({name for _, names in teacher for name in names})}; student: "
+                          f"{sorted({name for _, names in student for name in names})})")
+    return pairs
+
+
+def _student_heatmaps(student, config: str) -> list[tuple[str, tuple[str, ...]]]:
+    from featcache.heads import head_outputs
+
+    try:
+        return [(output.layer, output.classes) for output in head_outputs(student, ["heatmap"])]
+    except ConfigError as exc:
+        raise ConfigError(f"the heatmap term distils CenterHead class heatmaps; student {config}: {exc}") from exc
 
 
 def _runner_class():
