@@ -233,6 +233,19 @@ def test_heatmap_term_pairs_every_student_task_with_the_cached_heatmaps_and_read
     assert set(cfg.model.pairs) == {"pts_neck.0", *heatmaps} and set(cfg.model.heatmap_pairs) == set(heatmaps)
 
 
+def test_heatmap_term_on_a_cache_without_heatmaps_says_how_to_build_one(nus_one, pillar_ckpt, tmp_path):
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+
+    plain = tmp_path / "plain"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(plain), layers="pts_neck",
+                             cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl"}
+    with pytest.raises(ConfigError, match=f"cache {plain} has none; build it with .*--head-outputs heatmap"):
+        build_runner_config(TrainOptions(student, str(plain), kd={"heatmap": 10.0}, cfg_options=options))
+
+
 def test_heatmap_classes_match_by_name_across_task_layouts():
     from trainer.train import match_heatmaps
 
