@@ -55,15 +55,20 @@ def _kd(text: str | None) -> dict[str, float] | None:
               help="Compute targets with a live teacher instead of a cache (for comparisons).")
 @cfg_options_option("Overrides for --online-teacher.", name="--teacher-cfg-options")
 @click.option("--no-distill", is_flag=True, help="Train the student with its detection loss only (baseline).")
+@click.option("--init-from-teacher", nargs=2, default=None, metavar="CONFIG CKPT",
+              help="Start the student from the teacher's weights sliced to its widths (a student of the teacher's "
+                   "family; one weight load, no teacher forward). Combines with any --kd or --no-distill.")
 @storage_option
 @fail_cleanly
 def train(student_config: str, cache: str | None, work_dir: str | None, kd: str | None, kd_warmup: int | None,
           loss: str | None, alpha: float | None, temperature: float | None, feat_dim: int | None, pairs: str | None,
           resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool, online_teacher: tuple[str, str] | None,
-          teacher_cfg_options: tuple[str, ...], no_distill: bool, storage_options: str | None) -> None:
+          teacher_cfg_options: tuple[str, ...], no_distill: bool, init_from_teacher: tuple[str, str] | None,
+          storage_options: str | None) -> None:
     """Train STUDENT_CONFIG with detection + distillation losses against cached teacher features.
 
-    No teacher is built or loaded when --cache is given. Under `torchrun` it trains with DDP.
+    No teacher is run when --cache is given (--init-from-teacher loads its weights once, before the first
+    step). Under `torchrun` it trains with DDP.
     """
     from featcache.models import parse_cfg_options
     from trainer.train import TrainOptions, train as run_training
@@ -73,7 +78,8 @@ def train(student_config: str, cache: str | None, work_dir: str | None, kd: str 
         alpha=alpha, temperature=temperature, feat_dim=feat_dim, pairs=_pairs(pairs), resume=resume,
         cfg_options=parse_cfg_options(cfg_options), storage_options=parse_storage_options(storage_options),
         skip_corrupt=skip_corrupt, online_teacher=tuple(online_teacher) if online_teacher else None,
-        teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill))
+        teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill,
+        init_from_teacher=tuple(init_from_teacher) if init_from_teacher else None))
 
 
 if __name__ == "__main__":

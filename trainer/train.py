@@ -46,6 +46,7 @@ class TrainOptions:
     online_teacher: tuple[str, str] | None = None  # (config, checkpoint): targets computed live
     teacher_cfg_options: dict[str, Any] = field(default_factory=dict)
     no_distill: bool = False  # the student alone (no-KD baseline, or training a teacher); no cache needed
+    init_from_teacher: tuple[str, str] | None = None  # (config, checkpoint): start from its sliced weights
 
 
 def bev_range(point_cloud_range: Sequence[float], where: str) -> list[float]:
@@ -169,6 +170,8 @@ def build_runner_config(options: TrainOptions):
     cfg.work_dir = options.work_dir or cfg.get("work_dir") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(options.student_config))[0])
     cfg.resume = options.resume
+    if options.init_from_teacher:
+        cfg.init_from_teacher = dict(config=options.init_from_teacher[0], checkpoint=options.init_from_teacher[1])
     visualizer = cfg.get("visualizer")
     if visualizer is not None:  # TensorBoard scalars next to mmengine's own logs
         backends = list(visualizer.get("vis_backends") or [dict(type="LocalVisBackend")])
@@ -331,6 +334,13 @@ def _runner_class():
 
             model = self.model.module if is_model_wrapper(self.model) else self.model
             models.init_weights(model)
+            inherit = self.cfg.get("init_from_teacher")
+            if inherit:  # before a resume or load_from, which then overwrite it
+                from trainer.distiller import CacheDistiller
+                from trainer.inherit import inherit_from_teacher
+
+                detector = model.student if isinstance(model, CacheDistiller) else model
+                self.logger.info(inherit_from_teacher(detector, inherit["config"], inherit["checkpoint"]).summary())
             for tensor in model.state_dict().values():  # every rank starts from rank 0's weights
                 broadcast(tensor)
 
