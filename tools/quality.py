@@ -353,7 +353,8 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
              f"teacher checkpoint sha256 {context['teacher_sha256'][:12]}; scenes stamp {context['data_stamp']}",
              f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
              "ray-cast scans), the shipped demo teacher "
-             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map cached once at int8-zstd3, students trained "
+             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map (int8-zstd3) and class heatmaps (fp16-zstd1) "
+             "cached once, students trained "
              f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
              "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"
              + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",
@@ -412,13 +413,25 @@ def conclusions(groups, verdicts, teacher_map: float) -> list[str]:
         lines.append("- No recipe has 3 seeds beside 3 no-KD seeds yet; no comparison is drawn.")
     elif not clear:
         lines.append("- **No recipe beats its no-KD twin beyond the run-to-run spread** (gap > 3 x the larger std): "
-                     "on this benchmark, feature distillation from the cache does not measurably help yet.")
+                     "on this benchmark, distillation from the cache does not measurably help yet.")
     crd = [v for v in verdicts if v[1] == "crd=1" and v[0] == "half"]
     if crd:
         _, _, _, gain, gap = crd[0]
         best = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
         lines.append(f"- CRD alone (`crd=1`) changes the half student's mAP by {gain:+.4f} ({gap:+.2f} x the "
                      f"larger std) against no-KD; the best half recipe here is `{best[1]}` ({best[3]:+.4f}).")
+    # what CRD adds on top of the best response recipe (a heatmap recipe without a feature term)
+    response = [v for v in verdicts if v[0] == "half" and v[1].startswith("heatmap=") and "," not in v[1]]
+    if response:
+        best_response = max(response, key=lambda v: v[3])
+        with_crd = groups.get(("half", f"{best_response[1]},crd=1", "cache"))
+        alone = groups.get(("half", best_response[1], "cache"))
+        if with_crd and alone and len(with_crd) >= 3:
+            (mean_c, std_c), (mean_a, std_a) = describe(with_crd), describe(alone)
+            larger = max(std_c, std_a)
+            lines.append(f"- CRD on top of the best response recipe (`{best_response[1]}`): `{best_response[1]},crd=1` "
+                         f"changes the half student's mAP by {mean_c - mean_a:+.4f} "
+                         f"({(mean_c - mean_a) / larger if larger > 0 else float('nan'):+.2f} x the larger std).")
     return lines
 
 
