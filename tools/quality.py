@@ -47,8 +47,10 @@ NO_KD = "no-kd"
 # The recipes of the half student. Weights: crd, infonce and pkd losses are O(1) at the start, mse
 # depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6);
 # heatmap=10 is SparseKD's heatmap-KD weight range (7-15) for the same confidence-weighted MSE.
-HALF_RECIPES = (NO_KD, "heatmap=10", "heatmap=10,infonce=1", "heatmap=10,crd=1", "crd=1", "infonce=1", "mse=1",
-                "pkd=5", "infonce=1,pkd=5")
+# "init": the student starts from the teacher's sliced weights (--init-from-teacher), alone or with terms.
+INIT = "init"
+HALF_RECIPES = (NO_KD, "heatmap=10", "heatmap=10,infonce=1", "heatmap=10,crd=1", INIT, "heatmap=10,init", "crd=1",
+                "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
 # What decides the outcome of a run: the trainer's training-step and evaluation code, and train.py,
 # which decides what is distilled (which layers and heatmap classes are paired). The CLI only parses.
 TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "losses.py", "samplers.py",
@@ -56,6 +58,17 @@ TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "lo
 # What the benchmark's cache holds: the distilled feature map and the class heatmaps (--kd heatmap).
 CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "heatmap"]
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
+
+
+def recipe_parts(recipe: str) -> tuple[str | None, bool]:
+    """(--kd spec or None for the detection loss alone, whether the student inherits the teacher's weights)."""
+    parts = [part for part in recipe.split(",") if part and part != INIT]
+    return (None if recipe == NO_KD or not parts else ",".join(parts)), INIT in recipe.split(",")
+
+
+def targets_of(recipe: str) -> str:
+    """Where a recipe's targets come from when trained from the benchmark's cache: "none" without a term."""
+    return "cache" if recipe_parts(recipe)[0] else "none"
 
 
 @dataclass(frozen=True)
@@ -127,15 +140,17 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     work_dir = spec["work_dir"]
     options = parse_cfg_options(spec["cfg_options"] + [f"randomness.seed={run.seed}"])
     config = str(STUDENTS[run.student])
-    common = dict(student_config=config, work_dir=work_dir, cfg_options=options)
-    if run.recipe == NO_KD:
+    kd, inherit = recipe_parts(run.recipe)
+    common = dict(student_config=config, work_dir=work_dir, cfg_options=options,
+                  init_from_teacher=(str(TEACHER_CONFIG), str(TEACHER_CKPT)) if inherit else None)
+    if kd is None:
         train_options = TrainOptions(cache=None, no_distill=True, **common)
     elif run.targets == "online":
-        train_options = TrainOptions(cache=None, kd=parse_kd_spec(run.recipe), online_teacher=(
+        train_options = TrainOptions(cache=None, kd=parse_kd_spec(kd), online_teacher=(
             str(TEACHER_CONFIG), str(TEACHER_CKPT)), teacher_cfg_options=parse_cfg_options(spec["cfg_options"]),
             **common)
     else:
-        train_options = TrainOptions(cache=spec["cache"], kd=parse_kd_spec(run.recipe), **common)
+        train_options = TrainOptions(cache=spec["cache"], kd=parse_kd_spec(kd), **common)
     start = time.perf_counter()
     train(train_options)
     train_s = time.perf_counter() - start
@@ -210,15 +225,16 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
     recipe's second), then the slim student (no-KD and the half student's best cached recipe), then
     the online-teacher run of that recipe. ``recipes`` (a pilot) trains those half recipes only."""
     if recipes:
-        return [Run("half", recipe, seed, "none" if recipe == NO_KD else "cache") for seed in seeds for recipe in recipes]
+        return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
     half = [NO_KD, "pkd=5"] if quick else list(HALF_RECIPES)
     best = best_recipe(records, "half") or "infonce=1,pkd=5"
     runs: list[Run] = []
     if only in (None, "half"):
-        runs += [Run("half", recipe, seed, "none" if recipe == NO_KD else "cache") for seed in seeds for recipe in half]
+        runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in half]
     if only in (None, "slim") and not quick:
-        runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"), Run("slim", best, seed, "cache"))]
-    if only in (None, "online") and not quick:
+        runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"),
+                                                   Run("slim", best, seed, targets_of(best)))]
+    if only in (None, "online") and not quick and targets_of(best) == "cache":  # a recipe with teacher targets
         runs.append(Run("half", best, seeds[0], "online"))
     return runs
 
@@ -228,10 +244,10 @@ def best_recipe(records: list[dict], student: str) -> str | None:
     at least 2 seeds (before that, a recipe with more seeds would win by arriving first); else None."""
     groups = group_records(records)
     cached = [recipe for recipe in HALF_RECIPES if recipe != NO_KD]
-    seeds = {recipe: len(groups.get((student, recipe, "cache"), [])) for recipe in cached}
+    seeds = {recipe: len(groups.get((student, recipe, targets_of(recipe)), [])) for recipe in cached}
     if min(seeds.values()) < 2:
         return None
-    return max(cached, key=lambda recipe: statistics.mean(groups[(student, recipe, "cache")]))
+    return max(cached, key=lambda recipe: statistics.mean(groups[(student, recipe, targets_of(recipe))]))
 
 
 def group_records(records: list[dict]) -> dict[tuple[str, str, str], list[float]]:
