@@ -256,5 +256,25 @@ def test_heatmap_classes_match_by_name_across_task_layouts():
     split = [("a", ("car",)), ("b", ("truck",))]
     with pytest.raises(ConfigError, match=r"\['car', 'truck'\] of student layer t0 are split over teacher layers"):
         match_heatmaps([("t0", ("car", "truck"))], split, "cache c")
-    with pytest.raises(ConfigError, match="found no student class among the teacher's heatmap classes"):
+    with pytest.raises(ConfigError, match="found no student class among the teacher's head classes"):
         match_heatmaps([("t0", ("tram",))], teacher, "cache c")
+
+
+def test_reg_term_pairs_each_tasks_regression_outputs_with_its_classes_labels(head_cache, nus_one):
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+
+    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
+    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"heatmap": 10.0, "reg": 1.0},
+                                           cfg_options=options))
+    kinds = ("reg", "height", "dim", "rot", "vel")
+    regression = {f"pts_bbox_head.task_heads.{task}.{kind}" for task in range(6) for kind in kinds}
+    assert set(cfg.model.regression_pairs) == regression and len(cfg.model.heatmap_pairs) == 6
+    assert set(cfg.model.pairs) == regression | set(cfg.model.heatmap_pairs)  # no feature term: no feature pair
+    # labels in CenterHead's order of the tasks' classes: task 1 is (truck, construction_vehicle)
+    assert cfg.model.regression_pairs["pts_bbox_head.task_heads.1.rot"] == {"kind": "rot", "labels": [1, 2],
+                                                                            "log_dims": True}
+    pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
+    assert set(pack["layers"]) == set(cfg.model.pairs.values())

@@ -42,7 +42,7 @@ def _context(cs: int, ct: int, num_samples: int = 8) -> TermContext:
 def test_kd_spec_parses_weights_and_names_the_valid_terms():
     assert parse_kd_spec("infonce=1,pkd=5") == {"infonce": 1.0, "pkd": 5.0}
     assert parse_kd_spec("crd") == {"crd": 1.0}
-    with pytest.raises(ValueError, match="choose from crd, heatmap, infonce, mse, pkd"):
+    with pytest.raises(ValueError, match="choose from crd, heatmap, infonce, mse, pkd, reg"):
         parse_kd_spec("infonse=1")
     with pytest.raises(ValueError, match="not a number"):
         parse_kd_spec("pkd=x")
@@ -50,7 +50,7 @@ def test_kd_spec_parses_weights_and_names_the_valid_terms():
         build_term("nope", _context(4, 4))
     with pytest.raises(ValueError, match="has no parameter tau; it takes feat_dim, temperature"):
         build_term("crd", _context(4, 4), tau=1.0)
-    assert set(TERMS) == {"crd", "heatmap", "infonce", "mse", "pkd"}
+    assert set(TERMS) == {"crd", "heatmap", "infonce", "mse", "pkd", "reg"}
 
 
 def test_crd_term_needs_two_rows_and_says_what_to_use_instead():
@@ -193,6 +193,11 @@ def test_every_term_backpropagates_into_student_and_runs_on_stored_int8_targets(
         step.layers[0].foreground = torch.rand(2, 8, 8)
         if "heatmap" in TERMS[name].kinds:  # a response term reads heatmap pairs: classes 0, 2 of the teacher's
             step.layers[0].kind, step.layers[0].channel_map = "heatmap", torch.tensor([0, 2, -1])
+        elif "dim" in TERMS[name].kinds:  # regression outputs: a 3-channel "dim" map at the boxes' centres
+            three = [codecs.encode(map_[:3].numpy(), spec) for map_ in teacher]
+            step.layers[0].kind = "dim"
+            step.layers[0].teacher = TeacherMaps([torch.from_numpy(s) for s, _ in three], spec,
+                                                 [torch.from_numpy(q) for _, q in three])
         term = build_term(name, _context(3, 5))
         loss = term(step)["neck"]
         assert torch.isfinite(loss), name

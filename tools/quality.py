@@ -49,14 +49,14 @@ NO_KD = "no-kd"
 # heatmap=10 is SparseKD's heatmap-KD weight range (7-15) for the same confidence-weighted MSE.
 # "init": the student starts from the teacher's sliced weights (--init-from-teacher), alone or with terms.
 INIT = "init"
-HALF_RECIPES = (NO_KD, "heatmap=10", "heatmap=10,infonce=1", "heatmap=10,crd=1", INIT, "heatmap=10,init", "crd=1",
-                "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
+HALF_RECIPES = (NO_KD, "heatmap=10", "heatmap=10,reg=1", "heatmap=10,infonce=1", "heatmap=10,crd=1", INIT,
+                "heatmap=10,reg=1,init", "crd=1", "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
 # What decides the outcome of a run: the trainer's training-step and evaluation code, and train.py,
 # which decides what is distilled (which layers and heatmap classes are paired). The CLI only parses.
 TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "losses.py", "samplers.py",
                  "targets.py", "terms.py", "train.py", "transforms.py")
-# What the benchmark's cache holds: the distilled feature map and the class heatmaps (--kd heatmap).
-CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "heatmap"]
+# What the benchmark's cache holds: the distilled feature map and every head output (--kd heatmap, reg).
+CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all"]
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
 
 
@@ -198,7 +198,7 @@ def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
                    check=True, stdout=subprocess.DEVNULL)
     stamp_text = (data / "featcache_synth_stamp.json").read_text()  # generator, seed and split sizes
-    cache = work / "cache_neck_heatmap"  # a cache of other outputs (older sessions: "cache") is left alone
+    cache = work / "cache_neck_heads"  # a cache of other outputs (older sessions: "cache") is left alone
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
                                       *CACHE_OUTPUTS, *options], check=True)
@@ -369,8 +369,8 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
              f"teacher checkpoint sha256 {context['teacher_sha256'][:12]}; scenes stamp {context['data_stamp']}",
              f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
              "ray-cast scans), the shipped demo teacher "
-             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map (int8-zstd3) and class heatmaps (fp16-zstd1) "
-             "cached once, students trained "
+             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map (int8-zstd3) and every CenterHead output "
+             "(fp16-zstd1) cached once, students trained "
              f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
              "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"
              + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",

@@ -158,6 +158,7 @@ class BevAlignment:
     def __init__(self, teacher_range: Sequence[float], teacher_hw: tuple[int, int], student_range: Sequence[float],
                  student_hw: tuple[int, int], meta: dict[str, Any], device: torch.device | None = None) -> None:
         self.teacher_hw, self.student_hw = tuple(teacher_hw), tuple(student_hw)
+        self.teacher_range, self.student_range, self.meta = list(teacher_range), list(student_range), meta
         source = undo_augmentation(bev_cell_centres(student_range, *student_hw, device), meta).reshape(-1, 2)
         x_min, y_min, x_max, y_max = teacher_range
         height, width = self.teacher_hw

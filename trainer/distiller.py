@@ -61,6 +61,12 @@ def gt_boxes(data_samples: Sequence[Any]) -> list[Any]:
             for sample in data_samples]
 
 
+def gt_labels(data_samples: Sequence[Any]) -> list[Tensor | None]:
+    """Each sample's GT label ids (None without any), taken with ``gt_boxes``."""
+    return [sample.gt_instances_3d.labels_3d if "labels_3d" in sample.gt_instances_3d else None
+            for sample in data_samples]
+
+
 def gt_foreground(boxes: Sequence[Any], bev_range: Sequence[float], height: int, width: int,
                   device: torch.device, min_radius: int = 2, min_overlap: float = 0.1) -> Tensor:
     """(B, H, W) float in [0, 1]: each sample's GT boxes (``gt_boxes``) as CenterHead-style Gaussians
@@ -96,6 +102,9 @@ class CacheDistiller(BaseModel):
             instead of reading them from data samples (comparisons only; never used with a cache).
         target_codecs: cache layer -> codec name (the manifest's): data samples carry the stored
             values, decoded on the training device; without an entry they are taken as floats.
+        regression_pairs: the pairs of ``pairs`` that are CenterHead regression outputs (student module ->
+            dict(kind="reg"|"height"|"dim"|"rot"|"vel", labels=[GT label ids of the task's classes the
+            teacher also has], log_dims=bool)); read by the ``reg`` term at those boxes' centres.
         heatmap_pairs: the pairs of ``pairs`` that are class heatmaps (student heatmap module ->
             per student channel the teacher channel of the same class, -1 for none); read by response
             terms (``heatmap``), not by the feature terms, which get no heads for them.
@@ -111,6 +120,7 @@ class CacheDistiller(BaseModel):
                  teacher_range: Sequence[float], terms: dict[str, dict] | None = None, warmup_iters: int = 0,
                  foreground: dict | None = None, num_samples: int = 1, online_teacher: dict | None = None,
                  target_codecs: dict[str, str] | None = None, heatmap_pairs: dict[str, Sequence[int]] | None = None,
+                 regression_pairs: dict[str, dict] | None = None,
                  init_cfg: dict | None = None) -> None:
         student_model = MODELS.build(student)
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
@@ -119,9 +129,12 @@ class CacheDistiller(BaseModel):
         self.pairs = dict(pairs)
         self.heatmap_pairs = {layer: [int(channel) for channel in channels]
                               for layer, channels in (heatmap_pairs or {}).items()}
-        unpaired = sorted(set(self.heatmap_pairs) - set(self.pairs))
+        self.regression_pairs = {layer: dict(kind=spec["kind"], labels=[int(label) for label in spec["labels"]],
+                                             log_dims=bool(spec.get("log_dims", True)))
+                                 for layer, spec in (regression_pairs or {}).items()}
+        unpaired = sorted((set(self.heatmap_pairs) | set(self.regression_pairs)) - set(self.pairs))
         if unpaired:
-            raise ConfigError(f"heatmap_pairs {unpaired} are not in pairs {sorted(self.pairs)}")
+            raise ConfigError(f"response pairs {unpaired} are not in pairs {sorted(self.pairs)}")
         self.target_codecs = {layer: codecs.parse_codec(name) for layer, name in (target_codecs or {}).items()}
         self.student_range, self.teacher_range = list(student_range), list(teacher_range)
         self.student_shapes = {name: tuple(shape) for name, shape in student_shapes.items()}
@@ -131,7 +144,8 @@ class CacheDistiller(BaseModel):
         modules = {name for name, _ in self.student.named_modules() if name}
         self.student_modules = sorted({module_of(layer, modules) for layer in self.pairs})
         context = TermContext(channels={head_key(s): (self.student_shapes[s][0], self.teacher_shapes[t][0])
-                                        for s, t in self.pairs.items() if s not in self.heatmap_pairs},
+                                        for s, t in self.pairs.items()
+                                        if s not in self.heatmap_pairs and s not in self.regression_pairs},
                               num_samples=num_samples, gather=gather_across_ranks)
         terms = terms if terms is not None else {"crd": {"weight": 1.0}}
         if not terms:
@@ -203,17 +217,23 @@ class CacheDistiller(BaseModel):
 
     # -- the step's shared view ---------------------------------------------------------------
     def _layer_step(self, s_layer: str, student: Tensor, maps: TeacherMaps, data_samples: list, boxes: list,
-                    unaugmented_frame: bool) -> LayerStep:
+                    labels: list, unaugmented_frame: bool) -> LayerStep:
         hw = tuple(student.shape[-2:])
         alignments = self._alignments(maps, hw, data_samples, unaugmented_frame, student.device)
         # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
         rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
                                device=student.device)
         channel_map = self.heatmap_pairs.get(s_layer)
+        regression = self.regression_pairs.get(s_layer)
+        kind = "heatmap" if channel_map is not None else regression["kind"] if regression else "feature"
+        if regression:  # a task's regression outputs answer for its own classes' boxes only
+            boxes = [None if sample_boxes is None else sample_boxes[torch.isin(sample_labels.cpu(),
+                                                                               torch.tensor(regression["labels"]))]
+                     for sample_boxes, sample_labels in zip(boxes, labels)]
         return LayerStep(
-            key=head_key(s_layer), student=student, teacher=maps, alignments=alignments,
-            kind="feature" if channel_map is None else "heatmap",
+            key=head_key(s_layer), student=student, teacher=maps, alignments=alignments, kind=kind,
             channel_map=None if channel_map is None else torch.as_tensor(channel_map, device=student.device),
+            log_dims=regression["log_dims"] if regression else True,
             valid=torch.stack([alignment.valid.reshape(hw) for alignment in alignments]),
             foreground=gt_foreground(boxes, self.student_range, *hw, student.device, **self.foreground),
             boxes=[self._boxes_in_cells(sample_boxes, hw, student.device) for sample_boxes in boxes], rows=rows)
@@ -247,12 +267,13 @@ class CacheDistiller(BaseModel):
 
     def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
         recorder = LayerRecorder(self.student, self.student_modules, detach=False)
-        boxes = gt_boxes(data_samples)
+        boxes, labels = gt_boxes(data_samples), gt_labels(data_samples)
         with recorder:
             losses = self.student.loss(inputs, data_samples)
         raw, unaugmented_frame = self._raw_targets(inputs, data_samples)
         step = DistillStep([self._layer_step(s_layer, recorder.outputs[s_layer], raw[t_layer], data_samples,
-                                             boxes, unaugmented_frame) for s_layer, t_layer in self.pairs.items()])
+                                             boxes, labels, unaugmented_frame)
+                             for s_layer, t_layer in self.pairs.items()])
         if self.training and int(self.steps) == 0:
             self._warn_low_overlap(step)
         scale = self.weight_scale()

@@ -20,6 +20,9 @@ Terms (:data:`TERMS`):
 * ``heatmap``: response distillation on CenterHead class heatmaps (SparseKD, Yang et al. NeurIPS
   2022): squared (or L1, UniDistill) difference of student and teacher sigmoid scores, classes
   matched by name, each cell weighted by the teacher's highest class score.
+* ``reg``: response distillation on CenterHead regression outputs (offset, height, dims, heading,
+  velocity) at the GT centres, L1 against the teacher's outputs carried into the augmented frame
+  (``trainer.response``: decoded, moved like mmdet3d moves a box, encoded on the student's grid).
 
 Feature terms read the ``feature`` pairs (hooked layers); response terms (``heatmap``) read the
 pairs of their kind (cached head outputs); :attr:`KDTerm.kinds` says which.
@@ -34,15 +37,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from trainer.bev_warp import BevAlignment
+from trainer.bev_warp import BevAlignment, undo_augmentation
 from trainer.heads import ProjectionMLP
 from trainer.losses import (CRDLoss, InfoNCELoss, box_cells, gather_cells, instance_infonce, mean_by_box,
                             sample_cells)
+from trainer.response import REGRESSION_KINDS, augmented_targets
 from trainer.targets import TeacherMaps
 
 __all__ = ["LayerStep", "DistillStep", "TermContext", "KDTerm", "TERMS", "register_term", "build_term",
@@ -62,9 +66,10 @@ class LayerStep:
         foreground: (B, H, W) float in [0, 1], the GT boxes' CenterHead-style Gaussian on the student grid.
         boxes: per sample (N, 4) GT boxes as axis-aligned [x1, y1, x2, y2] in student cell units.
         rows: (B,) long, the samples' cache rows (CRD's memory index).
-        kind: ``"feature"`` (a hooked layer) or a head output's kind (``"heatmap"``).
-        channel_map: for head outputs, (Cs,) long: per student channel the teacher channel holding the
+        kind: ``"feature"`` (a hooked layer) or a head output's kind (``"heatmap"``, ``"reg"``, ``"dim"``...).
+        channel_map: for heatmaps, (Cs,) long: per student channel the teacher channel holding the
             same class (matched by name), -1 where the teacher has no such class.
+        log_dims: for ``dim`` outputs, whether they hold log extents (CenterHead's ``norm_bbox``).
     """
 
     key: str
@@ -77,6 +82,7 @@ class LayerStep:
     rows: Tensor
     kind: str = "feature"
     channel_map: Tensor | None = None
+    log_dims: bool = True
     _regression: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def regression_pairs(self, cells_per_sample: int) -> tuple[Tensor, Tensor]:
@@ -387,3 +393,68 @@ class HeatmapTerm(KDTerm):
             total = total + (weights * per_cell).sum()
             norm = norm + weights.sum()
         return total / norm.clamp_min(1e-6)
+
+
+def _one_hot_read(cells: Tensor, hw: Sequence[int]) -> Tensor:
+    """Sparse (N, H*W) matrix reading flat cell ``cells[n]`` into row n (nearest-cell reads)."""
+    rows = torch.arange(len(cells), device=cells.device)
+    return torch.sparse_coo_tensor(torch.stack([rows, cells]), torch.ones(len(cells), device=cells.device),
+                                   (len(cells), hw[0] * hw[1])).coalesce()
+
+
+@register_term
+class RegressionTerm(KDTerm):
+    """Response distillation on CenterHead regression outputs at the GT centres (UniDistill's and
+    SparseKD's regression KD): per GT box, the student's output at the cell holding its centre (where
+    CenterHead's own regression loss looks) against the teacher's output at the cell holding the same
+    centre in the cache frame, carried into the augmented frame and the student's encoding
+    (``trainer.response.augmented_targets``); L1 (``loss="l1"``) or smooth L1, mean over boxes and
+    channels. The teacher's own estimate replaces the GT value: where it is off, the student learns
+    what the teacher can see in the points, which is the point of distilling it.
+    """
+
+    name = "reg"
+    kinds = REGRESSION_KINDS
+
+    def __init__(self, context: TermContext, loss: str = "l1", beta: float = 0.1) -> None:
+        super().__init__(context)
+        if loss not in ("l1", "smooth_l1"):
+            raise ValueError(f"reg loss must be 'l1' or 'smooth_l1', got {loss!r}")
+        self.loss, self.beta = loss, float(beta)
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        student = layer.student
+        height, width = student.shape[-2:]
+        predictions, targets = [], []
+        for index, (alignment, boxes) in enumerate(zip(layer.alignments, layer.boxes)):
+            if not len(boxes):
+                continue
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # a rotated box's AABB shares its centre, student cells
+            cells = centres.floor().long()
+            x_min, y_min, x_max, y_max = alignment.student_range
+            cell_s = centres.new_tensor([(x_max - x_min) / width, (y_max - y_min) / height])
+            source = undo_augmentation(centres.new_tensor([x_min, y_min]) + centres * cell_s, alignment.meta)
+            tx_min, ty_min, tx_max, ty_max = alignment.teacher_range
+            t_height, t_width = alignment.teacher_hw
+            teacher_cells = ((source - centres.new_tensor([tx_min, ty_min]))
+                             / centres.new_tensor([(tx_max - tx_min) / t_width, (ty_max - ty_min) / t_height])).floor().long()
+            keep = ((cells[:, 0] >= 0) & (cells[:, 0] < width) & (cells[:, 1] >= 0) & (cells[:, 1] < height)
+                    & (teacher_cells[:, 0] >= 0) & (teacher_cells[:, 0] < t_width)
+                    & (teacher_cells[:, 1] >= 0) & (teacher_cells[:, 1] < t_height))
+            cells, teacher_cells = cells[keep], teacher_cells[keep]
+            keep = layer.valid[index][cells[:, 1], cells[:, 0]]  # GT-pasted or off the teacher grid: no target
+            cells, teacher_cells = cells[keep], teacher_cells[keep]
+            if not len(cells):
+                continue
+            flat = teacher_cells[:, 1] * t_width + teacher_cells[:, 0]
+            teacher = layer.teacher.read(index, _one_hot_read(flat, alignment.teacher_hw))
+            targets.append(augmented_targets(layer.kind, teacher, teacher_cells, cells, alignment.teacher_range,
+                                             alignment.teacher_hw, alignment.student_range, (height, width),
+                                             alignment.meta, log_dims=layer.log_dims))
+            predictions.append(student[index][:, cells[:, 1], cells[:, 0]].T)
+        if not predictions:  # no GT centre with a target in the batch: zero, still part of the graph
+            return student.sum() * 0
+        difference = torch.cat(predictions).float() - torch.cat(targets).float()
+        if self.loss == "l1":
+            return difference.abs().mean()
+        return torch.nn.functional.smooth_l1_loss(difference, torch.zeros_like(difference), beta=self.beta)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -198,10 +198,12 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     student = models.build_model(cfg)
     from trainer.terms import TERMS
 
-    wants_heatmaps = "heatmap" in terms
+    # head outputs the response terms read (heatmap: class heatmaps; reg: the regression outputs)
+    response_kinds = [kind for name in terms for kind in TERMS[name].kinds if kind != "feature"]
     # feature layers are read (and paired) only for a term that distils features, or when --pairs names them
     wants_features = bool(options.pairs) or any("feature" in TERMS[name].kinds for name in terms)
     heatmaps: dict[str, tuple[str, list[int]]] = {}
+    regressions: dict[str, tuple[str, dict]] = {}
     student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
@@ -209,16 +211,13 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         # feature layers for feature terms; head outputs (build --head-outputs) for --kd heatmap or where --pairs
         # names them: nothing is read that no term uses
         paired = set((options.pairs or {}).values())
-        if wants_heatmaps:
-            cached = [(layer.name, tuple(layer.meaning.get("classes", ()))) for layer in cache.manifest.layers
-                      if layer.is_head_output and layer.meaning.get("kind") == "heatmap"]
-            if not cached:
-                raise ConfigError(f"--kd heatmap distils the teacher's class heatmaps, and cache {options.cache} has "
-                                  "none; build it with `featcache build ... --head-outputs heatmap` (features "
-                                  "and heatmaps in one pass)")
-            heatmaps = match_heatmaps(_student_heatmaps(student, options.student_config), cached,
-                                      f"cache {options.cache}")
-            paired |= {t_layer for t_layer, _ in heatmaps.values()}
+        if response_kinds:
+            cached = [TeacherOutput(layer.name, layer.meaning.get("kind"), tuple(layer.meaning.get("classes", ())),
+                                    tuple(layer.meaning.get("channels", ())))
+                      for layer in cache.manifest.layers if layer.is_head_output]
+            heatmaps, regressions = response_pairs(student, options.student_config, terms, cached,
+                                                   f"cache {options.cache}")
+            paired |= {t_layer for t_layer, _ in [*heatmaps.values(), *regressions.values()]}
         layers = [layer for layer in cache.manifest.layers
                   if layer.name in paired or (wants_features and not layer.is_head_output)]
         names = [layer.name for layer in layers]
@@ -238,20 +237,21 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
         modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"] if wants_features else []
         dataset = models.build_dataset(inner)
-        teacher_shapes, teacher_heatmaps = _probe_teacher_shapes(options, dataset, modules, wants_heatmaps)
-        if wants_heatmaps:
-            heatmaps = match_heatmaps(_student_heatmaps(student, options.student_config), teacher_heatmaps,
-                                      f"online teacher {options.online_teacher[0]}")
+        teacher_shapes, teacher_outputs = _probe_teacher_shapes(options, dataset, modules, response_kinds)
+        if response_kinds:
+            heatmaps, regressions = response_pairs(student, options.student_config, terms, teacher_outputs,
+                                                   f"online teacher {options.online_teacher[0]}")
         target_codecs = {}
         num_samples = len(dataset)
-    student_shapes = _probe_student(student, dataset, list(dict.fromkeys([*modules, *heatmaps])))
+    student_shapes = _probe_student(student, dataset, list(dict.fromkeys([*modules, *heatmaps, *regressions])))
     if "crd" in terms and num_samples < 2:
         raise ConfigError(f"the crd term contrasts samples against each other and needs at least 2 cached samples; "
                           f"{options.cache or options.student_config} has {num_samples}. Use more samples, or a "
                           "term that works per sample: --kd infonce=1 (or pkd=1, mse=1)")
     feature_pairs = options.pairs or {name: name for name in student_shapes if name in teacher_shapes
-                                      and name not in heatmaps}
-    pairs = {**feature_pairs, **{s_layer: t_layer for s_layer, (t_layer, _) in heatmaps.items()}}
+                                      and name not in heatmaps and name not in regressions}
+    pairs = {**feature_pairs, **{s_layer: t_layer for s_layer, (t_layer, _) in [*heatmaps.items(),
+                                                                                 *regressions.items()]}}
     if not pairs:
         raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
                           f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
@@ -267,14 +267,15 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         num_samples=num_samples,
         target_codecs={k: v for k, v in target_codecs.items() if k in pairs.values()},
         heatmap_pairs={s_layer: channels for s_layer, (_, channels) in heatmaps.items()},
+        regression_pairs={s_layer: spec for s_layer, (_, spec) in regressions.items()},
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
 
-def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str], heatmaps: bool
-                          ) -> tuple[dict[str, tuple[int, ...]], list[tuple[str, tuple[str, ...]]]]:
-    """The online teacher's per-sample output shapes of ``modules`` (plus its class heatmaps when
-    ``heatmaps``) and its heatmap layers with their classes."""
+def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str], kinds: Sequence[str]
+                          ) -> tuple[dict[str, tuple[int, ...]], list["TeacherOutput"]]:
+    """The online teacher's per-sample output shapes of ``modules`` and of its head outputs of ``kinds``,
+    and those head outputs described."""
     from mmengine.dataset import pseudo_collate
 
     from featcache.heads import head_outputs
@@ -282,15 +283,26 @@ def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]
 
     teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
-    outputs = [(output.layer, output.classes) for output in head_outputs(teacher, ["heatmap"])] if heatmaps else []
-    recorded = record_teacher(teacher, pseudo_collate([dataset[0]]), list(modules) + [layer for layer, _ in outputs])
+    outputs = [TeacherOutput(output.layer, output.kind, output.classes, output.channels)
+               for output in head_outputs(teacher, list(dict.fromkeys(kinds)))] if kinds else []
+    recorded = record_teacher(teacher, pseudo_collate([dataset[0]]), list(modules) + [out.layer for out in outputs])
     return {name: tuple(value.shape[1:]) for name, value in recorded.items()}, outputs
+
+
+class TeacherOutput(NamedTuple):
+    """A teacher head output a response term can read: its layer, kind (``heatmap``, ``reg``...), task
+    classes and what each channel holds (``featcache.heads.HeadOutput``, or a manifest's ``meaning``)."""
+
+    layer: str
+    kind: str
+    classes: tuple[str, ...]
+    channels: tuple[str, ...]
 
 
 def match_heatmaps(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequence[tuple[str, Sequence[str]]],
                    where: str) -> dict[str, tuple[str, list[int]]]:
-    """Pair each student heatmap layer (with its task's classes) with the teacher heatmap layer that
-    holds the same classes, matched by name, not position: a 10-class one-task teacher distils a
+    """Pair each student head output (with its task's classes) with the teacher output of the same kind
+    that holds the same classes, matched by name, not position: a 10-class one-task teacher distils a
     6-class student of four tasks. Returns student layer -> (teacher layer, per student channel the
     teacher channel, -1 for a class the teacher lacks); a student task whose classes the teacher has
     in none of its layers is left out, one whose classes are split over several is an error."""
@@ -299,26 +311,62 @@ def match_heatmaps(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequen
         found = {t_layer: [list(t_classes).index(name) if name in t_classes else -1 for name in classes]
                  for t_layer, t_classes in teacher if set(classes) & set(t_classes)}
         if len(found) > 1:
-            raise ConfigError(f"the heatmap term compares one student heatmap with one teacher heatmap, but the classes "
+            raise ConfigError(f"a response term compares one student head output with one teacher output, but the classes "
                               f"{list(classes)} of student layer {s_layer} are split over teacher layers {sorted(found)} "
                               f"({where}); give the student tasks that group classes as the teacher's do")
         if found:
             (t_layer, channels), = found.items()
             pairs[s_layer] = (t_layer, channels)
     if not pairs:
-        raise ConfigError(f"the heatmap term found no student class among the teacher's heatmap classes ({where}: "
+        raise ConfigError(f"the response terms found no student class among the teacher's head classes ({where}: "
                           f"{sorted({name for _, names in teacher for name in names})}; student: "
                           f"{sorted({name for _, names in student for name in names})})")
     return pairs
 
 
-def _student_heatmaps(student, config: str) -> list[tuple[str, tuple[str, ...]]]:
-    from featcache.heads import head_outputs
+def response_pairs(student, config: str, terms: dict, teacher: Sequence[TeacherOutput], where: str
+                   ) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[str, dict]]]:
+    """The head-output pairs of the response terms in ``terms``: heatmaps (student layer -> (teacher
+    layer, channel map)) for ``heatmap``, regression outputs (student layer -> (teacher layer,
+    dict(kind, labels, log_dims))) for ``reg``, student tasks matched to teacher tasks by class name."""
+    from featcache.heads import head_outputs, find_head
+    from trainer.response import REGRESSION_KINDS
 
+    kinds = (["heatmap"] if "heatmap" in terms else []) + (list(REGRESSION_KINDS) if "reg" in terms else [])
+    available = {out.kind for out in teacher}
+    build = {"heatmap": "--head-outputs heatmap", "reg": "--head-outputs all (or reg,height,dim,rot,vel)"}
+    for term in ("heatmap", "reg"):
+        wanted = ["heatmap"] if term == "heatmap" else list(REGRESSION_KINDS)
+        if term in terms and not available & set(wanted):
+            raise ConfigError(f"--kd {term} distils the teacher's {'class heatmaps' if term == 'heatmap' else 'regression outputs'}, "
+                              f"and {where} has none; build it with `featcache build ... {build[term]}` (features "
+                              "and head outputs in one pass)")
+    kinds = [kind for kind in kinds if kind in available]  # a KITTI head has no vel
     try:
-        return [(output.layer, output.classes) for output in head_outputs(student, ["heatmap"])]
+        outputs = head_outputs(student, kinds)
+        _, head = find_head(student)
     except ConfigError as exc:
-        raise ConfigError(f"the heatmap term distils CenterHead class heatmaps; student {config}: {exc}") from exc
+        raise ConfigError(f"the response terms distil CenterHead outputs; student {config}: {exc}") from exc
+    flat_classes = [name for classes in head.class_names for name in classes]  # CenterHead's label order
+    log_dims = bool(getattr(head, "norm_bbox", True))
+    heatmaps, regressions = {}, {}
+    for kind in kinds:
+        matched = match_heatmaps([(out.layer, out.classes) for out in outputs if out.kind == kind],
+                                 [(out.layer, out.classes) for out in teacher if out.kind == kind], where)
+        for s_layer, (t_layer, channels) in matched.items():
+            if kind == "heatmap":
+                heatmaps[s_layer] = (t_layer, channels)
+                continue
+            if kind == "dim":
+                teacher_log = next(out for out in teacher if out.layer == t_layer).channels[:1] == ("log_l",)
+                if teacher_log != log_dims:
+                    raise ConfigError(f"the reg term: teacher output {t_layer} holds {'log ' if teacher_log else ''}box "
+                                      f"extents, student {config} predicts {'log ' if log_dims else ''}extents "
+                                      "(CenterHead norm_bbox): distil heads with the same norm_bbox")
+            classes = next(out.classes for out in outputs if out.layer == s_layer)
+            labels = [flat_classes.index(name) for name, channel in zip(classes, channels) if channel >= 0]
+            regressions[s_layer] = (t_layer, dict(kind=kind, labels=labels, log_dims=log_dims))
+    return heatmaps, regressions
 
 
 def _runner_class():
