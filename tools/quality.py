@@ -49,8 +49,13 @@ NO_KD = "no-kd"
 # heatmap=10 is SparseKD's heatmap-KD weight range (7-15) for the same confidence-weighted MSE.
 # "init": the student starts from the teacher's sliced weights (--init-from-teacher), alone or with terms.
 INIT = "init"
-HALF_RECIPES = (NO_KD, "heatmap=10", "heatmap=10,reg=1", "heatmap=10,infonce=1", "heatmap=10,crd=1", INIT,
-                "heatmap=10,reg=1,init", "crd=1", "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
+# The comparisons the targets need, trained first: no-KD, the teacher's weights alone, response KD from
+# the cache (heatmaps + regression outputs) without and with them. The best of these then gets its slim
+# student, its online-teacher twin and CRD on top; every other recipe (each term alone, combinations)
+# comes after.
+CORE_RECIPES = (NO_KD, INIT, "heatmap=10,reg=1", "heatmap=10,reg=1,init")
+OTHER_RECIPES = ("heatmap=10", "heatmap=10,infonce=1", "crd=1", "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
+HALF_RECIPES = CORE_RECIPES + OTHER_RECIPES
 # What decides the outcome of a run: the trainer's training-step and evaluation code, and train.py,
 # which decides what is distilled (which layers and heatmap classes are paired). The CLI only parses.
 TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "losses.py", "samplers.py",
@@ -221,33 +226,45 @@ def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
 
 def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None,
                 recipes: list[str] | None = None) -> list[Run]:
-    """In order: the half student's recipes seed by seed (every recipe's first seed before any
-    recipe's second), then the slim student (no-KD and the half student's best cached recipe), then
-    the online-teacher run of that recipe. ``recipes`` (a pilot) trains those half recipes only."""
+    """In order: the half student's core recipes seed by seed (every recipe's first seed before any
+    recipe's second); once they are done, the best of them (``best_recipe``) for the slim student
+    beside its no-KD twin, its online-teacher twin (one seed) and the half student with CRD on top of
+    it; then the other half recipes, seed by seed. ``recipes`` (a pilot) trains those half recipes only."""
     if recipes:
         return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
-    half = [NO_KD, "pkd=5"] if quick else list(HALF_RECIPES)
-    best = best_recipe(records, "half") or "infonce=1,pkd=5"
+    if quick:
+        return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in (NO_KD, "pkd=5")]
     runs: list[Run] = []
     if only in (None, "half"):
-        runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in half]
-    if only in (None, "slim") and not quick:
-        runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"),
-                                                   Run("slim", best, seed, targets_of(best)))]
-    if only in (None, "online") and not quick and targets_of(best) == "cache":  # a recipe with teacher targets
-        runs.append(Run("half", best, seeds[0], "online"))
+        runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in CORE_RECIPES]
+    best = best_recipe(records, "half", len(seeds))
+    if best is not None:
+        if only in (None, "slim"):
+            runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"),
+                                                       Run("slim", best, seed, targets_of(best)))]
+        if only in (None, "online") and targets_of(best) == "cache":  # a recipe with teacher targets
+            runs.append(Run("half", best, seeds[0], "online"))
+        if only in (None, "half"):
+            runs += [Run("half", with_crd(best), seed, "cache") for seed in seeds]
+    if only in (None, "half"):
+        runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in OTHER_RECIPES]
     return runs
 
 
-def best_recipe(records: list[dict], student: str) -> str | None:
-    """The cached recipe with the highest mean mAP, once every cached recipe of ``HALF_RECIPES`` has
-    at least 2 seeds (before that, a recipe with more seeds would win by arriving first); else None."""
+def with_crd(recipe: str) -> str:
+    """The recipe with CRD (the method the project was first asked for) added on top."""
+    return "crd=1" if recipe == NO_KD else f"{recipe},crd=1"
+
+
+def best_recipe(records: list[dict], student: str, seeds: int = 3) -> str | None:
+    """The core recipe (``CORE_RECIPES`` but no-KD) with the highest mean mAP, once every core recipe
+    has all ``seeds`` runs (before that, a recipe with more seeds would win by arriving first); else None."""
     groups = group_records(records)
-    cached = [recipe for recipe in HALF_RECIPES if recipe != NO_KD]
-    seeds = {recipe: len(groups.get((student, recipe, targets_of(recipe)), [])) for recipe in cached}
-    if min(seeds.values()) < 2:
+    candidates = [recipe for recipe in CORE_RECIPES if recipe != NO_KD]
+    done = {recipe: len(groups.get((student, recipe, targets_of(recipe)), [])) for recipe in candidates}
+    if min(done.values()) < seeds or len(groups.get((student, NO_KD, "none"), [])) < seeds:
         return None
-    return max(cached, key=lambda recipe: statistics.mean(groups[(student, recipe, targets_of(recipe))]))
+    return max(candidates, key=lambda recipe: statistics.mean(groups[(student, recipe, targets_of(recipe))]))
 
 
 def group_records(records: list[dict]) -> dict[tuple[str, str, str], list[float]]:
@@ -406,7 +423,9 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
               "(tests) on the machine: a record of the run, not a speed figure (BENCHMARKS.md figure 7 times the "
               "terms side by side).", "",
               "![mAP per recipe, one dot per seed](quality.png)", "", "## What the runs say", ""]
-    lines += conclusions(groups, verdicts, teacher["mAP"])
+    best = best_recipe(state["runs"], "half")
+    lines += conclusions(groups, verdicts, teacher["mAP"], best)
+    lines += ["", "## Targets (issue #15)", ""] + target_table(groups, teacher["mAP"], best)
     missing = missing_runs(state, quick)
     if missing:
         lines += ["", "## Not run yet", "", "These runs of the plan have no result yet (`python tools/quality.py` "
@@ -417,7 +436,7 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
     (out_dir / "QUALITY.md").write_text("\n".join(lines) + "\n")
 
 
-def conclusions(groups, verdicts, teacher_map: float) -> list[str]:
+def conclusions(groups, verdicts, teacher_map: float, best: str | None) -> list[str]:
     lines = []
     clear = [v for v in verdicts if v[3] > 0 and v[4] > 3]
     for student, recipe, targets, gain, gap in sorted(verdicts, key=lambda v: -v[3]):
@@ -436,18 +455,57 @@ def conclusions(groups, verdicts, teacher_map: float) -> list[str]:
         best = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
         lines.append(f"- CRD alone (`crd=1`) changes the half student's mAP by {gain:+.4f} ({gap:+.2f} x the "
                      f"larger std) against no-KD; the best half recipe here is `{best[1]}` ({best[3]:+.4f}).")
-    # what CRD adds on top of the best response recipe (a heatmap recipe without a feature term)
-    response = [v for v in verdicts if v[0] == "half" and v[1].startswith("heatmap=") and "," not in v[1]]
-    if response:
-        best_response = max(response, key=lambda v: v[3])
-        with_crd = groups.get(("half", f"{best_response[1]},crd=1", "cache"))
-        alone = groups.get(("half", best_response[1], "cache"))
-        if with_crd and alone and len(with_crd) >= 3:
-            (mean_c, std_c), (mean_a, std_a) = describe(with_crd), describe(alone)
+    if best is not None:  # what CRD adds on top of the best core recipe
+        stacked = groups.get(("half", with_crd(best), "cache"))
+        alone = groups.get(("half", best, targets_of(best)))
+        if stacked and len(stacked) >= 3:
+            (mean_c, std_c), (mean_a, std_a) = describe(stacked), describe(alone)
             larger = max(std_c, std_a)
-            lines.append(f"- CRD on top of the best response recipe (`{best_response[1]}`): `{best_response[1]},crd=1` "
-                         f"changes the half student's mAP by {mean_c - mean_a:+.4f} "
+            lines.append(f"- CRD on top of the best core recipe (`{best}`): `{with_crd(best)}` changes the half "
+                         f"student's mAP by {mean_c - mean_a:+.4f} "
                          f"({(mean_c - mean_a) / larger if larger > 0 else float('nan'):+.2f} x the larger std).")
+    return lines
+
+
+def target_table(groups, teacher_map: float, best: str | None) -> list[str]:
+    """Issue #15's quality targets, each measured from the runs above (or "not run yet")."""
+    def result(ok: bool | None) -> str:
+        return "not run yet" if ok is None else "PASS" if ok else "MISS"
+
+    rows = []
+    half_base = groups.get(("half", NO_KD, "none"))
+    best_runs = groups.get(("half", best, targets_of(best))) if best else None
+    label = f"best core recipe `{best}`" if best else "best core recipe (after every core recipe's seeds)"
+    gain = gap = retention = None
+    if best_runs and half_base and len(best_runs) >= 3 and len(half_base) >= 3:
+        (mean, std), (base_mean, base_std) = describe(best_runs), describe(half_base)
+        gain, retention = mean - base_mean, mean / teacher_map
+        gap = gain / max(std, base_std) if max(std, base_std) > 0 else float("inf")
+    rows.append([f"half, {label}: mean mAP - no-KD mean", ">= +0.05", "" if gain is None else f"{gain:+.4f}",
+                 result(None if gain is None else gain >= 0.05)])
+    rows.append([f"half, {label}: gap / larger std", "> 3", "" if gap is None else f"{gap:.1f}",
+                 result(None if gap is None else gap > 3)])
+    rows.append([f"half, {label}: retention (mean mAP / teacher mAP)", ">= 0.90",
+                 "" if retention is None else f"{retention:.3f}", result(None if retention is None else retention >= 0.90)])
+    slim = groups.get(("slim", best, targets_of(best))) if best else None
+    ok = None
+    if slim and half_base and len(slim) >= 3:
+        ok = statistics.mean(slim) >= statistics.mean(half_base)
+    rows.append([f"slim, `{best}`: mean mAP >= half no-KD mean", f"{statistics.mean(half_base):.4f}" if half_base else "",
+                 f"{statistics.mean(slim):.4f}" if slim else "", result(ok)])
+    online = groups.get(("half", best, "online")) if best else None
+    ok = measured = None
+    if online and best_runs and half_base and len(half_base) >= 2:
+        spread = max(half_base) - min(half_base)
+        measured = online[0] - best_runs[0]  # same seed (0): online minus cached
+        ok = abs(measured) <= spread
+    rows.append([f"half, `{best}`, seed 0: online minus cached mAP", "within the no-KD spread (max - min)"
+                 + (f" {max(half_base) - min(half_base):.4f}" if half_base and len(half_base) >= 2 else ""),
+                 "" if measured is None else f"{measured:+.4f}", result(ok)])
+    lines = ["| target | goal | measured | result |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", "Step time per recipe against no-KD is BENCHMARKS.md's figure 7 (the terms timed side by side), not "
+              "this table's step s column."]
     return lines
 
 
