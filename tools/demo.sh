@@ -12,9 +12,13 @@ PY=.venv/bin/python
 FC=.venv/bin/featcache
 TEACHER_CONFIG=configs/demo/teacher_pillar.py
 TEACHER_CKPT=${TEACHER_CKPT:-checkpoints/demo_teacher_pillar.pth}
-# distillation recipe (featcache train --kd); KD_LOSS=NAME, the older switch, means KD=NAME=1
+# distillation recipe (featcache train --kd); KD_LOSS=NAME, the older switch, means KD=NAME=1. The
+# default is QUALITY.md's best: response KD on the cached heatmaps and regression outputs, the KD
+# students starting from the teacher's sliced weights (INIT_FROM_TEACHER=0: from random weights).
 KD=${KD:-${KD_LOSS:+$KD_LOSS=1}}
-KD=${KD:-infonce=1}
+KD=${KD:-heatmap=10,reg=1}
+INIT=()
+if [[ "${INIT_FROM_TEACHER:-1}" == 1 ]]; then INIT=(--init-from-teacher "$TEACHER_CONFIG" "$TEACHER_CKPT"); fi
 
 if [[ "${1:-}" == "--quick" ]]; then
     MODE=quick; WORK=${DEMO_WORK_DIR:-work_dirs/demo_quick}; DATA=$WORK/data
@@ -55,15 +59,15 @@ fi
 stage build $FC build "$TEACHER_CONFIG" "$TEACHER_CKPT" --out "$CACHE" --layers pts_neck --head-outputs all \
     "${DATA_OPTS[@]}"
 stage verify $FC verify "$CACHE"
-stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --kd "$KD" \
+stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
     --work-dir "$WORK/student_half_kd" "${STUDENT_OPTS[@]}"
-stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --kd "$KD" \
+stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
     --work-dir "$WORK/student_slim_kd" "${STUDENT_OPTS[@]}"
 stage train_half_nokd $FC train configs/demo/student_half.py --no-distill \
     --work-dir "$WORK/student_half_nokd" "${STUDENT_OPTS[@]}"
 # Step time with the teacher in the process: same student, loss and batch, on the first samples only.
 stage train_half_online $FC train configs/demo/student_half.py --online-teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
-    --kd "$KD" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
+    --kd "$KD" "${INIT[@]}" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
     --teacher-cfg-options "train_dataloader.dataset.data_root=$DATA/" \
     --cfg-options "train_dataloader.dataset.indices=$ONLINE_SAMPLES" --cfg-options train_cfg.max_epochs=1
 stage report $PY tools/demo_report.py --out "$WORK/report.md" --cache "$CACHE" --timings "$TIMINGS" \

@@ -59,10 +59,21 @@ class Run:
             return "?"
         from mmengine.config import Config
 
-        model = Config.fromfile(cfg_path).model
-        if model.get("type") != "CacheDistiller":
-            return "none"
-        return ",".join(f"{name}={params.get('weight', 1.0):g}" for name, params in model.get("terms", {}).items())
+        cfg = Config.fromfile(cfg_path)
+        inherit = " + teacher's weights" if cfg.get("init_from_teacher") else ""
+        if cfg.model.get("type") != "CacheDistiller":
+            return "none" + inherit
+        return ",".join(f"{name}={params.get('weight', 1.0):g}"
+                        for name, params in cfg.model.get("terms", {}).items()) + inherit
+
+    def inherits(self) -> bool:
+        """Whether the run started from the teacher's sliced weights (``--init-from-teacher``)."""
+        cfg_path = os.path.join(self.run_dir, os.path.basename(self.config))
+        if not os.path.exists(cfg_path):
+            return False
+        from mmengine.config import Config
+
+        return bool(Config.fromfile(cfg_path).get("init_from_teacher"))
 
 
 def _detection_loss(row: dict) -> float:
@@ -207,7 +218,12 @@ def main() -> None:
     kd_map, nokd_map = evaluations[kd_name].metrics["mAP"], evaluations[nokd_name].metrics["mAP"]
     delta = kd_map - nokd_map
     lines += ["## Distillation from the cache vs no distillation (this run only)", "",
-              f"Same student config, data, schedule and seed (so the same initial weights): **{kd_name}** (KD "
+              "Same student config, data, schedule and seed"
+              + (" (the KD arm starts from the teacher's weights sliced to the student's widths, "
+                 "`--init-from-teacher`; the no-KD arm from the seed's random weights): "
+                 if by_name[kd_name].inherits() and not by_name[nokd_name].inherits()
+                 else " (so the same initial weights): ")
+              + f"**{kd_name}** (KD "
               f"`{by_name[kd_name].kd_mode()}`) reaches mAP {kd_map:.4f}, **{nokd_name}** {nokd_map:.4f}, a "
               f"difference of {delta:+.4f} mAP in this one run. One run per arm draws no verdict: the same demo "
               "run twice has moved this difference by more than 0.04. Whether a recipe really beats no-KD is "
