@@ -49,17 +49,18 @@ NO_KD = "no-kd"
 # heatmap=10 is SparseKD's heatmap-KD weight range (7-15) for the same confidence-weighted MSE.
 # "init": the student starts from the teacher's sliced weights (--init-from-teacher), alone or with terms.
 INIT = "init"
-# The comparisons the targets need, trained first: no-KD, the teacher's weights alone, response KD from
-# the cache (heatmaps + regression outputs) without and with them. The best of these then gets its slim
+# The comparisons the targets need, trained first: no-KD, the teacher's weights alone, and response KD
+# from the cache (heatmaps + regression outputs) on top of them. The best of these then gets its slim
 # student, its online-teacher twin and CRD on top; every other recipe (each term alone, combinations)
 # comes after.
-CORE_RECIPES = (NO_KD, INIT, "heatmap=10,reg=1", "heatmap=10,reg=1,init")
-OTHER_RECIPES = ("heatmap=10", "heatmap=10,infonce=1", "crd=1", "infonce=1", "mse=1", "pkd=5", "infonce=1,pkd=5")
+CORE_RECIPES = (NO_KD, INIT, "heatmap=10,reg=1,init")
+OTHER_RECIPES = ("heatmap=10,reg=1", "heatmap=10", "heatmap=10,infonce=1", "crd=1", "infonce=1", "mse=1", "pkd=5",
+                 "infonce=1,pkd=5")
 HALF_RECIPES = CORE_RECIPES + OTHER_RECIPES
-# What decides the outcome of a run: the trainer's training-step and evaluation code, and train.py,
-# which decides what is distilled (which layers and heatmap classes are paired). The CLI only parses.
-TRAINER_FILES = ("bev_warp.py", "distiller.py", "evaluation.py", "heads.py", "losses.py", "samplers.py",
-                 "targets.py", "terms.py", "train.py", "transforms.py")
+# What decides the outcome of a run: every trainer module but the CLI, which only parses (a glob, so a
+# new module - a loss term, the weight inheritance - joins the key the day it is added).
+TRAINER_FILES = tuple(sorted(path.name for path in (REPO / "trainer").glob("*.py")
+                             if path.name not in ("__init__.py", "cli.py")))
 # What the benchmark's cache holds: the distilled feature map and every head output (--kd heatmap, reg).
 CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all"]
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}

@@ -47,15 +47,13 @@ def _rotation_angle(meta: dict[str, Any]) -> float:
     return math.atan2(float(rot_t[0, 1]), float(rot_t[0, 0]))
 
 
-def augment_points(xy: Tensor, meta: dict[str, Any]) -> Tensor:
-    """Metric BEV points (..., 2) of the cache frame moved into the augmented frame (the inverse of
-    ``bev_warp.undo_augmentation``)."""
+def _move(xy: Tensor, meta: dict[str, Any], translate: bool) -> Tensor:
     for step in _flow(meta):
         if step == "R":
             xy = xy @ _rotation_t(meta, xy)
         elif step == "S":
             xy = xy * float(meta.get("pcd_scale_factor", 1.0))
-        elif step == "T":
+        elif step == "T" and translate:
             xy = xy + torch.as_tensor(meta.get("pcd_trans", [0.0, 0.0, 0.0]), dtype=xy.dtype, device=xy.device)[:2]
         elif step == "HF":
             xy = torch.stack([xy[..., 0], -xy[..., 1]], dim=-1)
@@ -64,7 +62,19 @@ def augment_points(xy: Tensor, meta: dict[str, Any]) -> Tensor:
     return xy
 
 
+def augment_points(xy: Tensor, meta: dict[str, Any]) -> Tensor:
+    """Metric BEV points (..., 2) of the cache frame moved into the augmented frame (the inverse of
+    ``bev_warp.undo_augmentation``)."""
+    return _move(xy, meta, translate=True)
+
+
+def augment_velocity(velocity: Tensor, meta: dict[str, Any]) -> Tensor:
+    """BEV velocities (..., 2) moved like points, never translated."""
+    return _move(velocity, meta, translate=False)
+
+
 def augment_yaw(yaw: Tensor, meta: dict[str, Any]) -> Tensor:
+    """Box headings moved as mmdet3d's ``LiDARInstance3DBoxes`` moves them."""
     for step in _flow(meta):
         if step == "R":
             yaw = yaw + _rotation_angle(meta)
@@ -73,19 +83,6 @@ def augment_yaw(yaw: Tensor, meta: dict[str, Any]) -> Tensor:
         elif step == "VF":
             yaw = math.pi - yaw
     return yaw
-
-
-def augment_velocity(velocity: Tensor, meta: dict[str, Any]) -> Tensor:
-    for step in _flow(meta):
-        if step == "R":
-            velocity = velocity @ _rotation_t(meta, velocity)
-        elif step == "S":
-            velocity = velocity * float(meta.get("pcd_scale_factor", 1.0))
-        elif step == "HF":
-            velocity = torch.stack([velocity[..., 0], -velocity[..., 1]], dim=-1)
-        elif step == "VF":
-            velocity = torch.stack([-velocity[..., 0], velocity[..., 1]], dim=-1)
-    return velocity
 
 
 def _augment_height(z: Tensor, meta: dict[str, Any]) -> Tensor:
