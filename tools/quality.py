@@ -445,7 +445,8 @@ def conclusions(groups, verdicts, teacher_map: float, best: str | None) -> list[
     for student, recipe, targets, gain, gap in sorted(verdicts, key=lambda v: -v[3]):
         judgement = ("beats no-KD beyond the spread" if gap > 3 else
                      "is above no-KD, within the spread" if gain > 0 else "is not better than no-KD")
-        lines.append(f"- {student} student, `{recipe}` from the {targets}: {judgement} "
+        source = {"cache": "from the cache", "online": "from the teacher run online", "none": "(no teacher targets)"}
+        lines.append(f"- {student} student, `{recipe}` {source.get(targets, targets)}: {judgement} "
                      f"({gain:+.4f} mAP, {gap:+.2f} x the larger std).")
     if not verdicts:
         lines.append("- No recipe has 3 seeds beside 3 no-KD seeds yet; no comparison is drawn.")
@@ -458,6 +459,14 @@ def conclusions(groups, verdicts, teacher_map: float, best: str | None) -> list[
         best = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
         lines.append(f"- CRD alone (`crd=1`) changes the half student's mAP by {gain:+.4f} ({gap:+.2f} x the "
                      f"larger std) against no-KD; the best half recipe here is `{best[1]}` ({best[3]:+.4f}).")
+    if best is not None and best != INIT and INIT in best.split(","):  # what the cache adds to the weights alone
+        alone, both = groups.get(("half", INIT, "none")), groups.get(("half", best, targets_of(best)))
+        if alone and both and len(alone) >= 3 and len(both) >= 3:
+            (mean_b, std_b), (mean_a, std_a) = describe(both), describe(alone)
+            larger = max(std_b, std_a)
+            lines.append(f"- The cached targets on top of the teacher's weights: `{best}` against `{INIT}` alone changes "
+                         f"the half student's mAP by {mean_b - mean_a:+.4f} "
+                         f"({(mean_b - mean_a) / larger if larger > 0 else float('nan'):+.2f} x the larger std).")
     if best is not None:  # what CRD adds on top of the best core recipe
         stacked = groups.get(("half", with_crd(best), "cache"))
         alone = groups.get(("half", best, targets_of(best)))
