@@ -13,6 +13,7 @@ Usage (tools/demo.sh calls it)::
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -53,14 +54,21 @@ class Run:
         times = [row["time"] for row in self.scalars() if "time" in row]
         return statistics.median(times[1:] if len(times) > 1 else times)
 
-    def kd_mode(self) -> str:
+    @functools.cached_property
+    def run_config(self):
+        """The config ``featcache train`` dumped into the run dir (None when there is none)."""
         cfg_path = os.path.join(self.run_dir, os.path.basename(self.config))
         if not os.path.exists(cfg_path):
-            return "?"
+            return None
         from mmengine.config import Config
 
-        cfg = Config.fromfile(cfg_path)
-        inherit = " + teacher's weights" if cfg.get("init_from_teacher") else ""
+        return Config.fromfile(cfg_path)
+
+    def kd_mode(self) -> str:
+        cfg = self.run_config
+        if cfg is None:
+            return "?"
+        inherit = " + teacher's weights" if self.inherits() else ""
         if cfg.model.get("type") != "CacheDistiller":
             return "none" + inherit
         return ",".join(f"{name}={params.get('weight', 1.0):g}"
@@ -68,12 +76,7 @@ class Run:
 
     def inherits(self) -> bool:
         """Whether the run started from the teacher's sliced weights (``--init-from-teacher``)."""
-        cfg_path = os.path.join(self.run_dir, os.path.basename(self.config))
-        if not os.path.exists(cfg_path):
-            return False
-        from mmengine.config import Config
-
-        return bool(Config.fromfile(cfg_path).get("init_from_teacher"))
+        return self.run_config is not None and bool(self.run_config.get("init_from_teacher"))
 
 
 def _detection_loss(row: dict) -> float:

@@ -367,6 +367,14 @@ def describe(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
 
 
+def compare(values: list[float], base: list[float]) -> tuple[float, float | None]:
+    """(mean of ``values`` - mean of ``base``, that difference / the larger of the two stds); the gap is
+    None when that std is not a positive number (one seed, or identical seeds)."""
+    (mean, std), (base_mean, base_std) = describe(values), describe(base)
+    larger = max(std, base_std)
+    return mean - base_mean, (mean - base_mean) / larger if larger == larger and larger > 0 else None  # NaN-safe
+
+
 def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], quick: bool) -> None:
     teacher = state["teacher"]
     groups = group_records(state["runs"])
@@ -403,10 +411,7 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
         base = groups.get((student, NO_KD, "none"))
         gain = gap = None
         if base and recipe != NO_KD:
-            base_mean, base_std = describe(base)
-            gain = mean - base_mean
-            larger = max(std, base_std)
-            gap = gain / larger if larger == larger and larger > 0 else None  # NaN-safe
+            gain, gap = compare(values, base)
             if gap is not None and len(values) >= 3 and len(base) >= 3:
                 verdicts.append((student, recipe, targets, gain, gap))
         records = records_by_group[(student, recipe, targets)]
@@ -425,13 +430,13 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
               "terms side by side).", "",
               "![mAP per recipe, one dot per seed](quality.png)", "", "## What the runs say", ""]
     best = best_recipe(state["runs"], "half")
-    lines += conclusions(groups, verdicts, teacher["mAP"], best)
+    lines += conclusions(groups, verdicts, best)
     lines += ["", "## Targets (issue #15)", ""] + target_table(groups, teacher["mAP"], best)
     missing = missing_runs(state, quick)
     if missing:
         lines += ["", "## Not run yet", "", "These runs of the plan have no result yet (`python tools/quality.py` "
                   "trains them, reusing every run above): " + ", ".join(f"`{name}`" for name in missing) + "."
-                  + ("" if best_recipe(state["runs"], "half") else " Once the core recipes have every seed, the best "
+                  + ("" if best else " Once the core recipes have every seed, the best "
                      "of them also gets its slim-student, online-teacher and `+crd=1` runs.")]
     if state.get("superseded_runs"):
         lines += ["", f"{len(state['superseded_runs'])} earlier runs were trained under another trainer revision, "
@@ -439,7 +444,7 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
     (out_dir / "QUALITY.md").write_text("\n".join(lines) + "\n")
 
 
-def conclusions(groups, verdicts, teacher_map: float, best: str | None) -> list[str]:
+def conclusions(groups, verdicts, best: str | None) -> list[str]:
     lines = []
     clear = [v for v in verdicts if v[3] > 0 and v[4] > 3]
     for student, recipe, targets, gain, gap in sorted(verdicts, key=lambda v: -v[3]):
@@ -456,26 +461,23 @@ def conclusions(groups, verdicts, teacher_map: float, best: str | None) -> list[
     crd = [v for v in verdicts if v[1] == "crd=1" and v[0] == "half"]
     if crd:
         _, _, _, gain, gap = crd[0]
-        best = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
+        top = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
         lines.append(f"- CRD alone (`crd=1`) changes the half student's mAP by {gain:+.4f} ({gap:+.2f} x the "
-                     f"larger std) against no-KD; the best half recipe here is `{best[1]}` ({best[3]:+.4f}).")
+                     f"larger std) against no-KD; the best half recipe here is `{top[1]}` ({top[3]:+.4f}).")
+
+    def on_top(what: str, recipe: str, targets: str, under: str, versus: str) -> None:
+        """A line on what ``recipe`` changes against ``under`` (both with 3 seeds) for the half student."""
+        values, base = groups.get(("half", recipe, targets)), groups.get(("half", under, targets_of(under)))
+        if values and base and len(values) >= 3 and len(base) >= 3:
+            change, gap = compare(values, base)
+            lines.append(f"- {what}: `{recipe}`{versus} changes the half student's mAP by {change:+.4f} "
+                         f"({float('nan') if gap is None else gap:+.2f} x the larger std).")
+
     if best is not None and best != INIT and INIT in best.split(","):  # what the cache adds to the weights alone
-        alone, both = groups.get(("half", INIT, "none")), groups.get(("half", best, targets_of(best)))
-        if alone and both and len(alone) >= 3 and len(both) >= 3:
-            (mean_b, std_b), (mean_a, std_a) = describe(both), describe(alone)
-            larger = max(std_b, std_a)
-            lines.append(f"- The cached targets on top of the teacher's weights: `{best}` against `{INIT}` alone changes "
-                         f"the half student's mAP by {mean_b - mean_a:+.4f} "
-                         f"({(mean_b - mean_a) / larger if larger > 0 else float('nan'):+.2f} x the larger std).")
+        on_top("The cached targets on top of the teacher's weights", best, targets_of(best), INIT,
+               f" against `{INIT}` alone")
     if best is not None:  # what CRD adds on top of the best core recipe
-        stacked = groups.get(("half", with_crd(best), "cache"))
-        alone = groups.get(("half", best, targets_of(best)))
-        if stacked and len(stacked) >= 3:
-            (mean_c, std_c), (mean_a, std_a) = describe(stacked), describe(alone)
-            larger = max(std_c, std_a)
-            lines.append(f"- CRD on top of the best core recipe (`{best}`): `{with_crd(best)}` changes the half "
-                         f"student's mAP by {mean_c - mean_a:+.4f} "
-                         f"({(mean_c - mean_a) / larger if larger > 0 else float('nan'):+.2f} x the larger std).")
+        on_top(f"CRD on top of the best core recipe (`{best}`)", with_crd(best), "cache", best, "")
     return lines
 
 
@@ -490,9 +492,8 @@ def target_table(groups, teacher_map: float, best: str | None) -> list[str]:
     label = f"best core recipe `{best}`" if best else "best core recipe (after every core recipe's seeds)"
     gain = gap = retention = None
     if best_runs and half_base and len(best_runs) >= 3 and len(half_base) >= 3:
-        (mean, std), (base_mean, base_std) = describe(best_runs), describe(half_base)
-        gain, retention = mean - base_mean, mean / teacher_map
-        gap = gain / max(std, base_std) if max(std, base_std) > 0 else float("inf")
+        gain, gap = compare(best_runs, half_base)
+        gap, retention = float("inf") if gap is None else gap, statistics.mean(best_runs) / teacher_map
     rows.append([f"half, {label}: mean mAP - no-KD mean", ">= +0.05", "" if gain is None else f"{gain:+.4f}",
                  result(None if gain is None else gain >= 0.05)])
     rows.append([f"half, {label}: gap / larger std", "> 3", "" if gap is None else f"{gap:.1f}",
