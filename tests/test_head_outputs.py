@@ -247,17 +247,17 @@ def test_heatmap_term_on_a_cache_without_heatmaps_says_how_to_build_one(nus_one,
 
 
 def test_heatmap_classes_match_by_name_across_task_layouts():
-    from trainer.train import match_heatmaps
+    from trainer.train import match_by_class
 
     teacher = [("bbox_head.heatmap", ("car", "truck", "bus", "pedestrian", "barrier"))]  # one 5-class task
     student = [("t0", ("car",)), ("t1", ("pedestrian", "bicycle")), ("t2", ("motorcycle",))]
-    assert match_heatmaps(student, teacher, "cache c") == {"t0": ("bbox_head.heatmap", [0]),
+    assert match_by_class(student, teacher, "cache c") == {"t0": ("bbox_head.heatmap", [0]),
                                                            "t1": ("bbox_head.heatmap", [3, -1])}  # t2: no class shared
     split = [("a", ("car",)), ("b", ("truck",))]
     with pytest.raises(ConfigError, match=r"\['car', 'truck'\] of student layer t0 are split over teacher layers"):
-        match_heatmaps([("t0", ("car", "truck"))], split, "cache c")
+        match_by_class([("t0", ("car", "truck"))], split, "cache c")
     with pytest.raises(ConfigError, match="found no student class among the teacher's head classes"):
-        match_heatmaps([("t0", ("tram",))], teacher, "cache c")
+        match_by_class([("t0", ("tram",))], teacher, "cache c")
 
 
 def test_reg_term_pairs_each_tasks_regression_outputs_with_its_classes_labels(head_cache, nus_one):
@@ -278,3 +278,60 @@ def test_reg_term_pairs_each_tasks_regression_outputs_with_its_classes_labels(he
                                                                             "log_dims": True}
     pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
     assert set(pack["layers"]) == set(cfg.model.pairs.values())
+
+
+def test_label_kd_adds_the_cached_teacher_boxes_to_the_students_gt(head_cache, nus_one):
+    # the pipeline carries the cached boxes beside the GT, moved into the sample's augmented frame; the
+    # distiller's step adds the confident ones no GT box explains to the GT the student's loss assigns
+    from mmdet3d.registry import MODELS
+    from mmengine.dataset import pseudo_collate
+
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+    from trainer.transforms import augment_boxes
+
+    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
+    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"label": 1.0, "heatmap": 10.0},
+                                           cfg_options=options))
+    pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
+    assert pack["teacher_boxes"]["classes"][:2] == ["car", "truck"] and cfg.model.teacher_boxes
+    dataset = models.build_dataset(models.unwrap_dataset_cfg(cfg.train_dataloader.dataset))
+    sample = dataset[0]["data_samples"]
+    cache = open_cache(str(head_cache))
+    stored = cache.read_boxes(sample.metainfo["cache_row"])
+    teacher = sample.teacher_instances_3d
+    assert 0 < len(teacher) <= len(stored)
+    from mmdet3d.structures import LiDARInstance3DBoxes
+
+    moved = augment_boxes(LiDARInstance3DBoxes(torch.from_numpy(stored.bboxes), box_dim=stored.bboxes.shape[1]),
+                          sample.metainfo)
+    # every attached box is a stored box moved by the sample's own recorded augmentation
+    distance = torch.cdist(teacher.bboxes_3d.tensor[:, :3], moved.tensor[:, :3], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert float(distance.max()) < 1e-4
+
+    models.init_mmdet3d_scope()
+    model = MODELS.build(cfg.model)
+    batch = model.data_preprocessor(pseudo_collate([dataset[0]]), True)
+    annotated = len(batch["data_samples"][0].gt_instances_3d.bboxes_3d)
+    confident = int((batch["data_samples"][0].teacher_instances_3d.scores_3d >= 0.5).sum())
+    losses = model.loss(batch["inputs"], batch["data_samples"])
+    added = len(batch["data_samples"][0].gt_instances_3d.bboxes_3d) - annotated
+    assert float(losses["kd_label_boxes_per_sample"]) == added and 0 < added <= confident
+    assert all(torch.isfinite(value).all() for key, value in losses.items() if "loss" in key)
+    with pytest.raises(ConfigError, match="give label=1"):
+        MODELS.build({**cfg.model, "terms": {"label": {"weight": 0.5}}})
+
+
+def test_label_kd_on_a_cache_without_boxes_says_how_to_build_one(nus_one, pillar_ckpt, tmp_path):
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+
+    plain = tmp_path / "plain"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(plain), layers="pts_neck", head_outputs="heatmap",
+                             cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl"}
+    with pytest.raises(ConfigError, match=f"cache {plain} holds none; build it with .*--boxes"):
+        build_runner_config(TrainOptions(student, str(plain), kd={"label": 1.0}, cfg_options=options))

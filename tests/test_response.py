@@ -134,3 +134,35 @@ def test_box_fields_move_as_mmdet3d_moves_a_box():
                                                                                      moved.tensor[:, 6].cos()]),
                                    atol=1e-5, rtol=0)
     assert math.isclose(float(augment_yaw(torch.tensor(0.5), {"transformation_3d_flow": ["VF"]})), math.pi - 0.5, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("augmentation", ["all"])
+def test_reg_term_reads_the_teachers_peaks_like_gt_centres(head, augmentation):
+    # the same boxes given as the teacher's predictions (augmented frame, with scores) instead of GT: the term
+    # reads the same centre cells, so the teacher's carried outputs again equal CenterHead's targets there;
+    # below peak_score nothing is read
+    from trainer.targets import TeacherMaps
+
+    boxes, labels = _boxes()
+    moved, meta = _augment(boxes, augmentation)
+    teacher, hw = _maps(head, boxes, labels, fill=True)
+    expected, _ = _maps(head, moved, labels, fill=False)
+    bev = [-32.0, -32.0, 32.0, 32.0]
+    car = labels == 0
+    for kind in REGRESSION_KINDS:
+        student = expected[0][kind][None].clone().requires_grad_(True)
+        peaks = _aabb_cells(moved[car], bev, hw)
+        layer = LayerStep(key=f"car_{kind}", student=student, teacher=TeacherMaps([teacher[0][kind]]),
+                          alignments=[BevAlignment(bev, hw, bev, hw, meta)], valid=torch.ones(1, *hw, dtype=torch.bool),
+                          foreground=torch.zeros(1, *hw), boxes=[torch.zeros(0, 4)], rows=torch.zeros(1, dtype=torch.long),
+                          kind=kind, teacher_boxes=[peaks], teacher_scores=[torch.tensor([0.9, 0.6])])
+        assert float(build_term("reg", TermContext(channels={}), peak_score=0.5).layer_loss(layer)) < 2e-5, kind
+        # GT and peak on the same centre count once: the same mean
+        layer.boxes = [peaks[:1]]
+        assert float(build_term("reg", TermContext(channels={}), peak_score=0.5).layer_loss(layer)) < 2e-5, kind
+        layer.boxes = [torch.zeros(0, 4)]
+        silent = build_term("reg", TermContext(channels={}), peak_score=0.95).layer_loss(layer)
+        assert float(silent) == 0.0 and silent.requires_grad
+        # a wrong target at a peak shows: the student's map shifted by one everywhere
+        layer.student = (student + 1).detach()
+        assert float(build_term("reg", TermContext(channels={}), peak_score=0.5).layer_loss(layer)) > 0.9

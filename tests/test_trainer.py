@@ -311,7 +311,7 @@ def test_kd_terms_come_from_the_flag_the_config_or_the_deprecated_loss_flag():
     assert resolve_terms(plain, TrainOptions(HALF, None, alpha=2.0)) == ({"crd": {"weight": 2.0}}, 0)
     with pytest.raises(ConfigError, match="replaced by --kd"):
         resolve_terms(plain, TrainOptions(HALF, None, loss="crd", kd={"pkd": 1.0}))
-    with pytest.raises(ConfigError, match="does not exist; choose from crd, heatmap, infonce, mse, pkd, reg"):
+    with pytest.raises(ConfigError, match="does not exist; choose from crd, heatmap, infonce, label, mse, pkd, reg"):
         resolve_terms(Config(dict(distill=dict(terms=dict(pdk=1.0)))), TrainOptions(HALF, None))
     with pytest.raises(ConfigError, match="no setting alpha"):
         resolve_terms(Config(dict(distill=dict(alpha=1.0))), TrainOptions(HALF, None))

@@ -48,16 +48,16 @@ stage() {  # stage NAME command...: run it and record its wall time (ms) for the
 DATA_OPTS=(--cfg-options "train_dataloader.dataset.data_root=$DATA/"
            --cfg-options "test_dataloader.dataset.data_root=$DATA/")
 STUDENT_OPTS=("${DATA_OPTS[@]}" "${SCHEDULE[@]}")
-# the teacher's pts_neck map and head outputs: what every --kd recipe of QUALITY.md reads (a cache
+# the teacher's pts_neck map, head outputs and boxes: what every --kd recipe of QUALITY.md reads (a cache
 # of older demos held less; a build never rewrites another cache's outputs)
-CACHE=$WORK/cache_neck_heads
+CACHE=$WORK/cache_neck_heads_boxes
 
 stage generate $PY tools/generate_scenes.py --out "$DATA" "${SCENES[@]}" --seed 0 --range 40 >/dev/null
 if [[ "${RETRAIN_TEACHER:-0}" == 1 || ! -f "$TEACHER_CKPT" ]]; then
     stage teacher bash tools/train_demo_teacher.sh "$TEACHER_CKPT"
 fi
 stage build $FC build "$TEACHER_CONFIG" "$TEACHER_CKPT" --out "$CACHE" --layers pts_neck --head-outputs all \
-    "${DATA_OPTS[@]}"
+    --boxes "${DATA_OPTS[@]}"
 stage verify $FC verify "$CACHE"
 stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
     --work-dir "$WORK/student_half_kd" "${STUDENT_OPTS[@]}"

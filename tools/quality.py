@@ -50,10 +50,11 @@ NO_KD = "no-kd"
 # "init": the student starts from the teacher's sliced weights (--init-from-teacher), alone or with terms.
 INIT = "init"
 # The comparisons the targets need, trained first: no-KD, the teacher's weights alone, and response KD
-# from the cache (heatmaps + regression outputs) on top of them. The best of these then gets its slim
+# from the cache (heatmaps + regression outputs at GT centres and teacher peaks), and with label KD (the
+# teacher's confident boxes added to the GT), on top of them. The best of these then gets its slim
 # student, its online-teacher twin and CRD on top; every other recipe (each term alone, combinations)
 # comes after.
-CORE_RECIPES = (NO_KD, INIT, "heatmap=10,reg=1,init")
+CORE_RECIPES = (NO_KD, INIT, "heatmap=10,reg=1,init", "heatmap=10,reg=1,label=1,init")
 OTHER_RECIPES = ("heatmap=10,reg=1", "heatmap=10", "heatmap=10,infonce=1", "crd=1", "infonce=1", "mse=1", "pkd=5",
                  "infonce=1,pkd=5")
 HALF_RECIPES = CORE_RECIPES + OTHER_RECIPES
@@ -61,8 +62,9 @@ HALF_RECIPES = CORE_RECIPES + OTHER_RECIPES
 # new module - a loss term, the weight inheritance - joins the key the day it is added).
 TRAINER_FILES = tuple(sorted(path.name for path in (REPO / "trainer").glob("*.py")
                              if path.name not in ("__init__.py", "cli.py")))
-# What the benchmark's cache holds: the distilled feature map and every head output (--kd heatmap, reg).
-CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all"]
+# What the benchmark's cache holds: the distilled feature map, every head output (--kd heatmap, reg) and
+# the teacher's boxes (--kd label, reg's teacher peaks).
+CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all", "--boxes"]
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
 
 
@@ -204,7 +206,7 @@ def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
                    check=True, stdout=subprocess.DEVNULL)
     stamp_text = (data / "featcache_synth_stamp.json").read_text()  # generator, seed and split sizes
-    cache = work / "cache_neck_heads"  # a cache of other outputs (older sessions: "cache") is left alone
+    cache = work / "cache_neck_heads_boxes"  # caches of other outputs (older sessions: "cache_neck_heads") stay
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
                                       *CACHE_OUTPUTS, *options], check=True)

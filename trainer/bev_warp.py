@@ -173,6 +173,22 @@ class BevAlignment:
         self.identity = (self.teacher_hw == self.student_hw and list(teacher_range) == list(student_range)
                          and is_identity(meta) and not has_pasted)
 
+    def teacher_cells_of(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """The teacher cell under each of ``points`` (N, 2: x, y in student cell units of the augmented
+        frame, e.g. box centres): (N, 2) integer x, y of the teacher grid (cache frame) holding each
+        point's source, and (N,) bool, whether that source lies on the teacher grid. Nearest cell, not
+        bilinear: what CenterHead's regression outputs at a centre cell mean (``RegressionTerm``)."""
+        x_min, y_min, x_max, y_max = self.student_range
+        height, width = self.student_hw
+        cell_s = points.new_tensor([(x_max - x_min) / width, (y_max - y_min) / height])
+        source = undo_augmentation(points.new_tensor([x_min, y_min]) + points * cell_s, self.meta)
+        tx_min, ty_min, tx_max, ty_max = self.teacher_range
+        t_height, t_width = self.teacher_hw
+        cells = ((source - points.new_tensor([tx_min, ty_min]))
+                 / points.new_tensor([(tx_max - tx_min) / t_width, (ty_max - ty_min) / t_height])).floor().long()
+        on_grid = (cells[:, 0] >= 0) & (cells[:, 0] < t_width) & (cells[:, 1] >= 0) & (cells[:, 1] < t_height)
+        return cells, on_grid
+
     def warp(self, teacher: Tensor) -> Tensor:
         """The whole teacher map (C, Ht, Wt) resampled onto the student grid (C, Hs, Ws), float32; the
         map itself when nothing moves. Dense: for losses on every cell (MSE); the others read

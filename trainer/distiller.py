@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 from mmdet3d.registry import MODELS
 from mmengine.model import BaseModel
+from mmengine.structures import InstanceData
 from torch import Tensor, nn
 
 from featcache import codecs
@@ -120,8 +121,8 @@ class CacheDistiller(BaseModel):
                  teacher_range: Sequence[float], terms: dict[str, dict] | None = None, warmup_iters: int = 0,
                  foreground: dict | None = None, num_samples: int = 1, online_teacher: dict | None = None,
                  target_codecs: dict[str, str] | None = None, heatmap_pairs: dict[str, Sequence[int]] | None = None,
-                 regression_pairs: dict[str, dict] | None = None,
-                 init_cfg: dict | None = None) -> None:
+                 regression_pairs: dict[str, dict] | None = None, teacher_boxes: bool = False,
+                 box_label_map: Sequence[int] | None = None, init_cfg: dict | None = None) -> None:
         student_model = MODELS.build(student)
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.student = student_model
@@ -141,6 +142,10 @@ class CacheDistiller(BaseModel):
         self.teacher_shapes = {name: tuple(shape) for name, shape in teacher_shapes.items()}
         self.foreground = dict(min_radius=2, min_overlap=0.1, **(foreground or {}))
         self.warmup_iters = int(warmup_iters)
+        self.teacher_boxes = bool(teacher_boxes)
+        self.box_label_map = [int(label) for label in box_label_map or ()]
+        if self.teacher_boxes and online_teacher and not self.box_label_map:
+            raise ConfigError("an online teacher's boxes need box_label_map (teacher label -> student label)")
         modules = {name for name, _ in self.student.named_modules() if name}
         self.student_modules = sorted({module_of(layer, modules) for layer in self.pairs})
         context = TermContext(channels={head_key(s): (self.student_shapes[s][0], self.teacher_shapes[t][0])
@@ -161,6 +166,10 @@ class CacheDistiller(BaseModel):
             for name, params in terms.items():
                 params = dict(params)
                 self.weights[name] = float(params.pop("weight", 1.0))
+                if name == "label" and self.weights[name] not in (0.0, 1.0):
+                    raise ConfigError(f"label={self.weights[name]:g}: label KD adds teacher boxes to the GT of the "
+                                      "student's detection loss, which weighs them like GT; give label=1 (or 0: off) "
+                                      "and its score_thresh in the student config's distill.terms.label")
                 try:
                     self.terms[name] = build_term(name, context, **params)
                 except ValueError as exc:
@@ -181,19 +190,23 @@ class CacheDistiller(BaseModel):
         self.__dict__["teacher"] = teacher
 
     # -- targets ----------------------------------------------------------------------------
-
-    # -- targets ----------------------------------------------------------------------------
-    def _raw_targets(self, inputs: dict, data_samples: list) -> tuple[dict[str, TeacherMaps], bool]:
-        """Teacher maps per layer (as stored, decoded where read) and whether they are in the
-        un-augmented frame."""
+    def _raw_targets(self, inputs: dict, data_samples: list
+                     ) -> tuple[dict[str, TeacherMaps], bool, list[InstanceData] | None]:
+        """Teacher maps per layer (as stored, decoded where read), whether they are in the un-augmented
+        frame, and per sample the teacher's boxes in the augmented frame with student labels (None when
+        the run has none)."""
         device = next(self.student.parameters()).device
         if self.teacher is not None:
-            from featcache.recording import record_teacher
+            from featcache.recording import record_teacher, record_teacher_and_predict
 
             self.teacher.to(device)
             batch = {"inputs": {"points": inputs["points"]}, "data_samples": data_samples}
-            recorded = record_teacher(self.teacher, batch, self.teacher_modules)
-            return {layer: TeacherMaps(list(maps)) for layer, maps in recorded.items()}, False
+            if not self.teacher_boxes:
+                recorded = record_teacher(self.teacher, batch, self.teacher_modules)
+                return {layer: TeacherMaps(list(maps)) for layer, maps in recorded.items()}, False, None
+            recorded, predictions = record_teacher_and_predict(self.teacher, batch, self.teacher_modules)
+            boxes = [self._online_boxes(prediction, device) for prediction in predictions]
+            return {layer: TeacherMaps(list(maps)) for layer, maps in recorded.items()}, False, boxes
         targets = {}
         for t_layer in set(self.pairs.values()):
             field = target_field(t_layer)
@@ -207,41 +220,109 @@ class CacheDistiller(BaseModel):
             if codec is not None and codec.precision == "int8":
                 qparams = [s.cached_targets.get(qparams_field(t_layer)).to(device) for s in data_samples]
             targets[t_layer] = TeacherMaps(values, codec, qparams)
-        return targets, True
+        if not self.teacher_boxes:
+            return targets, True, None
+        missing = [s.metainfo.get("cache_key") for s in data_samples if "teacher_instances_3d" not in s]
+        if missing:
+            raise KeyError(f"teacher boxes missing for samples {missing}; is the train pipeline's last step "
+                           "PackDetInputsWithCache with teacher_boxes=dict(classes=...)?")
+        return targets, True, [s.teacher_instances_3d.to(device) for s in data_samples]
 
-    def _alignments(self, maps: TeacherMaps, student_hw: tuple[int, int], data_samples: list,
-                    unaugmented_frame: bool, device: torch.device) -> list[BevAlignment]:
-        """Per sample, where the student's grid reads the teacher's (augmentation undone)."""
-        return [BevAlignment(self.teacher_range, maps.hw, self.student_range, student_hw,
-                             sample.metainfo if unaugmented_frame else {}, device) for sample in data_samples]
+    def _online_boxes(self, prediction: Any, device: torch.device) -> InstanceData:
+        """The online teacher's prediction for one augmented sample, labelled in the student's classes
+        (``box_label_map``; classes the student lacks dropped) and kept inside the student's BEV range."""
+        instances = prediction.pred_instances_3d
+        labels = torch.as_tensor(self.box_label_map, device=device)[instances.labels_3d.to(device)]
+        boxes = instances.bboxes_3d.to(device)
+        keep = (labels >= 0) & boxes.in_range_bev(self.student_range).to(device)
+        return InstanceData(bboxes_3d=boxes[keep], scores_3d=instances.scores_3d.to(device)[keep],
+                            labels_3d=labels[keep])
+
+    def _add_label_targets(self, data_samples: list, teacher: list[InstanceData]) -> Tensor:
+        """Label KD: each sample's teacher boxes that ``LabelTerm.extra_targets`` keeps join its GT (in
+        place, before the student's loss assigns targets). Returns the mean number added per sample."""
+        term = self.terms["label"]
+        added = []
+        for sample, boxes in zip(data_samples, teacher):
+            gt = sample.gt_instances_3d
+            gt_boxes_3d = gt.bboxes_3d
+            keep = term.extra_targets(gt_boxes_3d.tensor[:, :2], boxes.bboxes_3d.tensor[:, :2], boxes.scores_3d)
+            keep &= self._plausible(boxes.bboxes_3d.tensor).to(keep.device)
+            if keep.any():
+                if boxes.bboxes_3d.tensor.shape[1] != gt_boxes_3d.tensor.shape[1]:
+                    raise ConfigError(f"label KD: the teacher's boxes have {boxes.bboxes_3d.tensor.shape[1]} fields, "
+                                      f"the student's GT {gt_boxes_3d.tensor.shape[1]} (sample "
+                                      f"{sample.metainfo.get('cache_key')}); distil a teacher that predicts the "
+                                      "fields the student is trained on (velocity)")
+                others = sorted(set(gt.keys()) - {"bboxes_3d", "labels_3d"})
+                if others:
+                    raise ConfigError(f"label KD extends each sample's GT boxes and labels, and this GT also holds "
+                                      f"{others}, which teacher boxes have no value for")
+                extra = boxes.bboxes_3d[keep]
+                sample.gt_instances_3d = InstanceData(
+                    metainfo=gt.metainfo, bboxes_3d=gt_boxes_3d.cat([gt_boxes_3d, extra.to(gt_boxes_3d.device)]),
+                    labels_3d=torch.cat([gt.labels_3d, boxes.labels_3d[keep].to(gt.labels_3d)]))
+            added.append(float(keep.sum()))
+        return torch.tensor(sum(added) / max(len(added), 1))
+
+    def _plausible(self, boxes: Tensor) -> Tensor:
+        """(K,) bool: boxes a detection loss can take as GT: finite fields, extents > 0 and no longer than
+        the student's BEV range. An untrained or diverged teacher predicts exp(log-extent) boxes of any
+        size, and CenterHead would draw a Gaussian as wide as the box for each."""
+        x_min, y_min, x_max, y_max = self.student_range
+        extents = boxes[:, 3:6]
+        return (torch.isfinite(boxes).all(dim=1) & (extents > 0).all(dim=1)
+                & (extents[:, :2] <= max(x_max - x_min, y_max - y_min)).all(dim=1))
 
     # -- the step's shared view ---------------------------------------------------------------
-    def _layer_step(self, s_layer: str, student: Tensor, maps: TeacherMaps, data_samples: list, boxes: list,
-                    labels: list, unaugmented_frame: bool) -> LayerStep:
-        hw = tuple(student.shape[-2:])
-        alignments = self._alignments(maps, hw, data_samples, unaugmented_frame, student.device)
+    def _step(self, recorded: dict[str, Tensor], raw: dict[str, TeacherMaps], data_samples: list, boxes: list,
+              labels: list, teacher: list[InstanceData] | None, unaugmented_frame: bool) -> DistillStep:
+        """Every pair's ``LayerStep``. What depends only on the grids (alignments, valid cells, the GT
+        Gaussian, boxes in cells) is computed once per grid and step and shared by the pairs on it: the
+        demo's recipe distils 24 head outputs of one grid."""
+        device = next(self.student.parameters()).device
         # memory-bank row: the cache row; with an online teacher and no cache, the dataset index
         rows = torch.as_tensor([s.metainfo.get("cache_row", s.metainfo.get("sample_idx")) for s in data_samples],
-                               device=student.device)
-        channel_map = self.heatmap_pairs.get(s_layer)
-        regression = self.regression_pairs.get(s_layer)
-        kind = "heatmap" if channel_map is not None else regression["kind"] if regression else "feature"
-        if regression:  # a task's regression outputs answer for its own classes' boxes only
-            boxes = [None if sample_boxes is None else sample_boxes[torch.isin(sample_labels.cpu(),
-                                                                               torch.tensor(regression["labels"]))]
-                     for sample_boxes, sample_labels in zip(boxes, labels)]
-        return LayerStep(
-            key=head_key(s_layer), student=student, teacher=maps, alignments=alignments, kind=kind,
-            channel_map=None if channel_map is None else torch.as_tensor(channel_map, device=student.device),
-            log_dims=regression["log_dims"] if regression else True,
-            valid=torch.stack([alignment.valid.reshape(hw) for alignment in alignments]),
-            foreground=gt_foreground(boxes, self.student_range, *hw, student.device, **self.foreground),
-            boxes=[self._boxes_in_cells(sample_boxes, hw, student.device) for sample_boxes in boxes], rows=rows)
+                               device=device)
+        alignments: dict[tuple, tuple[list[BevAlignment], Tensor]] = {}
+        grids: dict[tuple[int, int], tuple[Tensor, list[Tensor], list[Tensor] | None]] = {}
+        layers = []
+        for s_layer, t_layer in self.pairs.items():
+            student, maps = recorded[s_layer], raw[t_layer]
+            hw = tuple(student.shape[-2:])
+            if (maps.hw, hw) not in alignments:
+                aligned = [BevAlignment(self.teacher_range, maps.hw, self.student_range, hw,
+                                        sample.metainfo if unaugmented_frame else {}, device) for sample in data_samples]
+                alignments[(maps.hw, hw)] = aligned, torch.stack([alignment.valid.reshape(hw) for alignment in aligned])
+            if hw not in grids:
+                grids[hw] = (gt_foreground(boxes, self.student_range, *hw, device, **self.foreground),
+                             [self._boxes_in_cells(sample_boxes, hw, device) for sample_boxes in boxes],
+                             None if teacher is None else [self._boxes_in_cells(t.bboxes_3d, hw, device) for t in teacher])
+            aligned, valid = alignments[(maps.hw, hw)]
+            foreground, box_cells, teacher_cells = grids[hw]
+            teacher_scores = None if teacher is None else [t.scores_3d for t in teacher]
+            channel_map = self.heatmap_pairs.get(s_layer)
+            regression = self.regression_pairs.get(s_layer)
+            kind = "heatmap" if channel_map is not None else regression["kind"] if regression else "feature"
+            if regression:  # a task's regression outputs answer for its own classes' boxes only
+                task = torch.tensor(regression["labels"], device=device)
+                box_cells = [cells[torch.isin(sample_labels.to(device), task)] if sample_labels is not None else cells
+                             for cells, sample_labels in zip(box_cells, labels)]
+                if teacher is not None:
+                    own = [torch.isin(t.labels_3d.to(device), task) for t in teacher]
+                    teacher_cells = [cells[mask] for cells, mask in zip(teacher_cells, own)]
+                    teacher_scores = [scores[mask] for scores, mask in zip(teacher_scores, own)]
+            layers.append(LayerStep(
+                key=head_key(s_layer), student=student, teacher=maps, alignments=aligned, kind=kind,
+                channel_map=None if channel_map is None else torch.as_tensor(channel_map, device=device),
+                log_dims=regression["log_dims"] if regression else True, valid=valid, foreground=foreground,
+                boxes=box_cells, rows=rows, teacher_boxes=teacher_cells, teacher_scores=teacher_scores))
+        return DistillStep(layers)
 
     def _boxes_in_cells(self, boxes: Any, hw: Sequence[int], device: torch.device) -> Tensor:
-        """GT boxes (a sample's ``gt_boxes``) as axis-aligned [x1, y1, x2, y2] in student feature-cell
+        """Boxes (mmdet3d box structures, or None) as axis-aligned [x1, y1, x2, y2] in student feature-cell
         coordinates."""
-        if boxes is None:
+        if boxes is None or not len(boxes):
             return torch.zeros(0, 4, device=device)
         corners = boxes.corners[..., :2].to(device)  # (N, 8, 2)
         x_min, y_min, x_max, y_max = self.student_range
@@ -266,14 +347,17 @@ class CacheDistiller(BaseModel):
                     "on those cells only.", 100 * fraction, layer.key, self.teacher_range, self.student_range)
 
     def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
-        recorder = LayerRecorder(self.student, self.student_modules, detach=False)
+        # GT as annotated (and pasted), taken before label KD adds teacher boxes and before the student's
+        # loss runs (anchor heads replace the boxes in place)
         boxes, labels = gt_boxes(data_samples), gt_labels(data_samples)
+        raw, unaugmented_frame, teacher = self._raw_targets(inputs, data_samples)
+        label_boxes = None
+        if teacher is not None and "label" in self.terms and self.weights["label"] > 0:
+            label_boxes = self._add_label_targets(data_samples, teacher)
+        recorder = LayerRecorder(self.student, self.student_modules, detach=False)
         with recorder:
             losses = self.student.loss(inputs, data_samples)
-        raw, unaugmented_frame = self._raw_targets(inputs, data_samples)
-        step = DistillStep([self._layer_step(s_layer, recorder.outputs[s_layer], raw[t_layer], data_samples,
-                                             boxes, labels, unaugmented_frame)
-                             for s_layer, t_layer in self.pairs.items()])
+        step = self._step(recorder.outputs, raw, data_samples, boxes, labels, teacher, unaugmented_frame)
         if self.training and int(self.steps) == 0:
             self._warn_low_overlap(step)
         scale = self.weight_scale()
@@ -282,6 +366,8 @@ class CacheDistiller(BaseModel):
                 losses[f"loss_kd_{name}_{key}"] = (self.weights[name] * scale) * value
         for layer in step.layers:
             losses[f"kd_valid_fraction_{layer.key}"] = layer.valid.float().mean().detach()
+        if label_boxes is not None:
+            losses["kd_label_boxes_per_sample"] = label_boxes
         if self.training:
             self.steps += 1
         return losses

@@ -21,11 +21,15 @@ Terms (:data:`TERMS`):
   2022): squared (or L1, UniDistill) difference of student and teacher sigmoid scores, classes
   matched by name, each cell weighted by the teacher's highest class score.
 * ``reg``: response distillation on CenterHead regression outputs (offset, height, dims, heading,
-  velocity) at the GT centres, L1 against the teacher's outputs carried into the augmented frame
-  (``trainer.response``: decoded, moved like mmdet3d moves a box, encoded on the student's grid).
+  velocity) at the GT centres and the teacher's confident peaks, L1 against the teacher's outputs
+  carried into the augmented frame (``trainer.response``: decoded, moved like mmdet3d moves a box,
+  encoded on the student's grid).
+* ``label``: label distillation (SparseKD): confident teacher boxes not already annotated join the
+  GT of the student's detection loss (no loss of its own; the distiller applies it before the
+  student's loss, ``LabelTerm.extra_targets``).
 
-Feature terms read the ``feature`` pairs (hooked layers); response terms (``heatmap``) read the
-pairs of their kind (cached head outputs); :attr:`KDTerm.kinds` says which.
+Feature terms read the ``feature`` pairs (hooked layers); response terms (``heatmap``, ``reg``) read
+the pairs of their kind (cached head outputs); :attr:`KDTerm.kinds` says which (``label`` reads none).
 
 The two regression terms compare ``cells_per_sample`` valid cells per sample (default 512), drawn
 uniformly (0: every valid cell): an unbiased estimate of the loss over all valid cells that reads only those cells' teacher
@@ -42,7 +46,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from trainer.bev_warp import BevAlignment, undo_augmentation
+from trainer.bev_warp import BevAlignment
 from trainer.heads import ProjectionMLP
 from trainer.losses import (CRDLoss, InfoNCELoss, box_cells, gather_cells, instance_infonce, mean_by_box,
                             sample_cells)
@@ -70,6 +74,9 @@ class LayerStep:
         channel_map: for heatmaps, (Cs,) long: per student channel the teacher channel holding the
             same class (matched by name), -1 where the teacher has no such class.
         log_dims: for ``dim`` outputs, whether they hold log extents (CenterHead's ``norm_bbox``).
+        teacher_boxes / teacher_scores: per sample the teacher's boxes (K, 4, as ``boxes``, augmented
+            frame) and their scores (K,), for a regression pair only its task's classes; None when the
+            run has no teacher boxes (a cache built without ``--boxes``).
     """
 
     key: str
@@ -83,6 +90,8 @@ class LayerStep:
     kind: str = "feature"
     channel_map: Tensor | None = None
     log_dims: bool = True
+    teacher_boxes: list[Tensor] | None = None
+    teacher_scores: list[Tensor] | None = None
     _regression: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
 
     def regression_pairs(self, cells_per_sample: int) -> tuple[Tensor, Tensor]:
@@ -404,57 +413,107 @@ def _one_hot_read(cells: Tensor, hw: Sequence[int]) -> Tensor:
 
 @register_term
 class RegressionTerm(KDTerm):
-    """Response distillation on CenterHead regression outputs at the GT centres (UniDistill's and
-    SparseKD's regression KD): per GT box, the student's output at the cell holding its centre (where
+    """Response distillation on CenterHead regression outputs at the GT centres and the teacher's peaks
+    (UniDistill's and SparseKD's regression KD): per GT box, and per teacher box scoring at least
+    ``peak_score`` (``featcache build --boxes``: the teacher's decoded predictions, whose centres lie
+    in the heatmap peaks its decoder took), the student's output at the cell holding the centre (where
     CenterHead's own regression loss looks) against the teacher's output at the cell holding the same
-    centre in the cache frame, carried into the augmented frame and the student's encoding
-    (``trainer.response.augmented_targets``); L1 (``loss="l1"``) or smooth L1, mean over boxes and
-    channels. The teacher's own estimate replaces the GT value: where it is off, the student learns
-    what the teacher can see in the points, which is the point of distilling it.
+    centre in the cache frame (``BevAlignment.teacher_cells_of``), carried into the augmented frame
+    and the student's encoding (``trainer.response.augmented_targets``); L1 (``loss="l1"``) or smooth
+    L1, mean over centre cells (each counted once) and channels. The teacher's own estimate replaces
+    the GT value: where it is off, the student learns what the teacher can see in the points, which
+    is the point of distilling it; at its peaks without a GT box (objects the annotation missed, or
+    the teacher's confident false positives) the student learns the teacher's boxes too.
+    ``peak_score`` > 1 reads GT centres only; without teacher boxes in the run the same holds.
     """
 
     name = "reg"
     kinds = REGRESSION_KINDS
 
-    def __init__(self, context: TermContext, loss: str = "l1", beta: float = 0.1) -> None:
+    def __init__(self, context: TermContext, loss: str = "l1", beta: float = 0.1, peak_score: float = 0.5) -> None:
         super().__init__(context)
         if loss not in ("l1", "smooth_l1"):
             raise ValueError(f"reg loss must be 'l1' or 'smooth_l1', got {loss!r}")
-        self.loss, self.beta = loss, float(beta)
+        if peak_score < 0:
+            raise ValueError(f"reg peak_score must be >= 0 (> 1: GT centres only), got {peak_score}")
+        self.loss, self.beta, self.peak_score = loss, float(beta), float(peak_score)
+
+    def centres(self, layer: LayerStep, index: int) -> Tensor:
+        """(N, 2) the sample's centres in student cells: its GT boxes', then its teacher boxes' above
+        ``peak_score``."""
+        boxes = layer.boxes[index]
+        if layer.teacher_boxes is not None and self.peak_score <= 1:
+            peaks = layer.teacher_boxes[index][layer.teacher_scores[index] >= self.peak_score]
+            boxes = torch.cat([boxes, peaks.to(boxes)])
+        return (boxes[:, :2] + boxes[:, 2:]) / 2  # a rotated box's AABB shares its centre
 
     def layer_loss(self, layer: LayerStep) -> Tensor:
         student = layer.student
         height, width = student.shape[-2:]
         predictions, targets = [], []
-        for index, (alignment, boxes) in enumerate(zip(layer.alignments, layer.boxes)):
-            if not len(boxes):
+        for index, alignment in enumerate(layer.alignments):
+            centres = self.centres(layer, index)
+            if not len(centres):
                 continue
-            centres = (boxes[:, :2] + boxes[:, 2:]) / 2  # a rotated box's AABB shares its centre, student cells
             cells = centres.floor().long()
-            x_min, y_min, x_max, y_max = alignment.student_range
-            cell_s = centres.new_tensor([(x_max - x_min) / width, (y_max - y_min) / height])
-            source = undo_augmentation(centres.new_tensor([x_min, y_min]) + centres * cell_s, alignment.meta)
-            tx_min, ty_min, tx_max, ty_max = alignment.teacher_range
-            t_height, t_width = alignment.teacher_hw
-            teacher_cells = ((source - centres.new_tensor([tx_min, ty_min]))
-                             / centres.new_tensor([(tx_max - tx_min) / t_width, (ty_max - ty_min) / t_height])).floor().long()
-            keep = ((cells[:, 0] >= 0) & (cells[:, 0] < width) & (cells[:, 1] >= 0) & (cells[:, 1] < height)
-                    & (teacher_cells[:, 0] >= 0) & (teacher_cells[:, 0] < t_width)
-                    & (teacher_cells[:, 1] >= 0) & (teacher_cells[:, 1] < t_height))
+            teacher_cells, on_grid = alignment.teacher_cells_of(centres)
+            keep = on_grid & (cells[:, 0] >= 0) & (cells[:, 0] < width) & (cells[:, 1] >= 0) & (cells[:, 1] < height)
             cells, teacher_cells = cells[keep], teacher_cells[keep]
             keep = layer.valid[index][cells[:, 1], cells[:, 0]]  # GT-pasted or off the teacher grid: no target
             cells, teacher_cells = cells[keep], teacher_cells[keep]
+            # a teacher peak on a GT centre's cell (or two boxes in one cell) is one target, counted once
+            flat, inverse = torch.unique(cells[:, 1] * width + cells[:, 0], return_inverse=True)
+            positions = torch.arange(len(cells), device=cells.device)
+            first = torch.full((len(flat),), len(cells), dtype=torch.long, device=cells.device).scatter_reduce(
+                0, inverse, positions, reduce="amin")
+            cells, teacher_cells = cells[first], teacher_cells[first]
             if not len(cells):
                 continue
-            flat = teacher_cells[:, 1] * t_width + teacher_cells[:, 0]
-            teacher = layer.teacher.read(index, _one_hot_read(flat, alignment.teacher_hw))
+            t_height, t_width = alignment.teacher_hw
+            teacher = layer.teacher.read(index, _one_hot_read(teacher_cells[:, 1] * t_width + teacher_cells[:, 0],
+                                                              alignment.teacher_hw))
             targets.append(augmented_targets(layer.kind, teacher, teacher_cells, cells, alignment.teacher_range,
                                              alignment.teacher_hw, alignment.student_range, (height, width),
                                              alignment.meta, log_dims=layer.log_dims))
             predictions.append(student[index][:, cells[:, 1], cells[:, 0]].T)
-        if not predictions:  # no GT centre with a target in the batch: zero, still part of the graph
+        if not predictions:  # no centre with a target in the batch: zero, still part of the graph
             return student.sum() * 0
         difference = torch.cat(predictions).float() - torch.cat(targets).float()
         if self.loss == "l1":
             return difference.abs().mean()
         return torch.nn.functional.smooth_l1_loss(difference, torch.zeros_like(difference), beta=self.beta)
+
+
+@register_term
+class LabelTerm(KDTerm):
+    """Label distillation (SparseKD's label KD): the teacher's boxes scoring at least ``score_thresh``
+    join the GT of the student's own detection loss, before its targets are assigned, unless a GT box
+    of any class has its BEV centre within ``dedup_distance`` metres (the same object, annotated).
+    The term has no loss of its own: what it adds is weighted by the detection loss, so its weight
+    must be 1 (0 turns it off). Teacher boxes reach the step in the augmented frame
+    (``trainer.transforms.teacher_instances`` from the cache, or the online teacher's predictions).
+    """
+
+    name = "label"
+    kinds = ()
+
+    def __init__(self, context: TermContext, score_thresh: float = 0.5, dedup_distance: float = 1.0) -> None:
+        super().__init__(context)
+        if not 0 <= score_thresh <= 1:
+            raise ValueError(f"label score_thresh must be in [0, 1], got {score_thresh}")
+        if dedup_distance < 0:
+            raise ValueError(f"label dedup_distance must be >= 0 metres, got {dedup_distance}")
+        self.score_thresh, self.dedup_distance = float(score_thresh), float(dedup_distance)
+
+    def forward(self, step: DistillStep) -> dict[str, Tensor]:
+        return {}
+
+    def extra_targets(self, gt_centres: Tensor, teacher_centres: Tensor, teacher_scores: Tensor) -> Tensor:
+        """(K,) bool over one sample's teacher boxes: those that join its GT. ``gt_centres`` (N, 2) and
+        ``teacher_centres`` (K, 2) are BEV centres in metres, augmented frame."""
+        keep = teacher_scores >= self.score_thresh
+        if len(gt_centres) and len(teacher_centres):
+            nearest = torch.cdist(teacher_centres.float(), gt_centres.to(teacher_centres).float(),
+                                  compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values  # exact, never NaN
+            keep &= nearest > self.dedup_distance
+        return keep

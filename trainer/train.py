@@ -10,6 +10,7 @@ Mismatches between the cache and the student's data are errors before any traini
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
@@ -72,7 +73,6 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
     them where the term takes them. The deprecated ``--loss X --alpha-crd A`` means ``--kd X=A``.
     """
     import inspect
-    import logging
 
     from trainer.terms import TERMS
 
@@ -111,8 +111,9 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
 
 
 def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: TrainOptions,
-                  data_root: str | None) -> list:
-    """Pack with cached targets, and record GT-paste regions (they have no cached target). ``data_root``
+                  data_root: str | None, teacher_boxes: dict | None = None) -> list:
+    """Pack with cached targets (and, with ``teacher_boxes``, the cached teacher boxes:
+    ``PackDetInputsWithCache``), and record GT-paste regions (they have no cached target). ``data_root``
     (the dataset's) keys token-less samples as the build did."""
     pipeline = [dict(step, type="ObjectSampleRecorded") if step["type"] == "ObjectSample" else step
                 for step in pipeline]
@@ -122,7 +123,7 @@ def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: Tr
                           f"targets to; found {len(packs)}")
     step = dict(pipeline[packs[0]])
     step.update(type="PackDetInputsWithCache", cache=cache, layers=list(layers), skip_corrupt=options.skip_corrupt,
-                storage_options=options.storage_options, data_root=data_root)
+                storage_options=options.storage_options, data_root=data_root, teacher_boxes=teacher_boxes)
     return pipeline[:packs[0]] + [step] + pipeline[packs[0] + 1:]
 
 
@@ -202,12 +203,23 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     response_kinds = [kind for name in terms for kind in TERMS[name].kinds if kind != "feature"]
     # feature layers are read (and paired) only for a term that distils features, or when --pairs names them
     wants_features = bool(options.pairs) or any("feature" in TERMS[name].kinds for name in terms)
+    # teacher boxes: label KD needs them; the reg term reads the teacher's peaks from them when there are any
+    wants_boxes = "label" in terms or ("reg" in terms and float(terms["reg"].get("peak_score", 0.5)) <= 1)
+    teacher_boxes, box_label_map = False, None
     heatmaps: dict[str, tuple[str, list[int]]] = {}
     regressions: dict[str, tuple[str, dict]] = {}
     student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
         dataset = models.build_dataset(inner)
+        if wants_boxes and cache.manifest.boxes is None:
+            if "label" in terms:
+                raise ConfigError(f"--kd label adds the teacher's boxes to the student's GT, and cache {options.cache} "
+                                  "holds none; build it with `featcache build ... --boxes` (a new --out, or --force)")
+            logging.getLogger("trainer.train").warning(
+                "the reg term reads GT centres only: cache %s holds no teacher boxes to find the teacher's peaks "
+                "(featcache build --boxes adds them)", options.cache)
+        teacher_boxes = wants_boxes and cache.manifest.boxes is not None
         # feature layers for feature terms; head outputs (build --head-outputs) for --kd heatmap or where --pairs
         # names them: nothing is read that no term uses
         paired = set((options.pairs or {}).values())
@@ -215,14 +227,16 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
             cached = [TeacherOutput(layer.name, layer.meaning.get("kind"), tuple(layer.meaning.get("classes", ())),
                                     tuple(layer.meaning.get("channels", ())))
                       for layer in cache.manifest.layers if layer.is_head_output]
-            heatmaps, regressions = response_pairs(student, options.student_config, terms, cached,
+            heatmaps, regressions = response_pairs(student, options.student_config, response_kinds, cached,
                                                    f"cache {options.cache}")
             paired |= {t_layer for t_layer, _ in [*heatmaps.values(), *regressions.values()]}
         layers = [layer for layer in cache.manifest.layers
                   if layer.name in paired or (wants_features and not layer.is_head_output)]
         names = [layer.name for layer in layers]
+        boxes_step = (dict(classes=list(dataset.metainfo["classes"]),
+                           point_cloud_range=[float(v) for v in cfg.point_cloud_range]) if teacher_boxes else None)
         inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, names, options,
-                                          models.dataset_data_root(dataset))
+                                          models.dataset_data_root(dataset), boxes_step)
         cfg.train_dataloader.sampler = dict(type="CacheReadaheadSampler", sampler=cfg.train_dataloader.sampler,
                                             cache=options.cache, layers=names, storage_options=options.storage_options)
         teacher_range = bev_range(_cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
@@ -239,10 +253,15 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         dataset = models.build_dataset(inner)
         teacher_shapes, teacher_outputs = _probe_teacher_shapes(options, dataset, modules, response_kinds)
         if response_kinds:
-            heatmaps, regressions = response_pairs(student, options.student_config, terms, teacher_outputs,
+            heatmaps, regressions = response_pairs(student, options.student_config, response_kinds, teacher_outputs,
                                                    f"online teacher {options.online_teacher[0]}")
         target_codecs = {}
         num_samples = len(dataset)
+        if wants_boxes:  # the teacher's predictions on the augmented batch, labels named as the student's
+            teacher_classes = teacher_class_names(teacher_cfg, options.online_teacher[0])
+            student_classes = list(dataset.metainfo["classes"])
+            teacher_boxes = True
+            box_label_map = [student_classes.index(name) if name in student_classes else -1 for name in teacher_classes]
     student_shapes = _probe_student(student, dataset, list(dict.fromkeys([*modules, *heatmaps, *regressions])))
     if "crd" in terms and num_samples < 2:
         raise ConfigError(f"the crd term contrasts samples against each other and needs at least 2 cached samples; "
@@ -252,7 +271,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
                                       and name not in heatmaps and name not in regressions}
     pairs = {**feature_pairs, **{s_layer: t_layer for s_layer, (t_layer, _) in [*heatmaps.items(),
                                                                                  *regressions.items()]}}
-    if not pairs:
+    if not pairs and any(TERMS[name].kinds for name in terms):  # label alone reads no layer
         raise ConfigError(f"no student layer matches a cached layer by name (student: {sorted(student_shapes)}, "
                           f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
     for s_layer, t_layer in pairs.items():
@@ -268,6 +287,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         target_codecs={k: v for k, v in target_codecs.items() if k in pairs.values()},
         heatmap_pairs={s_layer: channels for s_layer, (_, channels) in heatmaps.items()},
         regression_pairs={s_layer: spec for s_layer, (_, spec) in regressions.items()},
+        teacher_boxes=teacher_boxes, box_label_map=box_label_map,
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
@@ -289,6 +309,18 @@ def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]
     return {name: tuple(value.shape[1:]) for name, value in recorded.items()}, outputs
 
 
+def teacher_class_names(teacher_cfg, where: str) -> list[str]:
+    """The class of each of a teacher's prediction labels: its config's ``class_names``, else its train
+    dataset's ``metainfo.classes`` (what ``featcache build --boxes`` records)."""
+    classes = teacher_cfg.get("class_names")
+    if not classes:
+        classes = (models.unwrap_dataset_cfg(teacher_cfg.train_dataloader.dataset).get("metainfo") or {}).get("classes")
+    if not classes:
+        raise ConfigError(f"teacher config {where} names no class_names (nor train dataset metainfo.classes): its "
+                          "boxes' labels could not be matched to the student's classes")
+    return list(classes)
+
+
 class TeacherOutput(NamedTuple):
     """A teacher head output a response term can read: its layer, kind (``heatmap``, ``reg``...), task
     classes and what each channel holds (``featcache.heads.HeadOutput``, or a manifest's ``meaning``)."""
@@ -299,7 +331,7 @@ class TeacherOutput(NamedTuple):
     channels: tuple[str, ...]
 
 
-def match_heatmaps(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequence[tuple[str, Sequence[str]]],
+def match_by_class(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequence[tuple[str, Sequence[str]]],
                    where: str) -> dict[str, tuple[str, list[int]]]:
     """Pair each student head output (with its task's classes) with the teacher output of the same kind
     that holds the same classes, matched by name, not position: a 10-class one-task teacher distils a
@@ -324,24 +356,24 @@ def match_heatmaps(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequen
     return pairs
 
 
-def response_pairs(student, config: str, terms: dict, teacher: Sequence[TeacherOutput], where: str
+def response_pairs(student, config: str, kinds: Sequence[str], teacher: Sequence[TeacherOutput], where: str
                    ) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[str, dict]]]:
-    """The head-output pairs of the response terms in ``terms``: heatmaps (student layer -> (teacher
-    layer, channel map)) for ``heatmap``, regression outputs (student layer -> (teacher layer,
-    dict(kind, labels, log_dims))) for ``reg``, student tasks matched to teacher tasks by class name."""
+    """The head-output pairs of the response terms, which read the head outputs of ``kinds`` (their
+    ``KDTerm.kinds``): heatmaps (student layer -> (teacher layer, channel map)), regression outputs
+    (student layer -> (teacher layer, dict(kind, labels, log_dims))), student tasks matched to teacher
+    tasks by class name (``match_by_class``)."""
     from featcache.heads import head_outputs, find_head
     from trainer.response import REGRESSION_KINDS
 
-    kinds = (["heatmap"] if "heatmap" in terms else []) + (list(REGRESSION_KINDS) if "reg" in terms else [])
     available = {out.kind for out in teacher}
-    build = {"heatmap": "--head-outputs heatmap", "reg": "--head-outputs all (or reg,height,dim,rot,vel)"}
-    for term in ("heatmap", "reg"):
-        wanted = ["heatmap"] if term == "heatmap" else list(REGRESSION_KINDS)
-        if term in terms and not available & set(wanted):
-            raise ConfigError(f"--kd {term} distils the teacher's {'class heatmaps' if term == 'heatmap' else 'regression outputs'}, "
-                              f"and {where} has none; build it with `featcache build ... {build[term]}` (features "
+    for wanted, what, option in ((["heatmap"], "class heatmaps", "--head-outputs heatmap"),
+                                 (list(REGRESSION_KINDS), "regression outputs",
+                                  "--head-outputs all (or reg,height,dim,rot,vel)")):
+        if set(wanted) & set(kinds) and not available & set(wanted):
+            raise ConfigError(f"--kd {'heatmap' if wanted == ['heatmap'] else 'reg'} distils the teacher's {what}, "
+                              f"and {where} has none; build it with `featcache build ... {option}` (features "
                               "and head outputs in one pass)")
-    kinds = [kind for kind in kinds if kind in available]  # a KITTI head has no vel
+    kinds = [kind for kind in dict.fromkeys(kinds) if kind in available]  # a KITTI head has no vel
     try:
         outputs = head_outputs(student, kinds)
         _, head = find_head(student)
@@ -351,7 +383,7 @@ def response_pairs(student, config: str, terms: dict, teacher: Sequence[TeacherO
     log_dims = bool(getattr(head, "norm_bbox", True))
     heatmaps, regressions = {}, {}
     for kind in kinds:
-        matched = match_heatmaps([(out.layer, out.classes) for out in outputs if out.kind == kind],
+        matched = match_by_class([(out.layer, out.classes) for out in outputs if out.kind == kind],
                                  [(out.layer, out.classes) for out in teacher if out.kind == kind], where)
         for s_layer, (t_layer, channels) in matched.items():
             if kind == "heatmap":
