@@ -8,8 +8,15 @@ in the manifest (``LayerSpec.meaning``): which head and task it comes from, the 
 heatmap channel, what each regression channel holds and in which unit, and that heatmaps are stored
 as logits (sigmoid them to get scores). A student then matches classes by name, not by position.
 
-Supported heads: mmdet3d's ``CenterHead`` (CenterPoint; per task a ``SeparateHead`` whose
-``heatmap``, ``reg``, ``height``, ``dim``, ``rot``, ``vel`` modules each return one map).
+Supported heads:
+
+* mmdet3d's ``CenterHead`` (CenterPoint; per task a ``SeparateHead`` whose ``heatmap``, ``reg``,
+  ``height``, ``dim``, ``rot``, ``vel`` modules each return one map);
+* ``TransFusionHead`` (the BEVFusion teacher's ``bbox_head``, mmdet3d's ``projects/BEVFusion``): its
+  dense class heatmap, the output of its ``heatmap_head`` (logits, one channel per dataset class in
+  label order, before the query initialisation picks its peaks). Its box regression is per object
+  query, not dense, so ``heatmap`` is the only dense output it has; its decoded boxes come with
+  ``--boxes`` like any detector's.
 """
 from __future__ import annotations
 
@@ -95,17 +102,45 @@ def _out_channels(module: "nn.Module") -> int:
     return int(convolutions[-1].out_channels)
 
 
-def head_outputs(model: nn.Module, kinds: Sequence[str]) -> list[HeadOutput]:
+def is_transfusion_head(head: nn.Module) -> bool:
+    """A TransFusion-style head: one dense ``heatmap_head`` over all classes, then object queries
+    (``num_proposals``) decoded by a transformer (mmdet3d's projects/BEVFusion ``TransFusionHead``)."""
+    return all(hasattr(head, name) for name in ("heatmap_head", "num_classes", "num_proposals"))
+
+
+def _transfusion_outputs(head_name: str, head: nn.Module, kinds: Sequence[str],
+                         class_names: Sequence[str] | None) -> list[HeadOutput]:
+    unsupported = [kind for kind in kinds if kind != "heatmap"]
+    if unsupported:
+        raise ConfigError(f"--head-outputs {','.join(unsupported)}: {head_name} ({type(head).__name__}) regresses "
+                          "boxes per object query, not on a dense map, so its only dense output is the class "
+                          "heatmap; use --head-outputs heatmap (and --boxes for its decoded predictions)")
+    out_channels = _out_channels(head.heatmap_head)
+    if not class_names or len(class_names) != out_channels:
+        raise ConfigError(f"--head-outputs heatmap: {head_name}.heatmap_head has {out_channels} channels, one per "
+                          f"class, and the teacher's dataset names {len(class_names or ())} classes "
+                          f"({', '.join(class_names or ()) or 'none'}); set the config's class_names to the "
+                          "classes the head was trained on")
+    return [HeadOutput(layer=f"{head_name}.heatmap_head", kind="heatmap", head=head_name, head_type=type(head).__name__,
+                       task=0, classes=tuple(class_names), channels=tuple(class_names), stored="logits")]
+
+
+def head_outputs(model: nn.Module, kinds: Sequence[str], class_names: Sequence[str] | None = None) -> list[HeadOutput]:
     """The layers of ``kinds`` (``parse_head_outputs``) in the detector's head, task by task.
 
-    Raises ConfigError naming the head type when it is not a CenterHead, and naming the task and the
+    ``class_names``: the dataset's classes in label order, for heads that do not name their own
+    (TransFusionHead; a CenterHead carries its tasks' ``class_names``). Raises ConfigError naming the
+    head type when it is neither a CenterHead nor a TransFusionHead, and naming the task and the
     outputs it has when a task lacks a requested one (e.g. ``vel`` for a KITTI head)."""
     if not kinds:
         return []
     head_name, head = find_head(model)
+    if is_transfusion_head(head):
+        return _transfusion_outputs(head_name, head, kinds, class_names)
     if not (hasattr(head, "task_heads") and hasattr(head, "class_names")):
-        raise ConfigError(f"--head-outputs: {head_name} ({type(head).__name__}) is not a CenterHead; featcache "
-                          "describes the dense outputs of CenterHead (CenterPoint) heads. Record this head's modules as plain layers "
+        raise ConfigError(f"--head-outputs: {head_name} ({type(head).__name__}) is not a CenterHead or TransFusionHead; "
+                          "featcache describes the dense outputs of CenterHead (CenterPoint) and TransFusionHead "
+                          "(BEVFusion) heads. Record this head's modules as plain layers "
                           "with --layers instead (their channels are then not described in the manifest)")
     outputs = []
     for task, (task_head, classes) in enumerate(zip(head.task_heads, head.class_names)):

@@ -80,7 +80,9 @@ class Teacher:
         if self.modules is None:  # the detector's own convention (pts_* or middle_encoder, backbone, neck)
             self.modules = models.default_layers(self.model)
         # the head's dense outputs, after the features: {layer: HeadOutput}; each is one module's output
-        self.head_outputs = {output.layer: output for output in heads.head_outputs(self.model, head_kinds)}
+        dataset_classes = (getattr(self.dataset, "metainfo", None) or {}).get("classes") or self.cfg.get("class_names")
+        self.head_outputs = {output.layer: output
+                             for output in heads.head_outputs(self.model, head_kinds, dataset_classes)}
         self.modules = list(dict.fromkeys([*self.modules, *self.head_outputs]))
         recording.find_modules(self.model, self.modules)  # fail now, naming the module, not mid-build
         self.samples = _KeyedSamples(self.dataset, self.keys)

@@ -335,3 +335,51 @@ def test_label_kd_on_a_cache_without_boxes_says_how_to_build_one(nus_one, pillar
     options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl"}
     with pytest.raises(ConfigError, match=f"cache {plain} holds none; build it with .*--boxes"):
         build_runner_config(TrainOptions(student, str(plain), kd={"label": 1.0}, cfg_options=options))
+
+
+def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_class():
+    # BEVFusion's TransFusionHead lives in mmdet3d's projects/BEVFusion, which pip's mmdet3d does not ship; this
+    # head has the attributes featcache reads from it (a dense heatmap_head over all classes, then object
+    # queries), as in that file: heatmap_head = ConvModule(hidden, hidden, 3) + Conv2d(hidden, num_classes, 3)
+    from torch import nn
+
+    from featcache.recording import LayerRecorder
+    from lidar_fixtures import REPO
+    from trainer.train import match_by_class
+
+    class TransFusionHead(nn.Module):
+        def __init__(self, num_classes: int) -> None:
+            super().__init__()
+            self.num_classes, self.num_proposals = num_classes, 200
+            self.shared_conv = nn.Conv2d(16, 8, 3, padding=1)
+            self.heatmap_head = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                              nn.Conv2d(8, num_classes, 3, padding=1))
+
+        def forward(self, x):
+            return self.heatmap_head(self.shared_conv(x))
+
+    class BEVFusion(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bbox_head = TransFusionHead(10)
+
+    classes = ("car", "truck", "construction_vehicle", "bus", "trailer", "barrier", "motorcycle", "bicycle",
+               "pedestrian", "traffic_cone")
+    model = BEVFusion()
+    (output,) = heads.head_outputs(model, ["heatmap"], classes)
+    assert output.layer == "bbox_head.heatmap_head" and output.classes == classes and output.stored == "logits"
+    assert output.meaning()["head_type"] == "TransFusionHead"
+    with LayerRecorder(model, [output.layer]) as recorder:
+        dense = model.bbox_head(torch.randn(1, 16, 12, 12))
+    assert torch.equal(recorder.outputs[output.layer], dense) and dense.shape == (1, 10, 12, 12)
+    with pytest.raises(ConfigError, match="per object query.*--head-outputs heatmap"):
+        heads.head_outputs(model, ["heatmap", "reg"], classes)
+    with pytest.raises(ConfigError, match="has 10 channels, one per class, and the teacher's dataset names 3"):
+        heads.head_outputs(model, ["heatmap"], classes[:3])
+    # a six-task CenterHead student reads its classes from the one ten-class heatmap
+    models.init_mmdet3d_scope()
+    student = models.build_model(models.load_config(str(REPO / "configs/students/centerpoint_pillar_half_nus.py")))
+    pairs = match_by_class([(out.layer, out.classes) for out in heads.head_outputs(student, ["heatmap"])],
+                           [(output.layer, output.classes)], "a BEVFusion cache")
+    assert pairs["pts_bbox_head.task_heads.5.heatmap"] == ("bbox_head.heatmap_head", [8, 9])  # pedestrian, cone
+    assert len(pairs) == 6
