@@ -44,7 +44,23 @@ def test_quick_demo_reports_every_model_from_its_own_run(quick_demo):
     assert re.search(r"\*\*\d+ s\*\* \(\d+ min \d\d s\)", report), "the run's own wall time is missing"
     stages = [line.split("\t")[0] for line in (work / "timings.tsv").read_text().splitlines()]
     assert stages == ["generate", "build", "verify", "train_half_kd", "train_slim_kd", "train_half_nokd",
-                      "train_half_online", "report"]
+                      "train_half_online", "deploy", "report"]
+
+
+def test_quick_demo_report_holds_the_deployment_table_its_run_measured(quick_demo):
+    work = quick_demo
+    report = (work / "report.md").read_text()
+    deployment = json.loads((work / "deployment.json").read_text())
+    assert "## Deployment (ONNX Runtime)" in report
+    assert set(deployment["models"]) == {"teacher", "half_kd", "slim_kd"}
+    for name, model in deployment["models"].items():
+        assert set(model["forms"]) == {"pytorch", "fp32", "int8"}
+        assert model["raw_max_abs_diff"] < 1e-4, name  # the exported graph computes what the checkpoint does
+        for form in model["forms"].values():
+            assert all(median > 0 for median, _p90 in form["latency_ms"].values())
+    # every ratio of the deployment table is in the demo report, with the value its run measured
+    for label, check in deployment["checks"].items():
+        assert f"| {label} | {check['speedup']:.2f}x |" in report
 
 
 def test_quick_demo_writes_plots_and_loadable_students(quick_demo):

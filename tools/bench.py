@@ -953,10 +953,11 @@ def figure_train(ctx: Context) -> Section:
                "train_dataloader.dataset.ann_file": "infos.pkl"}
     if ctx.sizes.train_batch:
         options["train_dataloader.batch_size"] = ctx.sizes.train_batch
-    # figure 3's layers plus the teacher's class heatmaps (the heatmap term's targets), built the same way
-    cache, teacher = str(ctx.work / "train-heatmap"), (VOXEL_CONFIG, str(ctx.checkpoint))
-    log("train: building the cache of figure 3's layers + heatmaps")
-    build_cache(BuildOptions(VOXEL_CONFIG, str(ctx.checkpoint), cache, layers=LAYERS, head_outputs="heatmap",
+    # figure 3's layers plus every head output and the teacher's boxes (the response and label terms' targets),
+    # built the same way
+    cache, teacher = str(ctx.work / "train-response"), (VOXEL_CONFIG, str(ctx.checkpoint))
+    log("train: building the cache of figure 3's layers + head outputs + boxes")
+    build_cache(BuildOptions(VOXEL_CONFIG, str(ctx.checkpoint), cache, layers=LAYERS, head_outputs="all", boxes=True,
                              cfg_options=ctx.cfg_options, num_workers=BUILD_WORKERS, device="cpu", progress=False))
     steps, online_steps = ctx.sizes.train_steps, ctx.sizes.online_steps
     no_kd_label, online_label, cached_label = "no KD (--no-distill)", "online KD (voxel0075 teacher), infonce", \
@@ -964,7 +965,8 @@ def figure_train(ctx: Context) -> Section:
     # every term alone, and a combination, each from the cache
     cached = {"crd": {"crd": 1.0}, "infonce": {"infonce": 1.0}, "mse": {"mse": 1.0}, "pkd": {"pkd": 5.0},
               "heatmap": {"heatmap": 10.0}, "infonce+pkd": {"infonce": 1.0, "pkd": 5.0},
-              "heatmap+infonce": {"heatmap": 10.0, "infonce": 1.0}}
+              "heatmap+infonce": {"heatmap": 10.0, "infonce": 1.0}, "heatmap+reg": {"heatmap": 10.0, "reg": 1.0},
+              "heatmap+reg+label": {"heatmap": 10.0, "reg": 1.0, "label": 1.0}}
     variants = {no_kd_label: (TrainOptions(student, None, no_distill=True, cfg_options=options), steps),
                 **{f"cached KD, {name}": (TrainOptions(student, cache, kd=kd, cfg_options=options), steps)
                    for name, kd in cached.items()},
@@ -983,14 +985,18 @@ def figure_train(ctx: Context) -> Section:
     lines = [f"Student {STUDENT_CONFIG.relative_to(REPO)} (CenterPoint pillar, half width) on the {len(ctx.keys)} "
              f"frames, batch {cfg.train_dataloader.batch_size}, its own augmenting train pipeline and DataLoader "
              f"({cfg.train_dataloader.num_workers} worker), cached feature layers paired by name (all 4) for the "
-             "feature terms, the six tasks' class heatmaps for `heatmap`, torch threads "
+             "feature terms, the six tasks' class heatmaps for `heatmap`, their regression outputs (30 layers) for "
+             "`reg`, the teacher's boxes for `label` and reg's teacher peaks, torch threads "
              f"{torch.get_num_threads()}, mmengine's InfiniteSampler (no epoch restarts of the tiny dataset). Step = "
              "next batch + `train_step` (preprocess, loss, backward, update) after "
              f"{ctx.sizes.warmup_steps} untimed warm-up step(s) per variant; the variants take turns step by step "
              "(round robin, the same batches in the same order), so machine drift reaches all alike. The cache holds "
-             "figure 3's layers (default codec) and the teacher's heatmaps (`--head-outputs heatmap`, fp16-zstd1), "
-             "built here like figure 3's. Cached variants: each distillation term of `trainer/terms.py` "
-             "alone (`--kd NAME=W`), infonce+pkd and heatmap+infonce together. Online KD runs the voxel0075 teacher in the training "
+             "figure 3's layers (default codec), the teacher's head outputs (`--head-outputs all`, fp16-zstd1) and "
+             "boxes (`--boxes`), built here like figure 3's. Cached variants: each feature term and `heatmap` of "
+             "`trainer/terms.py` alone (`--kd NAME=W`), infonce+pkd, heatmap+infonce, heatmap+reg and "
+             "heatmap+reg+label together (the seeded teacher's boxes are noise: label KD adds those that are "
+             "plausible, up to hundreds per scan, to the GT, which makes that variant's target assignment heavier "
+             "than a trained teacher's would). Online KD runs the voxel0075 teacher in the training "
              "process on the student's batch, with infonce, compared with the cached infonce variant.", ""]
     lines += table(["variant", "steps", "median s/step", "min", "max", "/ no KD"], rows)
     # What online KD costs over cached KD should be the teacher alone: compare with the time the online

@@ -3,7 +3,8 @@
 #   generated lidar scenes -> the demo teacher -> featcache build (teacher run once) ->
 #   featcache train: two students with contrastive distillation from the one cache, one student
 #   without distillation, and a short online-teacher run for the step-time comparison ->
-#   evaluation of every model -> work_dirs/demo/report.md with PNG plots.
+#   evaluation of every model -> each exported for ONNX Runtime and timed (tools/deploy_report.py) ->
+#   work_dirs/demo/report.md with PNG plots and the deployment table.
 # --quick runs the same chain at tiny size (a few scenes, a few iterations) for the tests.
 # RETRAIN_TEACHER=1 retrains the shipped teacher first (tools/train_demo_teacher.sh, ~35 min).
 set -euo pipefail
@@ -22,7 +23,7 @@ if [[ "${INIT_FROM_TEACHER:-1}" == 1 ]]; then INIT=(--init-from-teacher "$TEACHE
 
 if [[ "${1:-}" == "--quick" ]]; then
     MODE=quick; WORK=${DEMO_WORK_DIR:-work_dirs/demo_quick}; DATA=$WORK/data
-    SCENES=(--train 6 --val 3); ONLINE_SAMPLES=4
+    SCENES=(--train 6 --val 3); ONLINE_SAMPLES=4; DEPLOY_SCANS=3
     # one-epoch students score near the 0.1 threshold everywhere: cap the boxes NMS sees per task
     EVAL_OPTS=(--cfg-options model.test_cfg.pts.pre_max_size=100 --cfg-options model.test_cfg.pts.post_max_size=50)
     # one epoch: the students' schedule (configs/_base_/demo_scenes.py) shortened to match
@@ -30,7 +31,7 @@ if [[ "${1:-}" == "--quick" ]]; then
               --cfg-options param_scheduler.1.end=1 --cfg-options default_hooks.logger.interval=1)
 else
     MODE=full; WORK=${DEMO_WORK_DIR:-work_dirs/demo}; DATA=data/generated/demo
-    SCENES=(--train 400 --val 100); ONLINE_SAMPLES=60; SCHEDULE=(); EVAL_OPTS=()
+    SCENES=(--train 400 --val 100); ONLINE_SAMPLES=60; DEPLOY_SCANS=${DEPLOY_SCANS:-30}; SCHEDULE=(); EVAL_OPTS=()
 fi
 mkdir -p "$WORK"
 TIMINGS=$WORK/timings.tsv
@@ -70,6 +71,13 @@ stage train_half_online $FC train configs/demo/student_half.py --online-teacher 
     --kd "$KD" "${INIT[@]}" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
     --teacher-cfg-options "train_dataloader.dataset.data_root=$DATA/" \
     --cfg-options "train_dataloader.dataset.indices=$ONLINE_SAMPLES" --cfg-options train_cfg.max_epochs=1
+# Deployment: each model exported for ONNX Runtime (fp32 and int8) and timed at batch 1 beside PyTorch, on the
+# first DEPLOY_SCANS val scans (latency, memory, and each form's mAP on those scans).
+stage deploy $PY tools/deploy_report.py --out "$WORK/deployment.md" --work-dir "$WORK/deploy" --int8 \
+    --quick "$DEPLOY_SCANS" "${DATA_OPTS[@]}" "${EVAL_OPTS[@]}" \
+    --model teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
+    --model half_kd configs/demo/student_half.py "$WORK/student_half_kd/student.pth" \
+    --model slim_kd configs/demo/student_slim.py "$WORK/student_slim_kd/student.pth"
 stage report $PY tools/demo_report.py --out "$WORK/report.md" --cache "$CACHE" --timings "$TIMINGS" \
     --cfg-options "train_dataloader.dataset.data_root=$DATA/" --cfg-options "test_dataloader.dataset.data_root=$DATA/" \
     "${EVAL_OPTS[@]}" \
@@ -77,7 +85,7 @@ stage report $PY tools/demo_report.py --out "$WORK/report.md" --cache "$CACHE" -
     --student half_kd configs/demo/student_half.py "$WORK/student_half_kd" \
     --student slim_kd configs/demo/student_slim.py "$WORK/student_slim_kd" \
     --student half_nokd configs/demo/student_half.py "$WORK/student_half_nokd" \
-    --online half_kd "$WORK/student_half_online" --baseline half_kd half_nokd
+    --online half_kd "$WORK/student_half_online" --baseline half_kd half_nokd --deployment "$WORK/deployment.md"
 
 total=$(( ($(date +%s%N) - start_ns) / 1000000000 ))
 printf '\nWall time of this `tools/demo.sh%s` run (set-up excluded), measured by the script: **%d s** (%d min %02d s).\n' \

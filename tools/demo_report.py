@@ -170,6 +170,8 @@ def main() -> None:
                         help="the run with a live teacher, and which cached run it mirrors")
     parser.add_argument("--baseline", nargs=2, metavar=("KD_NAME", "NOKD_NAME"), required=True)
     parser.add_argument("--cfg-options", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--deployment", metavar="REPORT_MD",
+                        help="tools/deploy_report.py's report of this run's models, embedded as a section")
     args = parser.parse_args()
     cfg_options = models.parse_cfg_options(args.cfg_options)
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -232,6 +234,12 @@ def main() -> None:
               "run twice has moved this difference by more than 0.04. Whether a recipe really beats no-KD is "
               "what `QUALITY.md` measures (several seeds per recipe, mean, spread and gap; `tools/quality.py`).",
               ""]
+
+    if args.deployment:  # its own headings one level down: a section of this report
+        with open(args.deployment) as stream:
+            deployment = stream.read().splitlines()
+        lines += ["## Deployment (ONNX Runtime): `tools/deploy_report.py` on this run's models", ""]
+        lines += [("#" + line) if line.startswith("#") else line for line in deployment[1:]] + [""]
 
     with open(args.timings) as stream:
         stages = [line.rstrip("\n").split("\t") for line in stream if line.strip()]
