@@ -32,6 +32,17 @@ def head_cache(tmp_path_factory, nus_one, pillar_ckpt):
     return out
 
 
+def _runner_config(cache, data_root, **train_options):
+    """``featcache train``'s runner config for the nuScenes half-width CenterPoint student on ``cache``."""
+    from lidar_fixtures import REPO
+    from trainer.train import TrainOptions, build_runner_config
+
+    options = {"train_dataloader.dataset.data_root": f"{data_root}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
+    return build_runner_config(TrainOptions(str(REPO / "configs/students/centerpoint_pillar_half_nus.py"), str(cache),
+                                            cfg_options=options, **train_options))
+
+
 def _teacher_head_outputs(pillar_ckpt, data_root) -> list[dict[str, torch.Tensor]]:
     """Reference, computed another way than the build's hooks: the teacher's features through its head's
     own forward, per task."""
@@ -118,19 +129,13 @@ def test_head_outputs_option_names_what_is_wrong(tmp_path, pillar_ckpt, nus_one)
 
 def test_training_from_a_head_output_cache_pairs_features_only_unless_told(head_cache, nus_one):
     # head outputs are response targets: feature terms never pick them up by name; --pairs may name them
-    from lidar_fixtures import REPO
-    from trainer.train import TrainOptions, build_runner_config
-
-    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
-    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
-               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
-    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"pkd": 1.0}, cfg_options=options))
+    cfg = _runner_config(head_cache, nus_one, kd={"pkd": 1.0})
     assert cfg.model.pairs == {"pts_neck.0": "pts_neck.0"}
     pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
     assert pack["layers"] == ["pts_neck.0"]  # nothing read that no term uses
     heatmap = "pts_bbox_head.task_heads.0.heatmap"
-    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"pkd": 1.0}, cfg_options=options,
-                                           pairs={heatmap: heatmap}))
+    cfg = _runner_config(head_cache, nus_one, kd={"pkd": 1.0},
+                         pairs={heatmap: heatmap})
     assert cfg.model.pairs == {heatmap: heatmap} and cfg.model.teacher_shapes[heatmap] == [1, 128, 128]
 
 
@@ -213,14 +218,8 @@ def _cache_without_boxes(nus_one, pillar_ckpt, tmp_path):
 
 def test_heatmap_term_pairs_every_student_task_with_the_cached_heatmaps_and_reads_only_what_it_uses(head_cache,
                                                                                                    nus_one):
-    from lidar_fixtures import REPO
-    from trainer.train import TrainOptions, build_runner_config
-
-    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
-    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
-               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
     heatmaps = [f"pts_bbox_head.task_heads.{task}.heatmap" for task in range(6)]
-    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"heatmap": 10.0}, cfg_options=options))
+    cfg = _runner_config(head_cache, nus_one, kd={"heatmap": 10.0})
     assert cfg.model.pairs == {layer: layer for layer in heatmaps}  # no feature term: no feature pair
     assert cfg.model.heatmap_pairs == {layer: list(range(len(classes))) for layer, classes in
                                        zip(heatmaps, [["car"], ["truck", "construction_vehicle"], ["bus", "trailer"],
@@ -228,22 +227,16 @@ def test_heatmap_term_pairs_every_student_task_with_the_cached_heatmaps_and_read
                                                                                                "traffic_cone"]])}
     pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
     assert pack["layers"] == heatmaps
-    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"heatmap": 10.0, "pkd": 1.0},
-                                           cfg_options=options))
+    cfg = _runner_config(head_cache, nus_one, kd={"heatmap": 10.0, "pkd": 1.0})
     assert set(cfg.model.pairs) == {"pts_neck.0", *heatmaps} and set(cfg.model.heatmap_pairs) == set(heatmaps)
 
 
 def test_heatmap_term_on_a_cache_without_heatmaps_says_how_to_build_one(nus_one, pillar_ckpt, tmp_path):
-    from lidar_fixtures import REPO
-    from trainer.train import TrainOptions, build_runner_config
-
     plain = tmp_path / "plain"
     build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(plain), layers="pts_neck",
                              cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
-    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
-    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl"}
     with pytest.raises(ConfigError, match=f"cache {plain} has none; build it with .*--head-outputs heatmap"):
-        build_runner_config(TrainOptions(student, str(plain), kd={"heatmap": 10.0}, cfg_options=options))
+        _runner_config(plain, nus_one, kd={"heatmap": 10.0})
 
 
 def test_heatmap_classes_match_by_name_across_task_layouts():
@@ -261,14 +254,7 @@ def test_heatmap_classes_match_by_name_across_task_layouts():
 
 
 def test_reg_term_pairs_each_tasks_regression_outputs_with_its_classes_labels(head_cache, nus_one):
-    from lidar_fixtures import REPO
-    from trainer.train import TrainOptions, build_runner_config
-
-    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
-    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
-               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
-    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"heatmap": 10.0, "reg": 1.0},
-                                           cfg_options=options))
+    cfg = _runner_config(head_cache, nus_one, kd={"heatmap": 10.0, "reg": 1.0})
     kinds = ("reg", "height", "dim", "rot", "vel")
     regression = {f"pts_bbox_head.task_heads.{task}.{kind}" for task in range(6) for kind in kinds}
     assert set(cfg.model.regression_pairs) == regression and len(cfg.model.heatmap_pairs) == 6
@@ -286,15 +272,9 @@ def test_label_kd_adds_the_cached_teacher_boxes_to_the_students_gt(head_cache, n
     from mmdet3d.registry import MODELS
     from mmengine.dataset import pseudo_collate
 
-    from lidar_fixtures import REPO
-    from trainer.train import TrainOptions, build_runner_config
     from trainer.transforms import augment_boxes
 
-    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
-    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl",
-               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
-    cfg = build_runner_config(TrainOptions(student, str(head_cache), kd={"label": 1.0, "heatmap": 10.0},
-                                           cfg_options=options))
+    cfg = _runner_config(head_cache, nus_one, kd={"label": 1.0, "heatmap": 10.0})
     pack = next(step for step in cfg.train_dataloader.dataset.pipeline if step["type"] == "PackDetInputsWithCache")
     assert pack["teacher_boxes"]["classes"][:2] == ["car", "truck"] and cfg.model.teacher_boxes
     dataset = models.build_dataset(models.unwrap_dataset_cfg(cfg.train_dataloader.dataset))
@@ -325,16 +305,11 @@ def test_label_kd_adds_the_cached_teacher_boxes_to_the_students_gt(head_cache, n
 
 
 def test_label_kd_on_a_cache_without_boxes_says_how_to_build_one(nus_one, pillar_ckpt, tmp_path):
-    from lidar_fixtures import REPO
-    from trainer.train import TrainOptions, build_runner_config
-
     plain = tmp_path / "plain"
     build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(plain), layers="pts_neck", head_outputs="heatmap",
                              cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
-    student = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
-    options = {"train_dataloader.dataset.data_root": f"{nus_one}/", "train_dataloader.dataset.ann_file": "infos.pkl"}
     with pytest.raises(ConfigError, match=f"cache {plain} holds none; build it with .*--boxes"):
-        build_runner_config(TrainOptions(student, str(plain), kd={"label": 1.0}, cfg_options=options))
+        _runner_config(plain, nus_one, kd={"label": 1.0})
 
 
 def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_class():
