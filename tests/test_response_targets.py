@@ -1,7 +1,8 @@
 """Cached response targets under augmentation: the trained demo teacher's cached class heatmaps, moved by
 a sample's recorded augmentation (``BevAlignment``, what the ``heatmap`` term does), against the same
 teacher run on the augmented scan. The augmentations are mmdet3d's own transforms, so the recorded
-metadata is exactly what a student's train pipeline hands the distiller."""
+metadata is exactly what a student's train pipeline hands the distiller. The same for the cached teacher
+boxes as the train pipeline hands them to label KD and the reg term's peaks (``teacher_instances``)."""
 from __future__ import annotations
 
 import subprocess
@@ -24,13 +25,13 @@ TEACHER_CKPT = str(REPO / "checkpoints/demo_teacher_pillar.pth")
 
 @pytest.fixture(scope="module")
 def heatmap_cache(tmp_path_factory):
-    """Two generated demo scans (the demo's generator, seeded) and their cache of pts_neck + heatmaps."""
+    """Two generated demo scans (the demo's generator, seeded) and their cache of pts_neck + heatmaps + boxes."""
     root = tmp_path_factory.mktemp("response")
     subprocess.run([sys.executable, str(REPO / "tools/generate_scenes.py"), "--out", str(root / "scenes"),
                     "--train", "2", "--val", "1", "--seed", "11", "--range", "40"], check=True, capture_output=True)
     options = {"train_dataloader.dataset.data_root": f"{root / 'scenes'}/"}
     build_cache(BuildOptions(TEACHER, TEACHER_CKPT, str(root / "cache"), layers="pts_neck", head_outputs="heatmap",
-                             cfg_options=options, num_workers=0, progress=False))
+                             boxes=True, cfg_options=options, num_workers=0, progress=False))
     return root / "cache", options
 
 
@@ -85,3 +86,46 @@ def test_cached_heatmaps_moved_by_the_recorded_augmentation_match_the_teacher_on
         # targets agree with the live teacher closely, the unmoved ones barely
         assert np.mean(warped_r) > 0.8, (kind, index, warped_r)
         assert all(w > p + 0.2 for w, p in zip(warped_r, plain_r)), (kind, index, warped_r, plain_r)
+
+
+@pytest.mark.parametrize("kind", ["flip", "rotate+scale+flip"])
+def test_cached_boxes_moved_by_the_recorded_augmentation_are_the_teachers_boxes_on_the_augmented_scan(heatmap_cache,
+                                                                                                    kind):
+    from mmdet3d.structures import LiDARPoints
+    from mmengine.dataset import pseudo_collate
+
+    from trainer.transforms import teacher_instances
+
+    path, options = heatmap_cache
+    cache = open_cache(str(path))
+    cfg = models.load_config(TEACHER, options)
+    teacher = models.build_model(cfg, TEACHER_CKPT).eval()
+    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "train"))
+    classes = list(dataset.metainfo["classes"])
+    for index in range(len(dataset)):
+        item = dataset[index]
+        stored = cache.read_boxes(index)
+        points = LiDARPoints(item["inputs"]["points"], points_dim=item["inputs"]["points"].shape[1])
+        augmented, meta = _augment(points, kind)
+        with torch.no_grad():
+            (live,) = teacher.test_step(pseudo_collate([{"inputs": {"points": augmented.tensor},
+                                                         "data_samples": item["data_samples"]}]))
+        live = live.pred_instances_3d
+        confident = live.scores_3d >= 0.5
+        live_xy, live_labels = live.bboxes_3d.tensor[confident, :2], live.labels_3d[confident]
+        moved = teacher_instances(stored, cache.manifest.boxes.classes, classes, meta, cfg.point_cloud_range)
+        unmoved = teacher_instances(stored, cache.manifest.boxes.classes, classes, {}, cfg.point_cloud_range)
+
+        def found(instances) -> float:
+            """Share of the confident cached boxes with a live box of the same class within 1 m."""
+            keep = instances.scores_3d >= 0.5
+            xy, labels = instances.bboxes_3d.tensor[keep, :2], instances.labels_3d[keep]
+            distance = torch.cdist(xy, live_xy, compute_mode="donot_use_mm_for_euclid_dist")
+            distance[labels[:, None] != live_labels[None, :]] = float("inf")
+            return float((distance.min(dim=1).values <= 1.0).float().mean())
+
+        assert int((moved.scores_3d >= 0.5).sum()) >= 5  # a trained teacher: boxes to compare
+        # the teacher is only approximately equivariant: nearly every moved box is one it finds on the augmented
+        # scan, while the boxes left where the un-augmented scan had them mostly are not
+        assert found(moved) >= 0.8, (kind, index, found(moved))
+        assert found(moved) > found(unmoved) + 0.4, (kind, index, found(moved), found(unmoved))
