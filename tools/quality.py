@@ -397,8 +397,9 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
              f"teacher checkpoint sha256 {context['teacher_sha256'][:12]}; scenes stamp {context['data_stamp']}",
              f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
              "ray-cast scans), the shipped demo teacher "
-             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map (int8-zstd3) and every CenterHead output "
-             "(fp16-zstd1) cached once, students trained "
+             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map (int8-zstd3), every CenterHead output "
+             "(fp16-zstd1) and its decoded boxes (`--boxes`: label KD, reg's teacher peaks) cached once, students "
+             "trained "
              f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
              "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"
              + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",
