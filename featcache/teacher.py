@@ -80,9 +80,8 @@ class Teacher:
         if self.modules is None:  # the detector's own convention (pts_* or middle_encoder, backbone, neck)
             self.modules = models.default_layers(self.model)
         # the head's dense outputs, after the features: {layer: HeadOutput}; each is one module's output
-        dataset_classes = (getattr(self.dataset, "metainfo", None) or {}).get("classes") or self.cfg.get("class_names")
         self.head_outputs = {output.layer: output
-                             for output in heads.head_outputs(self.model, head_kinds, dataset_classes)}
+                             for output in heads.head_outputs(self.model, head_kinds, self._dataset_classes())}
         self.modules = list(dict.fromkeys([*self.modules, *self.head_outputs]))
         recording.find_modules(self.model, self.modules)  # fail now, naming the module, not mid-build
         self.samples = _KeyedSamples(self.dataset, self.keys)
@@ -115,12 +114,15 @@ class Teacher:
         return ({name: tensor.float().cpu().numpy() for name, tensor in outputs.items()},
                 [boxes.predictions(sample) for sample in predictions])
 
+    def _dataset_classes(self) -> tuple[str, ...] | None:
+        """The dataset's classes (metainfo), else the config's ``class_names``; None when neither names any."""
+        classes = (getattr(self.dataset, "metainfo", None) or {}).get("classes") or self.cfg.get("class_names")
+        return tuple(classes) if classes else None
+
     @property
     def class_names(self) -> tuple[str, ...]:
         """The class of each prediction label: the dataset's classes (labels index them in mmdet3d)."""
-        classes = (getattr(self.dataset, "metainfo", None) or {}).get("classes")
-        if not classes:
-            classes = self.cfg.get("class_names")
+        classes = self._dataset_classes()
         if not classes:
             raise ConfigError("the teacher's dataset names no classes (metainfo.classes) and its config no "
                               "class_names: the labels of its boxes could not be named")

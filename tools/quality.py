@@ -26,6 +26,7 @@ import concurrent.futures
 import datetime
 import glob
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -479,13 +480,12 @@ def conclusions(groups, verdicts, best: str | None) -> list[str]:
     if best is not None and best != INIT and INIT in best.split(","):  # what the cache adds to the weights alone
         on_top("The cached targets on top of the teacher's weights", best, targets_of(best), INIT,
                f" against `{INIT}` alone")
-    for recipe in CORE_RECIPES:  # what each core recipe's one added term changes against the core recipe without it
-        parts = recipe.split(",")
-        for under in CORE_RECIPES:
-            extra = [part for part in parts if part not in under.split(",")]
-            if under != NO_KD and set(under.split(",")) < set(parts) and len(extra) == 1 and extra[0] != INIT \
-                    and len(under.split(",")) > 1:
-                on_top(f"`{extra[0]}` on top of `{under}`", recipe, targets_of(recipe), under, f" against `{under}`")
+    # what a core recipe's one added term changes against the core recipe (of several parts) without it
+    for recipe, under in itertools.permutations(CORE_RECIPES, 2):
+        parts, under_parts = set(recipe.split(",")), set(under.split(","))
+        added = parts - under_parts
+        if len(under_parts) > 1 and under_parts < parts and len(added) == 1 and INIT not in added:
+            on_top(f"`{added.pop()}` on top of `{under}`", recipe, targets_of(recipe), under, f" against `{under}`")
     if best is not None:  # what CRD adds on top of the best core recipe
         on_top(f"CRD on top of the best core recipe (`{best}`)", with_crd(best), "cache", best, "")
     return lines
