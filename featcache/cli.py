@@ -259,11 +259,12 @@ def export(cache: str, export_format: str, out: str, overwrite: bool, storage_op
 @click.option("--overwrite", is_flag=True, help="Replace the featcache export at --out (its own files only).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write model.int8.onnx, statically quantised on --calibration-scans training scans.")
-@click.option("--calibration-scans", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--calibration-scans", type=click.IntRange(min=1), default=None,
+              help="Training scans to calibrate int8 on [default: featcache.deploy.quantize.CALIBRATION_SCANS].")
 @cfg_options_option("Override config entries, e.g. train_dataloader.dataset.data_root=data/x/.")
 @fail_cleanly
 def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quantize: str | None,
-           calibration_scans: int, cfg_options: tuple[str, ...]) -> None:
+           calibration_scans: int | None, cfg_options: tuple[str, ...]) -> None:
     """Export STUDENT_CONFIG with CHECKPOINT for ONNX Runtime: OUT/model.onnx + OUT/deploy.json."""
     from featcache.deploy.export import check_out_directory
 

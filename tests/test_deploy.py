@@ -151,14 +151,19 @@ def test_numpy_voxelisation_equals_mmcv_including_the_caps(scans):
     for scan in scans:
         points = np.fromfile(scan, dtype=np.float32).reshape(-1, 5)[:, :4]
         points = points[rng.permutation(len(points))]
-        for max_points, max_voxels in ((20, 20000), (3, 500)):  # the demo's settings, then both caps biting
-            spec = VoxelSpec((0.32, 0.32, 8.0), (-32.0, -32.0, -5.0, 32.0, 32.0, 3.0), max_points, max_voxels)
+        # the demo's settings, both caps biting, then a grid of more than 2**16 cells (the sort takes int32 keys)
+        for size, max_points, max_voxels in (((0.32, 0.32, 8.0), 20, 20000), ((0.32, 0.32, 8.0), 3, 500),
+                                             ((0.1, 0.1, 0.2), 5, 30000)):
+            spec = VoxelSpec(size, (-32.0, -32.0, -5.0, 32.0, 32.0, 3.0), max_points, max_voxels)
             ours = hard_voxelize(points, spec)
             layer = Voxelization(list(spec.voxel_size), list(spec.point_cloud_range), max_points, max_voxels).eval()
             voxels, coors, counts = layer(torch.from_numpy(points))
             assert np.array_equal(ours.voxels, voxels.numpy()) and np.array_equal(ours.num_points, counts.numpy())
             assert np.array_equal(ours.coors[:, 1:], coors.numpy()) and not ours.coors[:, 0].any()
-        assert len(ours.num_points) == 500 and ours.num_points.max() == 3
+            if size[0] == 0.1:
+                assert np.prod(spec.grid_size) > 1 << 16 and len(ours.num_points) > 500
+            elif max_voxels == 500:
+                assert len(ours.num_points) == 500 and ours.num_points.max() == 3
 
 
 def test_student_export_matches_pytorch_and_mmdet3d(student_export, student_ckpt, scans):
@@ -190,6 +195,32 @@ def test_int8_model_is_calibrated_on_training_scans_and_close_to_fp32(teacher_ex
         assert not np.array_equal(ours[name], reference[name])
         assert np.corrcoef(ours[name].ravel(), reference[name].ravel())[0, 1] > 0.95, name
     assert len(int8.postprocess(ours)) > 0
+
+
+def test_the_graph_runs_the_rewritten_modules_and_int8_keeps_the_pillar_stage_float(teacher_export):
+    """The exported graph is featcache.deploy.graph's (no whole-tensor ScatterElements, no NonZero, each head
+    output made by a ConvTranspose), and the int8 copy quantises the convolutions but not the pillar stage."""
+    import onnx
+
+    from featcache.deploy.quantize import pillar_stage_nodes
+
+    fp32 = onnx.load(os.path.join(teacher_export, "model.onnx"))
+    ops = [node.op_type for node in fp32.graph.node]
+    assert "ScatterElements" not in ops and "NonZero" not in ops and ops.count("ScatterND") == 1
+    producer = {output: node for node in fp32.graph.node for output in node.output}
+    spec = DeployedDetector.open(teacher_export).spec
+    assert {producer[name].op_type for name in spec.output_names} == {"ConvTranspose"}
+    pillar = pillar_stage_nodes(fp32)
+    assert "ScatterND" in {node.op_type for node in fp32.graph.node if node.name in pillar}
+    assert not {node.op_type for node in fp32.graph.node if node.name in pillar} & {"Conv", "ConvTranspose"}
+    int8 = onnx.load(os.path.join(teacher_export, spec.onnx.int8["file"]))
+    int8_producer = {output: node for node in int8.graph.node for output in node.output}
+    for node in int8.graph.node:
+        if node.name in pillar:  # float inputs: none comes through a DequantizeLinear
+            assert all(getattr(int8_producer.get(name), "op_type", None) != "DequantizeLinear" for name in node.input), \
+                node.name
+    convs = [node for node in int8.graph.node if node.op_type == "Conv"]
+    assert convs and all(int8_producer[node.input[1]].op_type == "DequantizeLinear" for node in convs)
 
 
 BLOCKER = '''

@@ -319,7 +319,8 @@ def main() -> None:
     parser.add_argument("--model", nargs=3, action="append", metavar=("NAME", "CONFIG", "CHECKPOINT"),
                         help="the first is the teacher the ratios refer to")
     parser.add_argument("--int8", action="store_true", help="also build and measure the int8 model")
-    parser.add_argument("--calibration-scans", type=int, default=8)
+    parser.add_argument("--calibration-scans", type=int, default=None,
+                        help="int8 calibration scans (default: featcache deploy's)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", type=int, default=None, metavar="N", help="only the first N val scans")
     parser.add_argument("--warmup", type=int, default=2)
