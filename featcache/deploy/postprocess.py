@@ -54,12 +54,23 @@ def decode_task(maps: dict[str, np.ndarray], decoder: DecoderSpec) -> tuple[np.n
     flat = heat.reshape(classes, -1)
     if flat.shape[1] < k:
         raise ValueError(f"decoder.max_num {k} exceeds the {flat.shape[1]} cells of the heatmap")
-    per_class = _top(flat, k)  # (classes, K)
-    per_class_scores = np.take_along_axis(flat, per_class, axis=1)
-    best = _top(per_class_scores.reshape(-1), k)
-    scores = per_class_scores.reshape(-1)[best]
-    cells = per_class.reshape(-1)[best]
-    labels = best // k
+    if decoder.score_threshold:
+        # the top k, then the threshold, equals the cells above the threshold, then their top k: sort only
+        # those (the threshold is monotone, and the stable sort keeps the tie order of the full one)
+        threshold = np.float32(decoder.score_threshold)
+        per_class = [np.flatnonzero(row > threshold) for row in flat]
+        per_class = [cells[np.argsort(-row[cells], kind="stable")[:k]] for row, cells in zip(flat, per_class)]
+        per_class_scores = np.concatenate([row[cells] for row, cells in zip(flat, per_class)])
+        labels = np.concatenate([np.full(len(cells), label, dtype=np.int64) for label, cells in enumerate(per_class)])
+        best = _top(per_class_scores, k)
+        scores, cells, labels = per_class_scores[best], np.concatenate(per_class)[best], labels[best]
+    else:
+        per_class = _top(flat, k)  # (classes, K)
+        per_class_scores = np.take_along_axis(flat, per_class, axis=1)
+        best = _top(per_class_scores.reshape(-1), k)
+        scores = per_class_scores.reshape(-1)[best]
+        cells = per_class.reshape(-1)[best]
+        labels = best // k
     ys = (cells // width).astype(np.float32)
     xs = (cells % width).astype(np.float32)
 
@@ -177,47 +188,65 @@ def rotated_iou_pairs(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 def rotated_nms(boxes_xywhr: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     """mmcv's ``nms_rotated`` (CPU): greedy by descending score, a box is dropped at IoU >= threshold
-    with a kept one. Returns kept indices in score order.
+    with a kept one. Returns kept indices in score order."""
+    return rotated_nms_many([(boxes_xywhr, scores)], threshold)[0]
 
-    IoU is computed, in one vectorised call, only for the pairs whose circumscribed circles meet: the
-    others have IoU 0, which suppresses nothing for a threshold > 0 (and everything for one <= 0)."""
-    order = np.argsort(-scores, kind="stable")
-    boxes = np.asarray(boxes_xywhr, dtype=np.float64)[order]
-    count = len(order)
+
+def rotated_nms_many(groups: list[tuple[np.ndarray, np.ndarray]], threshold: float) -> list[np.ndarray]:
+    """:func:`rotated_nms` of several independent (boxes, scores) groups (the head's tasks), with one
+    vectorised IoU call for all of them: numpy's per-call overhead, not arithmetic, dominates at this size.
+
+    IoU is computed only for the pairs whose circumscribed circles meet: the others have IoU 0, which
+    suppresses nothing for a threshold > 0 (and everything for one <= 0)."""
+    orders = [np.argsort(-scores, kind="stable") for _, scores in groups]
     if threshold <= 0.0:
-        return order[:1].astype(np.int64)
-    radius = np.hypot(boxes[:, 2], boxes[:, 3]) / 2.0
-    centre_distance = np.hypot(boxes[:, None, 0] - boxes[None, :, 0], boxes[:, None, 1] - boxes[None, :, 1])
-    first, second = np.nonzero(np.triu(centre_distance <= radius[:, None] + radius[None, :], k=1))
+        return [order[:1].astype(np.int64) for order in orders]
+    sorted_boxes, firsts, seconds = [], [], []
+    offset = 0
+    for (boxes, _), order in zip(groups, orders):
+        boxes = np.asarray(boxes, dtype=np.float64)[order]
+        radius = np.hypot(boxes[:, 2], boxes[:, 3]) / 2.0
+        distance = np.hypot(boxes[:, None, 0] - boxes[None, :, 0], boxes[:, None, 1] - boxes[None, :, 1])
+        first, second = np.nonzero(np.triu(distance <= radius[:, None] + radius[None, :], k=1))
+        sorted_boxes.append(boxes)
+        firsts.append(first + offset)
+        seconds.append(second + offset)
+        offset += len(boxes)
+    everything = np.concatenate(sorted_boxes) if sorted_boxes else np.zeros((0, 5))
+    first, second = np.concatenate(firsts), np.concatenate(seconds)
     if first.size:
-        overlapping = rotated_iou_pairs(boxes[first], boxes[second]) >= threshold
+        overlapping = rotated_iou_pairs(everything[first], everything[second]) >= threshold
         first, second = first[overlapping], second[overlapping]
-    later: dict[int, np.ndarray] = {}
-    if first.size:
-        splits = np.flatnonzero(np.diff(first)) + 1
-        for group in np.split(np.arange(first.size), splits):
-            later[int(first[group[0]])] = second[group]
-    suppressed = np.zeros(count, dtype=bool)
-    keep = []
-    for rank in range(count):
-        if suppressed[rank]:
-            continue
-        keep.append(int(order[rank]))
-        if rank in later:
-            suppressed[later[rank]] = True
-    return np.asarray(keep, dtype=np.int64)
+    kept_groups = []
+    offset = 0
+    for boxes, order in zip(sorted_boxes, orders):
+        count = len(boxes)
+        mine = (first >= offset) & (first < offset + count)
+        later: dict[int, list[int]] = {}
+        for i, j in zip((first[mine] - offset).tolist(), (second[mine] - offset).tolist()):
+            later.setdefault(i, []).append(j)
+        suppressed = np.zeros(count, dtype=bool)
+        keep = []
+        for rank in range(count):
+            if suppressed[rank]:
+                continue
+            keep.append(int(order[rank]))
+            if rank in later:
+                suppressed[later[rank]] = True
+        kept_groups.append(np.asarray(keep, dtype=np.int64))
+        offset += count
+    return kept_groups
 
 
-def _rotate_task(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, nms: NmsSpec,
-                 single_class: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``CenterHead.get_task_detections`` for one sample."""
+def _rotate_candidates(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, nms: NmsSpec,
+                       single_class: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``CenterHead.get_task_detections`` up to the NMS call: the thresholded boxes and, for the NMS, the
+    ``order`` of its top ``pre_max_size`` and their (x, y, w, h, angle) in float32 as ``nms_bev`` computes them."""
     if single_class:
         labels = np.zeros_like(labels)
     if nms.score_threshold > 0.0:
         keep = scores >= np.float32(nms.score_threshold)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    if len(scores) == 0:
-        return boxes[:0], scores[:0], labels[:0]
     # LiDARInstance3DBoxes.bev (x, y, dx, dy, yaw) -> xyxyr -> back to xywhr, in float32 as nms_bev does
     bev = boxes[:, [0, 1, 3, 4, 6]].astype(np.float32)
     half_w, half_h = bev[:, 2] / np.float32(2), bev[:, 3] / np.float32(2)
@@ -227,7 +256,12 @@ def _rotate_task(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, nms:
         order = order[:nms.pre_max_size]
     xywhr = np.stack([(x1 + x2) / np.float32(2), (y1 + y2) / np.float32(2), x2 - x1, y2 - y1, bev[:, 4]],
                      axis=1)[order]
-    selected = order[rotated_nms(xywhr, scores[order], nms.nms_thr)]
+    return boxes, scores, labels, order, xywhr
+
+
+def _rotate_finish(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, selected: np.ndarray,
+                   nms: NmsSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rest of ``get_task_detections`` after the NMS kept ``selected``."""
     if nms.post_max_size is not None:
         selected = selected[:nms.post_max_size]
     boxes, scores, labels = boxes[selected], scores[selected], labels[selected]
@@ -241,16 +275,24 @@ def _rotate_task(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, nms:
 def postprocess(outputs: dict[str, np.ndarray], tasks: tuple[TaskSpec, ...], decoder: DecoderSpec,
                 nms: NmsSpec) -> Detections:
     """The head's dense outputs (``task<i>.<name>`` -> (1, C, H, W)) to mmdet3d's predictions."""
-    all_boxes, all_scores, all_labels = [], [], []
-    offset = 0
+    decoded = []
     for index, task in enumerate(tasks):
         maps = {name: outputs[f"task{index}.{name}"] for name in task.outputs}
-        boxes, scores, labels = decode_task(maps, decoder)
-        if nms.type == "circle":
+        decoded.append(decode_task(maps, decoder))
+    results = []
+    if nms.type == "circle":
+        for index, (boxes, scores, labels) in enumerate(decoded):
             keep = circle_nms(boxes[:, :2], scores, nms.min_radius[index], nms.post_max_size)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        else:
-            boxes, scores, labels = _rotate_task(boxes, scores, labels, nms, len(task.class_names) == 1)
+            results.append((boxes[keep], scores[keep], labels[keep]))
+    else:
+        candidates = [_rotate_candidates(boxes, scores, labels, nms, len(task.class_names) == 1)
+                      for (boxes, scores, labels), task in zip(decoded, tasks)]
+        kept = rotated_nms_many([(xywhr, scores[order]) for _, scores, _, order, xywhr in candidates], nms.nms_thr)
+        for (boxes, scores, labels, order, _), selected in zip(candidates, kept):
+            results.append(_rotate_finish(boxes, scores, labels, order[selected], nms))
+    all_boxes, all_scores, all_labels = [], [], []
+    offset = 0
+    for (boxes, scores, labels), task in zip(results, tasks):
         all_boxes.append(boxes)
         all_scores.append(scores)
         all_labels.append(labels + offset)

@@ -72,12 +72,17 @@ def prepare_points(points: np.ndarray, spec: PointsSpec, where: str = "points") 
     used = np.ascontiguousarray(used, dtype=np.float32)
     if used.shape[0] == 0:
         raise PointsError(f"{where}: the scan holds no points")
-    if not np.isfinite(used[:, :3]).all():
+    if not np.isfinite(used[:, :3].sum()):  # NaN/inf anywhere makes the sum non-finite (so may overflow: recount)
         bad = int((~np.isfinite(used[:, :3])).any(axis=1).sum())
-        raise PointsError(f"{where}: {bad} points have non-finite coordinates")
+        if bad:
+            raise PointsError(f"{where}: {bad} points have non-finite coordinates")
     if spec.range_filter is not None:
-        rng = np.asarray(spec.range_filter, dtype=np.float32)
-        inside = ((used[:, :3] > rng[:3]) & (used[:, :3] < rng[3:])).all(axis=1)
+        low, high = (np.float32(v) for v in spec.range_filter[:3]), (np.float32(v) for v in spec.range_filter[3:])
+        inside = None
+        for axis, (lo, hi) in enumerate(zip(low, high)):  # column by column: no (N, 3) temporaries
+            column = used[:, axis]
+            within = (column > lo) & (column < hi)
+            inside = within if inside is None else inside & within
         used = used[inside]
         if used.shape[0] == 0:
             raise PointsError(f"{where}: none of its {array.shape[0]} points lies inside the model's point-cloud "
@@ -86,38 +91,45 @@ def prepare_points(points: np.ndarray, spec: PointsSpec, where: str = "points") 
 
 
 def hard_voxelize(points: np.ndarray, spec: VoxelSpec, where: str = "points") -> Voxels:
-    """Hard voxelisation of (N, C) float32 points, equal to mmcv's CPU ``Voxelization`` in eval mode."""
+    """Hard voxelisation of (N, C) float32 points, equal to mmcv's CPU ``Voxelization`` in eval mode.
+
+    One stable sort of the points by cell groups each voxel's points in scan order (a radix sort when
+    the grid has at most 2**16 cells, numpy's choice for 16-bit keys); a point's slot is its rank in its
+    group, a voxel's number the rank of its first point."""
     points = np.ascontiguousarray(points, dtype=np.float32)
     low = np.asarray(spec.point_cloud_range[:3], dtype=np.float32)
     size = np.asarray(spec.voxel_size, dtype=np.float32)
-    grid = np.asarray(spec.grid_size, dtype=np.int64)  # (x, y, z)
-    cells = np.floor((points[:, :3] - low) / size)  # float32 throughout, as the kernel computes it
-    inside = ((cells >= 0) & (cells < grid)).all(axis=1)
-    index = np.flatnonzero(inside)
+    gx, gy, gz = (int(v) for v in spec.grid_size)  # (x, y, z)
+    # float32 throughout, as the kernel computes it; negative, out-of-range and non-finite cells are
+    # >= 2**31 as uint32 and fail the one bound test per axis
+    cells = np.floor((points[:, :3] - low) / size).astype(np.int32).view(np.uint32)
+    cx, cy, cz = cells[:, 0], cells[:, 1], cells[:, 2]
+    index = np.flatnonzero((cx < gx) & (cy < gy) & (cz < gz))
     if index.size == 0:
         raise PointsError(f"{where}: no point lies inside the voxel grid {list(spec.point_cloud_range)}")
-    cells = cells[index].astype(np.int64)
-    linear = (cells[:, 2] * grid[1] + cells[:, 1]) * grid[0] + cells[:, 0]
-    unique, first, inverse = np.unique(linear, return_index=True, return_inverse=True)
-    # voxel number = rank of the voxel's first point in scan order
-    by_appearance = np.argsort(first, kind="stable")
-    number = np.empty_like(by_appearance)
-    number[by_appearance] = np.arange(by_appearance.size)
-    voxel_of_point = number[inverse.reshape(-1)]
-    kept = voxel_of_point < spec.max_voxels
-    index, voxel_of_point, cells = index[kept], voxel_of_point[kept], cells[kept]
-    count = int(min(unique.size, spec.max_voxels))
-    # slot of each point inside its voxel: its rank among the voxel's points, in scan order
-    order = np.argsort(voxel_of_point, kind="stable")
-    sorted_voxels = voxel_of_point[order]
-    starts = np.searchsorted(sorted_voxels, np.arange(count))
-    slot = np.empty_like(order)
-    slot[order] = np.arange(order.size) - starts[sorted_voxels]
-    fits = slot < spec.max_num_points
-    voxels = np.zeros((count, spec.max_num_points, points.shape[1]), dtype=np.float32)
-    voxels[voxel_of_point[fits], slot[fits]] = points[index[fits]]
-    num_points = np.minimum(np.bincount(voxel_of_point, minlength=count), spec.max_num_points).astype(np.int32)
+    cell_count = gx * gy * gz
+    dtype = np.int32 if cell_count < 1 << 31 else np.int64
+    linear = (cz[index].astype(dtype) * gy + cy[index]) * gx + cx[index]
+    key = linear.astype(np.uint16) if cell_count <= 1 << 16 else linear
+    order = np.argsort(key, kind="stable")  # grouped by cell, scan order within a cell
+    grouped = linear[order]
+    starts = np.flatnonzero(np.concatenate(([True], grouped[1:] != grouped[:-1])))  # each cell's first position
+    sizes = np.diff(np.append(starts, grouped.size))
+    slot = np.arange(grouped.size) - np.repeat(starts, sizes)  # rank of each sorted point in its cell
+    # voxel number = rank of the cell's first point in scan order (the sort is stable: order[start] is it)
+    number = np.empty(starts.size, dtype=np.int64)
+    number[np.argsort(order[starts])] = np.arange(starts.size)
+    voxel = np.repeat(number, sizes)
+    count = int(min(starts.size, spec.max_voxels))
+    fits = np.flatnonzero((voxel < spec.max_voxels) & (slot < spec.max_num_points))
+    voxels = np.zeros((count * spec.max_num_points, points.shape[1]), dtype=np.float32)
+    voxels[voxel[fits] * spec.max_num_points + slot[fits]] = points[index[order[fits]]]
+    kept = np.flatnonzero(number < spec.max_voxels)
+    num_points = np.zeros(count, dtype=np.int32)
+    num_points[number[kept]] = np.minimum(sizes[kept], spec.max_num_points)
+    first = grouped[starts[kept]].astype(np.int64)  # linear cell of each kept voxel -> (z, y, x)
     coors = np.zeros((count, 4), dtype=np.int32)
-    first_point = np.flatnonzero(slot == 0)
-    coors[voxel_of_point[first_point], 1:] = cells[first_point][:, ::-1]  # (z, y, x)
-    return Voxels(voxels, num_points, coors)
+    coors[number[kept], 1] = first // (gx * gy)
+    coors[number[kept], 2] = (first // gx) % gy
+    coors[number[kept], 3] = first % gx
+    return Voxels(voxels.reshape(count, spec.max_num_points, points.shape[1]), num_points, coors)
