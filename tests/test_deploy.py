@@ -197,12 +197,13 @@ def test_int8_model_is_calibrated_on_training_scans_and_close_to_fp32(teacher_ex
     assert len(int8.postprocess(ours)) > 0
 
 
-def test_the_graph_runs_the_rewritten_modules_and_int8_keeps_the_pillar_stage_float(teacher_export):
+def test_the_graph_runs_the_rewritten_modules_and_int8_keeps_pillars_and_outputs_float(teacher_export):
     """The exported graph is featcache.deploy.graph's (no whole-tensor ScatterElements, no NonZero, each head
-    output made by a ConvTranspose), and the int8 copy quantises the convolutions but not the pillar stage."""
+    output made by a ConvTranspose), and the int8 copy quantises the convolutions but neither the pillar stage
+    nor the layers that make the outputs."""
     import onnx
 
-    from featcache.deploy.quantize import pillar_stage_nodes
+    from featcache.deploy.quantize import float_nodes, pillar_stage_nodes
 
     fp32 = onnx.load(os.path.join(teacher_export, "model.onnx"))
     ops = [node.op_type for node in fp32.graph.node]
@@ -215,9 +216,15 @@ def test_the_graph_runs_the_rewritten_modules_and_int8_keeps_the_pillar_stage_fl
     assert not {node.op_type for node in fp32.graph.node if node.name in pillar} & {"Conv", "ConvTranspose"}
     int8 = onnx.load(os.path.join(teacher_export, spec.onnx.int8["file"]))
     int8_producer = {output: node for node in int8.graph.node for output in node.output}
+    kept_float = set(float_nodes(fp32))
+    assert kept_float == set(pillar) | {producer[name].name for name in spec.output_names}
+    outputs = {producer[name].name for name in spec.output_names}
     for node in int8.graph.node:
-        if node.name in pillar:  # float inputs: none comes through a DequantizeLinear
-            assert all(getattr(int8_producer.get(name), "op_type", None) != "DequantizeLinear" for name in node.input), \
+        # float: no input of the pillar stage, and no weight of an output layer, comes through a DequantizeLinear
+        # (an output layer's activation input does: the convolution before it is quantised)
+        if node.name in kept_float:
+            checked = node.input[1:] if node.name in outputs else node.input
+            assert all(getattr(int8_producer.get(name), "op_type", None) != "DequantizeLinear" for name in checked), \
                 node.name
     convs = [node for node in int8.graph.node if node.op_type == "Conv"]
     assert convs and all(int8_producer[node.input[1]].op_type == "DequantizeLinear" for node in convs)
