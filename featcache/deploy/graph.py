@@ -16,7 +16,9 @@ export to ONNX Runtime badly. Profiling the demo students in ONNX Runtime (1 thr
   8/16 channels, so each of these costs as much as a 16-channel one: half the students' convolution
   time. :func:`transposed_final_conv` replaces each by the equal ConvTranspose2d.
 
-Every rewrite is the same sum of products in another order: float32 rounding differs (~1e-6 relative).
+Every rewrite is mathematically equal to its module (the same sums of products, regrouped); only float32
+rounding differs: within 2e-5 of the pillar features' scale on the real nuScenes scan, and < 3e-5 on
+every dense output of the demo models over 30 val scans.
 Each equivalent is used only where its precondition holds (:func:`graph_modules`); otherwise the
 module itself is exported. ``featcache deploy`` self-checks the result against the mmdet3d modules and
 the tests compare them on real scans (< 1e-4).
