@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on the embedded default, on CPU.
 #   generated lidar scenes -> the demo teacher -> featcache build (teacher run once) ->
-#   featcache train: two students with contrastive distillation from the one cache, one student
-#   without distillation, and a short online-teacher run for the step-time comparison ->
+#   featcache train: two students distilled from the one cache (the --kd recipe below), one student
+#   without distillation, and a short online-teacher run for the step-time comparison (two at a time) ->
 #   evaluation of every model -> each exported for ONNX Runtime and timed (tools/deploy_report.py) ->
 #   work_dirs/demo/report.md with PNG plots and the deployment table.
 # --quick runs the same chain at tiny size (a few scenes, a few iterations) for the tests.
@@ -60,21 +60,54 @@ fi
 stage build $FC build "$TEACHER_CONFIG" "$TEACHER_CKPT" --out "$CACHE" --layers pts_neck --head-outputs all \
     --boxes "${DATA_OPTS[@]}"
 stage verify $FC verify "$CACHE"
-stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
-    --work-dir "$WORK/student_half_kd" "${STUDENT_OPTS[@]}"
-stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
-    --work-dir "$WORK/student_slim_kd" "${STUDENT_OPTS[@]}"
-stage train_half_nokd $FC train configs/demo/student_half.py --no-distill \
-    --work-dir "$WORK/student_half_nokd" "${STUDENT_OPTS[@]}"
+# The four trainings run two at a time, one torch thread each (as QUALITY.md's runs are trained): on 2 cores
+# a pair takes about as long as its longer run alone at two threads, so the pairs cost ~40% less than the
+# four one after the other. Each run's console output goes to its work dir's console.log.
+train_half_kd() {
+    stage train_half_kd $FC train configs/demo/student_half.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
+        --work-dir "$WORK/student_half_kd" "${STUDENT_OPTS[@]}"
+}
+train_half_nokd() {
+    stage train_half_nokd $FC train configs/demo/student_half.py --no-distill \
+        --work-dir "$WORK/student_half_nokd" "${STUDENT_OPTS[@]}"
+}
+train_slim_kd() {
+    stage train_slim_kd $FC train configs/demo/student_slim.py --cache "$CACHE" --kd "$KD" "${INIT[@]}" \
+        --work-dir "$WORK/student_slim_kd" "${STUDENT_OPTS[@]}"
+}
 # Step time with the teacher in the process: same student, loss and batch, on the first samples only.
-stage train_half_online $FC train configs/demo/student_half.py --online-teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
-    --kd "$KD" "${INIT[@]}" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
-    --teacher-cfg-options "train_dataloader.dataset.data_root=$DATA/" \
-    --cfg-options "train_dataloader.dataset.indices=$ONLINE_SAMPLES" --cfg-options train_cfg.max_epochs=1
+train_half_online() {
+    stage train_half_online $FC train configs/demo/student_half.py --online-teacher "$TEACHER_CONFIG" \
+        "$TEACHER_CKPT" --kd "$KD" "${INIT[@]}" --work-dir "$WORK/student_half_online" "${DATA_OPTS[@]}" \
+        --teacher-cfg-options "train_dataloader.dataset.data_root=$DATA/" \
+        --cfg-options "train_dataloader.dataset.indices=$ONLINE_SAMPLES" --cfg-options train_cfg.max_epochs=1
+}
+side_by_side() {  # side_by_side FUNCTION...: run the stages at once, one torch thread each; fail if any fails
+    local pids=() names=() failed=0 i
+    for name in "$@"; do
+        mkdir -p "$WORK/student_${name#train_}"
+        ( export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; "$name" > "$WORK/student_${name#train_}/console.log" 2>&1 ) &
+        pids+=($!); names+=("$name")
+    done
+    for i in "${!pids[@]}"; do
+        if ! wait "${pids[$i]}"; then
+            failed=1
+            echo "${names[$i]} failed; the end of $WORK/student_${names[$i]#train_}/console.log:" >&2
+            tail -n 40 "$WORK/student_${names[$i]#train_}/console.log" >&2
+        fi
+    done
+    return "$failed"
+}
+echo "=== [$MODE] train_half_kd + train_half_nokd, side by side"
+side_by_side train_half_kd train_half_nokd
+echo "=== [$MODE] train_slim_kd + train_half_online, side by side"
+side_by_side train_slim_kd train_half_online
 # Deployment: each model exported for ONNX Runtime (fp32 and int8) and timed at batch 1 beside PyTorch, on the
 # first DEPLOY_SCANS val scans (latency, memory, and each form's mAP on those scans).
+# The students' recipe as QUALITY.md names it, for their retention as it measures it.
+QUALITY_RECIPE=$KD; if [[ ${#INIT[@]} -gt 0 ]]; then QUALITY_RECIPE+=",init"; fi
 stage deploy $PY tools/deploy_report.py --out "$WORK/deployment.md" --work-dir "$WORK/deploy" --int8 \
-    --quick "$DEPLOY_SCANS" "${DATA_OPTS[@]}" "${EVAL_OPTS[@]}" \
+    --quick "$DEPLOY_SCANS" "${DATA_OPTS[@]}" "${EVAL_OPTS[@]}" --quality-recipe "$QUALITY_RECIPE" \
     --model teacher "$TEACHER_CONFIG" "$TEACHER_CKPT" \
     --model half_kd configs/demo/student_half.py "$WORK/student_half_kd/student.pth" \
     --model slim_kd configs/demo/student_slim.py "$WORK/student_slim_kd/student.pth"

@@ -245,6 +245,29 @@ def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
     return results, context
 
 
+def quality_retention(path: str, recipe: str | None, configs: list[str]) -> dict[str, tuple[float, int]]:
+    """config -> (mean mAP over seeds / teacher mAP, seeds) of QUALITY.md's runs of ``recipe`` (from the cache;
+    ``no-kd`` and ``init`` have no targets) for the student trained from that config; configs QUALITY.md
+    has no runs of are left out."""
+    if not recipe or not os.path.isfile(path):
+        return {}
+    from quality import INIT, NO_KD, STUDENTS  # tools/quality.py: which config each QUALITY.md student is
+
+    with open(path) as stream:
+        state = json.load(stream)
+    teacher = (state.get("teacher") or {}).get("mAP")
+    targets = "none" if recipe in (NO_KD, INIT) else "cache"
+    found = {}
+    for config in configs:
+        student = next((name for name, known in STUDENTS.items()
+                        if os.path.isfile(config) and os.path.samefile(config, known)), None)
+        values = [run["mAP"] for run in state.get("runs", [])
+                  if (run["student"], run["recipe"], run["targets"]) == (student, recipe, targets)]
+        if student and values and teacher:
+            found[config] = (sum(values) / len(values) / teacher, len(values))
+    return found
+
+
 def write_report(results: list[ModelResult], context: dict, args, out: str) -> dict:
     threads = args.threads
     teacher = results[0]
@@ -273,29 +296,39 @@ def write_report(results: list[ModelResult], context: dict, args, out: str) -> d
     def median(result: ModelResult, form: str, t: int = threads[0]) -> float:
         return result.forms[form].latency[t][0] if form in result.forms else math.nan
 
+    quality = quality_retention(args.quality, args.quality_recipe, [r.config for r in results[1:]])
+
     def retention(result: ModelResult, form: str) -> float:
         return result.forms[form].metrics["mAP"] / teacher.forms["pytorch"].metrics["mAP"] \
             if teacher.forms["pytorch"].metrics.get("mAP") else math.nan
 
     ratios = []
     checks = {}
-    lines += [f"## Ratios ({threads[0]} thread, median latency)", "", "| comparison | speed-up | target | mAP retention |",
-              "|---|---|---|---|"]
+    lines += [f"## Ratios ({threads[0]} thread, median latency)", "",
+              "mAP retention: the student's mAP / the teacher's PyTorch mAP, on this run's scans; and as QUALITY.md "
+              f"measures it (recipe `{args.quality_recipe}` from the cache, mean over its seeds on the whole val split, "
+              "/ its teacher mAP)" if args.quality_recipe else "mAP retention: the student's mAP / the teacher's "
+              "PyTorch mAP, on this run's scans.", "",
+              "| comparison | speed-up | target | mAP retention | QUALITY.md retention |", "|---|---|---|---|---|"]
     for result in results:
         speedup = median(result, "pytorch") / median(result, "fp32")
-        ratios.append((f"{result.name}: ONNX Runtime fp32 vs PyTorch", speedup, 1.5, retention(result, "fp32")))
+        studied = quality.get(result.config)
+        ratios.append((f"{result.name}: ONNX Runtime fp32 vs PyTorch", speedup, 1.5, retention(result, "fp32"), studied))
         if "int8" in result.forms:
             ratios.append((f"{result.name}: int8 vs fp32 ONNX Runtime", median(result, "fp32") / median(result, "int8"),
-                           1.5, retention(result, "int8")))
+                           1.5, retention(result, "int8"), None))
     for result in results[1:]:
+        studied = quality.get(result.config)
         ratios.append((f"{result.name} vs teacher, both ONNX Runtime fp32",
-                       median(teacher, "fp32") / median(result, "fp32"), 2.0, retention(result, "fp32")))
+                       median(teacher, "fp32") / median(result, "fp32"), 2.0, retention(result, "fp32"), studied))
         ratios.append((f"{result.name} in ONNX Runtime fp32 vs teacher in PyTorch",
-                       median(teacher, "pytorch") / median(result, "fp32"), 3.0, retention(result, "fp32")))
-    for label, value, target, kept in ratios:
+                       median(teacher, "pytorch") / median(result, "fp32"), 3.0, retention(result, "fp32"), studied))
+    for label, value, target, kept, studied in ratios:
         verdict = "met" if value >= target else "not met"
-        checks[label] = {"speedup": value, "target": target, "met": bool(value >= target), "retention": kept}
-        lines.append(f"| {label} | {value:.2f}x | >= {target}x ({verdict}) | {_fmt(kept, 3)} |")
+        checks[label] = {"speedup": value, "target": target, "met": bool(value >= target), "retention": kept,
+                         "quality_retention": None if studied is None else studied[0]}
+        quality_cell = "-" if studied is None else f"{studied[0]:.3f} ({studied[1]} seeds)"
+        lines.append(f"| {label} | {value:.2f}x | >= {target}x ({verdict}) | {_fmt(kept, 3)} | {quality_cell} |")
     lines += ["", "Parameters vs the teacher: " + ", ".join(
         f"{r.name} {100 * r.params / teacher.params:.1f}%" for r in results[1:]) + ".", ""]
     with open(out, "w") as stream:
@@ -322,6 +355,11 @@ def main() -> None:
     parser.add_argument("--calibration-scans", type=int, default=None,
                         help="int8 calibration scans (default: featcache deploy's)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--quality", default=os.path.join(REPO, "quality.json"),
+                        help="QUALITY.md's run records, for each student's retention as it measures it")
+    parser.add_argument("--quality-recipe", default=None, metavar="RECIPE",
+                        help="the recipe the students were trained with, as tools/quality.py names it "
+                             "(e.g. heatmap=10,reg=1,init)")
     parser.add_argument("--quick", type=int, default=None, metavar="N", help="only the first N val scans")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--cfg-options", action="append", default=[], metavar="KEY=VALUE")
