@@ -3,8 +3,9 @@
 For every ``--model NAME CONFIG CHECKPOINT`` (the teacher first): parameters, ONNX file sizes, batch-1
 CPU latency of PyTorch/mmdet3d (``data_preprocessor`` + ``predict``), ONNX Runtime fp32 and, with
 ``--int8``, the statically quantised graph, each at 1 and 2 threads (median and p90 over the val
-scans, the first ``--warmup`` not timed), the peak resident memory of the process that ran it (each
-form in its own fresh process: the ORT one imports numpy + onnxruntime only), and the mAP of each form
+scans of ``--rounds`` interleaved rounds, the first ``--warmup`` of each worker not timed), the peak
+resident memory of the processes that ran it (each form in fresh processes: the ORT ones import numpy +
+onnxruntime only), and the mAP of each form
 with the project's metric (``trainer.evaluation.CenterDistanceMetric`` on the config's test split, the
 same GT, so the forms differ only in their predictions). Also the largest ONNX-vs-PyTorch difference of
 the raw head outputs over the val scans, and the ratios issue #18 targets. Every number is measured by
@@ -200,12 +201,18 @@ def _fmt(value: float, digits: int = 1) -> str:
 
 
 def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
+    """Export every model, then time every (model, form, threads) in ``args.rounds`` interleaved rounds,
+    the order reversed in every other round, one fresh worker process each: a slow spell of the machine
+    then reaches every form alike instead of one form's whole window (in one-pass runs a single form's
+    latency moved by 1.4x between two runs of the same graphs). Latency = median / p90 over all rounds'
+    timed scans; peak memory = the largest of its workers; mAP from the first round's predictions."""
     from featcache.deploy.export import export_detector
     from featcache.deploy.spec import SPEC_FILE
 
-    results = []
+    results, jobs = [], []
     scans: list[str] = []
     context: dict = {}
+    scored = {}
     for name, config, checkpoint in args.model:
         result = ModelResult(name, config, checkpoint)
         cfg, paths, samples = _val_samples(config, cfg_options, args.quick)
@@ -224,24 +231,35 @@ def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
             result.onnx_mb["int8"] = os.path.getsize(os.path.join(export_dir, spec.onnx.int8["file"])) / 1e6
         result.raw_max_abs_diff = _raw_difference(config, checkpoint, export_dir, paths, cfg_options)
         for form in forms:
-            outcome = FormResult()
+            result.forms[form] = FormResult()
             for threads in args.threads:
-                out = os.path.join(args.work_dir, f"{name}.{form}.t{threads}.npz")
-                job = {"name": name, "form": form, "config": config, "checkpoint": checkpoint, "export_dir": export_dir,
-                       "scans": paths, "threads": threads, "warmup": args.warmup, "cfg_options": cfg_options, "out": out}
-                measured = run_worker(job)
-                outcome.latency[threads] = _stats(measured["times_s"])
-                outcome.peak_rss_mb = max(measured["peak_rss_mb"], 0 if math.isnan(outcome.peak_rss_mb)
-                                          else outcome.peak_rss_mb)
-                if form != "pytorch" and measured["heavy_modules_loaded"]:
-                    raise RuntimeError(f"the {form} runtime loaded {measured['heavy_modules_loaded']}")
-                if threads == args.threads[0]:
-                    outcome.predictions = out
-            outcome.metrics = _score(cfg, samples, outcome.predictions)
-            result.forms[form] = outcome
+                jobs.append((result, form, threads, {
+                    "name": name, "form": form, "config": config, "checkpoint": checkpoint, "export_dir": export_dir,
+                    "scans": paths, "threads": threads, "warmup": args.warmup, "cfg_options": cfg_options}))
+        scored[name] = (cfg, samples)
         results.append(result)
-        print(f"{name}: measured {', '.join(forms)} on {len(paths)} scans", file=sys.stderr)
+    times: dict[tuple[str, str, int], list[float]] = {}
+    for round_index in range(args.rounds):
+        for result, form, threads, job in (jobs if round_index % 2 == 0 else jobs[::-1]):
+            out = os.path.join(args.work_dir, f"{result.name}.{form}.t{threads}.r{round_index}.npz")
+            measured = run_worker({**job, "out": out})
+            times.setdefault((result.name, form, threads), []).extend(measured["times_s"])
+            outcome = result.forms[form]
+            outcome.peak_rss_mb = max(measured["peak_rss_mb"], 0 if math.isnan(outcome.peak_rss_mb)
+                                      else outcome.peak_rss_mb)
+            if form != "pytorch" and measured["heavy_modules_loaded"]:
+                raise RuntimeError(f"the {form} runtime loaded {measured['heavy_modules_loaded']}")
+            if round_index == 0 and threads == args.threads[0]:
+                outcome.predictions = out
+        print(f"timing round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+    for result, form, threads, _ in jobs:
+        result.forms[form].latency[threads] = _stats(times[(result.name, form, threads)])
+    for result in results:
+        cfg, samples = scored[result.name]
+        for form, outcome in result.forms.items():
+            outcome.metrics = _score(cfg, samples, outcome.predictions)
     context["num_scans"] = len(scans)
+    context["rounds"] = args.rounds
     return results, context
 
 
@@ -273,9 +291,11 @@ def write_report(results: list[ModelResult], context: dict, args, out: str) -> d
     teacher = results[0]
     lines = ["# Deployment report", "",
              f"Generated by `tools/deploy_report.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"{context['num_scans']} val scans (first {args.warmup} of each run not timed), batch 1, CPU "
+             f"{context['num_scans']} val scans (first {args.warmup} of each run not timed), "
+             f"{context['rounds']} interleaved timing rounds (every form of every model once per round, the order "
+             "reversed in every other round), batch 1, CPU "
              f"({os.cpu_count()} cores, {platform.machine()}; load average {os.getloadavg()[0]:.1f} when it started). "
-             "Latency: median / p90 ms per scan. Peak memory: maximum resident set of the process that ran the form "
+             "Latency: median / p90 ms per scan over all rounds. Peak memory: maximum resident set of the processes that ran the form "
              "(a fresh process per form; the ONNX Runtime ones import numpy and onnxruntime only). mAP: "
              "nuScenes centre-distance mAP (`trainer/evaluation.py`) on the same scans and GT.", "",
              "| model | form | params | ONNX MB | " + " | ".join(f"{t} thread{'s' if t > 1 else ''} ms" for t in threads)
@@ -362,6 +382,8 @@ def main() -> None:
                              "(e.g. heatmap=10,reg=1,init)")
     parser.add_argument("--quick", type=int, default=None, metavar="N", help="only the first N val scans")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved timing rounds (each form once per round, the order reversed every other)")
     parser.add_argument("--cfg-options", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.worker:
