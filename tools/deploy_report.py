@@ -295,8 +295,9 @@ def write_report(results: list[ModelResult], context: dict, args, out: str) -> d
              f"{context['rounds']} interleaved timing rounds (every form of every model once per round, the order "
              "reversed in every other round), batch 1, CPU "
              f"({os.cpu_count()} cores, {platform.machine()}; load average {os.getloadavg()[0]:.1f} when it started). "
-             "Latency: median / p90 ms per scan over all rounds. Peak memory: maximum resident set of the processes that ran the form "
-             "(a fresh process per form; the ONNX Runtime ones import numpy and onnxruntime only). mAP: "
+             "Latency: median / p90 ms per scan over all rounds. Peak memory: maximum resident set of the processes "
+             "that ran the form (a fresh process per form, thread count and round; the ONNX Runtime ones import "
+             "numpy and onnxruntime only). mAP: "
              "nuScenes centre-distance mAP (`trainer/evaluation.py`) on the same scans and GT.", "",
              "| model | form | params | ONNX MB | " + " | ".join(f"{t} thread{'s' if t > 1 else ''} ms" for t in threads)
              + " | peak RSS MB | mAP | mAP - PyTorch |", "|" + "---|" * (7 + len(threads))]

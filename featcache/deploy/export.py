@@ -423,7 +423,7 @@ def _session(path: str):
 
 def network_outputs(model: torch.nn.Module, voxels, num_points, coors) -> dict[str, np.ndarray]:
     """PyTorch's dense head outputs for given pillars, by the graph's output names (for comparisons)."""
-    network = PillarNetwork(model).eval()
+    network = PillarNetwork(model, rewrite=False).eval()  # the reference: the rewritten copies are not needed
     with torch.no_grad():
         heads = network.heads(*(torch.as_tensor(np.asarray(a)) for a in (voxels, num_points, coors)))
     return {f"task{i}.{name}": value.numpy() for i, task in enumerate(heads) for name, value in task.items()}

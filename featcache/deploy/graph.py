@@ -49,7 +49,7 @@ class PillarFeatures(nn.Module):
         self.with_cluster_center = bool(encoder._with_cluster_center)
         self.with_voxel_center = bool(encoder._with_voxel_center)
         self.with_distance = bool(encoder._with_distance)
-        # centre of voxel (x, y, z) = coors[:, (3, 2, 1)] * size + offset, as PillarFeatureNet computes it
+        # voxel centres (_centres) = coors[:, (3, 2, 1)] * size + offset
         self.register_buffer("size", torch.tensor([encoder.vx, encoder.vy, encoder.vz], dtype=torch.float32))
         self.register_buffer("offset", torch.tensor([encoder.x_offset, encoder.y_offset, encoder.z_offset],
                                                     dtype=torch.float32))
@@ -83,8 +83,7 @@ class PillarFeatures(nn.Module):
             mean = xyz.sum(dim=1, keepdim=True) / num_points.to(features.dtype).view(-1, 1, 1)
             decorated.append(xyz - mean)
         if self.with_voxel_center:
-            centre = coors[:, [3, 2, 1]].to(features.dtype) * self.size + self.offset
-            decorated.append(xyz - centre.unsqueeze(1))
+            decorated.append(xyz - self._centres(coors, features.dtype).unsqueeze(1))
         if self.with_distance:
             decorated.append(torch.norm(xyz, 2, 2, keepdim=True))
         x = torch.cat(decorated, dim=-1)
@@ -93,6 +92,10 @@ class PillarFeatures(nn.Module):
         for layer in self.layers:
             x = layer(x, num_points)
         return x.squeeze(1)
+
+    def _centres(self, coors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(N, 3) x, y, z centre of each pillar's voxel, as PillarFeatureNet computes them."""
+        return coors[:, [3, 2, 1]].to(dtype) * self.size + self.offset
 
     def _reordered(self, features: torch.Tensor, num_points: torch.Tensor, coors: torch.Tensor) -> torch.Tensor:
         pillars, slots, channels = features.shape
@@ -103,8 +106,7 @@ class PillarFeatures(nn.Module):
             mean = points[:3].reshape(3, pillars, slots).sum(2) / num_points.to(dtype).view(1, -1)
             correction = correction - self.w_cluster @ mean
         if self.with_voxel_center:
-            centre = (coors[:, [3, 2, 1]].to(dtype) * self.size + self.offset).t()
-            correction = correction - self.w_centre @ centre
+            correction = correction - self.w_centre @ self._centres(coors, dtype).t()
         padding = torch.arange(slots, device=features.device).view(1, -1) >= num_points.view(-1, 1)  # (N, M)
         penalty = torch.where(padding, -1e30, 0.0).to(dtype).reshape(1, pillars * slots)
         best = (self.w_points @ points + penalty).reshape(-1, pillars, slots).max(2)[0]  # (out, N), real points
@@ -205,10 +207,10 @@ def with_transposed_final_convs(head: nn.Module) -> nn.Module | None:
 
 
 def graph_modules(detector: nn.Module) -> dict[str, nn.Module]:
-    """The equivalents that apply to ``detector`` (keys ``voxel_encoder``, ``middle_encoder``, ``head``: a
-    copy of the CenterHead),
-    each only where its precondition holds: a legacy PillarFeatureNet (which overwrites its own input
-    columns) keeps its module, so does a head :func:`with_transposed_final_convs` refuses."""
+    """The equivalents that apply to ``detector`` (keys ``voxel_encoder``, ``middle_encoder``, ``head``, the
+    last a copy of the CenterHead), each only where its precondition holds: a legacy PillarFeatureNet (which
+    overwrites its own input columns) keeps its module, so does a head :func:`with_transposed_final_convs`
+    refuses."""
     modules: dict[str, nn.Module] = {}
     encoder = detector.pts_voxel_encoder
     if not encoder.legacy and not getattr(encoder, "fp16_enabled", False):

@@ -198,6 +198,8 @@ def rotated_nms_many(groups: list[tuple[np.ndarray, np.ndarray]], threshold: flo
 
     IoU is computed only for the pairs whose circumscribed circles meet: the others have IoU 0, which
     suppresses nothing for a threshold > 0 (and everything for one <= 0)."""
+    if not groups:
+        return []
     orders = [np.argsort(-scores, kind="stable") for _, scores in groups]
     if threshold <= 0.0:
         return [order[:1].astype(np.int64) for order in orders]
@@ -212,7 +214,7 @@ def rotated_nms_many(groups: list[tuple[np.ndarray, np.ndarray]], threshold: flo
         firsts.append(first + offset)
         seconds.append(second + offset)
         offset += len(boxes)
-    everything = np.concatenate(sorted_boxes) if sorted_boxes else np.zeros((0, 5))
+    everything = np.concatenate(sorted_boxes)
     first, second = np.concatenate(firsts), np.concatenate(seconds)
     if first.size:
         overlapping = rotated_iou_pairs(everything[first], everything[second]) >= threshold

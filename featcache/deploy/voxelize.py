@@ -72,17 +72,18 @@ def prepare_points(points: np.ndarray, spec: PointsSpec, where: str = "points") 
     used = np.ascontiguousarray(used, dtype=np.float32)
     if used.shape[0] == 0:
         raise PointsError(f"{where}: the scan holds no points")
-    if not np.isfinite(used[:, :3].sum()):  # NaN/inf anywhere makes the sum non-finite (so may overflow: recount)
+    # one reduction for the common case: NaN or inf anywhere makes the sum non-finite; so can an overflow of
+    # finite values, hence the exact count before refusing
+    if not np.isfinite(used[:, :3].sum()):
         bad = int((~np.isfinite(used[:, :3])).any(axis=1).sum())
         if bad:
             raise PointsError(f"{where}: {bad} points have non-finite coordinates")
     if spec.range_filter is not None:
-        low, high = (np.float32(v) for v in spec.range_filter[:3]), (np.float32(v) for v in spec.range_filter[3:])
-        inside = None
-        for axis, (lo, hi) in enumerate(zip(low, high)):  # column by column: no (N, 3) temporaries
+        low, high = spec.range_filter[:3], spec.range_filter[3:]
+        inside = np.ones(used.shape[0], dtype=bool)
+        for axis in range(3):  # column by column: no (N, 3) temporaries
             column = used[:, axis]
-            within = (column > lo) & (column < hi)
-            inside = within if inside is None else inside & within
+            inside &= (column > np.float32(low[axis])) & (column < np.float32(high[axis]))
         used = used[inside]
         if used.shape[0] == 0:
             raise PointsError(f"{where}: none of its {array.shape[0]} points lies inside the model's point-cloud "
@@ -129,7 +130,5 @@ def hard_voxelize(points: np.ndarray, spec: VoxelSpec, where: str = "points") ->
     num_points[number[kept]] = np.minimum(sizes[kept], spec.max_num_points)
     first = grouped[starts[kept]].astype(np.int64)  # linear cell of each kept voxel -> (z, y, x)
     coors = np.zeros((count, 4), dtype=np.int32)
-    coors[number[kept], 1] = first // (gx * gy)
-    coors[number[kept], 2] = (first // gx) % gy
-    coors[number[kept], 3] = first % gx
+    coors[number[kept], 1:] = np.stack([first // (gx * gy), (first // gx) % gy, first % gx], axis=1)
     return Voxels(voxels.reshape(count, spec.max_num_points, points.shape[1]), num_points, coors)
