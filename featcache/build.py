@@ -125,9 +125,16 @@ class Builder:
         }
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
-        """``--codec`` per layer; head outputs default to ``heads.HEAD_OUTPUT_CODEC`` (heatmap logits)."""
-        return codecs.parse_codec_option(self.options.codec, names, defaults={
-            name: heads.HEAD_OUTPUT_CODEC for name in names if name in self.head_outputs})
+        """``--codec`` per layer; head outputs default to ``heads.default_codec`` of their kind."""
+        chosen = codecs.parse_codec_option(self.options.codec, names, defaults={
+            name: heads.default_codec(self.head_outputs[name].kind) for name in names if name in self.head_outputs})
+        not_scores = [name for name, codec in chosen.items() if codec.precision == "score8"
+                      and (name not in self.head_outputs or self.head_outputs[name].kind != "heatmap")]
+        if not_scores:
+            raise ConfigError(f"--codec {self.options.codec!r}: score8 stores sigmoid scores of class-heatmap logits "
+                              f"and would destroy {', '.join(not_scores)}; give those layers another precision (heatmaps "
+                              "get score8 by default)")
+        return chosen
 
     def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:
         names = list(shapes)

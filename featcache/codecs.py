@@ -7,6 +7,12 @@ A codec is named ``<precision>-<compressor>`` (``fp16-zstd1``, ``int8-lz4``, ``f
   values; the zeroed mantissa bits are what the compressor then removes) or ``int8``
   (uint8 with a per-sample, per-channel affine scale: BEV channels differ in range by orders of
   magnitude, one global scale loses the small ones);
+- precision ``score8``, for class-heatmap logits only: uint8 of the sigmoid score, round(255 * sigmoid(x)),
+  decoded back to the logit of the score clamped to [1/510, 1 - 1/510]. Every score is kept within
+  1/510 (absolute), which is what heatmap distillation compares (sigmoid scores, squared or absolute
+  differences); an int8 affine grid over a logit range is at the mercy of one outlier channel
+  value, and float16 logits cost ~1.6 bytes a value even compressed. Not affine, so a linear read
+  of the stored values does not equal the read of the decoded map (``CodecSpec.linear``);
 - compressor ``zstd<level>`` (default level 1), ``lz4`` (blosc-lz4 with byte shuffle) or ``none``.
 
 The precision step (:func:`encode` / :func:`decode`) is done by featcache in numpy, so its
@@ -25,9 +31,11 @@ from featcache.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "score8")
 COMPRESSORS = ("zstd", "lz4", "none")
 BF16_KEEPBITS = 7
+#: score8 decodes a score of 0 or 255 to half a step inside (0, 1): a finite logit (-6.23 / +6.23)
+SCORE8_FLOOR = 1.0 / 510.0
 _CODEC_RE = re.compile(r"^(?P<precision>[a-z0-9]+)-(?P<compressor>zstd|lz4|none|[a-z]+)(?P<level>-?\d+)?$")
 
 
@@ -54,7 +62,15 @@ class CodecSpec:
 
     @property
     def storage_dtype(self) -> np.dtype:
-        return np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": np.float32, "int8": np.uint8}[self.precision])
+        return np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": np.float32, "int8": np.uint8,
+                         "score8": np.uint8}[self.precision])
+
+    @property
+    def linear(self) -> bool:
+        """Whether decoding is affine per channel, so that a linear read of the stored values (bilinear
+        interpolation, a weighted pool), decoded afterwards, equals the same read of the decoded map
+        (``affine_tensors``). False for ``score8``: decode the values read first."""
+        return self.precision != "score8"
 
     @property
     def lossless(self) -> bool:
@@ -157,6 +173,13 @@ def encode(features: np.ndarray, codec: CodecSpec) -> tuple[np.ndarray, np.ndarr
         return BitRound(keepbits=BF16_KEEPBITS).encode(features).view(np.float32).reshape(features.shape), None
     if codec.precision == "fp16":
         return features.astype(np.float16), None
+    if codec.precision == "score8":
+        # sigmoid as 0.5 * (1 + tanh(x / 2)): no overflow for logits of any size
+        scores = np.tanh(features * np.float32(0.5))
+        scores += 1
+        scores *= np.float32(127.5)
+        np.rint(scores, out=scores)
+        return scores.astype(np.uint8), None
     per_channel = features.reshape(features.shape[0], -1)
     low = per_channel.min(axis=1)
     high = per_channel.max(axis=1)
@@ -178,6 +201,9 @@ def encode(features: np.ndarray, codec: CodecSpec) -> tuple[np.ndarray, np.ndarr
 
 def decode(stored: np.ndarray, codec: CodecSpec, qparams: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`encode`: float32 features from stored values (and int8's scale/offset)."""
+    if codec.precision == "score8":
+        scores = np.clip(stored.astype(np.float32) / np.float32(255), SCORE8_FLOOR, 1 - SCORE8_FLOOR)
+        return np.log(scores / (1 - scores)).astype(np.float32, copy=False)
     if codec.precision != "int8":
         return stored.astype(np.float32, copy=False)
     if qparams is None:
@@ -199,6 +225,9 @@ def decode_tensor(stored: "torch.Tensor", codec: CodecSpec, qparams: "torch.Tens
     import torch
 
     dtype = dtype or torch.float32
+    if codec.precision == "score8":
+        scores = (stored.to(torch.float32) / 255).clamp(SCORE8_FLOOR, 1 - SCORE8_FLOOR)
+        return torch.logit(scores).to(dtype)
     affine = affine_tensors(codec, qparams, dtype)
     if affine is None:
         return stored.to(dtype)
@@ -217,6 +246,9 @@ def affine_tensors(codec: CodecSpec, qparams: "torch.Tensor | None", dtype: "tor
     """
     import torch
 
+    if not codec.linear:
+        raise ValueError(f"codec {codec.name} does not decode by an affine map; decode the values read "
+                         "(codecs.decode_tensor) before any linear read")
     if codec.precision != "int8":
         return None
     if qparams is None:

@@ -32,12 +32,22 @@ if TYPE_CHECKING:  # light at import: BuildOptions validates --head-outputs befo
 #: Everything a CenterHead task predicts densely, in the order its SeparateHead runs them.
 CENTERHEAD_OUTPUTS = ("heatmap", "reg", "height", "dim", "rot", "vel")
 
-#: Codec of head outputs unless ``--codec`` names them: heatmaps are logits whose both ends matter
-#: (a score of 0.001 vs 0.01 on background, 0.9 vs 0.99 on a peak); float16 keeps ~3 significant
-#: digits everywhere on the logit scale, where an 8-bit affine grid over a [-15, 5] range has steps of
-#: 0.08 logits, i.e. 8% relative error at low scores. Head outputs are ~1% of a BEVFusion-lidar
-#: sample's feature values, so the extra bytes are small.
+#: Codec of class heatmaps unless ``--codec`` names them: the distillation terms compare sigmoid scores,
+#: whose both ends matter (0.001 vs 0.01 on background, 0.9 vs 0.99 on a peak), so the scores themselves
+#: are quantised, uniformly within 1/510 (``score8``): float16 logits cost ~1.6 bytes a value even
+#: compressed (a seeded BEVFusion-size teacher's noise heatmaps: 9% of its feature bytes), and an 8-bit
+#: affine grid over a logit range is set by its extreme values. A trained head's heatmaps are mostly
+#: background, which score8 stores as runs of zeros.
+HEATMAP_CODEC = codecs.CodecSpec(precision="score8", compressor="zstd", level=3)
+#: Codec of regression outputs (offsets, heights, log sizes, heading, velocity): float16, ~3 significant
+#: digits on each.
 HEAD_OUTPUT_CODEC = codecs.CodecSpec(precision="fp16", compressor="zstd", level=1)
+
+
+def default_codec(kind: str) -> codecs.CodecSpec:
+    """The codec a head output of ``kind`` gets unless ``--codec`` names it."""
+    return HEATMAP_CODEC if kind == "heatmap" else HEAD_OUTPUT_CODEC
+
 
 # what each CenterHead regression channel holds (mmdet3d's CenterHead.get_targets_single)
 _CHANNELS = {

@@ -72,11 +72,16 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     for task, outputs in enumerate(per_task):
         for kind in heads.CENTERHEAD_OUTPUTS:
             layer = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.{kind}")
-            assert layer.is_head_output and layer.codec == heads.HEAD_OUTPUT_CODEC  # fp16: heatmap logits
+            assert layer.is_head_output and layer.codec == heads.default_codec(kind)
             reference = outputs[kind][0].numpy()
             assert layer.shape == reference.shape
-            # fp16 keeps ~3 significant digits of every value, logits included
-            np.testing.assert_allclose(row[layer.name], reference, rtol=2e-3, atol=2e-3)
+            if kind == "heatmap":  # score8: every sigmoid score within 1/510 (the terms compare scores)
+                assert layer.codec.precision == "score8"
+                scores = 1 / (1 + np.exp(-reference.astype(np.float64)))
+                assert np.abs(1 / (1 + np.exp(-row[layer.name].astype(np.float64))) - scores).max() <= 1 / 510 + 1e-6
+            else:  # fp16 keeps ~3 significant digits of every value
+                assert layer.codec.precision == "fp16"
+                np.testing.assert_allclose(row[layer.name], reference, rtol=2e-3, atol=2e-3)
             meaning = layer.meaning
             assert meaning["kind"] == kind and meaning["task"] == task and meaning["head_type"] == "CenterHead"
             assert meaning["classes"] == list(head.class_names[task])
@@ -125,6 +130,12 @@ def test_head_outputs_option_names_what_is_wrong(tmp_path, pillar_ckpt, nus_one)
     assert built.returncode == 0, built.stderr[-2000:]
     manifest = open_cache(str(tmp_path / "cli")).manifest
     assert [layer.codec.name for layer in manifest.layers] == ["int8-zstd3"] + ["fp32-none"] * 6
+    # score8 holds sigmoid scores of heatmap logits: a feature layer given it is refused before anything is written
+    with pytest.raises(ConfigError, match="score8 stores sigmoid scores.*would destroy pts_neck.0"):
+        build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(tmp_path / "s8"), layers="pts_neck",
+                                 head_outputs="heatmap", codec="score8-zstd3", cfg_options=nus_cfg_options(nus_one),
+                                 num_workers=0, progress=False))
+    assert not (tmp_path / "s8").exists()
 
 
 def test_training_from_a_head_output_cache_pairs_features_only_unless_told(head_cache, nus_one):
@@ -351,6 +362,17 @@ def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_cl
         heads.head_outputs(model, ["heatmap", "reg"], classes)
     with pytest.raises(ConfigError, match="has 10 channels, one per class, and the teacher's dataset names 3"):
         heads.head_outputs(model, ["heatmap"], classes[:3])
+    # an online teacher (featcache train --online-teacher) names its heatmap's classes from its config, as
+    # featcache build does
+    from mmengine.config import Config
+
+    from trainer.train import online_head_outputs
+
+    (online,) = online_head_outputs(model, Config(dict(class_names=list(classes))), ["heatmap"], "bevfusion.py")
+    assert (online.layer, online.kind, online.classes) == (output.layer, "heatmap", classes)
+    with pytest.raises(ConfigError, match="bevfusion.py names no class_names"):
+        online_head_outputs(model, Config(dict(train_dataloader=dict(dataset=dict(type="NuScenesDataset")))),
+                            ["heatmap"], "bevfusion.py")
     # a six-task CenterHead student reads its classes from the one ten-class heatmap
     models.init_mmdet3d_scope()
     student = models.build_model(models.load_config(str(REPO / "configs/students/centerpoint_pillar_half_nus.py")))

@@ -366,3 +366,12 @@ def test_masked_mse_without_valid_cells_is_zero_with_grad():
     loss = MaskedMSELoss()(student, torch.randn(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0 and (student.grad == 0).all()
+
+
+def test_projection_of_vectors_equals_projection_of_one_cell_maps():
+    # (N, C) vectors take a linear path with the 1x1 convolutions' own weights: the same embedding as the
+    # map path gives a 1x1 map, so CRD's pooled vectors and InfoNCE's cells share one head
+    torch.manual_seed(3)
+    head = ProjectionMLP(24, feat_dim=16).double()
+    vectors = torch.randn(7, 24, dtype=torch.float64)
+    torch.testing.assert_close(head(vectors), head(vectors[:, :, None, None])[:, :, 0, 0])

@@ -279,3 +279,61 @@ def test_terms_read_only_the_pairs_of_their_kind():
     assert float(build_term("heatmap", _context(3, 3))(DistillStep([same]))["neck"]) == 0
     with pytest.raises(ValueError, match="'mse' \\(SparseKD\\) or 'l1'"):
         build_term("heatmap", _context(3, 3), loss="kl")
+
+
+def test_every_terms_cells_of_a_layer_are_gathered_once_with_the_gradients_of_separate_gathers(monkeypatch):
+    # each differentiable gather's backward fills a zero gradient of the whole batch map (a 512x512 pillar
+    # grid at BEV sizes): the terms of one step request their cells first and share one gather per layer
+    import trainer.terms as terms_module
+
+    calls = []
+    real_gather = terms_module.gather_cells
+    monkeypatch.setattr(terms_module, "gather_cells", lambda maps, cells: calls.append(1) or real_gather(maps, cells))
+    student = torch.randn(2, 4, 10, 10, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    boxes = [torch.tensor([[1.0, 1.0, 3.0, 4.0], [5.0, 5.0, 8.0, 7.0]], dtype=torch.float64)] * 2
+    terms = [build_term(name, _context(4, 4), **params).double()
+             for name, params in (("infonce", dict(feat_dim=4)), ("pkd", {}), ("mse", {}))]
+    shared = _step(student, teacher, boxes=boxes)
+    shared.plan(terms)
+    total = sum(value for term in terms for value in term(shared).values())
+    (gradient,) = torch.autograd.grad(total, student)
+    assert len(calls) == 1  # infonce's cells and the uniform cells pkd and mse share, in one gather
+    # the same cells, each term gathering its own
+    calls.clear()
+    separate = _step(student, teacher, boxes=boxes)
+    layer, requests = separate.layers[0], shared.layers[0]._requests
+    separate_total = 0
+    for term in terms:
+        key = term.name if term.name == "infonce" else layer.uniform_key(512)
+        if key not in layer._requests:
+            layer.request(key, *requests[key])
+        separate_total = separate_total + sum(term(separate).values())
+    (expected,) = torch.autograd.grad(separate_total, student)
+    assert len(calls) == 2  # infonce's, then the uniform cells (mse reuses pkd's)
+    torch.testing.assert_close(separate_total, total)
+    torch.testing.assert_close(gradient, expected)
+    assert gradient.abs().sum() > 0
+
+
+def test_terms_read_score8_heatmaps_and_cells_as_their_decoded_maps():
+    # score8 (class heatmaps) is not affine: read() and weighted_sum() decode the cells they touch first
+    from featcache import codecs
+
+    spec = codecs.parse_codec("score8-zstd3")
+    logits = torch.randn(2, 3, 9, 9) * 4
+    stored = [torch.from_numpy(codecs.encode(map_.numpy(), spec)[0]) for map_ in logits]
+    maps = TeacherMaps(stored, spec)
+    decoded = torch.stack([maps.decoded(index) for index in range(2)])
+    # within 1/510 of every score, and the affine shortcut refuses the codec
+    assert (torch.sigmoid(decoded) - torch.sigmoid(logits)).abs().max() <= 1 / 510 + 1e-6
+    with pytest.raises(ValueError, match="does not decode by an affine map"):
+        codecs.affine_tensors(spec, None)
+    step = _step(torch.zeros(2, 3, 9, 9), logits, meta={"transformation_3d_flow": ["R"], "pcd_rotation":
+                                                        torch.tensor([[0.8, 0.6, 0.0], [-0.6, 0.8, 0.0], [0, 0, 1.0]])})
+    alignment = step.layers[0].alignments[0]
+    cells = torch.tensor([0, 10, 40, 80])
+    warped = alignment.warp(decoded[0]).flatten(1)[:, cells].T  # bilinear, border padding: the dense reference
+    torch.testing.assert_close(maps.read(0, alignment.read_matrix(cells)), warped, rtol=1e-5, atol=1e-5)
+    weights = torch.rand(81)
+    torch.testing.assert_close(maps.weighted_sum(1, weights), decoded[1].flatten(1) @ weights)

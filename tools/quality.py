@@ -111,9 +111,9 @@ def config_text(path: Path) -> str:
 
 def run_key(run: Run, context: dict[str, str], quick: bool) -> str:
     """What a run's result depends on: config (with its bases), recipe, seed, targets, teacher
-    checkpoint, data stamp, trainer revision and size."""
+    checkpoint, data stamp, trainer revision, the cache's codecs (what its targets were stored as) and size."""
     parts = [config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets, context["teacher_sha256"],
-             context["data_stamp"], context["trainer_revision"], "quick" if quick else "full"]
+             context["data_stamp"], context["trainer_revision"], context["cache_codecs"], "quick" if quick else "full"]
     return sha256("\0".join(parts).encode())[:24]
 
 
@@ -207,14 +207,28 @@ def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
                    check=True, stdout=subprocess.DEVNULL)
     stamp_text = (data / "featcache_synth_stamp.json").read_text()  # generator, seed and split sizes
-    cache = work / "cache_neck_heads_boxes"  # caches of other outputs (older sessions: "cache_neck_heads") stay
+    from featcache import format, heads
+    from featcache.reader import open_cache
+
+    # named by the head outputs' default codecs: a cache of older defaults stays beside it (a build refuses
+    # to resume a cache of other codecs)
+    cache = work / f"cache_neck_heads_boxes_{heads.HEATMAP_CODEC.name}_{heads.HEAD_OUTPUT_CODEC.name}"
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
                                       *CACHE_OUTPUTS, *options], check=True)
-    from featcache import format
-
     return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
-            "trainer_revision": trainer_revision(), "cache": str(cache)}
+            "trainer_revision": trainer_revision(), "cache_codecs": cache_codecs(open_cache(str(cache))),
+            "cache": str(cache)}
+
+
+def cache_codecs(cache: Any) -> str:
+    """The codecs a cache stores its layers with, grouped (``pts_neck.0 int8-zstd3; heatmap score8-zstd3; ...``):
+    part of every run key, since the targets a run distils are what those codecs kept."""
+    groups: dict[str, set[str]] = {}
+    for layer in cache.manifest.layers:
+        kind = (layer.meaning or {}).get("kind") if layer.is_head_output else layer.name
+        groups.setdefault(kind, set()).add(layer.codec.name)
+    return "; ".join(f"{kind} {'/'.join(sorted(names))}" for kind, names in groups.items())
 
 
 def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
@@ -398,8 +412,8 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
              f"teacher checkpoint sha256 {context['teacher_sha256'][:12]}; scenes stamp {context['data_stamp']}",
              f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
              "ray-cast scans), the shipped demo teacher "
-             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map (int8-zstd3), every CenterHead output "
-             "(fp16-zstd1) and its decoded boxes (`--boxes`: label KD, reg's teacher peaks) cached once, students "
+             "(`configs/demo/teacher_pillar.py`), its `pts_neck` map, every CenterHead output and its decoded boxes "
+             f"(`--boxes`: label KD, reg's teacher peaks) cached once (codecs: {context.get('cache_codecs', 'not recorded')}), students "
              "trained "
              f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
              "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"

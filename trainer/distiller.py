@@ -360,6 +360,7 @@ class CacheDistiller(BaseModel):
         step = self._step(recorder.outputs, raw, data_samples, boxes, labels, teacher, unaugmented_frame)
         if self.training and int(self.steps) == 0:
             self._warn_low_overlap(step)
+        step.plan(list(self.terms.values()))  # every term's cell requests first: one gather per layer
         scale = self.weight_scale()
         for name, term in self.terms.items():
             for key, value in term(step).items():

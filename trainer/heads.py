@@ -52,8 +52,10 @@ class ProjectionMLP(nn.Module):
         """(B, C, H, W) -> (B, feat_dim, H, W) or (B, C) -> (B, feat_dim), unit norm over dim 1."""
         if x.ndim == 4:
             return F.normalize(self.net(x), dim=1)
-        if x.ndim == 2:
-            return F.normalize(self.net(x[:, :, None, None]).flatten(1), dim=1)
+        if x.ndim == 2:  # the same weights as linear maps: a 1x1 convolution's kernels on (N, C, 1, 1) cost more
+            squeeze, norm, relu, expand = self.net
+            hidden = relu(norm(F.linear(x, squeeze.weight.flatten(1))))
+            return F.normalize(F.linear(hidden, expand.weight.flatten(1), expand.bias), dim=1)
         raise ValueError(f"ProjectionMLP expects (B, C) or (B, C, H, W) input, got shape {tuple(x.shape)}")
 
 

@@ -155,18 +155,22 @@ def sample_cells(valid: Tensor, num_samples: int, fg_weight: Tensor | None = Non
     would be its own false negative), so the realised foreground share is about f + (1 - f) * (fg
     area share) while S is small next to the foreground cell count, and less once it is exhausted.
     S = min(num_samples, number of cells with nonzero probability).
+
+    Only the valid cells enter the draw (a uniform one is a permutation of them); a 512x512 pillar grid
+    has 262,144 cells, and a weighted draw without replacement costs one exponential variate per cell.
     """
-    mask = valid.flatten().to(torch.float64)
-    n_valid = mask.sum()
-    if n_valid == 0:
-        return torch.empty(0, dtype=torch.long, device=valid.device)
-    prob = mask / n_valid
+    candidates = valid.flatten().nonzero().flatten()
+    if not len(candidates):
+        return candidates
+    fg = None
     if fg_weight is not None:
-        fg = fg_weight.flatten().to(torch.float64).clamp_min(0) * mask
-        if fg.sum() > 0:
-            prob = (1 - fg_fraction) * prob + fg_fraction * fg / fg.sum()
+        fg = fg_weight.flatten()[candidates].float().clamp_min(0)
+        fg = fg if fg.sum() > 0 else None
+    if fg is None or fg_fraction <= 0:
+        return candidates[torch.randperm(len(candidates), device=candidates.device)[:num_samples]]
+    prob = (1 - fg_fraction) / len(candidates) + fg_fraction * fg / fg.sum()
     count = min(num_samples, int((prob > 0).sum()))
-    return torch.multinomial(prob, count, replacement=False)
+    return candidates[torch.multinomial(prob, count, replacement=False)]
 
 
 class InfoNCELoss(nn.Module):

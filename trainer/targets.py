@@ -5,7 +5,8 @@ that decodes them; decoding and warping whole BEVFusion-size maps (31M values pe
 every step costs more than the distillation itself. Everything the contrastive losses need from
 the teacher is linear in the map -- a few hundred bilinearly interpolated cells, box means, one
 pooled vector -- so ``TeacherMaps.read`` applies a sparse read matrix (``BevAlignment.read_matrix``)
-to only the teacher cells it touches, and decodes the few results afterwards.
+to only the teacher cells it touches, and decodes the few results afterwards (a codec that does not
+decode by an affine map, ``score8``, has the touched cells decoded first instead).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class TeacherMaps:
         self.codec = codec
         self.qparams = list(qparams) if qparams is not None else None
         self.affine = [None] * len(self.values)
-        if codec is not None:
+        if codec is not None and codec.linear:
             self.affine = [codecs.affine_tensors(codec, None if self.qparams is None else self.qparams[index])
                            for index in range(len(self.values))]
 
@@ -60,6 +61,8 @@ class TeacherMaps:
         touched, compact_cols = torch.unique(cols, return_inverse=True)
         compact = torch.sparse_coo_tensor(torch.stack([rows, compact_cols]), weights, (matrix.shape[0], len(touched)),
                                           check_invariants=True)
+        if self.codec is not None and not self.codec.linear:  # decode the touched cells, then read them
+            return torch.sparse.mm(compact, codecs.decode_tensor(flat[:, touched], self.codec).T)
         out = torch.sparse.mm(compact, flat[:, touched].float().T)  # (M, C)
         affine = self.affine[index]
         if affine is None:
@@ -70,6 +73,8 @@ class TeacherMaps:
 
     def weighted_sum(self, index: int, cell_weights: Tensor) -> Tensor:
         """(C,) float32: sample ``index``'s decoded map summed over its cells with ``cell_weights`` (H*W,)."""
+        if self.codec is not None and not self.codec.linear:
+            return self.decoded(index).flatten(1) @ cell_weights
         out = self.values[index].flatten(1).float() @ cell_weights
         affine = self.affine[index]
         if affine is None:

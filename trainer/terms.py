@@ -92,20 +92,66 @@ class LayerStep:
     log_dims: bool = True
     teacher_boxes: list[Tensor] | None = None
     teacher_scores: list[Tensor] | None = None
-    _regression: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict, repr=False)
+    _requests: dict[str, tuple[list[Tensor], Any]] = field(default_factory=dict, repr=False)
+    _vectors: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)
+    _teacher_reads: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def request(self, key: str, cells: Sequence[Tensor], note: Any = None) -> None:
+        """Announce that a term reads the student map at ``cells`` (per sample, flat indices into H*W)
+        under ``key``, with ``note`` (whatever the term needs back with them, ``planned``). A key asked
+        for twice keeps its first cells: terms that name the same key read the same cells.
+
+        Every request made before the first ``vectors`` call is served by one indexing operation: each
+        differentiable gather's backward fills a zero gradient of the whole batch map, which at BEV
+        sizes (a 512x512 pillar grid) costs more than the terms, once per gather."""
+        self._requests.setdefault(key, (list(cells), note))
+
+    def planned(self, key: str) -> tuple[list[Tensor], Any]:
+        """(cells, note) of the request ``key``."""
+        if key not in self._requests:
+            raise KeyError(f"layer {self.key}: no term requested cells under {key!r} (KDTerm.plan requests them)")
+        return self._requests[key]
+
+    def vectors(self, key: str) -> list[Tensor]:
+        """Per sample the (S_b, Cs) student vectors, with gradient, at the cells requested under ``key``.
+        The first call gathers every request not yet served, in one operation."""
+        if key not in self._vectors:
+            pending = [name for name in self._requests if name not in self._vectors]
+            if key not in pending:
+                self.planned(key)  # raises: never requested
+            batch = len(self.alignments)
+            per_sample = [torch.cat([self._requests[name][0][index] for name in pending]) for index in range(batch)]
+            gathered = gather_cells(self.student, per_sample)
+            sizes = [[len(self._requests[name][0][index]) for name in pending] for index in range(batch)]
+            parts = [vectors.split(counts) for vectors, counts in zip(gathered, sizes)]
+            for position, name in enumerate(pending):
+                self._vectors[name] = [sample_parts[position] for sample_parts in parts]
+        return self._vectors[key]
+
+    @staticmethod
+    def uniform_key(cells_per_sample: int) -> str:
+        return f"uniform{int(cells_per_sample)}"
+
+    def request_uniform(self, cells_per_sample: int) -> None:
+        """Request per sample up to ``cells_per_sample`` valid cells drawn uniformly without replacement
+        (0: every valid cell), drawn once a step per count, so ``mse`` and ``pkd`` compare the same cells."""
+        key = self.uniform_key(cells_per_sample)
+        if key not in self._requests:
+            self.request(key, [self.valid[index].flatten().nonzero().flatten() if cells_per_sample <= 0
+                                else sample_cells(self.valid[index], cells_per_sample)
+                                for index in range(len(self.alignments))])
 
     def regression_pairs(self, cells_per_sample: int) -> tuple[Tensor, Tensor]:
-        """(N, Cs) student vectors with gradient and (N, Ct) float32 teacher vectors at the same valid
-        cells: per sample up to ``cells_per_sample`` cells drawn uniformly without replacement, or every
-        valid cell when it is 0. Drawn once a step per count, so ``mse`` and ``pkd`` share their cells."""
-        if cells_per_sample not in self._regression:
-            cells = [self.valid[index].flatten().nonzero().flatten() if cells_per_sample <= 0
-                     else sample_cells(self.valid[index], cells_per_sample) for index in range(len(self.alignments))]
-            student = torch.cat(gather_cells(self.student, cells))
-            teacher = [self.teacher.read(index, alignment.read_matrix(sample))
-                       for index, (alignment, sample) in enumerate(zip(self.alignments, cells))]
-            self._regression[cells_per_sample] = student, torch.cat(teacher)
-        return self._regression[cells_per_sample]
+        """(N, Cs) student vectors with gradient and (N, Ct) float32 teacher vectors at the cells of
+        ``request_uniform(cells_per_sample)`` (requested here when no term planned them)."""
+        self.request_uniform(cells_per_sample)
+        key = self.uniform_key(cells_per_sample)
+        if key not in self._teacher_reads:
+            cells, _ = self.planned(key)
+            self._teacher_reads[key] = torch.cat([self.teacher.read(index, alignment.read_matrix(sample))
+                                                  for index, (alignment, sample) in enumerate(zip(self.alignments,
+                                                                                                   cells))])
+        return torch.cat(self.vectors(key)), self._teacher_reads[key]
 
 
 @dataclass
@@ -113,6 +159,13 @@ class DistillStep:
     """What the distiller knows about one training step, filled once and read by every term."""
 
     layers: list[LayerStep]
+
+    def plan(self, terms: "Sequence[KDTerm]") -> None:
+        """Let every term request the student cells it reads (``KDTerm.plan``) before any loss is
+        computed, so each layer's requests are served by one gather (``LayerStep.vectors``)."""
+        for term in terms:
+            for layer in term.layers_of(self):
+                term.plan(layer)
 
 
 @dataclass(frozen=True)
@@ -137,8 +190,20 @@ class KDTerm(nn.Module):
         super().__init__()
         self.context = context
 
+    def layers_of(self, step: DistillStep) -> list[LayerStep]:
+        """The step's pairs this term distils (those of its :attr:`kinds`)."""
+        return [layer for layer in step.layers if layer.kind in self.kinds]
+
     def forward(self, step: DistillStep) -> dict[str, Tensor]:
-        return {layer.key: self.layer_loss(layer) for layer in step.layers if layer.kind in self.kinds}
+        losses = {}
+        for layer in self.layers_of(step):
+            self.plan(layer)  # a no-op when DistillStep.plan ran; a term used alone plans here
+            losses[layer.key] = self.layer_loss(layer)
+        return losses
+
+    def plan(self, layer: LayerStep) -> None:
+        """Request the student cells ``layer_loss`` will read (``LayerStep.request``); terms that read
+        the student map itself request nothing. Must be idempotent and draw at most once per step."""
 
     def layer_loss(self, layer: LayerStep) -> Tensor:
         raise NotImplementedError
@@ -245,15 +310,20 @@ class InfoNCETerm(KDTerm):
         self.heads = _projection_heads(context, feat_dim)
         self.cells = InfoNCELoss(cells_per_sample, temperature, fg_fraction=fg_fraction)
 
-    def layer_loss(self, layer: LayerStep) -> Tensor:
-        student, heads = layer.student, self.heads[layer.key]
-        hw = tuple(student.shape[-2:])
-        sampled = self.cells.sample(student, layer.valid, layer.foreground)
+    def plan(self, layer: LayerStep) -> None:
+        if self.name in layer._requests:
+            return
+        hw = tuple(layer.student.shape[-2:])
+        sampled = self.cells.sample(layer.student, layer.valid, layer.foreground)
         covered = [self._valid_box_cells(boxes, layer.valid[index].flatten(), hw)
                    for index, boxes in enumerate(layer.boxes)]
-        # one gather for sampled and box cells: each gather's backward zero-fills a whole-batch gradient
-        gathered = gather_cells(student, [torch.cat([cells, box_cell]) for cells, (box_cell, _, _) in
-                                          zip(sampled, covered)])
+        layer.request(self.name, [torch.cat([cells, box_cell]) for cells, (box_cell, _, _) in zip(sampled, covered)],
+                      (sampled, covered))
+
+    def layer_loss(self, layer: LayerStep) -> Tensor:
+        student, heads = layer.student, self.heads[layer.key]
+        _, (sampled, covered) = layer.planned(self.name)
+        gathered = layer.vectors(self.name)  # sampled cells, then box cells
         keys = [layer.teacher.read(index, layer.alignments[index].read_matrix(cells)).to(student.dtype)
                 for index, cells in enumerate(sampled)]
         loss = self.cells.from_vectors([part[:len(cells)] for part, cells in zip(gathered, sampled)], keys,
@@ -287,8 +357,11 @@ class InfoNCETerm(KDTerm):
 
 def _adapt(adapter: nn.Module, vectors: Tensor) -> Tensor:
     """A 1x1 adapter (or identity) applied to (N, Cs) cell vectors: the same as on the map, only on the
-    cells that are compared."""
-    return adapter(vectors[:, :, None, None])[:, :, 0, 0]
+    cells that are compared (as a linear map of the same weights: convolution kernels on (N, C, 1, 1)
+    inputs cost several times more)."""
+    if isinstance(adapter, nn.Identity):
+        return vectors
+    return torch.nn.functional.linear(vectors, adapter.weight.flatten(1), adapter.bias)
 
 
 @register_term
@@ -303,6 +376,9 @@ class MSETerm(KDTerm):
         super().__init__(context)
         self.cells_per_sample = int(cells_per_sample)
         self.adapters = _adapters(context, always=True)
+
+    def plan(self, layer: LayerStep) -> None:
+        layer.request_uniform(self.cells_per_sample)
 
     def layer_loss(self, layer: LayerStep) -> Tensor:
         student, teacher = layer.regression_pairs(self.cells_per_sample)
@@ -335,6 +411,9 @@ class PKDTerm(KDTerm):
         self.eps = eps
         self.cells_per_sample = int(cells_per_sample)
         self.adapters = _adapters(context, always=False)
+
+    def plan(self, layer: LayerStep) -> None:
+        layer.request_uniform(self.cells_per_sample)
 
     def layer_loss(self, layer: LayerStep) -> Tensor:
         student, teacher = layer.regression_pairs(self.cells_per_sample)

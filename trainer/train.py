@@ -298,15 +298,25 @@ def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]
     and those head outputs described."""
     from mmengine.dataset import pseudo_collate
 
-    from featcache.heads import head_outputs
     from featcache.recording import record_teacher
 
     teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
-    outputs = [TeacherOutput(output.layer, output.kind, output.classes, output.channels)
-               for output in head_outputs(teacher, list(dict.fromkeys(kinds)))] if kinds else []
+    outputs = online_head_outputs(teacher, teacher_cfg, kinds, options.online_teacher[0]) if kinds else []
     recorded = record_teacher(teacher, pseudo_collate([dataset[0]]), list(modules) + [out.layer for out in outputs])
     return {name: tuple(value.shape[1:]) for name, value in recorded.items()}, outputs
+
+
+def online_head_outputs(teacher, teacher_cfg, kinds: Sequence[str], where: str) -> list["TeacherOutput"]:
+    """An online teacher's head outputs of ``kinds``, described as a cache's manifest describes them. A
+    TransFusionHead (BEVFusion) names no classes itself: its heatmap's channels are its config's
+    classes (``teacher_class_names``), as ``featcache build`` records them."""
+    from featcache.heads import find_head, head_outputs, is_transfusion_head
+
+    _, head = find_head(teacher)
+    classes = teacher_class_names(teacher_cfg, where) if is_transfusion_head(head) else None
+    return [TeacherOutput(output.layer, output.kind, output.classes, output.channels)
+            for output in head_outputs(teacher, list(dict.fromkeys(kinds)), classes)]
 
 
 def teacher_class_names(teacher_cfg, where: str) -> list[str]:
