@@ -8,8 +8,10 @@ A codec is named ``<precision>-<compressor>`` (``fp16-zstd1``, ``int8-lz4``, ``f
   (uint8 with a per-sample, per-channel affine scale: BEV channels differ in range by orders of
   magnitude, one global scale loses the small ones);
 - precision ``score8``, for class-heatmap logits only: uint8 of the sigmoid score, round(255 * sigmoid(x)),
-  decoded back to the logit of the score clamped to [1/510, 1 - 1/510]. Every score is kept within
-  1/510 (absolute), which is what heatmap distillation compares (sigmoid scores, squared or absolute
+  decoded back to the logit of q / 255, where the end codes 0 and 255 stand for 1e-4 and 1 - 1e-4
+  (CenterHead's own score clamp; most of a trained heatmap is background far below 1/510, and a
+  bin-centre decode would lift all of it to 0.002, weighting background cells ~6x more in
+  confidence-weighted heatmap KD). Every score is kept within 1/510 (absolute), which is what heatmap distillation compares (sigmoid scores, squared or absolute
   differences); an int8 affine grid over a logit range is at the mercy of one outlier channel
   value, and float16 logits cost ~1.6 bytes a value even compressed. Not affine, so a linear read
   of the stored values does not equal the read of the decoded map (``CodecSpec.linear``);
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "score8")
 COMPRESSORS = ("zstd", "lz4", "none")
 BF16_KEEPBITS = 7
-#: score8 decodes a score of 0 or 255 to half a step inside (0, 1): a finite logit (-6.23 / +6.23)
-SCORE8_FLOOR = 1.0 / 510.0
+#: what score8's end codes 0 and 255 decode to: 1e-4 and 1 - 1e-4 (logits -/+9.21), CenterHead's score clamp
+SCORE8_FLOOR = 1e-4
 _CODEC_RE = re.compile(r"^(?P<precision>[a-z0-9]+)-(?P<compressor>zstd|lz4|none|[a-z]+)(?P<level>-?\d+)?$")
 
 
@@ -202,7 +204,8 @@ def encode(features: np.ndarray, codec: CodecSpec) -> tuple[np.ndarray, np.ndarr
 def decode(stored: np.ndarray, codec: CodecSpec, qparams: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`encode`: float32 features from stored values (and int8's scale/offset)."""
     if codec.precision == "score8":
-        scores = np.clip(stored.astype(np.float32) / np.float32(255), SCORE8_FLOOR, 1 - SCORE8_FLOOR)
+        scores = np.clip(stored.astype(np.float32) / np.float32(255), np.float32(SCORE8_FLOOR),
+                         np.float32(1 - SCORE8_FLOOR))
         return np.log(scores / (1 - scores)).astype(np.float32, copy=False)
     if codec.precision != "int8":
         return stored.astype(np.float32, copy=False)

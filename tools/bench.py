@@ -930,7 +930,8 @@ def figure_response(ctx: Context) -> Section:
                                       "<= 5%", f"{share:.2%}", share <= 0.05))
     lines = [f"{frames} frames, built per teacher in this process one after the other: the feature layers "
              f"({', '.join(LAYERS)}, default codec) alone, then with `--boxes` and `--head-outputs heatmap` or "
-             "`all` (CenterHead outputs of every task at their default fp16-zstd1; boxes = the decoded "
+             "`all` (CenterHead outputs of every task at their defaults: heatmaps score8-zstd3, uint8 sigmoid "
+             "scores within 1/510, the regression outputs fp16-zstd1; boxes = the decoded "
              "predictions after the teacher's own decoder and NMS). Bytes per sample from "
              "`featcache.store.chunk_nbytes`; boxes: the `boxes` row (capacity x (box fields + score + label), "
              "float32, zstd3; padding compresses away). Time = `BuildResult.seconds` per sample; a response build "
@@ -991,7 +992,7 @@ def figure_train(ctx: Context) -> Section:
              "next batch + `train_step` (preprocess, loss, backward, update) after "
              f"{ctx.sizes.warmup_steps} untimed warm-up step(s) per variant; the variants take turns step by step "
              "(round robin, the same batches in the same order), so machine drift reaches all alike. The cache holds "
-             "figure 3's layers (default codec), the teacher's head outputs (`--head-outputs all`, fp16-zstd1) and "
+             "figure 3's layers (default codec), the teacher's head outputs (`--head-outputs all`, default codecs) and "
              "boxes (`--boxes`), built here like figure 3's. Cached variants: each feature term and `heatmap` of "
              "`trainer/terms.py` alone (`--kd NAME=W`), infonce+pkd, heatmap+infonce, heatmap+reg and "
              "heatmap+reg+label together (the seeded teacher's boxes are noise: label KD adds those that are "
