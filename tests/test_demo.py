@@ -70,8 +70,11 @@ def test_quick_demo_report_holds_the_deployment_table_its_run_measured(quick_dem
     for student in ("half", "slim"):
         values = [run["mAP"] for run in quality["runs"]
                   if (run["student"], run["recipe"], run["targets"]) == (student, "heatmap=10,reg=1,init", "cache")]
-        expected = sum(values) / len(values) / quality["teacher"]["mAP"]
         check = deployment["checks"][f"{student}_kd vs teacher, both ONNX Runtime fp32"]
+        if not values:  # QUALITY.md has not trained this student under the demo's recipe (yet): no figure
+            assert check["quality_retention"] is None
+            continue
+        expected = sum(values) / len(values) / quality["teacher"]["mAP"]
         assert check["quality_retention"] == pytest.approx(expected)
         assert f"| {expected:.3f} ({len(values)} seeds) |" in report
 
