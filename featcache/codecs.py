@@ -11,10 +11,11 @@ A codec is named ``<precision>-<compressor>`` (``fp16-zstd1``, ``int8-lz4``, ``f
   decoded back to the logit of q / 255, where the end codes 0 and 255 stand for 1e-4 and 1 - 1e-4
   (CenterHead's own score clamp; most of a trained heatmap is background far below 1/510, and a
   bin-centre decode would lift all of it to 0.002, weighting background cells ~6x more in
-  confidence-weighted heatmap KD). Every score is kept within 1/510 (absolute), which is what heatmap distillation compares (sigmoid scores, squared or absolute
-  differences); an int8 affine grid over a logit range is at the mercy of one outlier channel
-  value, and float16 logits cost ~1.6 bytes a value even compressed. Not affine, so a linear read
-  of the stored values does not equal the read of the decoded map (``CodecSpec.linear``);
+  confidence-weighted heatmap KD). Every score is kept within 1/510 (absolute), which is what
+  heatmap distillation compares (sigmoid scores, squared or absolute differences); an int8 affine
+  grid over a logit range is at the mercy of one outlier channel value, and float16 logits cost
+  ~1.6 bytes a value even compressed. Not affine, so a linear read of the stored values does not
+  equal the read of the decoded map (``CodecSpec.linear``);
 - compressor ``zstd<level>`` (default level 1), ``lz4`` (blosc-lz4 with byte shuffle) or ``none``.
 
 The precision step (:func:`encode` / :func:`decode`) is done by featcache in numpy, so its

@@ -413,8 +413,8 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], 
              f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
              "ray-cast scans), the shipped demo teacher "
              "(`configs/demo/teacher_pillar.py`), its `pts_neck` map, every CenterHead output and its decoded boxes "
-             f"(`--boxes`: label KD, reg's teacher peaks) cached once (codecs: {context.get('cache_codecs', 'not recorded')}), students "
-             "trained "
+             "(`--boxes`: label KD, reg's teacher peaks) cached once "
+             f"(codecs: {context.get('cache_codecs', 'not recorded')}), students trained "
              f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
              "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"
              + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",
