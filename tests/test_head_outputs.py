@@ -15,7 +15,7 @@ from featcache import boxes, codecs, format, heads, models
 from featcache.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError, ConfigError, CorruptSampleError, NoBoxesError
 from featcache.export import export_hdf5
-from featcache.inspection import describe, plot_sample
+from featcache.inspection import describe, nearly_zero_layers, nonzero_fraction, plot_sample
 from featcache.reader import open_cache
 from featcache.verify import verify_cache
 from lidar_fixtures import KITTI_CONFIG, PILLAR_CONFIG, nus_cfg_options
@@ -380,3 +380,13 @@ def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_cl
                            [(output.layer, output.classes)], "a BEVFusion cache")
     assert pairs["pts_bbox_head.task_heads.5.heatmap"] == ("bbox_head.heatmap_head", [8, 9])  # pedestrian, cone
     assert len(pairs) == 6
+
+
+def test_score8_background_counts_as_non_zero_like_the_build_counts_logits():
+    # code 0 is a score below 1/510, a logit near -9, not a zero: inspect must not call an empty scene's
+    # heatmap "(nearly) all zeros" where the build (which counts the teacher's float logits) did not
+    background = np.zeros((1, 8, 8), dtype=np.uint8)
+    background[0, 3, 3] = 200  # one object
+    fraction = nonzero_fraction(background, heads.HEATMAP_CODEC)
+    assert fraction == 1.0 and not nearly_zero_layers({"heatmap": [fraction]})
+    assert nonzero_fraction(np.zeros((1, 8, 8), np.float16), codecs.parse_codec("fp16-zstd1")) == 0.0
