@@ -50,3 +50,36 @@ def test_quick_quality_rerun_reuses_completed_runs(quick_quality):
     after = json.loads((out / "quality.json").read_text())
     assert after["runs"] == before["runs"]  # same records, none retrained
     assert "starting" not in result.stderr
+
+
+def _quality_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_tool", REPO / "tools/quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_key_holds_the_codecs_of_the_layers_a_recipe_reads_only():
+    quality = _quality_module()
+    context = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "r",
+               "cache_codecs": "pts_neck.0 int8-zstd3; reg fp16-zstd1; heatmap score8-zstd3",
+               "codecs_by_kind": {"feature": "pts_neck.0 int8-zstd3", "reg": "task0.reg fp16-zstd1",
+                                  "heatmap": "task0.heatmap score8-zstd3"}}
+    other_heatmaps = {**context, "codecs_by_kind": {**context["codecs_by_kind"], "heatmap": "task0.heatmap fp16-zstd1"}}
+    Run = quality.Run
+    no_kd, init = Run("half", "no-kd", 0, "none"), Run("half", "init", 0, "none")
+    pkd, heatmap = Run("half", "pkd=5", 0, "cache"), Run("half", "heatmap=10,reg=1,init", 0, "cache")
+    online = Run("half", "heatmap=10,reg=1,init", 0, "online")
+    assert quality.kinds_read(no_kd) == quality.kinds_read(init) == quality.kinds_read(online) == []
+    assert quality.kinds_read(pkd) == ["feature"]
+    assert quality.kinds_read(heatmap) == ["dim", "heatmap", "height", "reg", "rot", "vel"]
+    for run in (no_kd, init, pkd, online):  # a heatmap codec change does not retrain what never reads heatmaps
+        assert quality.run_key(run, context, False) == quality.run_key(run, other_heatmaps, False)
+    assert quality.run_key(heatmap, context, False) != quality.run_key(heatmap, other_heatmaps, False)
+    assert quality.run_key(heatmap, context, False) != quality.run_key(Run("half", "heatmap=10,reg=1,init", 1, "cache"),
+                                                                       context, False)
+    # records keyed before v2 (every layer's codecs) stay recognisable
+    assert quality.legacy_run_key(pkd, context, False) != quality.run_key(pkd, context, False)

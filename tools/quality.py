@@ -109,12 +109,39 @@ def config_text(path: Path) -> str:
     return models.load_config(str(path)).text
 
 
-def run_key(run: Run, context: dict[str, str], quick: bool) -> str:
+def run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
     """What a run's result depends on: config (with its bases), recipe, seed, targets, teacher
-    checkpoint, data stamp, trainer revision, the cache's codecs (what its targets were stored as) and size."""
+    checkpoint, data stamp, trainer revision, size, and the codecs of the cached layers the recipe's
+    terms read (what their targets were stored as; ``codecs_read``): a heatmap codec change retrains
+    the recipes distilling heatmaps, not no-KD or the feature terms."""
+    parts = [config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets, context["teacher_sha256"],
+             context["data_stamp"], context["trainer_revision"], codecs_read(run, context["codecs_by_kind"]),
+             "quick" if quick else "full"]
+    return sha256(("v2\0" + "\0".join(parts)).encode())[:24]
+
+
+def legacy_run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
+    """The key of records written before ``run_key`` v2, which held every layer's codecs
+    (``cache_codecs``): such a record that matches it under the current context is current and is re-keyed."""
     parts = [config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets, context["teacher_sha256"],
              context["data_stamp"], context["trainer_revision"], context["cache_codecs"], "quick" if quick else "full"]
     return sha256("\0".join(parts).encode())[:24]
+
+
+def kinds_read(run: Run) -> list[str]:
+    """The kinds of cached layers a run's terms distil (``KDTerm.kinds``: "feature", "heatmap", "reg", ...);
+    none for a run without terms or with an online teacher, which reads no cached target."""
+    kd, _ = recipe_parts(run.recipe)
+    if kd is None or run.targets != "cache":
+        return []
+    from trainer.terms import TERMS, parse_kd_spec
+
+    return sorted({kind for name in parse_kd_spec(kd) for kind in TERMS[name].kinds})
+
+
+def codecs_read(run: Run, codecs_by_kind: dict[str, str]) -> str:
+    """``'feature: pts_neck.0 int8-zstd3; heatmap: ...'`` for the kinds ``run`` reads ('' for none)."""
+    return "; ".join(f"{kind}: {codecs_by_kind[kind]}" for kind in kinds_read(run) if kind in codecs_by_kind)
 
 
 # -- one run (in a subprocess) ------------------------------------------------------------------
@@ -201,7 +228,7 @@ def featcache_cli() -> list[str]:
     return [sys.executable, "-m", "trainer.cli"]
 
 
-def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
+def prepare(work: Path, data: Path, quick: bool) -> dict[str, Any]:
     """Scenes, teacher cache; returns the context every run key includes."""
     subprocess.run([sys.executable, str(REPO / "tools/generate_scenes.py"), "--out", str(data),
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
@@ -216,9 +243,10 @@ def prepare(work: Path, data: Path, quick: bool) -> dict[str, str]:
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
                                       *CACHE_OUTPUTS, *options], check=True)
+    reader = open_cache(str(cache))
     return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
-            "trainer_revision": trainer_revision(), "cache_codecs": cache_codecs(open_cache(str(cache))),
-            "cache": str(cache)}
+            "trainer_revision": trainer_revision(), "cache_codecs": cache_codecs(reader),
+            "codecs_by_kind": codecs_by_kind(reader), "cache": str(cache)}
 
 
 def cache_codecs(cache: Any) -> str:
@@ -229,6 +257,16 @@ def cache_codecs(cache: Any) -> str:
         kind = (layer.meaning or {}).get("kind") if layer.is_head_output else layer.name
         groups.setdefault(kind, set()).add(layer.codec.name)
     return "; ".join(f"{kind} {'/'.join(sorted(names))}" for kind, names in groups.items())
+
+
+def codecs_by_kind(cache: Any) -> dict[str, str]:
+    """Layer kind ("feature" for hooked features, a head output's kind) -> its layers' codecs
+    (``'pts_neck.0 int8-zstd3'``); ``run_key`` takes those of the kinds a recipe reads."""
+    kinds: dict[str, list[str]] = {}
+    for layer in cache.manifest.layers:
+        kind = (layer.meaning or {}).get("kind") if layer.is_head_output else "feature"
+        kinds.setdefault(kind, []).append(f"{layer.name} {layer.codec.name}")
+    return {kind: ", ".join(sorted(entries)) for kind, entries in kinds.items()}
 
 
 def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
@@ -334,6 +372,8 @@ def execute(args: argparse.Namespace) -> None:
     keys = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}): r for r in state["runs"]}
     current = {}
     for run, record in keys.items():
+        if record["key"] == legacy_run_key(run, context, args.quick):
+            record["key"] = run_key(run, context, args.quick)
         if record["key"] == run_key(run, context, args.quick):
             current[run] = record
         else:
@@ -392,7 +432,7 @@ def compare(values: list[float], base: list[float]) -> tuple[float, float | None
     return mean - base_mean, (mean - base_mean) / larger if larger == larger and larger > 0 else None  # NaN-safe
 
 
-def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, str], quick: bool) -> None:
+def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, Any], quick: bool) -> None:
     teacher = state["teacher"]
     groups = group_records(state["runs"])
     records_by_group: dict[tuple[str, str, str], list[dict]] = {}
