@@ -98,7 +98,7 @@ class Builder:
                                trust_globals=options.trust_globals, head_outputs=options.head_outputs)
         self.modules, self.cfg, self.keys = self.teacher.modules, self.teacher.cfg, self.teacher.keys
         if options.layers is None:  # the detector's default layers are known now: --codec must name them
-            check_codec_option(options.codec, self.modules)
+            check_codec_option(options.codec, self.modules, heads.parse_head_outputs(options.head_outputs))
         self.head_outputs = self.teacher.head_outputs
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
@@ -126,14 +126,16 @@ class Builder:
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
         """``--codec`` per layer; head outputs default to ``heads.default_codec`` of their kind."""
-        chosen = codecs.parse_codec_option(self.options.codec, names, defaults={
-            name: heads.default_codec(self.head_outputs[name].kind) for name in names if name in self.head_outputs})
-        not_scores = [name for name, codec in chosen.items() if codec.precision == "score8"
-                      and (name not in self.head_outputs or self.head_outputs[name].kind != "heatmap")]
+        kinds = {name: self.head_outputs[name].kind for name in names if name in self.head_outputs}
+        chosen = codecs.parse_codec_option(self.options.codec, names, kinds=kinds,
+                                           defaults={name: heads.default_codec(kind) for name, kind in kinds.items()})
+        not_scores = {name: codec for name, codec in chosen.items() if codec.stores_scores
+                      and (name not in self.head_outputs or self.head_outputs[name].kind != "heatmap")}
         if not_scores:
-            raise ConfigError(f"--codec {self.options.codec!r}: score8 stores sigmoid scores of class-heatmap logits "
-                              f"and would destroy {', '.join(not_scores)}; give those layers another precision (heatmaps "
-                              "get score8 by default)")
+            precisions = "/".join(sorted({codec.precision for codec in not_scores.values()}))
+            raise ConfigError(f"--codec {self.options.codec!r}: {precisions} stores sigmoid scores of class-heatmap "
+                              f"logits and would destroy {', '.join(not_scores)}; give those layers another precision "
+                              f"(heatmaps get {heads.HEATMAP_CODEC.name} by default)")
         return chosen
 
     def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:

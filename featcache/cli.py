@@ -98,8 +98,8 @@ def main(verbose: bool) -> None:
                    "BEVFusion, middle_encoder,backbone,neck for single-stage ones such as KITTI PointPillars).")
 @click.option("--head-outputs", default=None, metavar="KINDS",
               help="Also cache the head's dense outputs, per task: 'all' or some of heatmap,reg,height,dim,rot,vel "
-                   "(CenterHead; heatmaps as logits, fp16-zstd1 unless --codec names them). The manifest says each "
-                   "channel's class or meaning.")
+                   "(CenterHead; heatmaps stored as sigmoid scores, score8-zstd3, the others fp16-zstd1, unless "
+                   "--codec names them). The manifest says each channel's class or meaning.")
 @click.option("--boxes", is_flag=True,
               help="Also cache the teacher's decoded predictions (its own decoder and NMS): boxes, scores, labels "
                    "per sample, for label distillation.")
@@ -108,7 +108,9 @@ def main(verbose: bool) -> None:
                    "a sample with more keeps its highest-scoring ones, with a warning.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
-                                            "pts_neck=int8-zstd3,pts_backbone=fp16-lz4.")
+                                            "pts_neck=int8-zstd3,pts_backbone=fp16-lz4; or per head output kind "
+                                            "(every task's): heatmap=asin8-zstd3,reg=fp32-none. Class heatmaps only: "
+                                            "score8 / asin8 (sigmoid scores on a uniform / arcsine-root grid).")
 @cfg_options_option("Override teacher config entries, e.g. train_dataloader.dataset.dataset.data_root=/data/nus/.")
 @click.option("--force", is_flag=True, help="Erase the featcache cache at --out and start over (only featcache's own "
                                           "files; a directory featcache did not create is refused).")

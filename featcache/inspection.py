@@ -44,11 +44,11 @@ def layer_summaries(cache: FeatureCache, sample_rows: Sequence[int]) -> list[Lay
 def nonzero_fraction(values: np.ndarray, codec: codecs.CodecSpec, qparams: np.ndarray | None = None) -> float:
     """Fraction of one stored sample's values that are not zero; int8: that decode to more than half a
     quantisation step from zero (its affine does not put 0 on the grid unless 0 is the channel's min);
-    score8: of the decoded logits, like the build's count of the teacher's output (a heatmap's background
-    is a low score, stored as code 0, not a zero logit)."""
+    score8, asin8: of the decoded logits, like the build's count of the teacher's output (a heatmap's
+    background is a low score, stored as code 0, not a zero logit)."""
     if not values.size:
         return 0.0
-    if codec.precision == "score8":
+    if codec.stores_scores:
         return float(np.count_nonzero(codecs.decode(values, codec, qparams))) / values.size
     if codec.precision != "int8":
         return float(np.count_nonzero(values)) / values.size

@@ -40,10 +40,13 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-def check_codec_option(text: str | None, modules: Sequence[str] | None = None) -> None:
+def check_codec_option(text: str | None, modules: Sequence[str] | None = None,
+                       head_outputs: Sequence[str] = ()) -> None:
     """``--codec``'s syntax and codec names, and that each layer it names is one of ``modules`` (the
-    ``--layers``) or an output of one (``pts_neck.0``); which outputs exist is known once the teacher
-    ran (``codecs.parse_codec_option``)."""
+    ``--layers``), an output of one (``pts_neck.0``), or a kind of ``head_outputs`` (``heatmap``: every
+    task's); which outputs exist is known once the teacher ran (``codecs.parse_codec_option``)."""
+    if modules is not None and head_outputs:
+        modules = [*modules, "pts_bbox_head", "bbox_head"]  # --codec may name head outputs by module too
     if not text:
         return
     if "=" not in text:
@@ -57,9 +60,10 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None) -
             raise ConfigError(f"--codec item {item!r} is not LAYER=CODEC (e.g. pts_neck=int8-zstd3); give one codec "
                               "for every layer (fp16-zstd1) or per layer (pts_neck=fp32-none,pts_backbone=fp16-lz4)")
         codecs.parse_codec(codec_text)
-        if modules is not None and not any(layer == module or layer.startswith(module + ".")
-                                           or module.startswith(layer + ".") for module in modules):
-            raise ConfigError(f"--codec names layer {layer!r}, which --layers does not record ({', '.join(modules)})")
+        if modules is not None and layer not in head_outputs and not any(
+                layer == module or layer.startswith(module + ".") or module.startswith(layer + ".") for module in modules):
+            raise ConfigError(f"--codec names layer {layer!r}, which --layers does not record ({', '.join(modules)})"
+                              + (f" nor --head-outputs ({', '.join(head_outputs)})" if head_outputs else ""))
 
 
 def check_cfg_option_items(items: Iterable[str]) -> None:
@@ -126,9 +130,7 @@ class BuildOptions:
         modules = split_layer_names(self.layers) if self.layers is not None else None
         if self.split not in SPLITS:
             raise ConfigError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
-        if heads.parse_head_outputs(self.head_outputs) and modules is not None:
-            modules = [*modules, "pts_bbox_head", "bbox_head"]  # --codec may name head outputs too
-        check_codec_option(self.codec, modules)
+        check_codec_option(self.codec, modules, heads.parse_head_outputs(self.head_outputs))
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")
         if self.max_boxes is not None and not self.boxes:

@@ -82,6 +82,30 @@ def test_decode_tensor_equals_numpy_decode_batched_or_not(name):
     assert torch.equal(single, torch.from_numpy(expected[1]))
 
 
+@pytest.mark.parametrize("name", ["score8-zstd3", "asin8-zstd3"])
+def test_score_codecs_keep_heatmap_scores_on_their_grid(name):
+    # logits of a trained head's range (background near -9, peaks near +6) and beyond it
+    logits = np.linspace(-30, 30, 6000, dtype=np.float32).reshape(1, 3, 2000)
+    codec = codecs.parse_codec(name)
+    stored, qparams = codecs.encode(logits, codec)
+    assert stored.dtype == np.uint8 and qparams is None and not codec.linear and codec.stores_scores
+    decoded = codecs.decode(stored, codec)
+    scores = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    # what the terms compare: clamped scores (CenterHead's 1e-4 clamp), error within the grid's half step
+    clamped = np.clip(scores, codecs.SCORE8_FLOOR, 1 - codecs.SCORE8_FLOOR)
+    error = np.abs(1 / (1 + np.exp(-decoded.astype(np.float64))) - clamped)
+    if name == "score8-zstd3":
+        assert error.max() <= 1 / 510 + 1e-6
+    else:  # arcsine-root grid: |ds| <= sin(2 theta) * pi / 1020, finest at both ends
+        assert error.max() <= np.pi / 1020 + 1e-6
+        near_ends = (clamped > 1e-3) & (clamped < 1e-2) | (clamped > 0.99) & (clamped < 0.999)
+        bound = 2 * np.sqrt(clamped * (1 - clamped)) * np.pi / 1020 * 1.05 + 1e-6
+        assert (error[near_ends] <= bound[near_ends]).all()
+        assert (error[near_ends] < 1 / 510 / 2).all()  # below score8's half step there
+    torch.testing.assert_close(codecs.decode_tensor(torch.from_numpy(stored), codec), torch.from_numpy(decoded),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_codec_option_parsing_names_the_problem():
     chosen = codecs.parse_codec_option("pts_neck=int8-zstd3", ["pts_middle_encoder", "pts_neck.0"])
     assert chosen["pts_neck.0"].name == "int8-zstd3" and chosen["pts_middle_encoder"] == codecs.DEFAULT_CODEC
@@ -89,6 +113,14 @@ def test_codec_option_parsing_names_the_problem():
         codecs.parse_codec_option("pts_head=fp32-none", ["pts_neck.0"])
     with pytest.raises(ValueError, match="fp12-zstd.*precision.*fp32, fp16, bf16, int8"):
         codecs.parse_codec("fp12-zstd")
+    # head outputs can be named by kind: every task's heatmap at once
+    names = ["pts_neck.0", "head.task_heads.0.heatmap", "head.task_heads.1.heatmap", "head.task_heads.0.reg"]
+    kinds = {names[1]: "heatmap", names[2]: "heatmap", names[3]: "reg"}
+    chosen = codecs.parse_codec_option("heatmap=asin8-zstd3", names, kinds=kinds)
+    assert [chosen[name].name for name in names] == [codecs.DEFAULT_CODEC.name, "asin8-zstd3", "asin8-zstd3",
+                                                     codecs.DEFAULT_CODEC.name]
+    with pytest.raises(ValueError, match="'vel', which is not recorded.*head output kind: heatmap, reg"):
+        codecs.parse_codec_option("vel=fp16-zstd1", names, kinds=kinds)
 
 
 # -- build and read back ---------------------------------------------------------------------

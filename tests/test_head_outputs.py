@@ -136,6 +136,32 @@ def test_head_outputs_option_names_what_is_wrong(tmp_path, pillar_ckpt, nus_one)
                                  head_outputs="heatmap", codec="score8-zstd3", cfg_options=nus_cfg_options(nus_one),
                                  num_workers=0, progress=False))
     assert not (tmp_path / "s8").exists()
+    with pytest.raises(ConfigError, match="asin8 stores sigmoid scores.*would destroy pts_bbox_head.task_heads.0.reg"):
+        build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(tmp_path / "a8"), layers="pts_neck",
+                                 head_outputs="heatmap,reg", codec="reg=asin8-zstd3",
+                                 cfg_options=nus_cfg_options(nus_one), num_workers=0, progress=False))
+    assert not (tmp_path / "a8").exists()
+
+
+def test_heatmaps_named_by_kind_take_the_arcsine_root_score_codec(tmp_path, pillar_ckpt, nus_one):
+    # --codec heatmap=asin8-zstd3: every task's heatmap, and no other layer, on the arcsine-root grid
+    out = tmp_path / "asin8"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck", head_outputs="heatmap,reg",
+                             codec="heatmap=asin8-zstd3", cfg_options=nus_cfg_options(nus_one), num_workers=0,
+                             progress=False))
+    cache = open_cache(str(out))
+    per_task, _ = _teacher_head_outputs(pillar_ckpt, nus_one)
+    (key,) = cache.keys()
+    row = cache.read(key)
+    for task, outputs in enumerate(per_task):
+        heatmap = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.heatmap")
+        assert heatmap.codec.name == "asin8-zstd3"
+        assert cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.reg").codec == heads.HEAD_OUTPUT_CODEC
+        scores = np.clip(1 / (1 + np.exp(-outputs["heatmap"][0].numpy().astype(np.float64))), 1e-4, 1 - 1e-4)
+        read = 1 / (1 + np.exp(-row[heatmap.name].astype(np.float64)))
+        assert np.abs(read - scores).max() <= np.pi / 1020 + 1e-6
+    assert cache.manifest.layer("pts_neck.0").codec == codecs.DEFAULT_CODEC
+    assert verify_cache(str(out)).ok
 
 
 def test_training_from_a_head_output_cache_pairs_features_only_unless_told(head_cache, nus_one):

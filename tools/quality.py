@@ -18,6 +18,8 @@ Usage::
     python tools/quality.py --report-only          # rewrite QUALITY.md from quality.json
     python tools/quality.py --quick --out-dir DIR  # tiny smoke run (tests)
     python tools/quality.py --recipes no-kd heatmap=10 --seeds 0 --out-dir DIR --work-dir DIR  # a pilot
+    python tools/quality.py --recipes heatmap=10,reg=1,init --only slim --heatmap-codec fp16-zstd1 \
+        --out-dir DIR   # a pilot: another heatmap codec (its own cache beside the default one)
 """
 from __future__ import annotations
 
@@ -228,8 +230,9 @@ def featcache_cli() -> list[str]:
     return [sys.executable, "-m", "trainer.cli"]
 
 
-def prepare(work: Path, data: Path, quick: bool) -> dict[str, Any]:
-    """Scenes, teacher cache; returns the context every run key includes."""
+def prepare(work: Path, data: Path, quick: bool, heatmap_codec: str | None = None) -> dict[str, Any]:
+    """Scenes, teacher cache (its heatmaps in ``heatmap_codec``, default ``heads.HEATMAP_CODEC``); returns
+    the context every run key includes."""
     subprocess.run([sys.executable, str(REPO / "tools/generate_scenes.py"), "--out", str(data),
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
                    check=True, stdout=subprocess.DEVNULL)
@@ -239,8 +242,11 @@ def prepare(work: Path, data: Path, quick: bool) -> dict[str, Any]:
 
     # named by the head outputs' default codecs: a cache of older defaults stays beside it (a build refuses
     # to resume a cache of other codecs)
-    cache = work / f"cache_neck_heads_boxes_{heads.HEATMAP_CODEC.name}_{heads.HEAD_OUTPUT_CODEC.name}"
+    heatmaps = heatmap_codec or heads.HEATMAP_CODEC.name
+    cache = work / f"cache_neck_heads_boxes_{heatmaps}_{heads.HEAD_OUTPUT_CODEC.name}"
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
+    if heatmap_codec:
+        options += ["--codec", f"heatmap={heatmap_codec}"]
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
                                       *CACHE_OUTPUTS, *options], check=True)
     reader = open_cache(str(cache))
@@ -285,9 +291,11 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
     """In order: the half student's core recipes seed by seed (every recipe's first seed before any
     recipe's second); once they are done, the best of them (``best_recipe``) for the slim student
     beside its no-KD twin, its online-teacher twin (one seed) and the half student with CRD on top of
-    it; then the other half recipes, seed by seed. ``recipes`` (a pilot) trains those half recipes only."""
+    it; then the other half recipes, seed by seed. ``recipes`` (a pilot) trains those recipes only, of the
+    half student (``only="slim"``: of the slim one)."""
     if recipes:
-        return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
+        student = "slim" if only == "slim" else "half"
+        return [Run(student, recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
     if quick:
         return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in (NO_KD, "pkd=5")]
     runs: list[Run] = []
@@ -367,7 +375,7 @@ def execute(args: argparse.Namespace) -> None:
     state = load(state_path)
     work = Path(args.work_dir)
     data = work / "data" if args.quick else REPO / "data/generated/demo"
-    context = prepare(work, data, args.quick)
+    context = prepare(work, data, args.quick, args.heatmap_codec)
     log(f"trainer revision {context['trainer_revision']}, cache {context['cache']}")
     keys = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}): r for r in state["runs"]}
     current = {}
@@ -624,7 +632,11 @@ def main() -> None:
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     parser.add_argument("--only", choices=["half", "slim", "online"], default=None)
     parser.add_argument("--recipes", nargs="+", default=None,
-                        help="a pilot: train only these half-student recipes (give --out-dir elsewhere)")
+                        help="a pilot: train only these recipes of the half student (--only slim: of the slim "
+                             "one); give --out-dir elsewhere")
+    parser.add_argument("--heatmap-codec", default=None,
+                        help="a pilot: cache the teacher's heatmaps in this codec (e.g. fp16-zstd1) instead of "
+                             "the build's default; give --out-dir elsewhere")
     parser.add_argument("--out-dir", default=str(REPO), help="where QUALITY.md, quality.json, quality.png go")
     parser.add_argument("--work-dir", default=None, help="default: work_dirs/quality (quick: work_dirs/quality_quick)")
     parser.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from quality.json")
