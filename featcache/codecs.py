@@ -20,8 +20,8 @@ A codec is named ``<precision>-<compressor>`` (``fp16-zstd1``, ``int8-lz4``, ``f
   q = round(510 / pi * asin(sqrt(s))), decoded to the logit of sin^2(q * pi / 510) (end codes clamped
   like score8's). The grid is finest where scores are near 0 and 1 and never coarser than 0.0031 (at
   0.5): a score of 0.001 keeps ~12% relative precision where score8 stores every score below 1/510 as
-  one code, 0.01 ~4% where score8 has 20%. Heatmap KD weights each cell by the teacher's score, and
-  most of a trained teacher's weight sits on low-score cells (the demo teacher: ~43% below 0.05);
+  one code, 0.01 ~4% where score8 has 20%. Heatmap KD weights each cell by the teacher's score, and much
+  of that weight sits on low-score cells (the demo teacher: ~35% of it below 0.05);
   there score8's grid biases the targets and their weights. Costs about twice score8's bytes (the
   background is no longer a run of one code), a third of fp16's. Not affine either;
 - compressor ``zstd<level>`` (default level 1), ``lz4`` (blosc-lz4 with byte shuffle) or ``none``.
