@@ -410,7 +410,9 @@ def execute(args: argparse.Namespace) -> None:
             specs.append({"run": asdict(run), "key": key, "work_dir": str(work / "runs" / run.name),
                           "cache": context["cache"],
                           "cfg_options": data_options(data) + schedule_options(args.quick)})
-        threads = max(1, (os.cpu_count() or 2) // len(batch))
+        # by --jobs, not by this batch's size: a last run alone would get every core, and a run's result
+        # depends on its thread count (reduction order), which its key does not hold
+        threads = max(1, (os.cpu_count() or 2) // args.jobs)
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
             futures = {pool.submit(run_one, spec, threads): spec for spec in specs}
             for future in concurrent.futures.as_completed(futures):
