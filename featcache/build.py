@@ -129,8 +129,8 @@ class Builder:
         kinds = {name: self.head_outputs[name].kind for name in names if name in self.head_outputs}
         chosen = codecs.parse_codec_option(self.options.codec, names, kinds=kinds,
                                            defaults={name: heads.default_codec(kind) for name, kind in kinds.items()})
-        not_scores = {name: codec for name, codec in chosen.items() if codec.stores_scores
-                      and (name not in self.head_outputs or self.head_outputs[name].kind != "heatmap")}
+        not_scores = {name: codec for name, codec in chosen.items()
+                      if codec.stores_scores and kinds.get(name) != "heatmap"}
         if not_scores:
             precisions = "/".join(sorted({codec.precision for codec in not_scores.values()}))
             raise ConfigError(f"--codec {self.options.codec!r}: {precisions} stores sigmoid scores of class-heatmap "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
+import functools
 import glob
 import hashlib
 import itertools
@@ -105,6 +106,7 @@ def trainer_revision() -> str:
     return digest.hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=None)  # every run key holds it: parse each student config once per process
 def config_text(path: Path) -> str:
     from featcache import models
 
@@ -116,18 +118,19 @@ def run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
     checkpoint, data stamp, trainer revision, size, and the codecs of the cached layers the recipe's
     terms read (what their targets were stored as; ``codecs_read``): a heatmap codec change retrains
     the recipes distilling heatmaps, not no-KD or the feature terms."""
-    parts = [config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets, context["teacher_sha256"],
-             context["data_stamp"], context["trainer_revision"], codecs_read(run, context["codecs_by_kind"]),
-             "quick" if quick else "full"]
-    return sha256(("v2\0" + "\0".join(parts)).encode())[:24]
+    return sha256(("v2\0" + _key_text(run, context, quick, codecs_read(run, context["codecs_by_kind"]))).encode())[:24]
 
 
 def legacy_run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
     """The key of records written before ``run_key`` v2, which held every layer's codecs
     (``cache_codecs``): such a record that matches it under the current context is current and is re-keyed."""
-    parts = [config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets, context["teacher_sha256"],
-             context["data_stamp"], context["trainer_revision"], context["cache_codecs"], "quick" if quick else "full"]
-    return sha256("\0".join(parts).encode())[:24]
+    return sha256(_key_text(run, context, quick, context["cache_codecs"]).encode())[:24]
+
+
+def _key_text(run: Run, context: dict[str, Any], quick: bool, codecs: str) -> str:
+    return "\0".join([config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets,
+                      context["teacher_sha256"], context["data_stamp"], context["trainer_revision"], codecs,
+                      "quick" if quick else "full"])
 
 
 def kinds_read(run: Run) -> list[str]:
@@ -380,9 +383,10 @@ def execute(args: argparse.Namespace) -> None:
     keys = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}): r for r in state["runs"]}
     current = {}
     for run, record in keys.items():
+        key = run_key(run, context, args.quick)
         if record["key"] == legacy_run_key(run, context, args.quick):
-            record["key"] = run_key(run, context, args.quick)
-        if record["key"] == run_key(run, context, args.quick):
+            record["key"] = key
+        if record["key"] == key:
             current[run] = record
         else:
             state["superseded_runs"].append(record)
