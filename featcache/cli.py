@@ -98,7 +98,7 @@ def main(verbose: bool) -> None:
                    "BEVFusion, middle_encoder,backbone,neck for single-stage ones such as KITTI PointPillars).")
 @click.option("--head-outputs", default=None, metavar="KINDS",
               help="Also cache the head's dense outputs, per task: 'all' or some of heatmap,reg,height,dim,rot,vel "
-                   "(CenterHead; heatmaps stored as sigmoid scores, score8-zstd3, the others fp16-zstd1, unless "
+                   "(CenterHead; heatmaps stored as sigmoid scores, asin8-zstd3, the others fp16-zstd1, unless "
                    "--codec names them). The manifest says each channel's class or meaning.")
 @click.option("--boxes", is_flag=True,
               help="Also cache the teacher's decoded predictions (its own decoder and NMS): boxes, scores, labels "

@@ -34,11 +34,16 @@ CENTERHEAD_OUTPUTS = ("heatmap", "reg", "height", "dim", "rot", "vel")
 
 #: Codec of class heatmaps unless ``--codec`` names them: the distillation terms compare sigmoid scores,
 #: whose both ends matter (0.001 vs 0.01 on background, 0.9 vs 0.99 on a peak), so the scores themselves
-#: are quantised, uniformly within 1/510 (``score8``): float16 logits cost ~1.6 bytes a value even
-#: compressed (a seeded BEVFusion-size teacher's noise heatmaps: 9% of its feature bytes), and an 8-bit
-#: affine grid over a logit range is set by its extreme values. A trained head's heatmaps are mostly
-#: background, which score8 stores as runs of zeros.
-HEATMAP_CODEC = codecs.CodecSpec(precision="score8", compressor="zstd", level=3)
+#: are quantised, on their arcsine-root grid (``asin8``: every score within pi/1020, finer near 0 and 1).
+#: float16 logits cost ~1.6 bytes a value even compressed (a seeded BEVFusion-size teacher's noise
+#: heatmaps: 9% of its feature bytes), and an 8-bit affine grid over a logit range is set by its extreme
+#: values. The uniform score grid (``score8``, half asin8's bytes) was the default until the quality
+#: pilot: heatmap KD weights each cell by the teacher's score and ~35% of that weight sits on cells
+#: scoring 0.002-0.05, where score8's 1/255 steps bias the targets; slim students trained from a score8
+#: cache came out below their fp16 twins on all 3 seeds of the pilot, asin8's within seed noise
+#: (QUALITY.md's heatmap codec section measures all three on every plan run). A trained head's heatmaps
+#: are mostly background, which both store as runs of low codes.
+HEATMAP_CODEC = codecs.CodecSpec(precision="asin8", compressor="zstd", level=3)
 #: Codec of regression outputs (offsets, heights, log sizes, heading, velocity): float16, ~3 significant
 #: digits on each.
 HEAD_OUTPUT_CODEC = codecs.CodecSpec(precision="fp16", compressor="zstd", level=1)

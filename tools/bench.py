@@ -930,8 +930,8 @@ def figure_response(ctx: Context) -> Section:
                                       "<= 5%", f"{share:.2%}", share <= 0.05))
     lines = [f"{frames} frames, built per teacher in this process one after the other: the feature layers "
              f"({', '.join(LAYERS)}, default codec) alone, then with `--boxes` and `--head-outputs heatmap` or "
-             "`all` (CenterHead outputs of every task at their defaults: heatmaps score8-zstd3, uint8 sigmoid "
-             "scores within 1/510, the regression outputs fp16-zstd1; boxes = the decoded "
+             "`all` (CenterHead outputs of every task at their defaults: heatmaps asin8-zstd3, uint8 sigmoid "
+             "scores on their arcsine-root grid, within 0.0031, the regression outputs fp16-zstd1; boxes = the decoded "
              "predictions after the teacher's own decoder and NMS). Bytes per sample from "
              "`featcache.store.chunk_nbytes`; boxes: the `boxes` row (capacity x (box fields + score + label), "
              "float32, zstd3; padding compresses away). Time = `BuildResult.seconds` per sample; a response build "
