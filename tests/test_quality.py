@@ -83,3 +83,40 @@ def test_run_key_holds_the_codecs_of_the_layers_a_recipe_reads_only():
                                                                        context, False)
     # records keyed before v2 (every layer's codecs) stay recognisable
     assert quality.legacy_run_key(pkd, context, False) != quality.run_key(pkd, context, False)
+
+
+def test_heatmap_codec_arms_train_the_best_recipe_from_other_caches_and_reuse_same_key_records():
+    quality = _quality_module()
+    Run = quality.Run
+    best = "heatmap=10,reg=1,init"
+    records = [{"student": "half", "recipe": recipe, "targets": quality.targets_of(recipe), "seed": seed,
+                "mAP": 0.6 + 0.1 * (recipe == best) + 0.01 * seed}
+               for recipe in quality.CORE_RECIPES for seed in (0, 1, 2)]
+    wanted = quality.wanted_runs(records, [0, 1, 2], False, None)
+    arms = [run for run in wanted if quality.heatmap_codec_of(run.targets)]
+    # every arm but the build's default heatmap codec, for the slim student's best recipe, every seed
+    assert quality.heatmap_codec_arms(best) == ("score8-zstd3", "fp16-zstd1")
+    assert arms == [Run("slim", best, seed, f"cache:{codec}") for codec in ("score8-zstd3", "fp16-zstd1")
+                    for seed in (0, 1, 2)]
+    assert quality.heatmap_codec_arms("pkd=5") == quality.heatmap_codec_arms("init") == ()
+    assert len({run.name for run in wanted}) == len(set(wanted))  # each arm trains in its own work dir
+
+    # the key holds where targets come from and the codecs read, not which cache: a run of the score8 arm is
+    # the run a default cache of score8 heatmaps trained (its superseded record is taken, not retrained)
+    score8 = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "r", "cache_codecs": "",
+              "codecs_by_kind": {"heatmap": "task0.heatmap score8-zstd3", "reg": "task0.reg fp16-zstd1"}}
+    asin8 = {**score8, "codecs_by_kind": {**score8["codecs_by_kind"], "heatmap": "task0.heatmap asin8-zstd3"}}
+    arm, default = Run("slim", best, 0, "cache:score8-zstd3"), Run("slim", best, 0, "cache")
+    assert quality.run_key(arm, score8, False) == quality.run_key(default, score8, False)
+    assert quality.run_key(default, asin8, False) != quality.run_key(default, score8, False)
+    assert quality.kinds_read(arm) == quality.kinds_read(default)
+
+    # the report pairs each arm's seeds with the default cache's
+    by_group = {("slim", best, "cache"): [{"seed": s, "mAP": 0.71 + 0.01 * s} for s in (0, 1, 2)],
+                ("slim", best, "cache:score8-zstd3"): [{"seed": s, "mAP": 0.70 + 0.01 * s} for s in (0, 1, 2)]}
+    lines = quality.heatmap_codec_section(by_group, best, {"asin8-zstd3": 0.48, "score8-zstd3": 0.24},
+                                          {"heatmap_codec": "asin8-zstd3"})
+    table = "\n".join(lines)
+    assert "| `asin8-zstd3` (default) | 0.48 | 3 | 0.7200 ± 0.0100 |" in table
+    assert "| `score8-zstd3` | 0.24 | 3 | 0.7100 ± 0.0100 | -0.0100 / -0.0100 / -0.0100 | -0.0100 |" in table
+    assert "| `fp16-zstd1` |  | 0 | not run yet |" in table

@@ -20,6 +20,10 @@ Usage::
     python tools/quality.py --recipes no-kd heatmap=10 --seeds 0 --out-dir DIR --work-dir DIR  # a pilot
     python tools/quality.py --recipes heatmap=10,reg=1,init --only slim --heatmap-codec fp16-zstd1 \
         --out-dir DIR   # a pilot: another heatmap codec (its own cache beside the default one)
+    python tools/quality.py --reuse-records DIR/quality.json  # take a pilot's runs that are runs of the plan
+
+The plan also trains the best recipe's slim student from caches whose heatmaps use other codecs
+(``HEATMAP_CODEC_ARMS``, targets ``cache:<codec>``): the report's heatmap codec section.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -69,6 +74,11 @@ TRAINER_FILES = tuple(sorted(path.name for path in (REPO / "trainer").glob("*.py
 # What the benchmark's cache holds: the distilled feature map, every head output (--kd heatmap, reg) and
 # the teacher's boxes (--kd label, reg's teacher peaks).
 CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all", "--boxes"]
+# What heatmaps need (issue #15): the best recipe's slim student is also trained from caches whose
+# heatmaps use these codecs instead of the default (``heads.HEATMAP_CODEC``), same seeds, each cache built
+# once beside the default one. The slim student with the teacher's weights: its paired seeds stay close
+# enough to tell codecs apart, where from-scratch students diverge by +-0.02 a seed.
+HEATMAP_CODEC_ARMS = ("score8-zstd3", "fp16-zstd1")
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
 
 
@@ -83,16 +93,28 @@ def targets_of(recipe: str) -> str:
     return "cache" if recipe_parts(recipe)[0] else "none"
 
 
+def heatmap_codec_of(targets: str) -> str | None:
+    """``"cache:fp16-zstd1"`` (a cache whose heatmaps are stored in that codec) -> ``"fp16-zstd1"``; None for
+    the default cache, an online teacher or no targets."""
+    return targets.partition(":")[2] or None
+
+
+def target_source(targets: str) -> str:
+    """"cache" | "online" | "none": where targets come from, whichever codecs the cache used (those are in
+    the run key apart, ``codecs_read``)."""
+    return targets.partition(":")[0]
+
+
 @dataclass(frozen=True)
 class Run:
     student: str  # "half" | "slim"
     recipe: str  # "no-kd" or a --kd spec
     seed: int
-    targets: str  # "cache" | "online" | "none"
+    targets: str  # "cache" | "cache:<heatmap codec>" | "online" | "none"
 
     @property
     def name(self) -> str:
-        return f"{self.student}/{self.recipe.replace(',', '+')}/{self.targets}/seed{self.seed}"
+        return f"{self.student}/{self.recipe.replace(',', '+')}/{self.targets.replace(':', '-')}/seed{self.seed}"
 
 
 def sha256(data: bytes) -> str:
@@ -117,7 +139,9 @@ def run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
     """What a run's result depends on: config (with its bases), recipe, seed, targets, teacher
     checkpoint, data stamp, trainer revision, size, and the codecs of the cached layers the recipe's
     terms read (what their targets were stored as; ``codecs_read``): a heatmap codec change retrains
-    the recipes distilling heatmaps, not no-KD or the feature terms."""
+    the recipes distilling heatmaps, not no-KD or the feature terms. The key holds the targets' source, not
+    which cache: a run from a ``cache:score8-zstd3`` arm is the same run as one from a default cache that
+    stored score8 heatmaps."""
     return sha256(("v2\0" + _key_text(run, context, quick, codecs_read(run, context["codecs_by_kind"]))).encode())[:24]
 
 
@@ -128,7 +152,7 @@ def legacy_run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
 
 
 def _key_text(run: Run, context: dict[str, Any], quick: bool, codecs: str) -> str:
-    return "\0".join([config_text(STUDENTS[run.student]), run.recipe, str(run.seed), run.targets,
+    return "\0".join([config_text(STUDENTS[run.student]), run.recipe, str(run.seed), target_source(run.targets),
                       context["teacher_sha256"], context["data_stamp"], context["trainer_revision"], codecs,
                       "quick" if quick else "full"])
 
@@ -137,7 +161,7 @@ def kinds_read(run: Run) -> list[str]:
     """The kinds of cached layers a run's terms distil (``KDTerm.kinds``: "feature", "heatmap", "reg", ...);
     none for a run without terms or with an online teacher, which reads no cached target."""
     kd, _ = recipe_parts(run.recipe)
-    if kd is None or run.targets != "cache":
+    if kd is None or target_source(run.targets) != "cache":
         return []
     from trainer.terms import TERMS, parse_kd_spec
 
@@ -240,11 +264,20 @@ def prepare(work: Path, data: Path, quick: bool, heatmap_codec: str | None = Non
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
                    check=True, stdout=subprocess.DEVNULL)
     stamp_text = (data / "featcache_synth_stamp.json").read_text()  # generator, seed and split sizes
-    from featcache import format, heads
+    from featcache import format
+
+    return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
+            "trainer_revision": trainer_revision(), **build_cache(work, data, heatmap_codec)}
+
+
+def build_cache(work: Path, data: Path, heatmap_codec: str | None) -> dict[str, Any]:
+    """Build (or complete) the teacher cache with heatmaps in ``heatmap_codec`` (None: the build's default);
+    returns its part of the context: where it is and its codecs."""
+    from featcache import heads
     from featcache.reader import open_cache
 
-    # named by the head outputs' default codecs: a cache of older defaults stays beside it (a build refuses
-    # to resume a cache of other codecs)
+    # named by the head outputs' codecs: a cache of older defaults or of another arm stays beside it (a
+    # build refuses to resume a cache of other codecs)
     heatmaps = heatmap_codec or heads.HEATMAP_CODEC.name
     cache = work / f"cache_neck_heads_boxes_{heatmaps}_{heads.HEAD_OUTPUT_CODEC.name}"
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
@@ -253,9 +286,20 @@ def prepare(work: Path, data: Path, quick: bool, heatmap_codec: str | None = Non
     subprocess.run(featcache_cli() + ["build", str(TEACHER_CONFIG), str(TEACHER_CKPT), "--out", str(cache),
                                       *CACHE_OUTPUTS, *options], check=True)
     reader = open_cache(str(cache))
-    return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
-            "trainer_revision": trainer_revision(), "cache_codecs": cache_codecs(reader),
-            "codecs_by_kind": codecs_by_kind(reader), "cache": str(cache)}
+    return {"cache_codecs": cache_codecs(reader), "codecs_by_kind": codecs_by_kind(reader), "cache": str(cache),
+            "heatmap_codec": heatmaps, "heatmap_bytes_per_value": heatmap_bytes_per_value(cache, reader)}
+
+
+def heatmap_bytes_per_value(path: Path, cache: Any) -> float:
+    """Stored (compressed) bytes per heatmap value over the cache's samples (``store.chunk_nbytes``)."""
+    from featcache import format, store
+
+    group = store.open_group(str(path))
+    layers = [layer for layer in cache.manifest.layers if (layer.meaning or {}).get("kind") == "heatmap"]
+    stored = sum(store.chunk_nbytes(group[format.feature_path(layer.name)], row) or 0
+                 for layer in layers for row in range(len(cache)))
+    values = sum(math.prod(layer.shape) for layer in layers) * len(cache)
+    return stored / values if values else float("nan")
 
 
 def cache_codecs(cache: Any) -> str:
@@ -309,6 +353,8 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
         if only in (None, "slim"):
             runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"),
                                                        Run("slim", best, seed, targets_of(best)))]
+            runs += [Run("slim", best, seed, f"cache:{codec}") for codec in heatmap_codec_arms(best)
+                     for seed in seeds]
         if only in (None, "online") and targets_of(best) == "cache":  # a recipe with teacher targets
             runs.append(Run("half", best, seeds[0], "online"))
         if only in (None, "half"):
@@ -316,6 +362,15 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
     if only in (None, "half"):
         runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in OTHER_RECIPES]
     return runs
+
+
+def heatmap_codec_arms(recipe: str) -> tuple[str, ...]:
+    """``HEATMAP_CODEC_ARMS`` but the default, for a recipe that distils heatmaps (none for one that does not)."""
+    from featcache import heads
+
+    if "heatmap" not in kinds_read(Run("slim", recipe, 0, targets_of(recipe))):
+        return ()
+    return tuple(codec for codec in HEATMAP_CODEC_ARMS if codec != heads.HEATMAP_CODEC.name)
 
 
 def with_crd(recipe: str) -> str:
@@ -339,6 +394,10 @@ def group_records(records: list[dict]) -> dict[tuple[str, str, str], list[float]
     for record in sorted(records, key=lambda r: r["seed"]):
         groups.setdefault((record["student"], record["recipe"], record["targets"]), []).append(record["mAP"])
     return groups
+
+
+def record_run(record: dict[str, Any]) -> Run:
+    return Run(**{field: record[field] for field in ("student", "recipe", "seed", "targets")})
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -380,17 +439,35 @@ def execute(args: argparse.Namespace) -> None:
     data = work / "data" if args.quick else REPO / "data/generated/demo"
     context = prepare(work, data, args.quick, args.heatmap_codec)
     log(f"trainer revision {context['trainer_revision']}, cache {context['cache']}")
-    keys = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}): r for r in state["runs"]}
+    contexts = {None: context}
+    state["heatmap_caches"] = {context["heatmap_codec"]: context["heatmap_bytes_per_value"]}
+
+    def context_of(run: Run) -> dict[str, Any]:
+        """The context of the cache ``run`` reads: the default one, or a heatmap-codec arm's (built once)."""
+        codec = heatmap_codec_of(run.targets)
+        if codec not in contexts:
+            log(f"cache with {codec} heatmaps (a codec arm)")
+            contexts[codec] = {**context, **build_cache(work, data, codec)}
+            state["heatmap_caches"] = {c["heatmap_codec"]: c["heatmap_bytes_per_value"] for c in contexts.values()}
+        return contexts[codec]
+
+    keys = {record_run(r): r for r in state["runs"]}
     current = {}
     for run, record in keys.items():
-        key = run_key(run, context, args.quick)
-        if record["key"] == legacy_run_key(run, context, args.quick):
+        key = run_key(run, context_of(run), args.quick)
+        if record["key"] == legacy_run_key(run, context_of(run), args.quick):
             record["key"] = key
         if record["key"] == key:
             current[run] = record
         else:
             state["superseded_runs"].append(record)
     state["runs"] = list(current.values())
+    # a run of the plan that some record already trained under the same key is taken, not retrained: a
+    # superseded record of a run that is current again (a codec arm that was the default), a pilot's
+    # (--reuse-records)
+    known = {record["key"]: record for record in state["superseded_runs"]}
+    for path in args.reuse_records or ():
+        known.update({record["key"]: record for record in load(Path(path))["runs"]})
     state["context"] = {key: value for key, value in context.items() if key != "cache"}
     teacher_key = sha256((context["teacher_sha256"] + context["data_stamp"] + context["trainer_revision"]).encode())
     if not state.get("teacher") or state["teacher"].get("key") != teacher_key:
@@ -402,6 +479,17 @@ def execute(args: argparse.Namespace) -> None:
         todo = [run for run in wanted_runs(state["runs"], args.seeds, args.quick, args.only, args.recipes)
                 if run not in current]
         todo = list(dict.fromkeys(todo))
+        for run in todo:
+            record = known.pop(run_key(run, context_of(run), args.quick), None)
+            if record is not None:
+                if record in state["superseded_runs"]:
+                    state["superseded_runs"].remove(record)
+                log(f"reused {run.name}: trained as {record_run(record).name} under the same key, mAP {record['mAP']:.4f}")
+                current[run] = {**record, **asdict(run)}
+        if len(current) > len(state["runs"]):
+            state["runs"] = list(current.values())
+            save(state_path, state)
+            continue
         if budget is not None:
             todo = todo[:max(budget, 0)]
         if not todo:
@@ -410,9 +498,9 @@ def execute(args: argparse.Namespace) -> None:
         log(f"{len(todo)} runs to do; starting {', '.join(run.name for run in batch)}")
         specs = []
         for run in batch:
-            key = run_key(run, context, args.quick)
+            key = run_key(run, context_of(run), args.quick)
             specs.append({"run": asdict(run), "key": key, "work_dir": str(work / "runs" / run.name),
-                          "cache": context["cache"],
+                          "cache": context_of(run)["cache"],
                           "cfg_options": data_options(data) + schedule_options(args.quick)})
         # by --jobs, not by this batch's size: a last run alone would get every core, and a run's result
         # depends on its thread count (reduction order), which its key does not hold
@@ -421,7 +509,7 @@ def execute(args: argparse.Namespace) -> None:
             futures = {pool.submit(run_one, spec, threads): spec for spec in specs}
             for future in concurrent.futures.as_completed(futures):
                 record = future.result()
-                run = Run(**{k: record[k] for k in ("student", "recipe", "seed", "targets")})
+                run = record_run(record)
                 current[run] = record
                 state["runs"] = list(current.values())
                 save(state_path, state)
@@ -484,7 +572,8 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, Any], 
         gain = gap = None
         if base and recipe != NO_KD:
             gain, gap = compare(values, base)
-            if gap is not None and len(values) >= 3 and len(base) >= 3:
+            # a codec arm is judged against the default cache's runs (its section), not drawn as a recipe
+            if gap is not None and len(values) >= 3 and len(base) >= 3 and not heatmap_codec_of(targets):
                 verdicts.append((student, recipe, targets, gain, gap))
         records = records_by_group[(student, recipe, targets)]
         step = [r["step_s"] for r in records if r.get("step_s")]
@@ -504,6 +593,7 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, Any], 
     best = best_recipe(state["runs"], "half")
     lines += conclusions(groups, verdicts, best)
     lines += ["", "## Targets (issue #15)", ""] + target_table(groups, teacher["mAP"], best)
+    lines += heatmap_codec_section(records_by_group, best, state.get("heatmap_caches", {}), context)
     missing = missing_runs(state, quick)
     if missing:
         lines += ["", "## Not run yet", "", "These runs of the plan have no result yet (`python tools/quality.py` "
@@ -559,6 +649,42 @@ def conclusions(groups, verdicts, best: str | None) -> list[str]:
     return lines
 
 
+def heatmap_codec_section(records_by_group: dict[tuple[str, str, str], list[dict]], best: str | None,
+                          bytes_per_value: dict[str, float], context: dict[str, Any]) -> list[str]:
+    """What heatmaps need: the best recipe's slim student from the default cache and from each codec arm's,
+    seed by seed (paired: same seed, same everything but the heatmap targets)."""
+    from featcache import heads
+
+    arms = heatmap_codec_arms(best) if best else ()
+    default = {r["seed"]: r["mAP"] for r in records_by_group.get(("slim", best, "cache"), [])}
+    if not arms or not default:
+        return []
+    default_codec = context.get("heatmap_codec", heads.HEATMAP_CODEC.name)
+    header = ["heatmaps", "bytes / value", "seeds", "mAP mean ± std", "minus default, seed by seed", "mean difference"]
+    rows = []
+    for codec, targets in [(default_codec, "cache")] + [(codec, f"cache:{codec}") for codec in arms]:
+        by_seed = {r["seed"]: r["mAP"] for r in records_by_group.get(("slim", best, targets), [])}
+        if not by_seed:
+            rows.append([f"`{codec}`", "", "0", "not run yet", "", ""])
+            continue
+        mean, std = describe(list(by_seed.values()))
+        paired = {seed: value - default[seed] for seed, value in sorted(by_seed.items()) if seed in default}
+        size = bytes_per_value.get(codec)
+        rows.append([f"`{codec}`" + (" (default)" if targets == "cache" else ""),
+                     "" if size is None else f"{size:.2f}", str(len(by_seed)),
+                     f"{mean:.4f} ± {std:.4f}" if std == std else f"{mean:.4f}",
+                     "" if targets == "cache" else " / ".join(f"{difference:+.4f}" for difference in paired.values()),
+                     "" if targets == "cache" or not paired else f"{statistics.mean(paired.values()):+.4f}"])
+    return ["", "## Heatmap codec", "",
+            f"What heatmaps need: the slim student's best recipe (`{best}`) trained from caches that differ only in "
+            "how the teacher's class heatmaps are stored (each arm its own cache of the same teacher and scenes), "
+            "same seeds. With the teacher's weights the seeds' trajectories stay close, so the same seed's "
+            "difference measures the codec; from scratch they diverge by about +-0.02. Bytes / value: the "
+            "heatmap chunks' stored bytes over their values, on the demo teacher (a trained head's maps are "
+            "mostly background).", "",
+            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def target_table(groups, teacher_map: float, best: str | None) -> list[str]:
     """Issue #15's quality targets, each measured from the runs above (or "not run yet")."""
     def result(ok: bool | None) -> str:
@@ -602,7 +728,7 @@ def target_table(groups, teacher_map: float, best: str | None) -> list[str]:
 
 
 def missing_runs(state: dict[str, Any], quick: bool) -> list[str]:
-    done = {Run(**{k: r[k] for k in ("student", "recipe", "seed", "targets")}) for r in state["runs"]}
+    done = {record_run(r) for r in state["runs"]}
     seeds = sorted({r["seed"] for r in state["runs"]} | ({0} if quick else {0, 1, 2}))
     return [run.name for run in dict.fromkeys(wanted_runs(state["runs"], seeds, quick, None)) if run not in done]
 
@@ -643,6 +769,9 @@ def main() -> None:
     parser.add_argument("--heatmap-codec", default=None,
                         help="a pilot: cache the teacher's heatmaps in this codec (e.g. fp16-zstd1) instead of "
                              "the build's default; give --out-dir elsewhere")
+    parser.add_argument("--reuse-records", nargs="+", default=None, metavar="QUALITY_JSON",
+                        help="other quality.json files (a pilot's): a run of this plan that one of their records "
+                             "trained under the same key is taken from there, not retrained")
     parser.add_argument("--out-dir", default=str(REPO), help="where QUALITY.md, quality.json, quality.png go")
     parser.add_argument("--work-dir", default=None, help="default: work_dirs/quality (quick: work_dirs/quality_quick)")
     parser.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from quality.json")
