@@ -157,6 +157,12 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: {exc}") from None
 
 
+def selects(selector: str, layer: str) -> bool:
+    """Whether a ``--codec`` item's layer part names ``layer``: the layer itself, or a module the layer is
+    an output or a part of (``pts_neck`` names ``pts_neck.0``; ``pts_bbox_head`` every head output)."""
+    return layer == selector or layer.startswith(selector + ".")
+
+
 def parse_codec_option(text: str | None, layer_names: list[str], defaults: dict[str, CodecSpec] | None = None,
                        kinds: dict[str, str] | None = None) -> dict[str, CodecSpec]:
     """Parse ``--codec``: one codec for all layers (``fp16-zstd1``) or per layer
@@ -171,8 +177,7 @@ def parse_codec_option(text: str | None, layer_names: list[str], defaults: dict[
         return {name: codec for name in layer_names}
     for item in filter(None, (part.strip() for part in text.split(","))):
         layer, _, codec_text = item.partition("=")
-        matches = [name for name in layer_names
-                   if name == layer or name.startswith(layer + ".") or (kinds or {}).get(name) == layer]
+        matches = [name for name in layer_names if selects(layer, name) or (kinds or {}).get(name) == layer]
         if not matches:
             named_kinds = sorted(set((kinds or {}).values()))
             raise ConfigError(f"--codec names layer {layer!r}, which is not recorded; recorded: {', '.join(layer_names)}"

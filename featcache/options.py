@@ -60,8 +60,9 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None,
             raise ConfigError(f"--codec item {item!r} is not LAYER=CODEC (e.g. pts_neck=int8-zstd3); give one codec "
                               "for every layer (fp16-zstd1) or per layer (pts_neck=fp32-none,pts_backbone=fp16-lz4)")
         codecs.parse_codec(codec_text)
+        # the module itself, an output or a part of it (pts_neck.0), or a parent of it: codecs.selects either way
         if modules is not None and layer not in head_outputs and not any(
-                layer == module or layer.startswith(module + ".") or module.startswith(layer + ".") for module in modules):
+                codecs.selects(module, layer) or codecs.selects(layer, module) for module in modules):
             raise ConfigError(f"--codec names layer {layer!r}, which --layers does not record ({', '.join(modules)})"
                               + (f" nor --head-outputs ({', '.join(head_outputs)})" if head_outputs else ""))
 
