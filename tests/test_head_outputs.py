@@ -415,11 +415,13 @@ def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_cl
     assert len(pairs) == 6
 
 
-def test_score8_background_counts_as_non_zero_like_the_build_counts_logits():
-    # code 0 is a score below 1/510, a logit near -9, not a zero: inspect must not call an empty scene's
-    # heatmap "(nearly) all zeros" where the build (which counts the teacher's float logits) did not
+@pytest.mark.parametrize("codec", ["score8-zstd3", "asin8-zstd3"])
+def test_score_codec_background_counts_as_non_zero_like_the_build_counts_logits(codec):
+    # code 0 is a tiny score (score8: below 1/510, asin8: below 1e-5), a logit near -9, not a zero: inspect
+    # must not call an empty scene's heatmap "(nearly) all zeros" where the build (which counts the
+    # teacher's float logits) did not
     background = np.zeros((1, 8, 8), dtype=np.uint8)
     background[0, 3, 3] = 200  # one object
-    fraction = nonzero_fraction(background, heads.HEATMAP_CODEC)
+    fraction = nonzero_fraction(background, codecs.parse_codec(codec))
     assert fraction == 1.0 and not nearly_zero_layers({"heatmap": [fraction]})
     assert nonzero_fraction(np.zeros((1, 8, 8), np.float16), codecs.parse_codec("fp16-zstd1")) == 0.0
