@@ -73,6 +73,11 @@ class LayerSpec:
     def is_head_output(self) -> bool:
         return self.meaning is not None
 
+    @property
+    def kind(self) -> str | None:
+        """``"feature"`` for a hooked module's output, else the head output's kind (``"heatmap"``, ``"reg"``...)."""
+        return self.meaning.get("kind") if self.meaning is not None else "feature"
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.module, "index": self.index,
                 "shape": list(self.shape), "codec": self.codec.to_dict(),

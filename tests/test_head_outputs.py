@@ -72,7 +72,7 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     for task, outputs in enumerate(per_task):
         for kind in heads.CENTERHEAD_OUTPUTS:
             layer = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.{kind}")
-            assert layer.is_head_output and layer.codec == heads.default_codec(kind)
+            assert layer.is_head_output and layer.kind == kind and layer.codec == heads.default_codec(kind)
             reference = outputs[kind][0].numpy()
             assert layer.shape == reference.shape
             if kind == "heatmap":  # asin8: every sigmoid score within pi/1020 (the terms compare scores)
@@ -96,7 +96,7 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     assert cache.manifest.layer("pts_bbox_head.task_heads.0.heatmap").meaning["channels"] == ["car"]
     assert cache.manifest.layer("pts_bbox_head.task_heads.0.rot").meaning["channels"] == ["sin_yaw", "cos_yaw"]
     assert cache.manifest.layer("pts_bbox_head.task_heads.0.dim").meaning["channels"] == ["log_l", "log_w", "log_h"]
-    assert cache.manifest.layer("pts_neck.0").meaning is None
+    assert cache.manifest.layer("pts_neck.0").meaning is None and cache.manifest.layer("pts_neck.0").kind == "feature"
     assert cache.manifest.layer("pts_neck.0").codec == codecs.DEFAULT_CODEC
     assert verify_cache(str(head_cache)).ok
 

@@ -295,7 +295,7 @@ def heatmap_bytes_per_value(path: Path, cache: Any) -> float:
     from featcache import format, store
 
     group = store.open_group(str(path))
-    layers = [layer for layer in cache.manifest.layers if (layer.meaning or {}).get("kind") == "heatmap"]
+    layers = [layer for layer in cache.manifest.layers if layer.kind == "heatmap"]
     stored = sum(store.chunk_nbytes(group[format.feature_path(layer.name)], row) or 0
                  for layer in layers for row in range(len(cache)))
     values = sum(math.prod(layer.shape) for layer in layers) * len(cache)
@@ -303,11 +303,11 @@ def heatmap_bytes_per_value(path: Path, cache: Any) -> float:
 
 
 def cache_codecs(cache: Any) -> str:
-    """The codecs a cache stores its layers with, grouped (``pts_neck.0 int8-zstd3; heatmap score8-zstd3; ...``):
-    part of every run key, since the targets a run distils are what those codecs kept."""
+    """The codecs a cache stores its layers with, grouped (``pts_neck.0 int8-zstd3; heatmap asin8-zstd3; ...``):
+    the report's codecs line, and the codecs part of ``legacy_run_key`` (keep its string as it is)."""
     groups: dict[str, set[str]] = {}
     for layer in cache.manifest.layers:
-        kind = (layer.meaning or {}).get("kind") if layer.is_head_output else layer.name
+        kind = layer.kind if layer.is_head_output else layer.name  # features by name: the legacy key's string
         groups.setdefault(kind, set()).add(layer.codec.name)
     return "; ".join(f"{kind} {'/'.join(sorted(names))}" for kind, names in groups.items())
 
@@ -317,8 +317,7 @@ def codecs_by_kind(cache: Any) -> dict[str, str]:
     (``'pts_neck.0 int8-zstd3'``); ``run_key`` takes those of the kinds a recipe reads."""
     kinds: dict[str, list[str]] = {}
     for layer in cache.manifest.layers:
-        kind = (layer.meaning or {}).get("kind") if layer.is_head_output else "feature"
-        kinds.setdefault(kind, []).append(f"{layer.name} {layer.codec.name}")
+        kinds.setdefault(layer.kind, []).append(f"{layer.name} {layer.codec.name}")
     return {kind: ", ".join(sorted(entries)) for kind, entries in kinds.items()}
 
 
