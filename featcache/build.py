@@ -7,6 +7,7 @@ records say complete are skipped. Under torchrun every rank builds the rows it o
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -81,6 +82,16 @@ def _key_differences(cache_keys: Sequence[str], keys: Sequence[str], count: int 
     return lines
 
 
+def _bev_range(cfg) -> list[float]:
+    """[x_min, y_min, x_max, y_max] of the teacher's ``point_cloud_range``: the extent of its BEV outputs."""
+    extent = list(cfg.get("point_cloud_range") or [])
+    if len(extent) != 6:
+        raise ConfigError(f"the teacher config has no point_cloud_range (6 numbers; it has {extent or 'none'}): the "
+                          "cells holding box centres, where regression outputs are kept, are not known; set it, or "
+                          "build with --dense-head-outputs")
+    return [float(extent[index]) for index in (0, 1, 3, 4)]
+
+
 class Builder:
     """One build run; see :func:`build_cache`."""
 
@@ -110,6 +121,19 @@ class Builder:
         # from the cache being resumed
         self.boxes_spec: boxes_.BoxesSpec | None = None
         self.truncated_boxes: dict[str, int] = {}  # sample key -> boxes past the capacity, left out
+        # regression outputs are stored at box centres (heads.centre_cells) unless --dense-head-outputs: the
+        # centres of each row's annotated boxes (every class), with the teacher's own boxes added per sample
+        self.regression_layers = [name for name, output in self.head_outputs.items()
+                                  if output.kind in heads.REGRESSION_OUTPUTS]
+        self.at_centres = bool(self.regression_layers) and not options.dense_head_outputs
+        self.annotated: list[np.ndarray] | None = None
+        if self.at_centres:
+            self.annotated = models.annotated_centres(self.teacher.dataset)
+            self.bev_range = _bev_range(self.cfg)
+            if not any(len(centres) for centres in self.annotated):
+                logger.warning("the teacher's dataset annotates no boxes: its regression outputs are kept at the "
+                               "teacher's own boxes only%s", "" if options.boxes else
+                               " and without --boxes at none; add --boxes, or --dense-head-outputs")
 
     # -- identity ---------------------------------------------------------------------------
     def _identity(self, layer_names: list[str], codec_by_layer: dict[str, codecs.CodecSpec]) -> dict[str, Any]:
@@ -122,7 +146,18 @@ class Builder:
             "num_samples": len(self.keys),
             "pipeline_sha256": format.sha256_text(json.dumps(_pipeline_list(self.dataset_cfg), sort_keys=True, default=str)),
             "boxes": None if self.boxes_spec is None else self.boxes_spec.identity(),
+            "regression_cells": self._regression_cells(),
         }
+
+    def _regression_cells(self) -> dict[str, Any] | None:
+        """Where the regression outputs hold values (``Manifest.regression_cells``); None: every cell."""
+        if not self.at_centres:
+            return None
+        digest = hashlib.sha256()
+        for centres in self.annotated:  # what a changed annotation file changes: the cells kept
+            digest.update(np.int64(len(centres)).tobytes() + centres.astype(np.float32).tobytes())
+        return {"at": heads.CELLS_AT_CENTRES, "margin": heads.CENTRE_MARGIN, "teacher_boxes": bool(self.options.boxes),
+                "annotated_centres_sha256": digest.hexdigest()}
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
         """``--codec`` per layer; head outputs default to ``heads.default_codec`` of their kind."""
@@ -144,8 +179,7 @@ class Builder:
         identity = self._identity(names, codec_by_layer)
         layers = tuple(format.LayerSpec(name=name, module=name.rsplit(".", 1)[0] if name not in self.modules else name,
                                         index=None if name in self.modules else int(name.rsplit(".", 1)[1]),
-                                        shape=shapes[name], codec=codec_by_layer[name],
-                                        meaning=self.head_outputs[name].meaning() if name in self.head_outputs else None)
+                                        shape=shapes[name], codec=codec_by_layer[name], meaning=self._meaning(name))
                        for name in names)
         return format.Manifest(
             layers=layers, num_samples=len(self.keys), dataset_id=identity["dataset_id"],
@@ -156,8 +190,36 @@ class Builder:
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
                    "cfg_options": self.options.cfg_options,
-                   "point_cloud_range": list(self.cfg.get("point_cloud_range", []))},
+                   "point_cloud_range": list(self.cfg.get("point_cloud_range", [])),
+                   **({"regression_cells": identity["regression_cells"]} if identity["regression_cells"] else {})},
             key_scheme=format.KEY_SCHEME, teacher_code=self.teacher_code, boxes=self.boxes_spec)
+
+    def _meaning(self, name: str) -> dict[str, Any] | None:
+        if name not in self.head_outputs:
+            return None
+        meaning = self.head_outputs[name].meaning()
+        if name in self.regression_layers:
+            meaning["cells"] = heads.CELLS_AT_CENTRES if self.at_centres else heads.CELLS_DENSE
+        return meaning
+
+    def _stored(self, row: int, features: dict[str, np.ndarray],
+                predicted: boxes_.TeacherBoxes | None) -> dict[str, np.ndarray]:
+        """One sample's layers as the cache stores them: regression outputs zero away from the cells of its
+        annotated and teacher boxes' centres (``heads.centre_cells``), unless --dense-head-outputs."""
+        if not self.at_centres:
+            return features
+        centres = self.annotated[row]
+        if predicted is not None and len(predicted):  # all of them: the cache keeps up to --max-boxes
+            centres = np.concatenate([centres, predicted.bboxes[:, :2].astype(np.float64)])
+        kept: dict[tuple[int, int], np.ndarray] = {}
+        stored = dict(features)
+        for name in self.regression_layers:
+            value = features[name]
+            hw = tuple(value.shape[-2:])
+            if hw not in kept:
+                kept[hw] = heads.centre_cells(centres, self.bev_range, hw)
+            stored[name] = np.where(kept[hw], value, np.zeros((), dtype=value.dtype))
+        return stored
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):
@@ -191,8 +253,17 @@ class Builder:
             if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
                 problems += models.source_differences(writer.manifest.teacher_code, self.teacher_code)
             if problems:
+                hint, have = "", writer.manifest.regression_cells
+                if have is None and identity["regression_cells"] is not None and options.head_outputs:
+                    hint = " It keeps its regression outputs at every cell: resume it with --dense-head-outputs."
+                elif have is not None and identity["regression_cells"] is None:
+                    hint = " It keeps its regression outputs at box centres only: resume it without --dense-head-outputs."
+                elif have is not None and have.get("annotated_centres_sha256") != \
+                        identity["regression_cells"]["annotated_centres_sha256"]:
+                    hint = (" Its regression outputs are kept at the centres of other annotated boxes: the "
+                            "dataset's annotations changed since it was built.")
                 raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
-                                         "\nUse another --out, or --force to erase it and start over.")
+                                         "\nUse another --out, or --force to erase it and start over." + hint)
             self._warn_versions(writer.manifest.versions)
             return writer, None
         if self.world.is_main:
@@ -207,7 +278,8 @@ class Builder:
                                                   options.max_boxes)
             writer = CacheWriter.create(out, self._manifest(shapes), self.keys, options.storage_options,
                                         sources=self.sources)
-            probe = (rows[0], keys[0], {name: value[0] for name, value in features.items()},
+            probe = (rows[0], keys[0], self._stored(rows[0], {name: value[0] for name, value in features.items()},
+                                                    predicted[0] if options.boxes else None),
                      self._packed_boxes(keys[0], predicted[0]) if options.boxes else None)
         self.world.barrier()
         if self.world.is_main:
@@ -313,8 +385,10 @@ class Builder:
                 for batch_rows, batch_keys, batch in self._loader(rows):
                     features, predicted = self._teacher_outputs(batch, batch_keys)
                     for position, (row, key) in enumerate(zip(batch_rows, batch_keys)):
-                        background.submit(row, key, {name: value[position] for name, value in features.items()},
-                                          self._packed_boxes(key, predicted[position]) if self.options.boxes else None)
+                        sample = {name: value[position] for name, value in features.items()}
+                        boxes = predicted[position] if self.options.boxes else None
+                        background.submit(row, key, self._stored(row, sample, boxes),
+                                          self._packed_boxes(key, boxes) if boxes is not None else None)
                     progress.update(len(batch_rows))
         finally:
             # whatever was computed before a failure is still written

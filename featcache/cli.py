@@ -100,6 +100,10 @@ def main(verbose: bool) -> None:
               help="Also cache the head's dense outputs, per task: 'all' or some of heatmap,reg,height,dim,rot,vel "
                    "(CenterHead; heatmaps stored as sigmoid scores, asin8-zstd3, the others fp16-zstd1, unless "
                    "--codec names them). The manifest says each channel's class or meaning.")
+@click.option("--dense-head-outputs", is_flag=True,
+              help="Keep the regression head outputs (reg, height, dim, rot, vel) at every cell. By default they "
+                   "are stored at the cells of box centres only (annotated boxes of every class, and the teacher's "
+                   "own with --boxes), where the reg term reads them, and 0 elsewhere: ~2% of the cells.")
 @click.option("--boxes", is_flag=True,
               help="Also cache the teacher's decoded predictions (its own decoder and NMS): boxes, scores, labels "
                    "per sample, for label distillation.")
@@ -121,10 +125,10 @@ def main(verbose: bool) -> None:
               help="Allow one more type in the checkpoint's pickle (only for checkpoints you trust).")
 @storage_option
 @fail_cleanly
-def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, head_outputs: str | None, boxes: bool,
-          max_boxes: int | None, split: str, codec: str | None, cfg_options: tuple[str, ...], force: bool,
-          batch_size: int, num_workers: int, device: str | None, trust_global: tuple[str, ...],
-          storage_options: str | None) -> None:
+def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, head_outputs: str | None,
+          dense_head_outputs: bool, boxes: bool, max_boxes: int | None, split: str, codec: str | None,
+          cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
+          trust_global: tuple[str, ...], storage_options: str | None) -> None:
     """Run TEACHER_CONFIG with CHECKPOINT once over a split and cache its features.
 
     Re-running the same command resumes; under `torchrun --nproc_per_node N` ranks share the work.
@@ -137,7 +141,7 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, he
         teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
         force=force, batch_size=batch_size, num_workers=num_workers, device=device,
         storage_options=parse_storage_options(storage_options), trust_globals=trust_global,
-        head_outputs=head_outputs, boxes=boxes, max_boxes=max_boxes)
+        head_outputs=head_outputs, dense_head_outputs=dense_head_outputs, boxes=boxes, max_boxes=max_boxes)
     options.validate()
 
     from featcache.build import build_cache
@@ -170,6 +174,7 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
     click.echo(report.summary())
     if repair and report.bad_rows:
         from featcache.build import BuildOptions, build_cache
+        from featcache.heads import REGRESSION_OUTPUTS
         from featcache.models import parse_cfg_options
         from featcache.reader import open_cache
 
@@ -178,11 +183,15 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
         if not checkpoint:
             raise click.UsageError("--repair needs --checkpoint (the manifest does not record one)")
         codec = ",".join(f"{layer.name}={layer.codec.name}" for layer in manifest.layers)
+        # head outputs are rebuilt as head outputs, so the regression outputs are kept where the cache keeps them
+        kinds = list(dict.fromkeys(layer.kind for layer in manifest.layers if layer.is_head_output))
+        regression = any(kind in REGRESSION_OUTPUTS for kind in kinds)
         result = build_cache(BuildOptions(
             teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=cache,
             layers=manifest.extra["modules"], split=manifest.split, codec=codec,
             cfg_options=parse_cfg_options(cfg_options), storage_options=options, rows=report.bad_rows,
-            boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None))
+            boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None,
+            head_outputs=",".join(kinds) or None, dense_head_outputs=regression and manifest.regression_cells is None))
         click.echo(f"repaired {result.written} samples")
         report = verify_cache(cache, options)
         click.echo(report.summary())
@@ -219,17 +228,23 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
             raise click.ClickException("no complete sample to plot")
         click.echo(f"wrote {plot_sample(reader, key, plot)} (sample {key})")
     if fidelity_samples:
-        from featcache.models import check_sources, parse_cfg_options
+        from featcache.inspection import centre_cells_of_row
+        from featcache.models import annotated_centres, check_sources, parse_cfg_options
         from featcache.teacher import Teacher
 
         manifest = reader.manifest
         teacher = Teacher.from_manifest(manifest, checkpoint=checkpoint, cfg_options=parse_cfg_options(cfg_options))
         check_sources(reader, teacher.dataset)  # the teacher's dataset must hold the same scans under the same keys
         click.echo(f"\nfidelity vs fp32 teacher output ({min(fidelity_samples, len(complete))} samples)")
+        annotated = annotated_centres(teacher.dataset) if manifest.regression_cells else None
+        if annotated is not None:
+            click.echo("  (regression outputs: at the box-centre cells the cache keeps them at)")
         for row in complete[:fidelity_samples]:
             key = reader.row_keys[row]
-            reference = teacher.features_of_row(teacher.row_of(key))  # by key: the info list may be reordered
-            for name, figures in fidelity(reader, reference, int(row)).items():
+            teacher_row = teacher.row_of(key)  # by key: the info list may be reordered
+            reference = teacher.features_of_row(teacher_row)
+            cells = centre_cells_of_row(reader, annotated[teacher_row], int(row)) if annotated is not None else None
+            for name, figures in fidelity(reader, reference, int(row), cells).items():
                 click.echo(f"  {key:<34} {name:<22} cosine {figures['cosine']:.6f}  "
                            f"max|err| {figures['max_abs_error']:.3g} (max|x| {figures['max_abs_value']:.3g})")
 

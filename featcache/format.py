@@ -150,7 +150,17 @@ class Manifest:
             "num_samples": self.num_samples,
             "pipeline_sha256": sha256_text(json.dumps(self.pipeline, sort_keys=True, default=str)),
             "boxes": None if self.boxes is None else self.boxes.identity(),
+            "regression_cells": self.regression_cells,
         }
+
+    @property
+    def regression_cells(self) -> dict[str, Any] | None:
+        """Where the regression head outputs hold the teacher's values: ``{"at": "box centres", "margin",
+        "teacher_boxes", "annotated_centres_sha256"}`` (``featcache.heads.centre_cells``: the cells of the
+        sample's annotated boxes and, with ``teacher_boxes``, of its cached teacher boxes; 0 elsewhere), or
+        None: every cell (``--dense-head-outputs``, caches without regression outputs, caches written
+        before featcache kept them at centres)."""
+        return self.extra.get("regression_cells")
 
     def to_dict(self) -> dict[str, Any]:
         return {

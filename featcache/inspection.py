@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache import codecs, format, store
+from featcache import codecs, format, heads, store
 from featcache.reader import FeatureCache, open_cache
 
 
@@ -130,7 +130,15 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         lines.append("non-zero at build: " + ", ".join(
             f"{name} {100 * figures['mean']:.2f}% (min {100 * figures['min']:.2f}%, {figures['samples']} samples)"
             for name, figures in recorded.items()))
-    for name, largest in nearly_zero_layers(fractions).items():
+    cells = manifest.regression_cells
+    at_centres = {layer.name for layer in manifest.layers if cells and layer.kind in heads.REGRESSION_OUTPUTS}
+    if at_centres:
+        lines.append(f"regression outputs ({len(at_centres)} layers) hold the teacher's values at box centres only "
+                     f"(annotated{' and teacher' if cells.get('teacher_boxes') else ''} boxes, margin "
+                     f"{cells['margin']} cells), 0 elsewhere: mostly zeros by design")
+    # a mostly-zero layer is suspect only where the teacher's output is stored whole
+    for name, largest in nearly_zero_layers({name: values for name, values in fractions.items()
+                                             if name not in at_centres}).items():
         lines.append(zero_layer_warning(name, largest, len(checked)))
     spec = manifest.boxes
     if spec is not None:
@@ -142,17 +150,40 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
     return "\n".join(lines)
 
 
-def fidelity(cache: FeatureCache, teacher_features: dict[str, np.ndarray], row: int) -> dict[str, dict[str, float]]:
-    """Cosine similarity and max abs error of the cached sample ``row`` against fp32 teacher output."""
+def centre_cells_of_row(cache: FeatureCache, annotated_centres: np.ndarray, row: int) -> dict[str, np.ndarray]:
+    """(H, W) bool per regression layer of a cache that keeps them at box centres
+    (``Manifest.regression_cells``): the cells of ``row``'s annotated centres (``models.annotated_centres``
+    of the teacher's dataset) and of its cached teacher boxes, where the build stored the teacher's values.
+    Empty for caches that keep every cell."""
+
+    manifest = cache.manifest
+    if manifest.regression_cells is None:
+        return {}
+    centres = np.asarray(annotated_centres, dtype=np.float64).reshape(-1, 2)
+    if manifest.regression_cells.get("teacher_boxes") and manifest.boxes is not None:
+        centres = np.concatenate([centres, cache.read_boxes(row).bboxes[:, :2].astype(np.float64)])
+    extent = manifest.extra["point_cloud_range"]
+    bev_range = [extent[0], extent[1], extent[3], extent[4]]
+    return {layer.name: heads.centre_cells(centres, bev_range, layer.shape[-2:], manifest.regression_cells["margin"])
+            for layer in manifest.layers if layer.kind in heads.REGRESSION_OUTPUTS}
+
+
+def fidelity(cache: FeatureCache, teacher_features: dict[str, np.ndarray], row: int,
+             cells: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """Cosine similarity and max abs error of the cached sample ``row`` against fp32 teacher output; a
+    layer in ``cells`` ((H, W) bool, ``centre_cells_of_row``) is compared at those cells only, the only
+    ones its cache holds."""
     decoded = cache.read_row(row)
     report = {}
     for name, reference in teacher_features.items():
-        a = decoded[name].astype(np.float64).ravel()
-        b = reference.astype(np.float64).ravel()
+        a, b = decoded[name].astype(np.float64), reference.astype(np.float64)
+        if cells and name in cells:
+            a, b = a[..., cells[name]], b[..., cells[name]]
+        a, b = a.ravel(), b.ravel()
         denominator = np.linalg.norm(a) * np.linalg.norm(b)
         report[name] = {"cosine": float(a @ b / denominator) if denominator else 1.0,
-                        "max_abs_error": float(np.abs(a - b).max()),
-                        "max_abs_value": float(np.abs(b).max())}
+                        "max_abs_error": float(np.abs(a - b).max(initial=0.0)),
+                        "max_abs_value": float(np.abs(b).max(initial=0.0))}
     return report
 
 

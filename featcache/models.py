@@ -380,6 +380,44 @@ def item_sources(dataset) -> list[str]:
     return [sample_source(dataset.get_data_info(index), root) for index in range(len(dataset))]
 
 
+def annotated_centres(dataset) -> list["np.ndarray"]:
+    """Per item, in dataset order, (N, 2) float64 BEV centres (x, y metres, the dataset's box frame) of
+    every box annotated in it: every class the annotation file names, not only the dataset's classes, and
+    those its annotation filter drops (nuScenes' boxes without lidar points, or without a valid flag),
+    through the dataset's own ``parse_ann_info`` (its box frame conversion). Where regression head outputs
+    are kept (``featcache.heads.centre_cells``): a student with other classes or another filter than the
+    teacher finds its GT boxes among them. Items without annotations (``instances``) have none. Raises ConfigError
+    when the dataset is not an mmdet3d one or an item's annotations do not parse."""
+    import numpy as np
+
+    if not hasattr(dataset, "parse_ann_info") or not hasattr(dataset, "label_mapping"):
+        raise ConfigError(f"{type(dataset).__name__} is not an mmdet3d Det3DDataset (no parse_ann_info / "
+                          "label_mapping): the box centres the regression outputs are kept at cannot be read; build "
+                          "with --dense-head-outputs to keep every cell")
+    every_class = copy.copy(dataset)  # its label mapping keeps every annotated class (-1 stays "don't care")
+    every_class.label_mapping = {label: label for label in dataset.label_mapping}
+    every_class.num_ins_per_cat = [0] * len(every_class.label_mapping)  # parse_ann_info counts into its own
+    if hasattr(dataset, "_filter_with_mask"):  # NuScenesDataset's filter of boxes by points or valid flag
+        every_class._filter_with_mask = lambda annotations: annotations
+    centres = []
+    for index in range(len(dataset)):
+        info = dataset.get_data_info(index)
+        try:
+            annotations = every_class.parse_ann_info(info) if "instances" in info else None
+        except Exception as exc:
+            raise ConfigError(f"sample {index} ({_lidar_path(info)}): its annotations do not parse "
+                              f"({type(exc).__name__}: {exc}); the regression outputs are kept at annotated box "
+                              "centres, so build with --dense-head-outputs for data without them") from exc
+        boxes = None if annotations is None else annotations.get("gt_bboxes_3d")
+        if boxes is None or not len(boxes):
+            centres.append(np.zeros((0, 2)))
+        elif hasattr(boxes, "bev"):  # mmdet3d box structures: the BEV x, y of the box's own frame
+            centres.append(boxes.bev[:, :2].double().numpy())
+        else:
+            centres.append(np.asarray(boxes, dtype=np.float64).reshape(len(boxes), -1)[:, :2])
+    return centres
+
+
 def dataset_keys(dataset) -> list[str]:
     """Sample keys of every item, in dataset order; duplicates are an error (keys must be unique)."""
     keys = item_keys(dataset)

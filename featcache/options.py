@@ -120,6 +120,8 @@ class BuildOptions:
     head_outputs: str | Sequence[str] | None = None  # --head-outputs: heatmap,reg,... or all (featcache.heads)
     boxes: bool = False  # --boxes: also the teacher's decoded predictions (featcache.boxes)
     max_boxes: int | None = None  # boxes kept per sample (None: the teacher's max_per_img / max_num)
+    # --dense-head-outputs: regression outputs at every cell, not only at box centres (heads.centre_cells)
+    dense_head_outputs: bool = False
 
     def validate(self) -> location.LocationState:
         """Check every option, ``--out`` last; returns what is at ``--out``. Raises ConfigError naming
@@ -134,6 +136,9 @@ class BuildOptions:
         check_codec_option(self.codec, modules, heads.parse_head_outputs(self.head_outputs))
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")
+        if self.dense_head_outputs and not set(heads.parse_head_outputs(self.head_outputs)) & set(heads.REGRESSION_OUTPUTS):
+            raise ConfigError("--dense-head-outputs keeps regression outputs at every cell; --head-outputs "
+                              f"{self.head_outputs or '(not given)'} records none (add e.g. --head-outputs all)")
         if self.max_boxes is not None and not self.boxes:
             raise ConfigError("--max-boxes is for --boxes (how many teacher boxes a sample keeps); add --boxes")
         for name, value, least in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),

@@ -59,6 +59,17 @@ def _teacher_head_outputs(pillar_ckpt, data_root) -> list[dict[str, torch.Tensor
     return per_task, model.pts_bbox_head
 
 
+def _annotated_centres(data_root) -> np.ndarray:
+    """BEV centres of every annotated box of the fixture's scan (also those without lidar points, which the
+    nuScenes dataset leaves out of training with its default filter), read from its info file, not through
+    mmdet3d."""
+    import pickle
+
+    with open(data_root / "infos.pkl", "rb") as handle:
+        (info,) = pickle.load(handle)["data_list"]
+    return np.array([instance["bbox_3d"][:2] for instance in info["instances"]])
+
+
 def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pillar_ckpt):
     cache = open_cache(str(head_cache))
     per_task, head = _teacher_head_outputs(pillar_ckpt, nus_one)
@@ -69,6 +80,12 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     assert sorted(names[1:]) == sorted(expected)  # in the order the head runs them
     (key,) = cache.keys()
     row = cache.read(key)
+    # the cells of the annotated boxes' centres (every one of the scan's, read from its info file here) and of
+    # the cached teacher boxes' centres
+    centres = np.concatenate([_annotated_centres(nus_one), cache.teacher_boxes(key).bboxes[:, :2]])
+    extent = cache.manifest.extra["point_cloud_range"]
+    kept_cells = {(128, 128): heads.centre_cells(centres, [extent[0], extent[1], extent[3], extent[4]], (128, 128))}
+    assert 0 < kept_cells[(128, 128)].mean() < 0.05 and cache.manifest.regression_cells["margin"] == heads.CENTRE_MARGIN
     for task, outputs in enumerate(per_task):
         for kind in heads.CENTERHEAD_OUTPUTS:
             layer = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.{kind}")
@@ -85,9 +102,11 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
                 step = np.pi / 1020
                 bound = np.maximum((2 * np.sqrt(scores * (1 - scores)) + step) * np.sin(step), codecs.SCORE8_FLOOR)
                 assert (error <= bound + 1e-6).all()
-            else:  # fp16 keeps ~3 significant digits of every value
-                assert layer.codec.precision == "fp16"
-                np.testing.assert_allclose(row[layer.name], reference, rtol=2e-3, atol=2e-3)
+            else:  # fp16 keeps ~3 significant digits of every value, at the box centres' cells; 0 elsewhere
+                assert layer.codec.precision == "fp16" and layer.meaning["cells"] == heads.CELLS_AT_CENTRES
+                kept = kept_cells[reference.shape[-2:]]
+                np.testing.assert_allclose(row[layer.name][:, kept], reference[:, kept], rtol=2e-3, atol=2e-3)
+                assert not row[layer.name][:, ~kept].any()
             meaning = layer.meaning
             assert meaning["kind"] == kind and meaning["task"] == task and meaning["head_type"] == "CenterHead"
             assert meaning["classes"] == list(head.class_names[task])
@@ -99,6 +118,92 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     assert cache.manifest.layer("pts_neck.0").meaning is None and cache.manifest.layer("pts_neck.0").kind == "feature"
     assert cache.manifest.layer("pts_neck.0").codec == codecs.DEFAULT_CODEC
     assert verify_cache(str(head_cache)).ok
+
+
+def test_centre_cells_hold_each_centre_and_the_neighbour_across_a_near_edge():
+    extent, hw = [0.0, -2.0, 4.0, 2.0], (4, 8)  # cells 0.5 m wide (x), 1 m high (y)
+    kept = heads.centre_cells(np.array([[1.25, 0.5]]), extent, hw)
+    assert np.argwhere(kept).tolist() == [[2, 2]]  # (y, x): floor((0.5 + 2) / 1), floor(1.25 / 0.5)
+    # 0.002 m from the edge x = 1.5 (0.004 cells, within the margin): both cells; 0.5 cells off it: one
+    kept = heads.centre_cells(np.array([[1.502, 0.5], [3.75, -1.5]]), extent, hw)
+    assert np.argwhere(kept).tolist() == [[0, 7], [2, 2], [2, 3]]
+    # a corner within the margin in both axes: the four cells around it; off the grid: nothing
+    kept = heads.centre_cells(np.array([[2.001, 0.005], [-0.1, 0.0], [4.2, 0.0]]), extent, hw)
+    assert np.argwhere(kept).tolist() == [[1, 3], [1, 4], [2, 3], [2, 4]]
+    assert not heads.centre_cells(np.zeros((0, 2)), extent, hw).any()
+
+
+def test_annotated_centres_are_every_box_of_the_annotation_file_whatever_the_datasets_classes(nus_one):
+    # a car-only dataset and its no-points filter keep 8 of the scan's 69 boxes for training; the centres the
+    # regression outputs are kept at are all 69 (a student may train on other classes), in the boxes' frame
+    cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_one))
+    dataset = models.build_dataset({**models.dataset_cfg_for_split(cfg, "train"), "metainfo": {"classes": ["car"]}})
+    counted = list(dataset.num_ins_per_cat)
+    (centres,) = models.annotated_centres(dataset)
+    np.testing.assert_allclose(centres, _annotated_centres(nus_one), atol=1e-5)
+    assert len(centres) == 69 and dataset.num_ins_per_cat == counted  # the dataset's own statistics untouched
+    assert len(dataset.get_data_info(0)["eval_ann_info"]["gt_bboxes_3d"]) < 69
+
+
+@pytest.fixture(scope="module")
+def dense_head_cache(tmp_path_factory, nus_one, pillar_ckpt):
+    out = tmp_path_factory.mktemp("dense") / "cache"
+    build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck", head_outputs="all",
+                             boxes=True, dense_head_outputs=True, cfg_options=nus_cfg_options(nus_one), num_workers=0,
+                             progress=False))
+    return out
+
+
+def test_regression_outputs_are_kept_at_box_centres_and_cost_a_fraction_of_the_dense_maps(head_cache,
+                                                                                         dense_head_cache):
+    # (that the reg term reads the same targets from either: tests/test_response_targets.py, a trained teacher)
+    from featcache import store
+
+    masked, dense = open_cache(str(head_cache)), open_cache(str(dense_head_cache))
+    assert dense.manifest.regression_cells is None and masked.manifest.regression_cells["at"] == heads.CELLS_AT_CENTRES
+    (key,) = masked.keys()
+    stored, full = masked.read(key), dense.read(key)
+    regression = [layer for layer in masked.manifest.layers if layer.kind in heads.REGRESSION_OUTPUTS]
+    assert len(regression) == 30
+    kept = np.zeros(regression[0].shape[-2:], dtype=bool)
+    for layer in regression:  # the same teacher values where kept, zero elsewhere
+        cells = (stored[layer.name] != 0).any(axis=0)
+        kept |= cells
+        np.testing.assert_array_equal(stored[layer.name][:, cells], full[layer.name][:, cells])
+        assert dense.manifest.layer(layer.name).meaning["cells"] == heads.CELLS_DENSE
+    assert 0 < kept.mean() < 0.05
+    # what that saves: the masked regression maps store a small part of the dense ones' bytes
+    def stored_bytes(path, cache):
+        group = store.open_group(str(path))
+        return sum(store.chunk_nbytes(group[format.feature_path(layer.name)], 0) for layer in regression)
+    assert stored_bytes(head_cache, masked) < 0.2 * stored_bytes(dense_head_cache, dense)
+
+
+def test_a_cache_keeps_its_regression_cells_on_resume_and_says_how(head_cache, dense_head_cache, nus_one, pillar_ckpt):
+    def resume(out, dense):
+        return BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck", head_outputs="all", boxes=True,
+                            dense_head_outputs=dense, cfg_options=nus_cfg_options(nus_one), num_workers=0,
+                            progress=False)
+    with pytest.raises(CacheMismatchError, match="(?s)regression_cells.*resume it with --dense-head-outputs"):
+        build_cache(resume(dense_head_cache, False))
+    with pytest.raises(CacheMismatchError, match="(?s)regression_cells.*resume it without --dense-head-outputs"):
+        build_cache(resume(head_cache, True))
+    assert build_cache(resume(dense_head_cache, True)).already_complete == 1
+    # a changed annotation file changes the cells kept: a stale cache, refused
+    import pickle
+
+    changed = nus_one.parent / "nus_one_moved"
+    shutil.copytree(nus_one, changed)
+    with open(changed / "infos.pkl", "rb") as handle:
+        infos = pickle.load(handle)
+    seen = next(box for box in infos["data_list"][0]["instances"] if box["num_lidar_pts"] > 0)  # not filtered out
+    seen["bbox_3d"][0] += 3.0
+    with open(changed / "infos.pkl", "wb") as handle:
+        pickle.dump(infos, handle)
+    moved = BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(head_cache), layers="pts_neck", head_outputs="all",
+                         boxes=True, cfg_options=nus_cfg_options(changed), num_workers=0, progress=False)
+    with pytest.raises(CacheMismatchError, match="(?s)annotated_centres_sha256.*annotations changed"):
+        build_cache(moved)
 
 
 def test_head_output_caches_resume_only_with_the_same_outputs(head_cache, nus_one, pillar_ckpt):
@@ -118,6 +223,10 @@ def test_head_output_caches_resume_only_with_the_same_outputs(head_cache, nus_on
 def test_head_outputs_option_names_what_is_wrong(tmp_path, pillar_ckpt, nus_one):
     with pytest.raises(ConfigError, match="choose 'all' or some of heatmap, reg.*unknown: heatmaps"):
         BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(tmp_path / "c"), head_outputs="heatmaps").validate()
+    with pytest.raises(ConfigError, match="--dense-head-outputs keeps regression outputs.*--head-outputs heatmap "
+                                          "records none"):
+        BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(tmp_path / "c"), head_outputs="heatmap",
+                     dense_head_outputs=True).validate()
     # a head that is not a CenterHead is refused by type, before anything is written
     from lidar_fixtures import kitti_cfg_options, make_kitti_like, save_openmmlab_checkpoint
 

@@ -2,7 +2,9 @@
 a sample's recorded augmentation (``BevAlignment``, what the ``heatmap`` term does), against the same
 teacher run on the augmented scan. The augmentations are mmdet3d's own transforms, so the recorded
 metadata is exactly what a student's train pipeline hands the distiller. The same for the cached teacher
-boxes as the train pipeline hands them to label KD and the reg term's peaks (``teacher_instances``)."""
+boxes as the train pipeline hands them to label KD and the reg term's peaks (``teacher_instances``). And
+the regression outputs a build keeps at box centres only: the reg term reads the same targets from them
+as from the whole maps, on the student's own augmented samples."""
 from __future__ import annotations
 
 import subprocess
@@ -129,3 +131,74 @@ def test_cached_boxes_moved_by_the_recorded_augmentation_are_the_teachers_boxes_
         # scan, while the boxes left where the un-augmented scan had them mostly are not
         assert found(moved) >= 0.8, (kind, index, found(moved))
         assert found(moved) > found(unmoved) + 0.4, (kind, index, found(moved), found(unmoved))
+
+
+@pytest.fixture(scope="module")
+def regression_caches(tmp_path_factory):
+    """The demo teacher's pts_neck, every head output and its boxes on two generated scans, built twice:
+    regression outputs at box centres (the default) and at every cell (``--dense-head-outputs``)."""
+    root = tmp_path_factory.mktemp("regression")
+    subprocess.run([sys.executable, str(REPO / "tools/generate_scenes.py"), "--out", str(root / "scenes"),
+                    "--train", "2", "--val", "1", "--seed", "5", "--range", "40"], check=True, capture_output=True)
+    options = {"train_dataloader.dataset.data_root": f"{root / 'scenes'}/"}
+    for name, dense in (("centres", False), ("dense", True)):
+        build_cache(BuildOptions(TEACHER, TEACHER_CKPT, str(root / name), layers="pts_neck", head_outputs="all",
+                                 boxes=True, dense_head_outputs=dense, cfg_options=options, num_workers=0,
+                                 progress=False))
+    return root, options
+
+
+def _reg_step(cache, options, row: int, seed: int, read: list, monkeypatch) -> dict[str, float]:
+    """The reg term's loss per layer (``heatmap=10,reg=1``, QUALITY.md's best recipe) of the demo's half
+    student (weights seeded) on one scan after its train pipeline's own random augmentation (seeded);
+    ``read`` collects the flat teacher cells the term reads."""
+    import random
+
+    from mmdet3d.registry import MODELS
+    from mmengine.dataset import pseudo_collate
+
+    from trainer import terms
+    from trainer.train import TrainOptions, build_runner_config
+
+    original = terms._one_hot_read
+    monkeypatch.setattr(terms, "_one_hot_read", lambda cells, hw: read.append(cells.clone()) or original(cells, hw))
+    cfg = build_runner_config(TrainOptions(str(REPO / "configs/demo/student_half.py"), str(cache),
+                                           kd={"heatmap": 10.0, "reg": 1.0},
+                                           cfg_options={**options, "train_dataloader.num_workers": 0,
+                                                        "train_dataloader.persistent_workers": False}))
+    dataset = models.build_dataset(models.unwrap_dataset_cfg(cfg.train_dataloader.dataset))
+    np.random.seed(seed)  # GlobalRotScaleTrans, RandomFlip3D
+    random.seed(seed)
+    torch.manual_seed(seed)  # PointShuffle (BasePoints.shuffle: torch.randperm)
+    sample = dataset[row]
+    models.init_mmdet3d_scope()
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    batch = model.data_preprocessor(pseudo_collate([sample]), True)
+    with torch.no_grad():
+        losses = model.loss(batch["inputs"], batch["data_samples"])
+    return {key: float(value) for key, value in losses.items() if key.startswith("loss_kd_reg")}
+
+
+def test_the_reg_term_reads_the_same_targets_from_regression_outputs_kept_at_box_centres(regression_caches,
+                                                                                        monkeypatch):
+    root, options = regression_caches
+    centres, dense = open_cache(str(root / "centres")), open_cache(str(root / "dense"))
+    assert centres.manifest.regression_cells is not None and dense.manifest.regression_cells is None
+    for row in range(2):
+        for seed in range(3):  # rotations, scales and flips drawn by the student's own pipeline
+            read_centres, read_dense = [], []
+            losses = _reg_step(root / "centres", options, row, seed, read_centres, monkeypatch)
+            # 4 tasks x 5 outputs; a task with no box in the scan has nothing to read (0)
+            assert len(losses) == 20 and sum(value > 0 for value in losses.values()) >= 10
+            assert losses == _reg_step(root / "dense", options, row, seed, read_dense, monkeypatch)
+            cells = torch.cat(read_centres).unique()
+            assert torch.equal(cells, torch.cat(read_dense).unique()) and len(cells) >= 10
+            # every cell read is one the cache holds the teacher's values at (non-zero), and the cache holds
+            # them at few cells
+            stored = centres.read_row(row)
+            kept = np.zeros(dense.manifest.layers[-1].shape[-2:], dtype=bool)
+            for layer in centres.manifest.layers:
+                if layer.kind in ("reg", "height", "dim", "rot", "vel"):
+                    kept |= (stored[layer.name] != 0).any(axis=0)
+            assert kept.ravel()[cells.numpy()].all() and kept.mean() < 0.05

@@ -50,8 +50,9 @@ DATA_OPTS=(--cfg-options "train_dataloader.dataset.data_root=$DATA/"
            --cfg-options "test_dataloader.dataset.data_root=$DATA/")
 STUDENT_OPTS=("${DATA_OPTS[@]}" "${SCHEDULE[@]}")
 # the teacher's pts_neck map, head outputs and boxes: what every --kd recipe of QUALITY.md reads (a cache
-# of older demos held less, or stored heatmaps as fp16 or score8; a build never rewrites another cache's outputs)
-CACHE=$WORK/cache_neck_heads_boxes_asin8
+# of older demos held less, stored heatmaps as fp16 or score8, or regression outputs at every cell; a build never
+# rewrites another cache's outputs)
+CACHE=$WORK/cache_neck_heads_boxes_asin8_centres
 
 stage generate $PY tools/generate_scenes.py --out "$DATA" "${SCENES[@]}" --seed 0 --range 40 >/dev/null
 if [[ "${RETRAIN_TEACHER:-0}" == 1 || ! -f "$TEACHER_CKPT" ]]; then

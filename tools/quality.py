@@ -276,10 +276,11 @@ def build_cache(work: Path, data: Path, heatmap_codec: str | None) -> dict[str, 
     from featcache import heads
     from featcache.reader import open_cache
 
-    # named by the head outputs' codecs: a cache of older defaults or of another arm stays beside it (a
-    # build refuses to resume a cache of other codecs)
+    # named by the head outputs' codecs and where regression outputs are kept ("centres": the build's default,
+    # the cells the reg term reads; identical targets there): a cache of older defaults or of another arm stays
+    # beside it (a build refuses to resume a cache built differently)
     heatmaps = heatmap_codec or heads.HEATMAP_CODEC.name
-    cache = work / f"cache_neck_heads_boxes_{heatmaps}_{heads.HEAD_OUTPUT_CODEC.name}"
+    cache = work / f"cache_neck_heads_boxes_{heatmaps}_{heads.HEAD_OUTPUT_CODEC.name}_centres"
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     if heatmap_codec:
         options += ["--codec", f"heatmap={heatmap_codec}"]
