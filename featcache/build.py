@@ -83,13 +83,14 @@ def _key_differences(cache_keys: Sequence[str], keys: Sequence[str], count: int 
 
 
 def _bev_range(cfg) -> list[float]:
-    """[x_min, y_min, x_max, y_max] of the teacher's ``point_cloud_range``: the extent of its BEV outputs."""
-    extent = list(cfg.get("point_cloud_range") or [])
-    if len(extent) != 6:
-        raise ConfigError(f"the teacher config has no point_cloud_range (6 numbers; it has {extent or 'none'}): the "
-                          "cells holding box centres, where regression outputs are kept, are not known; set it, or "
-                          "build with --dense-head-outputs")
-    return [float(extent[index]) for index in (0, 1, 3, 4)]
+    """The extent of the teacher's BEV outputs (``format.bev_extent`` of its ``point_cloud_range``)."""
+    extent = format.bev_extent(cfg.get("point_cloud_range"))
+    if extent is None:
+        raise ConfigError(f"the teacher config has no point_cloud_range (6 numbers; it has "
+                          f"{list(cfg.get('point_cloud_range') or []) or 'none'}): the cells holding box centres, "
+                          "where regression outputs are kept, are not known; set it, or build with "
+                          "--dense-head-outputs")
+    return extent
 
 
 class Builder:

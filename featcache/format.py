@@ -56,6 +56,13 @@ NEAR_ZERO_FRACTION = 1e-3
 NONZERO_ATTRIBUTE = "featcache_nonzero"  # group attribute: per layer, non-zero fraction over the samples built
 
 
+def bev_extent(point_cloud_range: Sequence[float] | None) -> list[float] | None:
+    """[x_min, y_min, x_max, y_max] of a ``point_cloud_range`` (6 numbers; ``extra.point_cloud_range``): the
+    metric extent of the teacher's BEV maps. None when it is not 6 numbers."""
+    extent = list(point_cloud_range or [])
+    return [float(extent[index]) for index in (0, 1, 3, 4)] if len(extent) == 6 else None
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One cached tensor: a hooked module's output (``index`` picks one of a list/tuple output)."""

@@ -155,15 +155,13 @@ def centre_cells_of_row(cache: FeatureCache, annotated_centres: np.ndarray, row:
     (``Manifest.regression_cells``): the cells of ``row``'s annotated centres (``models.annotated_centres``
     of the teacher's dataset) and of its cached teacher boxes, where the build stored the teacher's values.
     Empty for caches that keep every cell."""
-
     manifest = cache.manifest
     if manifest.regression_cells is None:
         return {}
     centres = np.asarray(annotated_centres, dtype=np.float64).reshape(-1, 2)
     if manifest.regression_cells.get("teacher_boxes") and manifest.boxes is not None:
         centres = np.concatenate([centres, cache.read_boxes(row).bboxes[:, :2].astype(np.float64)])
-    extent = manifest.extra["point_cloud_range"]
-    bev_range = [extent[0], extent[1], extent[3], extent[4]]
+    bev_range = format.bev_extent(manifest.extra["point_cloud_range"])
     return {layer.name: heads.centre_cells(centres, bev_range, layer.shape[-2:], manifest.regression_cells["margin"])
             for layer in manifest.layers if layer.kind in heads.REGRESSION_OUTPUTS}
 
@@ -225,8 +223,7 @@ def plot_sample(cache: FeatureCache, key: str, out_png: str) -> str:
                            value.shape))
     spec = cache.manifest.boxes
     boxes = cache.teacher_boxes(key) if spec is not None else None
-    extent = cache.manifest.extra.get("point_cloud_range") or []
-    extent = [extent[0], extent[1], extent[3], extent[4]] if len(extent) == 6 else None
+    extent = format.bev_extent(cache.manifest.extra.get("point_cloud_range"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for axis, (title, image_values, cmap, shape) in zip(axes[0], panels):
         image = axis.imshow(image_values, origin="lower", cmap=cmap)

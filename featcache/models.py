@@ -386,8 +386,8 @@ def annotated_centres(dataset) -> list["np.ndarray"]:
     those its annotation filter drops (nuScenes' boxes without lidar points, or without a valid flag),
     through the dataset's own ``parse_ann_info`` (its box frame conversion). Where regression head outputs
     are kept (``featcache.heads.centre_cells``): a student with other classes or another filter than the
-    teacher finds its GT boxes among them. Items without annotations (``instances``) have none. Raises ConfigError
-    when the dataset is not an mmdet3d one or an item's annotations do not parse."""
+    teacher finds its GT boxes among them. Items without annotations (``instances``) have none. Raises
+    ConfigError when the dataset is not an mmdet3d one or an item's annotations do not parse."""
     import numpy as np
 
     if not hasattr(dataset, "parse_ann_info") or not hasattr(dataset, "label_mapping"):
