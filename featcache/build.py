@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from featcache import boxes as boxes_
-from featcache import codecs, format, heads, location, models
+from featcache import codecs, format, heads, layout, location, models
 from featcache.errors import CacheMismatchError, ConfigError, InputDataError
 from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
@@ -115,6 +115,10 @@ class Builder:
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []
+        self.stated_layouts = layout.parse_layout_option(options.bev_layout)
+        # each BEV layer's layout (featcache.layout): measured on the shape probe's sample when the cache is
+        # created, else the cache's record
+        self.layouts: dict[str, dict[str, Any]] = {}
         # the teacher's own code (its config's custom_imports), part of the cache's identity
         self.teacher_code = models.custom_module_sources(self.cfg)
         self.nonzero: dict[str, list[float]] = {}  # per layer, the non-zero fraction of each sample this run
@@ -180,7 +184,8 @@ class Builder:
         identity = self._identity(names, codec_by_layer)
         layers = tuple(format.LayerSpec(name=name, module=name.rsplit(".", 1)[0] if name not in self.modules else name,
                                         index=None if name in self.modules else int(name.rsplit(".", 1)[1]),
-                                        shape=shapes[name], codec=codec_by_layer[name], meaning=self._meaning(name))
+                                        shape=shapes[name], codec=codec_by_layer[name], meaning=self._meaning(name),
+                                        layout=self.layouts.get(name))
                        for name in names)
         return format.Manifest(
             layers=layers, num_samples=len(self.keys), dataset_id=identity["dataset_id"],
@@ -212,15 +217,43 @@ class Builder:
         centres = self.annotated[row]
         if predicted is not None and len(predicted):  # all of them: the cache keeps up to --max-boxes
             centres = np.concatenate([centres, predicted.bboxes[:, :2].astype(np.float64)])
-        kept: dict[tuple[int, int], np.ndarray] = {}
+        kept: dict[tuple, np.ndarray] = {}
         stored = dict(features)
         for name in self.regression_layers:
             value = features[name]
-            hw = tuple(value.shape[-2:])
-            if hw not in kept:
-                kept[hw] = heads.centre_cells(centres, self.bev_range, hw)
-            stored[name] = np.where(kept[hw], value, np.zeros((), dtype=value.dtype))
+            grid = (tuple(value.shape[-2:]), self._layout(name))
+            if grid not in kept:
+                kept[grid] = heads.centre_cells(centres, self.bev_range, grid[0], layout=grid[1])
+            stored[name] = np.where(kept[grid], value, np.zeros((), dtype=value.dtype))
         return stored
+
+    def _layout(self, name: str) -> layout.BevLayout:
+        recorded = self.layouts.get(name)
+        return layout.BevLayout.from_dict(recorded) if recorded is not None else layout.CANONICAL
+
+    def _measure_layouts(self, features: dict[str, np.ndarray], batch: dict[str, Any], key: str) -> None:
+        """Each BEV layer's layout from the probe sample: its points (as the teacher saw them) binned on the
+        layer's grid against the map (``layout.decide_layouts``); reported per layer."""
+        points = batch["inputs"].get("points") if isinstance(batch.get("inputs"), dict) else None
+        points_xy = None if not points else points[0][:, :2].detach().cpu().numpy()
+        extent = format.bev_extent(self.cfg.get("point_cloud_range"))
+        self.layouts, lines, warnings = layout.decide_layouts({name: value[0] for name, value in features.items()},
+                                                              points_xy, extent, self.stated_layouts,
+                                                              where=f" of sample {key!r}")
+        for line in lines:
+            logger.info("BEV layout: %s", line)
+        for line in warnings:
+            logger.warning("BEV layout: %s", line)
+
+    def _check_stated_layouts(self, manifest: format.Manifest) -> list[str]:
+        """Where --bev-layout states another layout than a resumed cache recorded."""
+        problems = []
+        for spec in manifest.layers:
+            said = layout.stated_layout(self.stated_layouts, spec.name)
+            if said is not None and spec.layout is not None and said != spec.bev_layout:
+                problems.append(f"bev layout of {spec.name}: cache has {spec.bev_layout.name}, --bev-layout states "
+                                f"{said.name}")
+        return problems
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):
@@ -253,6 +286,8 @@ class Builder:
                                                                                 self.keys, self.sources)[:5]]
             if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
                 problems += models.source_differences(writer.manifest.teacher_code, self.teacher_code)
+            problems += self._check_stated_layouts(writer.manifest)
+            self.layouts = {spec.name: spec.layout for spec in writer.manifest.layers if spec.layout is not None}
             if problems:
                 hint, have = "", writer.manifest.regression_cells
                 if have is None and identity["regression_cells"] is not None and options.head_outputs:
@@ -274,6 +309,7 @@ class Builder:
             rows, keys, batch = next(iter(self.teacher.loader([0], batch_size=1, num_workers=0)))
             features, predicted = self._teacher_outputs(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
+            self._measure_layouts(features, batch, keys[0])
             if options.boxes:
                 self.boxes_spec = boxes_.spec_for(self.cfg, self.teacher.class_names, predicted[0].bboxes.shape[1],
                                                   options.max_boxes)
@@ -286,7 +322,8 @@ class Builder:
         if self.world.is_main:
             return writer, probe
         writer = CacheWriter.open(out, options.storage_options)
-        self.boxes_spec = writer.manifest.boxes  # rank 0's probe decided the box width
+        self.boxes_spec = writer.manifest.boxes  # rank 0's probe decided the box width (and the layouts)
+        self.layouts = {spec.name: spec.layout for spec in writer.manifest.layers if spec.layout is not None}
         return writer, None
 
     def _warn_versions(self, recorded: dict[str, str]) -> None:

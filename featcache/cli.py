@@ -110,6 +110,11 @@ def main(verbose: bool) -> None:
 @click.option("--max-boxes", type=int, default=None,
               help="Boxes kept per sample with --boxes (default: the teacher's test_cfg max_per_img, else 500); "
                    "a sample with more keeps its highest-scoring ones, with a warning.")
+@click.option("--bev-layout", default=None, metavar="LAYOUT",
+              help="Which array axis of the BEV maps is x: yx (rows = y, mmdet3d's detectors) or xy (rows = x, "
+                   "BEVFusion), -yx etc. with an axis reversed; for every layer, or per layer/module "
+                   "(pts_neck=xy,pts_bbox_head=xy). By default the build measures it on the first sample (the "
+                   "scan's points against the maps) and records it; state it where that cannot decide.")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), default="train", show_default=True)
 @click.option("--codec", default=None, help="int8-zstd3 (default), fp16-zstd1, fp32-none, bf16-zstd3, int8-lz4...; or per layer: "
                                             "pts_neck=int8-zstd3,pts_backbone=fp16-lz4; or per head output kind "
@@ -126,8 +131,8 @@ def main(verbose: bool) -> None:
 @storage_option
 @fail_cleanly
 def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, head_outputs: str | None,
-          dense_head_outputs: bool, boxes: bool, max_boxes: int | None, split: str, codec: str | None,
-          cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
+          dense_head_outputs: bool, boxes: bool, max_boxes: int | None, bev_layout: str | None, split: str,
+          codec: str | None, cfg_options: tuple[str, ...], force: bool, batch_size: int, num_workers: int, device: str | None,
           trust_global: tuple[str, ...], storage_options: str | None) -> None:
     """Run TEACHER_CONFIG with CHECKPOINT once over a split and cache its features.
 
@@ -141,7 +146,8 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, he
         teacher_config=teacher_config, checkpoint=checkpoint, out=out, layers=layers, split=split, codec=codec,
         force=force, batch_size=batch_size, num_workers=num_workers, device=device,
         storage_options=parse_storage_options(storage_options), trust_globals=trust_global,
-        head_outputs=head_outputs, dense_head_outputs=dense_head_outputs, boxes=boxes, max_boxes=max_boxes)
+        head_outputs=head_outputs, dense_head_outputs=dense_head_outputs, boxes=boxes, max_boxes=max_boxes,
+        bev_layout=bev_layout)
     options.validate()
 
     from featcache.build import build_cache

@@ -29,6 +29,7 @@ import numpy as np
 from featcache.boxes import BoxesSpec
 from featcache.codecs import CodecSpec
 from featcache.errors import CacheFormatError
+from featcache.layout import CANONICAL, BevLayout
 from featcache.location import ENTRIES, MARKER  # noqa: F401  (part of the format: the creation marker)
 
 FORMAT_NAME = "featcache"
@@ -75,6 +76,19 @@ class LayerSpec:
     # a head output's description (``featcache.heads.HeadOutput.meaning``: kind, task, classes, what each
     # channel holds, logits or values); None for feature layers and for caches written before it
     meaning: dict[str, Any] | None = None
+    # which array axis is x and which y (``featcache.layout``): {"rows": "+y", "cols": "+x", "found": "measured" |
+    # "stated" | "assumed", "evidence": {layout: score}}; None: written before featcache recorded layouts
+    layout: dict[str, Any] | None = None
+
+    @property
+    def bev_layout(self) -> BevLayout:
+        """The layer's BEV layout; a cache written before layouts were recorded is read in mmdet3d's (rows = y),
+        as featcache always read it (``layout_recorded`` says which)."""
+        return BevLayout.from_dict(self.layout) if self.layout is not None else CANONICAL
+
+    @property
+    def layout_recorded(self) -> bool:
+        return self.layout is not None
 
     @property
     def is_head_output(self) -> bool:
@@ -88,13 +102,14 @@ class LayerSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "module": self.module, "index": self.index,
                 "shape": list(self.shape), "codec": self.codec.to_dict(),
-                **({"meaning": self.meaning} if self.meaning is not None else {})}
+                **({"meaning": self.meaning} if self.meaning is not None else {}),
+                **({"layout": self.layout} if self.layout is not None else {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LayerSpec":
         return cls(name=data["name"], module=data["module"], index=data["index"],
                    shape=tuple(int(s) for s in data["shape"]), codec=CodecSpec.from_dict(data["codec"]),
-                   meaning=data.get("meaning"))
+                   meaning=data.get("meaning"), layout=data.get("layout"))
 
 
 @dataclass(frozen=True)

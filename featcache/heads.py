@@ -27,6 +27,7 @@ import numpy as np
 
 from featcache import codecs
 from featcache.errors import ConfigError
+from featcache.layout import CANONICAL, BevLayout
 
 if TYPE_CHECKING:  # light at import: BuildOptions validates --head-outputs before torch is loaded
     from torch import nn
@@ -67,11 +68,13 @@ CELLS_AT_CENTRES, CELLS_DENSE = "box centres", "all"
 
 
 def centre_cells(centres: np.ndarray, bev_range: Sequence[float], hw: Sequence[int],
-                 margin: float = CENTRE_MARGIN) -> np.ndarray:
-    """(H, W) bool: the cells of an output grid (``hw``, covering ``bev_range`` [x_min, y_min, x_max,
-    y_max] metres) holding one of ``centres`` (N, 2: x, y metres), and the neighbour of each across an
-    edge within ``margin`` cells. Centres off the grid mark nothing. The cell rule is the trainer's
-    (``BevAlignment.teacher_cells_of``): floor of the position in cell units."""
+                 margin: float = CENTRE_MARGIN, layout: BevLayout = CANONICAL) -> np.ndarray:
+    """(H, W) bool: the cells of an output map (stored shape ``hw`` in BEV ``layout``, covering ``bev_range``
+    [x_min, y_min, x_max, y_max] metres) holding one of ``centres`` (N, 2: x, y metres), and the neighbour of
+    each across an edge within ``margin`` cells. Centres off the grid mark nothing. The cell rule is the
+    trainer's (``BevAlignment.teacher_cells_of``): floor of the position in cell units."""
+    if not layout.is_canonical:
+        return layout.from_canonical(centre_cells(centres, bev_range, layout.canonical_hw(hw), margin))
     height, width = int(hw[0]), int(hw[1])
     kept = np.zeros((height, width), dtype=bool)
     centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)

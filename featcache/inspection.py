@@ -88,6 +88,23 @@ def check_nonzero(cache: FeatureCache, rows: Sequence[int]) -> dict[str, list[fl
     return fractions
 
 
+def layout_lines(manifest: format.Manifest) -> list[str]:
+    """Each layer's BEV layout, how it was found and on what evidence (``featcache.layout``), grouped."""
+    if not any(layer.layout_recorded for layer in manifest.layers):
+        return ["BEV layout   not recorded (cache written before featcache recorded layouts): read as rows = y, "
+                "columns = x (mmdet3d's); rebuild with --force to have it measured"]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for layer in manifest.layers:
+        if layer.layout is None:
+            continue
+        scores = layer.layout.get("evidence") or {}
+        best = sorted(scores.items(), key=lambda item: -item[1])[:2]
+        evidence = ", ".join(f"{name} {score:.3f}" for name, score in best)
+        key = (f"{layer.bev_layout.name} ({layer.bev_layout.describe()})", layer.layout.get("found", "?"))
+        groups.setdefault(key, []).append(f"{layer.name}" + (f" [{evidence}]" if evidence else ""))
+    return [f"BEV layout   {layout}, {found}: " + "; ".join(names) for (layout, found), names in groups.items()]
+
+
 def describe(location: str, storage_options: dict[str, Any] | None = None, sample_count: int = 8) -> str:
     """Human-readable manifest, per-layer size and compression, and completion."""
     cache = open_cache(location, storage_options=storage_options)
@@ -130,6 +147,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         lines.append("non-zero at build: " + ", ".join(
             f"{name} {100 * figures['mean']:.2f}% (min {100 * figures['min']:.2f}%, {figures['samples']} samples)"
             for name, figures in recorded.items()))
+    lines += layout_lines(manifest)
     cells = manifest.regression_cells
     at_centres = {layer.name for layer in manifest.layers if cells and layer.kind in heads.REGRESSION_OUTPUTS}
     if at_centres:
@@ -162,7 +180,8 @@ def centre_cells_of_row(cache: FeatureCache, annotated_centres: np.ndarray, row:
     if manifest.regression_cells.get("teacher_boxes") and manifest.boxes is not None:
         centres = np.concatenate([centres, cache.read_boxes(row).bboxes[:, :2].astype(np.float64)])
     bev_range = format.bev_extent(manifest.extra["point_cloud_range"])
-    return {layer.name: heads.centre_cells(centres, bev_range, layer.shape[-2:], manifest.regression_cells["margin"])
+    return {layer.name: heads.centre_cells(centres, bev_range, layer.shape[-2:], manifest.regression_cells["margin"],
+                                           layer.bev_layout)
             for layer in manifest.layers if layer.kind in heads.REGRESSION_OUTPUTS}
 
 

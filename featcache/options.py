@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from featcache import codecs, heads, location
+from featcache import codecs, heads, layout, location
 from featcache.errors import ConfigError
 
 DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")  # MVX-style detectors' (models.MVX_LAYERS)
@@ -122,6 +122,9 @@ class BuildOptions:
     max_boxes: int | None = None  # boxes kept per sample (None: the teacher's max_per_img / max_num)
     # --dense-head-outputs: regression outputs at every cell, not only at box centres (heads.centre_cells)
     dense_head_outputs: bool = False
+    # --bev-layout: the BEV layout of every layer ("xy") or per layer ("pts_neck=xy,..."), where the build's own
+    # measurement (featcache.layout) cannot decide or is to be overridden
+    bev_layout: str | None = None
 
     def validate(self) -> location.LocationState:
         """Check every option, ``--out`` last; returns what is at ``--out``. Raises ConfigError naming
@@ -139,6 +142,7 @@ class BuildOptions:
         if self.dense_head_outputs and not set(heads.parse_head_outputs(self.head_outputs)) & set(heads.REGRESSION_OUTPUTS):
             raise ConfigError("--dense-head-outputs keeps regression outputs at every cell; --head-outputs "
                               f"{self.head_outputs or '(not given)'} records none (add e.g. --head-outputs all)")
+        layout.parse_layout_option(self.bev_layout)
         if self.max_boxes is not None and not self.boxes:
             raise ConfigError("--max-boxes is for --boxes (how many teacher boxes a sample keeps); add --boxes")
         for name, value, least in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),

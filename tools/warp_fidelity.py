@@ -2,9 +2,14 @@
 
 For each sample and augmentation (rotation about z, flips, scale), the teacher runs once on the
 original points (what a cache holds) and once on the augmented points (what an online teacher
-would see). The cached map is warped into the augmented frame with trainer.bev_warp and compared
-with the live one over the cells that have a source: cosine similarity of the flattened maps and
-relative L2 error. Prints a markdown table.
+would see). Each layer's BEV layout is measured on the original sample as ``featcache build``
+measures it (``featcache.layout.decide_layouts``); the cached map is warped into the augmented frame
+with trainer.bev_warp in that layout, as the trainer reads it, and compared with the live one (in the
+same canonical rows = y frame) over the cells that have a source: cosine similarity of the flattened
+maps, relative L2 error, and the occupancy agreement: the IoU of the cells where each map is active
+(differs from its background; the non-zero cells of a scatter's output). Cosines of randomly
+initialised features are not equivariant; the IoU does not depend on the weights. Prints a markdown
+table.
 
 Usage: python tools/warp_fidelity.py TEACHER_CONFIG CHECKPOINT [--layers pts_neck] [--samples 2]
        [--cfg-options k=v ...]
@@ -18,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from featcache.layout import BevLayout, activity, decide_layouts
 from featcache.models import parse_cfg_options
 from featcache.teacher import Teacher
 from trainer.bev_warp import warp_teacher_map
@@ -67,25 +73,45 @@ def main() -> None:
     rows = {}
     for _, _, batch in teacher.loader(range(min(args.samples, len(teacher.keys)))):
         original = teacher.features(batch)
+        found, lines, warnings = decide_layouts({name: value[0] for name, value in original.items()},
+                                                batch["inputs"]["points"][0][:, :2].numpy(), grid)
+        layouts = {name: BevLayout.from_dict(value) for name, value in found.items()}
+        for line in lines + warnings:
+            print(f"<!-- {line} -->")
         for name, spec in AUGMENTATIONS.items():
             augmented_batch = copy.deepcopy(batch)
             points, meta = augment(batch["inputs"]["points"][0], spec)
             augmented_batch["inputs"]["points"][0] = points
             live = teacher.features(augmented_batch)
             for layer, cached in original.items():
+                layout = layouts[layer]
                 target = torch.from_numpy(cached[0])
-                warped, valid = warp_teacher_map(target, grid, tuple(target.shape[-2:]), grid, meta)
-                b = torch.from_numpy(live[layer][0])[:, valid].double().ravel()
+                hw = layout.canonical_hw(target.shape[-2:])
+                warped, valid = warp_teacher_map(target, grid, hw, grid, meta, layout)
+                live_map = layout.to_canonical(torch.from_numpy(live[layer][0]))
+                b = live_map[:, valid].double().ravel()
                 a = warped[:, valid].double().ravel()
-                unwarped = target[:, valid].double().ravel()  # the cached map used as is: the baseline
+                unwarped = layout.to_canonical(target)[:, valid].double().ravel()  # the cached map as is: the baseline
                 rows.setdefault((name, layer), []).append(
                     (_cosine(a, b), float((a - b).norm() / b.norm().clamp_min(1e-12)), _cosine(unwarped, b),
-                     float(valid.float().mean())))
-    print("| augmentation | layer | cosine warped vs live | relative L2 error | cosine unwarped vs live | valid cells |")
-    print("|---|---|---|---|---|---|")
+                     _active_iou(warped.numpy(), live_map.numpy(), valid.numpy()), float(valid.float().mean())))
+    print("| augmentation | layer | layout | cosine warped vs live | relative L2 error | cosine unwarped vs live "
+          "| occupancy IoU warped vs live | valid cells |")
+    print("|---|---|---|---|---|---|---|---|")
     for (name, layer), values in rows.items():
-        cos, rel, raw, valid = np.mean(values, axis=0)
-        print(f"| {name} | {layer} | {cos:.4f} | {rel:.3f} | {raw:.4f} | {valid:.3f} |")
+        cos, rel, raw, iou, valid = np.mean(values, axis=0)
+        print(f"| {name} | {layer} | {layouts[layer].name} | {cos:.4f} | {rel:.3f} | {raw:.4f} | {iou:.3f} | {valid:.3f} |")
+
+
+def _active_iou(a: np.ndarray, b: np.ndarray, valid: np.ndarray, relative: float = 1e-4) -> float:
+    """IoU over ``valid`` cells of where two (C, H, W) maps are active (``activity`` above ``relative`` of its
+    largest value: interpolating a constant background leaves rounding-level activity)."""
+    masks = []
+    for value in (a, b):
+        active = activity(value)
+        masks.append((active > relative * max(float(active.max()), 1e-30)) & valid)
+    union = int((masks[0] | masks[1]).sum())
+    return float((masks[0] & masks[1]).sum() / union) if union else 1.0
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:

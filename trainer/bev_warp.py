@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from featcache.layout import CANONICAL, BevLayout
+
 
 def bev_cell_centres(bev_range: Sequence[float], height: int, width: int, device=None) -> Tensor:
     """(H, W, 2) metric x, y of each cell centre; BEV maps are (C, H=y, W=x) in mmdet3d."""
@@ -142,7 +144,10 @@ class BevAlignment:
     """Where each cell of a student BEV grid (augmented frame) reads the teacher's grid (cache frame).
 
     For every student cell centre the source point ``A^-1 x'`` (``undo_augmentation``) is located on
-    the teacher grid in pixel units (cell (r, c) centred at (c, r)). ``valid`` (Hs*Ws,) marks cells
+    the teacher grid in pixel units of the stored map (cell (r, c) centred at (c, r)), through the
+    teacher map's BEV layout (``featcache.layout``: rows = y for mmdet3d's detectors, rows = x for
+    BEVFusion): ``teacher_hw`` is the stored map's (H, W), ``teacher_grid`` the same grid as (ny, nx).
+    The student's maps are rows = y (mmdet3d's). ``valid`` (Hs*Ws,) marks cells
     whose source lies on the teacher grid and outside every GT-pasted box (``meta['pasted_boxes_bev']``,
     cache frame): only those have a target.
 
@@ -156,38 +161,49 @@ class BevAlignment:
     """
 
     def __init__(self, teacher_range: Sequence[float], teacher_hw: tuple[int, int], student_range: Sequence[float],
-                 student_hw: tuple[int, int], meta: dict[str, Any], device: torch.device | None = None) -> None:
+                 student_hw: tuple[int, int], meta: dict[str, Any], device: torch.device | None = None,
+                 teacher_layout: BevLayout = CANONICAL) -> None:
         self.teacher_hw, self.student_hw = tuple(teacher_hw), tuple(student_hw)
+        self.teacher_layout = teacher_layout
+        self.teacher_grid = teacher_layout.canonical_hw(self.teacher_hw)
         self.teacher_range, self.student_range, self.meta = list(teacher_range), list(student_range), meta
         source = undo_augmentation(bev_cell_centres(student_range, *student_hw, device), meta).reshape(-1, 2)
         x_min, y_min, x_max, y_max = teacher_range
-        height, width = self.teacher_hw
-        self.pixels = torch.stack([(source[:, 0] - x_min) / (x_max - x_min) * width - 0.5,
-                                   (source[:, 1] - y_min) / (y_max - y_min) * height - 0.5], dim=-1)
+        height, width = self.teacher_grid
+        self.pixels = torch.stack(teacher_layout.stored_pixels((source[:, 0] - x_min) / (x_max - x_min) * width - 0.5,
+                                                               (source[:, 1] - y_min) / (y_max - y_min) * height - 0.5,
+                                                               self.teacher_hw), dim=-1)
         self.valid = ((source[:, 0] >= x_min) & (source[:, 0] <= x_max)
                       & (source[:, 1] >= y_min) & (source[:, 1] <= y_max))
         pasted = meta.get("pasted_boxes_bev")
         has_pasted = pasted is not None and len(pasted) > 0
         if has_pasted:
             self.valid &= ~inside_boxes(source, torch.as_tensor(pasted, dtype=torch.float32, device=source.device))
-        self.identity = (self.teacher_hw == self.student_hw and list(teacher_range) == list(student_range)
-                         and is_identity(meta) and not has_pasted)
+        self.identity = (teacher_layout.is_canonical and self.teacher_hw == self.student_hw
+                         and list(teacher_range) == list(student_range) and is_identity(meta) and not has_pasted)
 
     def teacher_cells_of(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """The teacher cell under each of ``points`` (N, 2: x, y in student cell units of the augmented
-        frame, e.g. box centres): (N, 2) integer x, y of the teacher grid (cache frame) holding each
-        point's source, and (N,) bool, whether that source lies on the teacher grid. Nearest cell, not
-        bilinear: what CenterHead's regression outputs at a centre cell mean (``RegressionTerm``)."""
+        frame, e.g. box centres): (N, 2) integer x, y of the teacher grid (cache frame, ``teacher_grid``)
+        holding each point's source, and (N,) bool, whether that source lies on the teacher grid. Nearest
+        cell, not bilinear: what CenterHead's regression outputs at a centre cell mean (``RegressionTerm``);
+        ``teacher_flat_index`` finds the cells in the stored map."""
         x_min, y_min, x_max, y_max = self.student_range
         height, width = self.student_hw
         cell_s = points.new_tensor([(x_max - x_min) / width, (y_max - y_min) / height])
         source = undo_augmentation(points.new_tensor([x_min, y_min]) + points * cell_s, self.meta)
         tx_min, ty_min, tx_max, ty_max = self.teacher_range
-        t_height, t_width = self.teacher_hw
+        t_height, t_width = self.teacher_grid
         cells = ((source - points.new_tensor([tx_min, ty_min]))
                  / points.new_tensor([(tx_max - tx_min) / t_width, (ty_max - ty_min) / t_height])).floor().long()
         on_grid = (cells[:, 0] >= 0) & (cells[:, 0] < t_width) & (cells[:, 1] >= 0) & (cells[:, 1] < t_height)
         return cells, on_grid
+
+    def teacher_flat_index(self, cells: Tensor) -> Tensor:
+        """(N,) flat index into the stored teacher map (H*W) of teacher cells (N, 2: integer x, y of
+        ``teacher_grid``, as ``teacher_cells_of`` returns them)."""
+        col, row = self.teacher_layout.stored_pixels(cells[:, 0], cells[:, 1], self.teacher_hw)
+        return row * self.teacher_hw[1] + col
 
     def warp(self, teacher: Tensor) -> Tensor:
         """The whole teacher map (C, Ht, Wt) resampled onto the student grid (C, Hs, Ws), float32; the
@@ -255,8 +271,10 @@ class BevAlignment:
 
 
 def warp_teacher_map(teacher: Tensor, teacher_range: Sequence[float], student_hw: tuple[int, int],
-                     student_range: Sequence[float], meta: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """Teacher map (C, Ht, Wt) on ``teacher_range`` -> (C, Hs, Ws) on the student's augmented grid,
-    plus a (Hs, Ws) bool mask of cells that have a source (``BevAlignment.valid``)."""
-    alignment = BevAlignment(teacher_range, tuple(teacher.shape[-2:]), student_range, student_hw, meta, teacher.device)
+                     student_range: Sequence[float], meta: dict[str, Any],
+                     teacher_layout: BevLayout = CANONICAL) -> tuple[Tensor, Tensor]:
+    """Teacher map (C, Ht, Wt, in ``teacher_layout``) on ``teacher_range`` -> (C, Hs, Ws) on the student's
+    augmented grid (rows = y), plus a (Hs, Ws) bool mask of cells that have a source (``BevAlignment.valid``)."""
+    alignment = BevAlignment(teacher_range, tuple(teacher.shape[-2:]), student_range, student_hw, meta, teacher.device,
+                             teacher_layout)
     return alignment.warp(teacher), alignment.valid.reshape(student_hw)

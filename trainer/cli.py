@@ -59,13 +59,16 @@ def _kd(text: str | None) -> dict[str, float] | None:
 @click.option("--init-from-teacher", nargs=2, default=None, metavar="CONFIG CKPT",
               help="Start the student from the teacher's weights sliced to its widths (a student of the teacher's "
                    "family; one weight load, no teacher forward). Combines with any --kd or --no-distill.")
+@click.option("--force-alignment", is_flag=True,
+              help="Train even where the check before training refuses a pair (its teacher map agrees with the "
+                   "scans clearly better transposed, or (almost) none of the student's cells lie on the teacher's grid).")
 @storage_option
 @fail_cleanly
 def train(student_config: str, cache: str | None, work_dir: str | None, kd: str | None, kd_warmup: int | None,
           loss: str | None, alpha: float | None, temperature: float | None, feat_dim: int | None, pairs: str | None,
           resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool, online_teacher: tuple[str, str] | None,
           teacher_cfg_options: tuple[str, ...], no_distill: bool, init_from_teacher: tuple[str, str] | None,
-          storage_options: str | None) -> None:
+          force_alignment: bool, storage_options: str | None) -> None:
     """Train STUDENT_CONFIG with detection + distillation losses against cached teacher features.
 
     No teacher is run when --cache is given (--init-from-teacher loads its weights once, before the first
@@ -80,7 +83,7 @@ def train(student_config: str, cache: str | None, work_dir: str | None, kd: str 
         cfg_options=parse_cfg_options(cfg_options), storage_options=parse_storage_options(storage_options),
         skip_corrupt=skip_corrupt, online_teacher=tuple(online_teacher) if online_teacher else None,
         teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill,
-        init_from_teacher=tuple(init_from_teacher) if init_from_teacher else None))
+        init_from_teacher=tuple(init_from_teacher) if init_from_teacher else None, force_alignment=force_alignment))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from featcache import codecs
 from featcache.errors import ConfigError
+from featcache.layout import CANONICAL, BevLayout
 from featcache.recording import LayerRecorder
 from trainer.bev_warp import BevAlignment, gaussian_foreground
 from trainer.heads import head_key
@@ -106,6 +107,9 @@ class CacheDistiller(BaseModel):
         regression_pairs: the pairs of ``pairs`` that are CenterHead regression outputs (student module ->
             dict(kind="reg"|"height"|"dim"|"rot"|"vel", labels=[GT label ids of the task's classes the
             teacher also has], log_dims=bool)); read by the ``reg`` term at those boxes' centres.
+        teacher_layouts: cache layer -> its BEV layout's name (``featcache.layout``: "yx", rows = y, mmdet3d's;
+            "xy", rows = x, BEVFusion's), as the cache manifest records it or the online teacher's maps
+            measured; a layer without an entry is read as "yx".
         heatmap_pairs: the pairs of ``pairs`` that are class heatmaps (student heatmap module ->
             per student channel the teacher channel of the same class, -1 for none); read by response
             terms (``heatmap``), not by the feature terms, which get no heads for them.
@@ -122,7 +126,8 @@ class CacheDistiller(BaseModel):
                  foreground: dict | None = None, num_samples: int = 1, online_teacher: dict | None = None,
                  target_codecs: dict[str, str] | None = None, heatmap_pairs: dict[str, Sequence[int]] | None = None,
                  regression_pairs: dict[str, dict] | None = None, teacher_boxes: bool = False,
-                 box_label_map: Sequence[int] | None = None, init_cfg: dict | None = None) -> None:
+                 box_label_map: Sequence[int] | None = None, teacher_layouts: dict[str, str] | None = None,
+                 init_cfg: dict | None = None) -> None:
         student_model = MODELS.build(student)
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.student = student_model
@@ -138,6 +143,7 @@ class CacheDistiller(BaseModel):
             raise ConfigError(f"response pairs {unpaired} are not in pairs {sorted(self.pairs)}")
         self.target_codecs = {layer: codecs.parse_codec(name) for layer, name in (target_codecs or {}).items()}
         self.student_range, self.teacher_range = list(student_range), list(teacher_range)
+        self.teacher_layouts = {layer: BevLayout.parse(name) for layer, name in (teacher_layouts or {}).items()}
         self.student_shapes = {name: tuple(shape) for name, shape in student_shapes.items()}
         self.teacher_shapes = {name: tuple(shape) for name, shape in teacher_shapes.items()}
         self.foreground = dict(min_radius=2, min_overlap=0.1, **(foreground or {}))
@@ -290,15 +296,18 @@ class CacheDistiller(BaseModel):
         for s_layer, t_layer in self.pairs.items():
             student, maps = recorded[s_layer], raw[t_layer]
             hw = tuple(student.shape[-2:])
-            if (maps.hw, hw) not in alignments:
+            layout = self.teacher_layouts.get(t_layer, CANONICAL)
+            if (maps.hw, layout, hw) not in alignments:
                 aligned = [BevAlignment(self.teacher_range, maps.hw, self.student_range, hw,
-                                        sample.metainfo if unaugmented_frame else {}, device) for sample in data_samples]
-                alignments[(maps.hw, hw)] = aligned, torch.stack([alignment.valid.reshape(hw) for alignment in aligned])
+                                        sample.metainfo if unaugmented_frame else {}, device, layout)
+                           for sample in data_samples]
+                alignments[(maps.hw, layout, hw)] = aligned, torch.stack([alignment.valid.reshape(hw)
+                                                                          for alignment in aligned])
             if hw not in grids:
                 grids[hw] = (gt_foreground(boxes, self.student_range, *hw, device, **self.foreground),
                              [self._boxes_in_cells(sample_boxes, hw, device) for sample_boxes in boxes],
                              None if teacher is None else [self._boxes_in_cells(t.bboxes_3d, hw, device) for t in teacher])
-            aligned, valid = alignments[(maps.hw, hw)]
+            aligned, valid = alignments[(maps.hw, layout, hw)]
             foreground, box_cells, teacher_cells = grids[hw]
             teacher_scores = None if teacher is None else [t.scores_3d for t in teacher]
             channel_map = self.heatmap_pairs.get(s_layer)

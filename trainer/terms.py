@@ -548,11 +548,10 @@ class RegressionTerm(KDTerm):
             cells, teacher_cells = cells[first], teacher_cells[first]
             if not len(cells):
                 continue
-            t_height, t_width = alignment.teacher_hw
-            teacher = layer.teacher.read(index, _one_hot_read(teacher_cells[:, 1] * t_width + teacher_cells[:, 0],
+            teacher = layer.teacher.read(index, _one_hot_read(alignment.teacher_flat_index(teacher_cells),
                                                               alignment.teacher_hw))
             targets.append(augmented_targets(layer.kind, teacher, teacher_cells, cells, alignment.teacher_range,
-                                             alignment.teacher_hw, alignment.student_range, (height, width),
+                                             alignment.teacher_grid, alignment.student_range, (height, width),
                                              alignment.meta, log_dims=layer.log_dims))
             predictions.append(student[index][:, cells[:, 1], cells[:, 0]].T)
         if not predictions:  # no centre with a target in the batch: zero, still part of the graph

@@ -15,11 +15,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from featcache import format, models, open_cache
 from featcache.checkpoint import openmmlab_safe_globals
 from featcache.errors import CacheMismatchError, ConfigError
+from featcache.layout import CANONICAL, BevLayout
 from featcache.recording import LayerRecorder
 
 TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms", "trainer.samplers"]
@@ -48,12 +50,63 @@ class TrainOptions:
     teacher_cfg_options: dict[str, Any] = field(default_factory=dict)
     no_distill: bool = False  # the student alone (no-KD baseline, or training a teacher); no cache needed
     init_from_teacher: tuple[str, str] | None = None  # (config, checkpoint): start from its sliced weights
+    force_alignment: bool = False  # train even where the pre-training alignment check refuses a pair
 
 
 def bev_range(point_cloud_range: Sequence[float], where: str) -> list[float]:
     if len(point_cloud_range) != 6:
         raise ConfigError(f"{where} has no point_cloud_range [x0, y0, z0, x1, y1, z1] to place its BEV grid")
     return [float(point_cloud_range[i]) for i in (0, 1, 3, 4)]
+
+
+_RANGE_KEYS = ("point_cloud_range", "pc_range")
+
+
+def _ranges_in(node: Any, path: str) -> dict[str, list[float]]:
+    """Every ``point_cloud_range`` / ``pc_range`` entry under a config node, by dotted path."""
+    found: dict[str, list[float]] = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in _RANGE_KEYS and isinstance(value, (list, tuple)) and all(
+                    isinstance(v, (int, float)) for v in value):
+                found[where] = [float(v) for v in value]
+            else:
+                found.update(_ranges_in(value, where))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            found.update(_ranges_in(value, f"{path}[{index}]"))
+    return found
+
+
+def student_bev_range(cfg, where: str) -> list[float]:
+    """The student's BEV extent [x_min, y_min, x_max, y_max], from its model: the voxel layer's
+    ``point_cloud_range`` (else the first 6-number range in the model). Every other range the model or the
+    config's top-level ``point_cloud_range`` states (the voxel encoder's, the head's train/test and coder
+    ``pc_range``) must agree with it: a student whose parts disagree is refused by name, since the trainer
+    would place the teacher's targets on a grid the student does not have."""
+    model = cfg.model.to_dict() if hasattr(cfg.model, "to_dict") else dict(cfg.model)
+    ranges = _ranges_in(model, "model")
+    voxel = [path for path in ranges if path.endswith("voxel_layer.point_cloud_range") and len(ranges[path]) == 6]
+    full = voxel or [path for path, value in ranges.items() if len(value) == 6]
+    if not full:
+        return bev_range(cfg.get("point_cloud_range", []), where)
+    source = full[0]
+    extent = bev_range(ranges[source], f"{where} ({source})")
+    stated = dict(ranges)
+    if cfg.get("point_cloud_range") is not None:
+        stated["point_cloud_range (top level)"] = [float(v) for v in cfg.point_cloud_range]
+    disagree = []
+    for path, value in stated.items():
+        mine = extent if len(value) != 2 else extent[:2]
+        theirs = bev_range(value, path) if len(value) == 6 else value if len(value) in (2, 4) else None
+        if theirs is not None and any(abs(a - b) > 1e-4 for a, b in zip(mine, theirs)):
+            disagree.append(f"{path} = {value}")
+    if disagree:
+        raise ConfigError(f"{where}: the student's BEV grid is placed by {source} = {ranges[source]}, but "
+                          f"{'; '.join(disagree)} disagree(s) with it; make them one range (a --cfg-options "
+                          "override of point_cloud_range does not reach the model's copies: override those too)")
+    return extent
 
 
 def _cache_point_cloud_range(manifest) -> list[float]:
@@ -208,7 +261,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
     teacher_boxes, box_label_map = False, None
     heatmaps: dict[str, tuple[str, list[int]]] = {}
     regressions: dict[str, tuple[str, dict]] = {}
-    student_range = bev_range(cfg.get("point_cloud_range", []), options.student_config)
+    student_range = student_bev_range(cfg, options.student_config)
     if options.cache:
         cache = open_cache(options.cache, storage_options=options.storage_options)
         dataset = models.build_dataset(inner)
@@ -244,6 +297,7 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         _check_cache_covers(dataset, cache, options.student_config)
         models.check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
         teacher_shapes = {layer.name: layer.shape for layer in layers}
+        teacher_layouts = cache_layouts(cache.manifest, layers, options.cache)
         target_codecs = {layer.name: layer.codec.name for layer in layers}
         num_samples = cache.manifest.num_samples
     else:  # online only: the teacher's shapes come from a probe of the teacher
@@ -251,7 +305,8 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
         modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"] if wants_features else []
         dataset = models.build_dataset(inner)
-        teacher_shapes, teacher_outputs = _probe_teacher_shapes(options, dataset, modules, response_kinds)
+        teacher_shapes, teacher_outputs, teacher_layouts = _probe_teacher_shapes(options, dataset, modules,
+                                                                                 response_kinds, teacher_range)
         if response_kinds:
             heatmaps, regressions = response_pairs(student, options.student_config, response_kinds, teacher_outputs,
                                                    f"online teacher {options.online_teacher[0]}")
@@ -278,6 +333,26 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         if s_layer not in student_shapes or t_layer not in teacher_shapes:
             raise ConfigError(f"--pairs {s_layer}={t_layer}: student layers are {sorted(student_shapes)}, "
                               f"cache layers {sorted(teacher_shapes)}")
+    log = logging.getLogger("trainer.train")
+    log.info("BEV grids: student %s, teacher %s (x_min, y_min, x_max, y_max, metres)", student_range, teacher_range)
+    for s_layer, t_layer in pairs.items():
+        t_shape = teacher_shapes[t_layer]
+        t_layout = BevLayout.parse(teacher_layouts.get(t_layer, CANONICAL.name))
+        ny, nx = t_layout.canonical_hw(t_shape[-2:])
+        log.info("pair %s (%s, rows = y) <- %s (%s, layout %s: %d x-cells of %.3f m, %d y-cells of %.3f m)%s",
+                 s_layer, "x".join(map(str, student_shapes[s_layer])), t_layer, "x".join(map(str, t_shape)),
+                 t_layout.name, nx, (teacher_range[2] - teacher_range[0]) / nx, ny,
+                 (teacher_range[3] - teacher_range[1]) / ny,
+                 f"; student heatmap channel -> teacher channel {heatmaps[s_layer][1]} (-1: the teacher lacks the class)"
+                 if s_layer in heatmaps else "")
+    if options.cache:  # the teacher's maps as the trainer will read them, against the scans, before training
+        from trainer import alignment_check
+
+        samples = alignment_check.training_samples(dataset, cache, models.dataset_keys(dataset),
+                                                   sorted(set(pairs.values())))
+        alignment_check.check(alignment_check.measure(pairs, teacher_layouts, samples, teacher_range, student_range,
+                                                      student_shapes),
+                              f"cache {options.cache} and student {options.student_config}", options.force_alignment)
     return dict(
         type="CacheDistiller", student=copy.deepcopy(cfg.model), pairs=pairs,
         student_shapes={k: list(v) for k, v in student_shapes.items() if k in pairs},
@@ -288,23 +363,54 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         heatmap_pairs={s_layer: channels for s_layer, (_, channels) in heatmaps.items()},
         regression_pairs={s_layer: spec for s_layer, (_, spec) in regressions.items()},
         teacher_boxes=teacher_boxes, box_label_map=box_label_map,
+        teacher_layouts={k: v for k, v in teacher_layouts.items() if k in pairs.values()},
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
 
-def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str], kinds: Sequence[str]
-                          ) -> tuple[dict[str, tuple[int, ...]], list["TeacherOutput"]]:
+def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str], kinds: Sequence[str],
+                          teacher_range: Sequence[float]
+                          ) -> tuple[dict[str, tuple[int, ...]], list["TeacherOutput"], dict[str, str]]:
     """The online teacher's per-sample output shapes of ``modules`` and of its head outputs of ``kinds``,
-    and those head outputs described."""
+    those head outputs described, and each map's BEV layout, measured as ``featcache build`` measures it
+    (``featcache.layout.decide_layouts``: the sample's points against the maps)."""
     from mmengine.dataset import pseudo_collate
 
+    from featcache.layout import decide_layouts
     from featcache.recording import record_teacher
 
     teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
     outputs = online_head_outputs(teacher, teacher_cfg, kinds, options.online_teacher[0]) if kinds else []
-    recorded = record_teacher(teacher, pseudo_collate([dataset[0]]), list(modules) + [out.layer for out in outputs])
-    return {name: tuple(value.shape[1:]) for name, value in recorded.items()}, outputs
+    batch = pseudo_collate([dataset[0]])
+    recorded = record_teacher(teacher, batch, list(modules) + [out.layer for out in outputs])
+    points = batch["inputs"]["points"][0]
+    found, lines, warnings = decide_layouts({name: value[0].float().cpu().numpy() for name, value in recorded.items()},
+                                            np.asarray(points)[:, :2], teacher_range,
+                                            where=" of the first training sample")
+    for line in lines:
+        logging.getLogger("trainer.train").info("online teacher BEV layout: %s", line)
+    for line in warnings:
+        logging.getLogger("trainer.train").warning("online teacher BEV layout: %s", line)
+    layouts = {name: BevLayout.from_dict(layout).name for name, layout in found.items()}
+    return {name: tuple(value.shape[1:]) for name, value in recorded.items()}, outputs, layouts
+
+
+def cache_layouts(manifest, layers: Sequence[Any], where: str) -> dict[str, str]:
+    """Each read layer's BEV layout name as the cache records it. A cache written before layouts were recorded
+    is read as rows = y (as featcache always read it), except from a teacher whose maps are known to be laid
+    out otherwise (BEVFusion's): that cache is refused."""
+    if any(layer.layout_recorded for layer in manifest.layers):
+        return {layer.name: layer.bev_layout.name for layer in layers}
+    if "BEVFusion" in manifest.teacher_config:
+        raise CacheMismatchError(
+            f"cache {where} was built by a BEVFusion teacher before featcache recorded BEV layouts; BEVFusion lays "
+            "its maps out rows = x, and this cache does not say which it holds. Rebuild it with this featcache "
+            "(featcache build ... --force), which measures and records each layer's layout")
+    logging.getLogger("trainer.train").warning(
+        "cache %s records no BEV layout (built before featcache recorded them): its maps are read as rows = y, "
+        "columns = x (mmdet3d's); rebuild it to have the layout measured and recorded", where)
+    return {layer.name: CANONICAL.name for layer in layers}
 
 
 def online_head_outputs(teacher, teacher_cfg, kinds: Sequence[str], where: str) -> list["TeacherOutput"]:
