@@ -120,3 +120,41 @@ def test_heatmap_codec_arms_train_the_best_recipe_from_other_caches_and_reuse_sa
     assert "| `asin8-zstd3` (default) | 0.48 | 3 | 0.7200 ± 0.0100 |" in table
     assert "| `score8-zstd3` | 0.24 | 3 | 0.7100 ± 0.0100 | -0.0100 / -0.0100 / -0.0100 | -0.0100 |" in table
     assert "| `fp16-zstd1` |  | 0 | not run yet |" in table
+
+
+def test_rekey_moves_records_only_where_the_proof_reproduces_them_bit_for_bit(monkeypatch):
+    """A trainer change proven to leave results alone (the proof's runs, trained at the new revision, give the
+    recorded mAPs exactly) re-keys every record, codec arms included; a proof that differs in the last bit, or
+    lacks no-KD or an init run, or was trained at another revision, re-keys nothing."""
+    import copy
+    import math
+
+    quality = _quality_module()
+    Run = quality.Run
+    context = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "old",
+               "cache_codecs": "pts_neck.0 int8-zstd3; heatmap asin8-zstd3", "heatmap_codec": "asin8-zstd3",
+               "codecs_by_kind": {"feature": "pts_neck.0 int8-zstd3", "heatmap": "task0.heatmap asin8-zstd3",
+                                  "reg": "task0.reg fp16-zstd1"}}
+    runs = [Run("half", "no-kd", 0, "none"), Run("half", "heatmap=10,reg=1,init", 0, "cache"),
+            Run("slim", "heatmap=10,reg=1,init", 1, "cache:score8-zstd3"), Run("half", "pkd=5", 2, "cache")]
+    state = {"runs": [{**quality.asdict(run), "mAP": 0.5 + run.seed / 10,
+                       "key": quality.run_key(run, quality.arm_context(context, run), False)} for run in runs],
+             "superseded_runs": [], "context": context,
+             "teacher": {"mAP": 0.8, "key": quality.sha256(b"tdold")}}
+    monkeypatch.setattr(quality, "trainer_revision", lambda: "new")
+    new = {**context, "trainer_revision": "new"}
+    proof = {"context": new, "runs": [{**record, "key": quality.run_key(quality.record_run(record), new, False)}
+                                      for record in state["runs"][:2]]}
+    last_bit = {**proof["runs"][1], "mAP": math.nextafter(proof["runs"][1]["mAP"], 1)}
+    for broken in ({"runs": [proof["runs"][0]]}, {"context": context}, {"runs": [proof["runs"][0], last_bit]}):
+        attempt = copy.deepcopy(state)
+        with pytest.raises(SystemExit):
+            quality.rekey(attempt, {**proof, **broken}, False)
+        assert attempt == state
+    message = quality.rekey(state, proof, False)
+    assert "re-keyed 4 of 4 records from trainer old to new" in message
+    for record in state["runs"]:
+        run = quality.record_run(record)
+        assert record["key"] == quality.run_key(run, quality.arm_context(new, run), False)
+    assert state["teacher"]["key"] == quality.sha256(b"tdnew") and state["context"]["trainer_revision"] == "new"
+    assert state["rekeyed"][0]["proof"][0].startswith("half/no-kd/")

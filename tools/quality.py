@@ -21,6 +21,7 @@ Usage::
     python tools/quality.py --recipes heatmap=10,reg=1,init --only slim --heatmap-codec fp16-zstd1 \
         --out-dir DIR   # a pilot: another heatmap codec (its own cache beside the default one)
     python tools/quality.py --reuse-records DIR/quality.json  # take a pilot's runs that are runs of the plan
+    python tools/quality.py --rekey-proof DIR/quality.json  # a trainer change proven to leave results alone
 
 The plan also trains the best recipe's slim student from caches whose heatmaps use other codecs
 (``HEATMAP_CODEC_ARMS``, targets ``cache:<codec>``): the report's heatmap codec section.
@@ -520,6 +521,59 @@ def execute(args: argparse.Namespace) -> None:
     write_report(out_dir, state, context, args.quick)
 
 
+def arm_context(context: dict[str, Any], run: Run) -> dict[str, Any]:
+    """The context of the cache ``run`` read, derived from the default cache's without building the arm's: a
+    heatmap-codec arm's cache differs from the default one only in its heatmaps' codec (``build_cache``)."""
+    codec = heatmap_codec_of(run.targets)
+    if codec is None:
+        return context
+    kinds = dict(context["codecs_by_kind"])
+    kinds["heatmap"] = kinds["heatmap"].replace(context["heatmap_codec"], codec)
+    return {**context, "codecs_by_kind": kinds}
+
+
+def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool) -> str:
+    """Move the records of ``state``'s trainer revision to the current one, where ``proof`` (the quality.json of
+    runs trained at the current revision, e.g. ``--recipes no-kd heatmap=10,reg=1,init --seeds 0 --only half``)
+    reproduces the recorded mAP of every one of its runs bit for bit: a trainer change that leaves results alone
+    need not retrain the plan. Every current record whose key is its run's key under the old revision (checked,
+    not assumed) is re-keyed; the proof is kept in ``state["rekeyed"]``. Refuses (SystemExit) otherwise."""
+    old_context = state["context"]
+    new_context = {**old_context, "trainer_revision": trainer_revision()}
+    if proof["context"]["trainer_revision"] != new_context["trainer_revision"]:
+        raise SystemExit(f"the proof was trained at trainer revision {proof['context']['trainer_revision']}, the "
+                         f"trainer now is {new_context['trainer_revision']}: train the proof again")
+    records = {record_run(record): record for record in state["runs"]}
+    proven = []
+    for record in proof["runs"]:
+        run = record_run(record)
+        if record["key"] != run_key(run, arm_context(new_context, run), quick):
+            raise SystemExit(f"proof run {run.name} was not trained under this benchmark's context (teacher, data, "
+                             "codecs) at the current trainer revision")
+        base = records.get(run)
+        if base is None or base["mAP"] != record["mAP"]:
+            raise SystemExit(f"proof run {run.name}: mAP {record['mAP']!r} at trainer {new_context['trainer_revision']}, "
+                             f"{None if base is None else base['mAP']!r} recorded: not reproduced bit for bit; retrain")
+        proven.append(f"{run.name} {record['mAP']!r}")
+    if not any(name.startswith(f"half/{NO_KD}/") for name in proven) or not any("init" in name for name in proven):
+        raise SystemExit("the proof must hold a no-KD run and an init recipe run of the half student")
+    moved = 0
+    for run, record in records.items():
+        if record["key"] == run_key(run, arm_context(old_context, run), quick):
+            record["key"] = run_key(run, arm_context(new_context, run), quick)
+            moved += 1
+    teacher_key = sha256((new_context["teacher_sha256"] + new_context["data_stamp"]
+                          + new_context["trainer_revision"]).encode())
+    if state["teacher"].get("key") == sha256((old_context["teacher_sha256"] + old_context["data_stamp"]
+                                              + old_context["trainer_revision"]).encode()):
+        state["teacher"]["key"] = teacher_key
+    state["context"] = new_context
+    state.setdefault("rekeyed", []).append({"from": old_context["trainer_revision"], "to": new_context["trainer_revision"],
+                                            "proof": proven, "records": moved, "at": now()})
+    return (f"re-keyed {moved} of {len(records)} records from trainer {old_context['trainer_revision']} to "
+            f"{new_context['trainer_revision']} (reproduced: {'; '.join(proven)})")
+
+
 # -- report -------------------------------------------------------------------------------------
 
 def describe(values: list[float]) -> tuple[float, float]:
@@ -775,6 +829,9 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(REPO), help="where QUALITY.md, quality.json, quality.png go")
     parser.add_argument("--work-dir", default=None, help="default: work_dirs/quality (quick: work_dirs/quality_quick)")
     parser.add_argument("--report-only", action="store_true", help="rewrite QUALITY.md from quality.json")
+    parser.add_argument("--rekey-proof", default=None, metavar="QUALITY_JSON",
+                        help="re-key the records to the current trainer revision, where this quality.json's runs "
+                             "(trained at it) reproduce theirs bit for bit; then rewrite the report")
     parser.add_argument("--run-spec", help=argparse.SUPPRESS)  # internal: one run, in its own process
     args = parser.parse_args()
     if args.run_spec:
@@ -786,6 +843,12 @@ def main() -> None:
         return
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.work_dir = args.work_dir or str(REPO / ("work_dirs/quality_quick" if args.quick else "work_dirs/quality"))
+    if args.rekey_proof:
+        state = load(Path(args.out_dir) / "quality.json")
+        log(rekey(state, load(Path(args.rekey_proof)), args.quick))
+        save(Path(args.out_dir) / "quality.json", state)
+        write_report(Path(args.out_dir), state, state["context"], args.quick)
+        return
     if args.report_only:
         state = load(Path(args.out_dir) / "quality.json")
         write_report(Path(args.out_dir), state, state["context"], args.quick)
