@@ -341,6 +341,17 @@ def test_teacher_boxes_are_its_predictions_checked_like_features(head_cache, nus
     # inspect reports them and draws them
     text = describe(str(head_cache))
     assert f"teacher boxes {len(cached)}.0 per sample" in text and "up to 500 kept" in text
+    # with their bytes per sample, as the layers': a table row and the boxes line
+    from featcache.inspection import _megabytes
+
+    (chunk,) = [path for path in (head_cache / format.BOXES_ARRAY / "c" / "0").rglob("*") if path.is_file()]
+    stored, fp32 = chunk.stat().st_size, 500 * spec.row_shape[1] * 4
+    (row,) = [line.split() for line in text.splitlines() if line.startswith("teacher boxes ")
+              and "per sample" not in line]
+    assert row[2:6] == [f"500x{spec.row_shape[1]}", "float32", "fp32-zstd3", _megabytes(stored)], row
+    assert float(row[6]) == pytest.approx(fp32 / stored, abs=0.05)
+    assert f"{stored / 1e3:.1f} kB stored per sample ({fp32 / 1e3:.1f} kB as float32)" in text
+    assert any(line.startswith("all + boxes") for line in text.splitlines())
     assert plot_sample(cache, key, str(tmp_path / "bev.png")) and (tmp_path / "bev.png").stat().st_size > 10_000
 
 
