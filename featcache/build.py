@@ -284,6 +284,8 @@ class Builder:
                 problems += _key_differences(cache_keys, self.keys)
             problems += [f"sample {line}" for line in models.source_mismatches(cache_keys, writer.sources(),
                                                                                 self.keys, self.sources)[:5]]
+            prefix = models.source_prefix_difference(cache_keys, writer.sources(), self.keys, self.sources)
+            problems += [prefix] if prefix else []
             if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
                 problems += models.source_differences(writer.manifest.teacher_code, self.teacher_code)
             problems += self._check_stated_layouts(writer.manifest)

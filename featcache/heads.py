@@ -159,6 +159,52 @@ def _out_channels(module: "nn.Module") -> int:
     return int(convolutions[-1].out_channels)
 
 
+def transfusion_refusal(head_name: str, head_type: str, unsupported: Sequence[str]) -> str:
+    """Why ``--head-outputs`` other than ``heatmap`` is refused for a TransFusionHead, and what works."""
+    return (f"--head-outputs {','.join(unsupported)}: {head_name} ({head_type}) regresses boxes per object query, "
+            "not on a dense map, so its only dense output is the class heatmap; use --head-outputs heatmap (and "
+            "--boxes for its decoded predictions). What distils such a teacher's responses: `featcache train --kd "
+            "heatmap=10,label=1` from a cache built with --head-outputs heatmap --boxes (--kd reg needs a "
+            "CenterHead's dense regression outputs)")
+
+
+def config_head(cfg: Any) -> tuple[str, str] | None:
+    """``(module name, type name)`` of the dense head a detector config's ``model`` declares
+    (``pts_bbox_head`` or ``bbox_head``, as ``find_head`` looks for them), or None when it declares
+    neither with a ``type``; read from the config alone, before the model is built."""
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if not hasattr(model, "get"):
+        return None
+    for name in ("pts_bbox_head", "bbox_head"):
+        head = model.get(name)
+        if hasattr(head, "get") and head.get("type"):
+            kind = head["type"]
+            return name, kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    return None
+
+
+def _is_transfusion_type(type_name: str) -> bool:
+    """``TransFusionHead`` by name, or a registered subclass of one (the config's custom_imports loaded)."""
+    if type_name.rsplit(".", 1)[-1] == "TransFusionHead":
+        return True
+    try:
+        from mmdet3d.registry import MODELS
+
+        cls = MODELS.get(type_name)
+    except Exception:  # no registry, or a type it does not know: the name is all there is
+        return False
+    return cls is not None and any(base.__name__ == "TransFusionHead" for base in getattr(cls, "__mro__", ()))
+
+
+def check_config_head_outputs(cfg: Any, kinds: Sequence[str]) -> None:
+    """Refuse, from the config alone (before its model and dataset are built), ``--head-outputs`` a
+    TransFusionHead does not have (all but ``heatmap``); ``head_outputs`` checks the built head again."""
+    declared = config_head(cfg) if kinds else None
+    unsupported = [kind for kind in kinds if kind != "heatmap"]
+    if declared and unsupported and _is_transfusion_type(declared[1]):
+        raise ConfigError(transfusion_refusal(declared[0], declared[1], unsupported))
+
+
 def is_transfusion_head(head: nn.Module) -> bool:
     """A TransFusion-style head: one dense ``heatmap_head`` over all classes, then object queries
     (``num_proposals``) decoded by a transformer (mmdet3d's projects/BEVFusion ``TransFusionHead``)."""
@@ -169,9 +215,7 @@ def _transfusion_outputs(head_name: str, head: nn.Module, kinds: Sequence[str],
                          class_names: Sequence[str] | None) -> list[HeadOutput]:
     unsupported = [kind for kind in kinds if kind != "heatmap"]
     if unsupported:
-        raise ConfigError(f"--head-outputs {','.join(unsupported)}: {head_name} ({type(head).__name__}) regresses "
-                          "boxes per object query, not on a dense map, so its only dense output is the class "
-                          "heatmap; use --head-outputs heatmap (and --boxes for its decoded predictions)")
+        raise ConfigError(transfusion_refusal(head_name, type(head).__name__, unsupported))
     out_channels = _out_channels(head.heatmap_head)
     if not class_names or len(class_names) != out_channels:
         raise ConfigError(f"--head-outputs heatmap: {head_name}.heatmap_head has {out_channels} channels, one per "

@@ -8,6 +8,7 @@ import numpy as np
 
 from featcache import codecs, format, heads, store
 from featcache.reader import FeatureCache, open_cache
+from featcache.writer import BOXES_CODEC
 
 
 @dataclass
@@ -39,6 +40,28 @@ def layer_summaries(cache: FeatureCache, sample_rows: Sequence[int]) -> list[Lay
         summaries.append(LayerSummary(layer.name, layer.shape, str(layer.codec.storage_dtype), layer.codec.name,
                                       stored, int(np.prod(layer.shape)) * 4))
     return summaries
+
+
+def boxes_summary(cache: FeatureCache, sample_rows: Sequence[int]) -> LayerSummary | None:
+    """The teacher boxes' sizes (``--boxes``) as a layer's: one row of ``capacity x (fields + score, label)``
+    float32 per sample; stored bytes are the mean over ``sample_rows`` chunks (Zarr caches only). None when
+    the cache holds no boxes."""
+    spec = cache.manifest.boxes
+    if spec is None:
+        return None
+    stored = None
+    if sample_rows and not cache.location.lower().endswith((".h5", ".hdf5")):
+        array = cache._open()[format.BOXES_ARRAY]
+        sizes = [size for size in (store.chunk_nbytes(array, int(row)) for row in sample_rows) if size]
+        stored = float(np.mean(sizes)) if sizes else None
+    return LayerSummary("teacher boxes", tuple(spec.row_shape), "float32", BOXES_CODEC.name, stored,
+                        int(np.prod(spec.row_shape)) * 4)
+
+
+def _megabytes(stored: float | None) -> str:
+    if not stored:
+        return "n/a"
+    return f"{stored / 1e6:.2f}" if stored >= 1e4 else f"{stored / 1e6:.4f}"
 
 
 def nonzero_fraction(values: np.ndarray, codec: codecs.CodecSpec, qparams: np.ndarray | None = None) -> float:
@@ -128,7 +151,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
     fractions = check_nonzero(cache, checked)
     total_stored, total_fp32 = 0.0, 0
     for summary in layer_summaries(cache, list(complete_rows[:sample_count])):
-        mb = f"{summary.stored_bytes_per_sample / 1e6:.2f}" if summary.stored_bytes_per_sample else "n/a"
+        mb = _megabytes(summary.stored_bytes_per_sample)
         ratio = f"{summary.ratio:.1f}" if summary.ratio else "n/a"
         values = fractions.get(summary.name)
         nonzero = f"{100 * float(np.mean(values)):.2f}%" if values else "n/a"
@@ -136,8 +159,17 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
                      f"{summary.codec:<12} {mb:>10} {ratio:>7} {nonzero:>9}")
         total_stored += summary.stored_bytes_per_sample or 0
         total_fp32 += summary.fp32_bytes_per_sample
+    boxes_size = boxes_summary(cache, list(complete_rows[:sample_count]))
+    if boxes_size is not None:  # the teacher boxes' bytes, beside the layers'
+        mb = _megabytes(boxes_size.stored_bytes_per_sample)
+        ratio = f"{boxes_size.ratio:.1f}" if boxes_size.ratio else "n/a"
+        lines.append(f"{boxes_size.name:<{width}} {'x'.join(map(str, boxes_size.shape)):<18} {boxes_size.dtype:<8} "
+                     f"{boxes_size.codec:<12} {mb:>10} {ratio:>7} {'n/a':>9}")
+        total_stored += boxes_size.stored_bytes_per_sample or 0
+        total_fp32 += boxes_size.fp32_bytes_per_sample
     if total_stored:
-        lines.append(f"{'all layers':<{width}} {'':<18} {'':<8} {'':<12} {total_stored / 1e6:>10.2f} "
+        total = "all layers" if boxes_size is None else "all + boxes"
+        lines.append(f"{total:<{width}} {'':<18} {'':<8} {'':<12} {total_stored / 1e6:>10.2f} "
                      f"{total_fp32 / total_stored:>7.1f}")
     if checked:
         lines.append(f"(non-zero: mean fraction of values not zero over {len(checked)} complete samples)")
@@ -163,7 +195,10 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         counts = [len(cache.read_boxes(int(row))) for row in checked]
         per_sample = (f"{np.mean(counts):.1f} per sample (max {max(counts)}) over {len(counts)} complete samples"
                       if counts else "no complete sample yet")
-        lines += ["", f"teacher boxes {per_sample}; up to {spec.capacity} kept per sample; fields "
+        stored = (f"; {boxes_size.stored_bytes_per_sample / 1e3:.1f} kB stored per sample "
+                  f"({boxes_size.fp32_bytes_per_sample / 1e3:.1f} kB as float32)"
+                  if boxes_size is not None and boxes_size.stored_bytes_per_sample else "")
+        lines += ["", f"teacher boxes {per_sample}; up to {spec.capacity} kept per sample{stored}; fields "
                       f"{', '.join(spec.fields)}; classes {', '.join(spec.classes)}"]
     return "\n".join(lines)
 

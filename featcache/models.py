@@ -444,6 +444,40 @@ def source_mismatches(cache_keys: Sequence[str], cache_sources: Sequence[str] | 
             for key, source in zip(keys, sources) if key in recorded and recorded[key] != source]
 
 
+def source_prefix_difference(cache_keys: Sequence[str], cache_sources: Sequence[str] | None, keys: Sequence[str],
+                             sources: Sequence[str]) -> str | None:
+    """When every scan that differs under the same key is the same file under another leading directory
+    (``n015...pcd.bin`` in the cache, ``samples/LIDAR_TOP/n015...pcd.bin`` read by the dataset): a sentence
+    naming the two prefixes, which come from the datasets' ``data_prefix.pts`` (or the info files' paths).
+    None when the scans differ otherwise, or nothing differs."""
+    if cache_sources is None:
+        return None
+    recorded = dict(zip(cache_keys, cache_sources))
+    prefixes = set()
+    for key, source in zip(keys, sources):
+        if key not in recorded or recorded[key] == source:
+            continue
+        held, read = recorded[key].split("/"), source.split("/")
+        common = 0
+        while common < min(len(held), len(read)) and held[-1 - common] == read[-1 - common]:
+            common += 1
+        if common == 0:  # another file name: not a prefix difference
+            return None
+        prefixes.add(("/".join(held[:len(held) - common]), "/".join(read[:len(read) - common])))
+    if len(prefixes) != 1:
+        return None
+    (held, read), = prefixes
+
+    def where(prefix: str) -> str:
+        return f"under {prefix + '/'!r}" if prefix else "directly in the data root (no prefix)"
+
+    return (f"the lidar paths differ only by their leading directory: the cache's files are {where(held)}, this "
+            f"dataset's {where(read)}. That directory is the dataset's data_prefix.pts (or part of the info file's "
+            f"lidar_path): read with the one the cache was built with, data_prefix.pts={held!r} (--cfg-options "
+            f"train_dataloader.dataset.data_prefix.pts={held} for this repository's student configs; "
+            f"train_dataloader.dataset.dataset.data_prefix.pts={held} for a CBGS-wrapped nuScenes config)")
+
+
 def check_sources(cache, dataset) -> int:
     """Refuse a cache whose samples are other scans than ``dataset``'s under the same keys.
 
@@ -462,8 +496,11 @@ def check_sources(cache, dataset) -> int:
     keys, sources = zip(*((sample_key(info, root), sample_source(info, root)) for info in infos)) if len(dataset) else ((), ())
     problems = source_mismatches(cache.row_keys, cache.sources, keys, sources)
     if problems:
+        prefix = source_prefix_difference(cache.row_keys, cache.sources, keys, sources)
+        advice = (f" {prefix[0].upper()}{prefix[1:]}." if prefix else
+                  " Its targets would be another scan's: use the info file the cache was built from, or rebuild the "
+                  "cache from this one")
         raise CacheMismatchError(
             f"{len(problems)} sample(s) of the dataset are other scans than the ones cache {cache.location} holds "
-            f"under the same key, e.g. " + "; ".join(problems[:5]) + ". Its targets would be another scan's: "
-            "use the info file the cache was built from, or rebuild the cache from this one")
+            f"under the same key, e.g. " + "; ".join(problems[:5]) + "." + advice)
     return sum(1 for key in keys if key in cache)

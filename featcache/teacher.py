@@ -70,6 +70,7 @@ class Teacher:
         self.modules = recording.split_layer_names(layers) if layers is not None else None
         head_kinds = heads.parse_head_outputs(head_outputs)
         self.cfg = models.load_config(config, cfg_options)
+        heads.check_config_head_outputs(self.cfg, head_kinds)  # a refusal before the dataset and model are built
         self.dataset_cfg = models.dataset_cfg_for_split(self.cfg, split)
         self.dataset = models.build_dataset(self.dataset_cfg)
         if len(self.dataset) == 0:

@@ -20,6 +20,9 @@ from featcache import codecs, format, store
 from featcache import location as location_
 from featcache.errors import CacheFormatError, FeatcacheError, InvalidFeatureError
 
+#: How the teacher boxes (``--boxes``) are stored: exact float32, zstd level 3 (``inspect`` reports it).
+BOXES_CODEC = codecs.CodecSpec("fp32", "zstd", 3)
+
 
 @dataclass
 class WriteStats:
@@ -85,7 +88,7 @@ class CacheWriter:
         if manifest.boxes is not None:
             group.create_array(format.BOXES_ARRAY, shape=(n, *manifest.boxes.row_shape),
                                chunks=(1, *manifest.boxes.row_shape), dtype=np.float32, fill_value=0,
-                               **codecs.CodecSpec("fp32", "zstd", 3).zarr_codecs())
+                               **BOXES_CODEC.zarr_codecs())
         group.create_array(format.RECORDS_ARRAY, shape=(n, manifest.records_width),
                            chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0, compressors=None)
         # The manifest goes last: a cache whose manifest exists has all its arrays.

@@ -115,3 +115,29 @@ def test_launchers_pass_every_argument_through():
     for script in ("tools/dist_build.sh", "tools/dist_train.sh"):
         text = (README.parent / script).read_text()
         assert text.rstrip().endswith('"$@"'), script
+
+
+def test_train_help_lists_every_distillation_term():
+    from click.testing import CliRunner
+
+    from trainer.terms import TERMS
+
+    result = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    help_text = " ".join(result.output.split())
+    listed = re.search(r"--kd TERM=WEIGHT,\.\.\. (.*?)Default:", help_text).group(1)
+    assert {"crd", "infonce", "mse", "pkd", "heatmap", "reg", "label"} <= set(TERMS)
+    for name in TERMS:
+        assert re.search(rf"\b{name}\b", listed), (name, listed)
+
+
+def test_readme_loss_names_are_the_logged_ones():
+    # the trainer logs loss_kd_<term>_<key> and kd_valid_fraction_<key>, key = heads.head_key(student layer)
+    from trainer.heads import head_key
+
+    text = README.read_text()
+    for name in (f"loss_kd_infonce_{head_key('pts_neck.0')}", f"kd_valid_fraction_{head_key('pts_neck.0')}",
+                 f"loss_kd_heatmap_{head_key('pts_bbox_head.task_heads.0.heatmap')}"):
+        assert f"`{name}`" in text, name
+    written = re.findall(r"`((?:loss_kd|kd_valid_fraction)_[^`]*)`", text)
+    assert written and not [name for name in written if "." in name], written

@@ -341,6 +341,17 @@ def test_teacher_boxes_are_its_predictions_checked_like_features(head_cache, nus
     # inspect reports them and draws them
     text = describe(str(head_cache))
     assert f"teacher boxes {len(cached)}.0 per sample" in text and "up to 500 kept" in text
+    # with their bytes per sample, as the layers': a table row and the boxes line
+    from featcache.inspection import _megabytes
+
+    (chunk,) = [path for path in (head_cache / format.BOXES_ARRAY / "c" / "0").rglob("*") if path.is_file()]
+    stored, fp32 = chunk.stat().st_size, 500 * spec.row_shape[1] * 4
+    (row,) = [line.split() for line in text.splitlines() if line.startswith("teacher boxes ")
+              and "per sample" not in line]
+    assert row[2:6] == [f"500x{spec.row_shape[1]}", "float32", "fp32-zstd3", _megabytes(stored)], row
+    assert float(row[6]) == pytest.approx(fp32 / stored, abs=0.05)
+    assert f"{stored / 1e3:.1f} kB stored per sample ({fp32 / 1e3:.1f} kB as float32)" in text
+    assert any(line.startswith("all + boxes") for line in text.splitlines())
     assert plot_sample(cache, key, str(tmp_path / "bev.png")) and (tmp_path / "bev.png").stat().st_size > 10_000
 
 
@@ -534,3 +545,98 @@ def test_score_codec_background_counts_as_non_zero_like_the_build_counts_logits(
     fraction = nonzero_fraction(background, codecs.parse_codec(codec))
     assert fraction == 1.0 and not nearly_zero_layers({"heatmap": [fraction]})
     assert nonzero_fraction(np.zeros((1, 8, 8), np.float16), codecs.parse_codec("fp16-zstd1")) == 0.0
+
+
+class _TransFusionLike(torch.nn.Module):
+    """The attributes featcache reads from BEVFusion's TransFusionHead (see the test above)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.num_classes, self.num_proposals = num_classes, 200
+        self.heatmap_head = torch.nn.Sequential(torch.nn.Conv2d(8, num_classes, 3, padding=1))
+
+
+TRANSFUSION_CLASSES = ("car", "truck", "construction_vehicle", "bus", "trailer", "barrier", "motorcycle", "bicycle",
+                       "pedestrian", "traffic_cone")
+
+
+def test_reg_on_a_transfusion_teacher_says_what_works_instead():
+    # --kd reg used to advise `--head-outputs all`, which the build refuses for a TransFusionHead
+    from mmengine.config import Config
+    from torch import nn
+
+    from lidar_fixtures import REPO
+    from trainer.terms import TERMS
+    from trainer.train import TeacherOutput, _config_head_type, online_head_outputs, response_pairs
+
+    models.init_mmdet3d_scope()
+    config = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
+    student = models.build_model(models.load_config(config))
+    reg_kinds = list(TERMS["reg"].kinds)
+    advice = (r"head of cache C is a TransFusionHead \(BEVFusion\).*`featcache build --head-outputs all` refuses it.*"
+              r"--kd heatmap .*--kd label .*--kd heatmap=10,label=1 on a cache built with --head-outputs heatmap --boxes")
+    # a cache built with --head-outputs heatmap --boxes: its manifest names the head type of the heatmap
+    heatmap = TeacherOutput("bbox_head.heatmap_head", "heatmap", TRANSFUSION_CLASSES, TRANSFUSION_CLASSES,
+                            "TransFusionHead")
+    with pytest.raises(ConfigError, match=advice):
+        response_pairs(student, config, ["heatmap", *reg_kinds], [heatmap], "cache C")
+    # a cache with boxes only: the teacher config it recorded names the head
+    recorded = "model = dict(\n    bbox_head=dict(\n        type='TransFusionHead', num_proposals=200))"
+    assert _config_head_type(recorded) == "TransFusionHead" and _config_head_type("model = dict(type='X')") == ""
+    with pytest.raises(ConfigError, match=advice):
+        response_pairs(student, config, reg_kinds, [], "cache C", teacher_head_type=_config_head_type(recorded))
+    # a CenterHead teacher's cache without regression outputs is still told how to build them
+    with pytest.raises(ConfigError, match=r"build it with `featcache build \.\.\. --head-outputs all \(or reg"):
+        response_pairs(student, config, reg_kinds, [], "cache C")
+    # what the advice says works: the heatmap pairs with every student task
+    heatmaps, regressions = response_pairs(student, config, ["heatmap"], [heatmap], "cache C")
+    assert len(heatmaps) == 6 and not regressions
+    # the same advice for an online teacher, and from the build's refusal
+    model = nn.Module()
+    model.bbox_head = _TransFusionLike()
+    with pytest.raises(ConfigError, match=r"online teacher bevfusion\.py is a _TransFusionLike .*--kd label"):
+        online_head_outputs(model, Config(dict(class_names=list(TRANSFUSION_CLASSES))), ["heatmap", *reg_kinds],
+                            "bevfusion.py")
+    with pytest.raises(ConfigError, match=r"per object query.*--head-outputs heatmap.*--kd heatmap=10,label=1"):
+        heads.head_outputs(model, ["heatmap", "reg"], TRANSFUSION_CLASSES)
+
+
+def test_head_outputs_a_transfusion_head_lacks_are_refused_before_model_and_dataset(tmp_path, monkeypatch):
+    # the build used to find out only once the teacher model and its dataset were built (~9 s for BEVFusion)
+    import time
+
+    from featcache.options import resolve_config_path
+
+    config = tmp_path / "bevfusion_like.py"
+    config.write_text(f"_base_ = [{str(resolve_config_path(PILLAR_CONFIG))!r}]\n"
+                      "model = dict(pts_bbox_head=dict(_delete_=True, type='TransFusionHead', num_proposals=200))\n")
+    checkpoint = tmp_path / "teacher.pth"
+    checkpoint.write_bytes(b"not read")
+
+    def built(*args, **kwargs):
+        raise AssertionError("built before --head-outputs was checked")
+
+    monkeypatch.setattr(models, "build_model", built)
+    monkeypatch.setattr(models, "build_dataset", built)
+    for wanted, refused in (("all", "reg,height,dim,rot,vel"), ("heatmap,dim", "dim")):
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"--head-outputs {refused}: pts_bbox_head \(TransFusionHead\) regresses "
+                                              r"boxes per object query.*--kd heatmap=10,label=1"):
+            build_cache(BuildOptions(str(config), str(checkpoint), str(tmp_path / "out"), head_outputs=wanted,
+                                     num_workers=0, progress=False))
+        assert time.monotonic() - start < 5
+    assert not (tmp_path / "out").exists()
+    # a registered subclass of TransFusionHead counts too; a CenterHead config passes
+    from mmdet3d.registry import MODELS
+
+    class TransFusionHead(torch.nn.Module):
+        pass
+
+    @MODELS.register_module(name="MyTransFusionHeadForTest", force=True)
+    class Mine(TransFusionHead):
+        pass
+
+    with pytest.raises(ConfigError, match=r"bbox_head \(MyTransFusionHeadForTest\)"):
+        heads.check_config_head_outputs({"model": {"bbox_head": {"type": "MyTransFusionHeadForTest"}}}, ["reg"])
+    heads.check_config_head_outputs({"model": {"bbox_head": {"type": "MyTransFusionHeadForTest"}}}, ["heatmap"])
+    heads.check_config_head_outputs(models.load_config(PILLAR_CONFIG), heads.parse_head_outputs("all"))

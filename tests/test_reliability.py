@@ -526,6 +526,40 @@ def test_same_key_on_another_scan_is_refused_by_resume_and_by_readers(reference_
     assert models.check_sources(cache, same) == 6
 
 
+def test_scans_under_another_data_prefix_are_refused_naming_the_prefix(reference_cache, nus_six, tmp_path):
+    # the same files, read from a flat data root (data_prefix.pts=''): the cache recorded samples/LIDAR_TOP/...
+    from featcache.errors import CacheMismatchError
+    from featcache.reader import CachedTargetsDataset
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for scan in (nus_six / "samples" / "LIDAR_TOP").iterdir():
+        (flat / scan.name).symlink_to(scan)
+    shutil.copy(nus_six / "infos.pkl", flat / "infos.pkl")
+    cache = open_cache(reference_cache)
+    assert all(source.startswith("samples/LIDAR_TOP/") for source in cache.sources)
+
+    def dataset(root, pts):
+        options = {**nus_cfg_options(root), "train_dataloader.dataset.dataset.data_prefix.pts": pts}
+        return models.build_dataset(models.dataset_cfg_for_split(models.load_config(PILLAR_CONFIG, options), "train"))
+
+    prefix = (r"6 sample\(s\).*The lidar paths differ only by their leading directory: the cache's files are under "
+              r"'samples/LIDAR_TOP/', this dataset's directly in the data root \(no prefix\).*data_prefix.pts="
+              r"'samples/LIDAR_TOP' \(--cfg-options train_dataloader.dataset.data_prefix.pts=samples/LIDAR_TOP")
+    flat_dataset = dataset(flat, "")
+    for check in (lambda: models.check_sources(cache, flat_dataset), lambda: CachedTargetsDataset(flat_dataset, cache)):
+        with pytest.raises(CacheMismatchError, match=prefix) as raised:
+            check()
+        assert "use the info file the cache was built from" not in str(raised.value)
+    # the advice: the prefix the cache was built with pairs the same keys with the same paths again
+    assert models.check_sources(cache, dataset(flat, "samples/LIDAR_TOP")) == 6
+    # other file names are not a prefix difference
+    assert models.source_prefix_difference(["k"], ["a/x.bin"], ["k"], ["a/y.bin"]) is None
+    assert models.source_prefix_difference(["k", "l"], ["a/x.bin", "b/y.bin"], ["k", "l"], ["x.bin", "y.bin"]) is None
+    assert "under 'a/b/', this dataset's under 'c/'" in models.source_prefix_difference(
+        ["k", "l"], ["a/b/x.bin", "a/b/y.bin"], ["k", "l"], ["c/x.bin", "c/y.bin"])
+
+
 def _as_written_before_identities(out: Path, keys: list[str] | None = None) -> None:
     """Rewrite a cache as featcache wrote it before keys were identities: no marker, no sources, no
     key scheme in the manifest (and, for token-less samples, keys that were list positions)."""

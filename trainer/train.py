@@ -278,10 +278,11 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         paired = set((options.pairs or {}).values())
         if response_kinds:
             cached = [TeacherOutput(layer.name, layer.meaning.get("kind"), tuple(layer.meaning.get("classes", ())),
-                                    tuple(layer.meaning.get("channels", ())))
+                                    tuple(layer.meaning.get("channels", ())), layer.meaning.get("head_type", ""))
                       for layer in cache.manifest.layers if layer.is_head_output]
             heatmaps, regressions = response_pairs(student, options.student_config, response_kinds, cached,
-                                                   f"cache {options.cache}")
+                                                   f"cache {options.cache}",
+                                                   teacher_head_type=_config_head_type(cache.manifest.teacher_config))
             paired |= {t_layer for t_layer, _ in [*heatmaps.values(), *regressions.values()]}
         layers = [layer for layer in cache.manifest.layers
                   if layer.name in paired or (wants_features and not layer.is_head_output)]
@@ -421,7 +422,9 @@ def online_head_outputs(teacher, teacher_cfg, kinds: Sequence[str], where: str) 
 
     _, head = find_head(teacher)
     classes = teacher_class_names(teacher_cfg, where) if is_transfusion_head(head) else None
-    return [TeacherOutput(output.layer, output.kind, output.classes, output.channels)
+    if is_transfusion_head(head) and set(kinds) - {"heatmap"}:
+        raise ConfigError(transfusion_reg_advice(f"online teacher {where}", type(head).__name__))
+    return [TeacherOutput(output.layer, output.kind, output.classes, output.channels, output.head_type)
             for output in head_outputs(teacher, list(dict.fromkeys(kinds)), classes)]
 
 
@@ -445,6 +448,17 @@ class TeacherOutput(NamedTuple):
     kind: str
     classes: tuple[str, ...]
     channels: tuple[str, ...]
+    head_type: str = ""  # the teacher head's class name (manifest meaning.head_type), for messages
+
+
+def transfusion_reg_advice(where: str, head_type: str = "TransFusionHead") -> str:
+    """What to do instead of --kd reg when the teacher's head regresses boxes per object query."""
+    return (f"--kd reg distils a CenterHead's dense regression outputs (reg, height, dim, rot, vel), and the head of "
+            f"{where} is a {head_type} (BEVFusion), which regresses boxes per object query and has none: "
+            "`featcache build --head-outputs all` refuses it. What distils a TransFusionHead teacher's responses: "
+            "--kd heatmap (its class heatmap, from a cache built with --head-outputs heatmap) and --kd label (its "
+            "decoded boxes, from a cache built with --boxes), e.g. --kd heatmap=10,label=1 on a cache built with "
+            "--head-outputs heatmap --boxes")
 
 
 def match_by_class(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequence[tuple[str, Sequence[str]]],
@@ -472,8 +486,16 @@ def match_by_class(student: Sequence[tuple[str, Sequence[str]]], teacher: Sequen
     return pairs
 
 
-def response_pairs(student, config: str, kinds: Sequence[str], teacher: Sequence[TeacherOutput], where: str
-                   ) -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[str, dict]]]:
+def _config_head_type(config_text: str | None) -> str:
+    """"TransFusionHead" when a cache's recorded teacher config (its text) names one, else "" (for messages:
+    a cache without head outputs records no head type)."""
+    import re
+
+    return "TransFusionHead" if re.search(r"type\s*=\s*['\"]TransFusionHead['\"]", config_text or "") else ""
+
+
+def response_pairs(student, config: str, kinds: Sequence[str], teacher: Sequence[TeacherOutput], where: str,
+                   teacher_head_type: str = "") -> tuple[dict[str, tuple[str, list[int]]], dict[str, tuple[str, dict]]]:
     """The head-output pairs of the response terms, which read the head outputs of ``kinds`` (their
     ``KDTerm.kinds``): heatmaps (student layer -> (teacher layer, channel map)), regression outputs
     (student layer -> (teacher layer, dict(kind, labels, log_dims))), student tasks matched to teacher
@@ -482,6 +504,9 @@ def response_pairs(student, config: str, kinds: Sequence[str], teacher: Sequence
     from trainer.response import REGRESSION_KINDS
 
     available = {out.kind for out in teacher}
+    transfusion = [name for name in (*(out.head_type for out in teacher), teacher_head_type) if name == "TransFusionHead"]
+    if transfusion and set(REGRESSION_KINDS) & set(kinds) and not available & set(REGRESSION_KINDS):
+        raise ConfigError(transfusion_reg_advice(where, transfusion[0]))
     for wanted, what, option in ((["heatmap"], "class heatmaps", "--head-outputs heatmap"),
                                  (list(REGRESSION_KINDS), "regression outputs",
                                   "--head-outputs all (or reg,height,dim,rot,vel)")):
