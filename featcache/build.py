@@ -20,6 +20,7 @@ import torch
 
 from featcache import boxes as boxes_
 from featcache import codecs, format, heads, location, models
+from featcache import lock as cache_lock
 from featcache.errors import CacheMismatchError, ConfigError, InputDataError
 from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
@@ -105,6 +106,18 @@ class Builder:
             raise ConfigError(f"--device {self.device}: CUDA is not available here (torch {torch.__version__}); "
                               "use --device cpu")
         self.world: World = init_world()
+        # one writer per cache: taken before the teacher's set-up and before anything at --out is created or
+        # erased, held to the end of the run (build_cache releases it)
+        command = ("featcache verify --repair" if options.rows is not None
+                   else "featcache build --force" if options.force else "featcache build")
+        self.lock = cache_lock.acquire_for_world(options.out, self.world, command)
+        try:
+            self._set_up(options)
+        except BaseException:
+            self.lock.release(discard=True)  # a new --out is left as it was: absent
+            raise
+
+    def _set_up(self, options: BuildOptions) -> None:
         self.teacher = Teacher(options.teacher_config, options.checkpoint, options.layers, split=options.split,
                                cfg_options=options.cfg_options, device=self.device,
                                trust_globals=options.trust_globals, head_outputs=options.head_outputs)
@@ -371,7 +384,13 @@ class Builder:
             writer.clear([row for row in self.options.rows if self.world.owns(row)])
         status = writer.status()
         wanted = set(range(len(self.keys))) if self.options.rows is None else set(self.options.rows)
-        rows = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_MISSING
+        damaged = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_DAMAGED]
+        if damaged:  # that row's damage alone: rebuilt like a missing one, its record rewritten whole
+            logger.warning("%s: the records rows of %d samples are damaged (cut short, failing their crc32c, or "
+                           "holding no status featcache writes); rebuilding them: %s", self.options.out, len(damaged),
+                           ", ".join(repr(self.keys[row]) for row in damaged[:10]) + (" ..." if len(damaged) > 10 else ""))
+        rows = [row for row in sorted(wanted) if self.world.owns(row)
+                and status[row] in (format.STATUS_MISSING, format.STATUS_DAMAGED)
                 and (probe is None or row != probe[0])]
         already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
                           and status[row] == format.STATUS_COMPLETE)) - writer.stats.samples
@@ -451,7 +470,12 @@ class _Progress:
 def build_cache(options: BuildOptions) -> BuildResult:
     """Build (or resume, or with ``rows`` repair) the cache ``options.out``; see :class:`BuildOptions`."""
     builder = Builder(options)
+    finished = False
     try:
-        return builder.run()
+        result = builder.run()
+        finished = True
+        return result
     finally:
+        # a run that failed before creating the cache leaves a new --out as it found it (absent)
+        builder.lock.release(discard=not finished)
         close_world(builder.world)

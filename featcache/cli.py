@@ -189,7 +189,9 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
         result = build_cache(BuildOptions(
             teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=cache,
             layers=manifest.extra["modules"], split=manifest.split, codec=codec,
-            cfg_options=parse_cfg_options(cfg_options), storage_options=options, rows=report.bad_rows,
+            # the build's own --cfg-options (the manifest records them), with what is given here on top
+            cfg_options={**(manifest.extra.get("cfg_options") or {}), **parse_cfg_options(cfg_options)},
+            storage_options=options, rows=report.bad_rows,
             boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None,
             head_outputs=",".join(kinds) or None, dense_head_outputs=regression and manifest.regression_cells is None))
         click.echo(f"repaired {result.written} samples")

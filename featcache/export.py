@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import tempfile
 
@@ -20,6 +21,8 @@ import numpy as np
 
 from featcache import format
 from featcache.errors import ConfigError
+
+logger = logging.getLogger("featcache.export")
 
 EXPORT_FORMATS = ("hdf5",)
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -70,6 +73,7 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     """Write ``out`` from the cache at ``location``; see the module docstring for what is refused."""
     import h5py
 
+    from featcache import store
     from featcache.reader import open_cache
 
     out = os.fspath(out)
@@ -93,7 +97,12 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
             if cache.sources is not None:
                 h5.create_dataset(format.SOURCES_ARRAY, data=np.asarray(cache.sources, dtype=object),
                                   dtype=h5py.string_dtype())
-            records = np.asarray(root[format.RECORDS_ARRAY][:])
+            records, damaged = store.read_records(root[format.RECORDS_ARRAY])
+            if damaged:  # exported as not written: the export's verify names them missing
+                logger.warning("%s: the records rows of %d samples are damaged and are exported as not written: %s; "
+                               "run `featcache verify --repair` on the cache and export again", location, len(damaged),
+                               ", ".join(cache.row_keys[row] for row in damaged[:10]))
+                records[damaged] = 0
             h5.create_dataset(format.RECORDS_ARRAY, data=records)
             targets = {}
             for layer in cache.manifest.layers:

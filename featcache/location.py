@@ -23,6 +23,9 @@ from featcache.errors import CacheFormatError, ConfigError, NotACacheError
 
 # store entries and leftovers featcache (or zarr on its behalf) writes in a cache; nothing else is erased
 MARKER = "featcache.json"
+# the writer lock (``featcache.lock``): featcache's, never erased (the next writer may hold it), and not
+# content: a directory holding only it is empty to a build
+LOCK = "featcache.lock"
 ENTRIES = (MARKER, "zarr.json", "keys", "sources", "records", "features", "qparams")
 _ATOMIC_LEFTOVER = re.compile(r"^(zarr|featcache)\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore temp files
 
@@ -181,7 +184,7 @@ def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None 
     access = _access(location, storage_options)
     if access.kind_of_root() == "absent":
         return LocationState(where, ABSENT)
-    entries = access.list()
+    entries = [name for name in access.list() if name != LOCK]
     if not entries:
         return LocationState(where, EMPTY)
     marked = _read_marker(access)

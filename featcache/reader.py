@@ -322,8 +322,9 @@ class FeatureCache(collections.abc.Mapping):
                                        f"({len(self)} samples, split {self.manifest.split!r})") from None
 
     def status(self) -> np.ndarray:
-        """Per-row status (format.STATUS_*) of every sample."""
-        return np.asarray(self._open()[format.RECORDS_ARRAY][:, 0])
+        """Per-row status (format.STATUS_*) of every sample; ``STATUS_DAMAGED`` where the records row cannot
+        be read or trusted (``store.read_records``: that row alone)."""
+        return store.read_records(self._open()[format.RECORDS_ARRAY])[0][:, 0]
 
     # -- reading --------------------------------------------------------------------------
     def read_row(self, row: int, layers: list[str] | None = None, decode: bool = True) -> dict[str, np.ndarray]:
@@ -377,8 +378,8 @@ class FeatureCache(collections.abc.Mapping):
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
         record_spec = (format.RECORDS_ARRAY, (self.manifest.records_width,), np.dtype(np.uint32))
         # a layer's checksum runs over its values, then its int8 scales: the values' sum is taken where
-        # they are decompressed, the scales' (a few KB) chained to it below. The record's own chunk has
-        # no crc32c (a damaged one spoils one row's status or checksums, which verify reports).
+        # they are decompressed, the scales' (a few KB) chained to it below. The record's own chunk ends with
+        # its crc32c, checked as the features' (caches written before: its status is checked below).
         record, *results = self._fetch(row, [record_spec, *specs],
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
                                        checksums=[False, *value_sums])
@@ -413,7 +414,12 @@ class FeatureCache(collections.abc.Mapping):
         return out
 
     def _check_complete(self, record: np.ndarray, key: str, row: int) -> None:
-        """SampleNotCachedError unless the records row says the sample is complete."""
+        """SampleNotCachedError unless the records row says the sample is complete; CorruptSampleError when
+        it holds no status featcache writes (flipped bytes)."""
+        if record[0] not in format.RECORDED_STATUSES:
+            raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row is damaged "
+                                     f"(status {int(record[0])} is none featcache writes); run `featcache verify "
+                                     "--repair`")
         if record[0] != format.STATUS_COMPLETE:
             state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
             raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "

@@ -86,8 +86,11 @@ class CacheWriter:
             group.create_array(format.BOXES_ARRAY, shape=(n, *manifest.boxes.row_shape),
                                chunks=(1, *manifest.boxes.row_shape), dtype=np.float32, fill_value=0,
                                **codecs.CodecSpec("fp32", "zstd", 3).zarr_codecs())
+        # each records chunk ends with its crc32c: a damaged row is that row's damage alone
+        # (``store.read_records``), never a status or checksum taken for the build's
         group.create_array(format.RECORDS_ARRAY, shape=(n, manifest.records_width),
-                           chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0, compressors=None)
+                           chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0,
+                           compressors=codecs.checksummed())
         # The manifest goes last: a cache whose manifest exists has all its arrays.
         group.attrs["featcache"] = manifest.to_dict()
         return cls(group, manifest, location)
@@ -114,8 +117,9 @@ class CacheWriter:
         return _strings(self.group[format.SOURCES_ARRAY][:])
 
     def status(self) -> np.ndarray:
-        """Per-row status (format.STATUS_*), read from every records chunk."""
-        return np.asarray(self._records[:, 0])
+        """Per-row status (format.STATUS_*), read from every records chunk; ``STATUS_DAMAGED`` for a row
+        whose record cannot be read or trusted (``store.read_records``): the build rebuilds it."""
+        return store.read_records(self._records)[0][:, 0]
 
     def write_sample(self, row: int, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
         """Encode, store and record one sample; raises InvalidFeatureError (nothing written) on NaN/Inf.
