@@ -130,7 +130,8 @@ class Builder:
         self.invalid_keys: list[str] = []
         # the teacher's own code (its config's custom_imports), part of the cache's identity
         self.teacher_code = models.custom_module_sources(self.cfg)
-        self.nonzero: dict[str, list[float]] = {}  # per layer, the non-zero fraction of each sample this run
+        # per sample key of this run, each layer's non-zero fraction; an invalid sample's are dropped
+        self.nonzero: dict[str, dict[str, float]] = {}
         # --boxes: what the boxes record holds; its box width is known once the teacher ran (the probe), or
         # from the cache being resumed
         self.boxes_spec: boxes_.BoxesSpec | None = None
@@ -285,7 +286,7 @@ class Builder:
                 logger.warning("--force: erasing featcache's files of the cache at %s (other files stay)", out)
             # the shape probe runs in this process: a worker started for one sample costs more than it
             rows, keys, batch = next(iter(self.teacher.loader([0], batch_size=1, num_workers=0)))
-            features, predicted = self._teacher_outputs(batch, keys)
+            features, predicted, head_problems = self._teacher_outputs(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
             if options.boxes:
                 self.boxes_spec = boxes_.spec_for(self.cfg, self.teacher.class_names, predicted[0].bboxes.shape[1],
@@ -294,7 +295,7 @@ class Builder:
                                         sources=self.sources)
             probe = (rows[0], keys[0], self._stored(rows[0], {name: value[0] for name, value in features.items()},
                                                     predicted[0] if options.boxes else None),
-                     self._packed_boxes(keys[0], predicted[0]) if options.boxes else None)
+                     self._packed_boxes(keys[0], predicted[0]) if options.boxes else None, head_problems[0])
         self.world.barrier()
         if self.world.is_main:
             return writer, probe
@@ -311,23 +312,29 @@ class Builder:
                            "samples built now may differ slightly from the earlier ones; --force rebuilds all of "
                            "them with one set", self.options.out, ", ".join(changed))
 
-    def _count_nonzero(self, features: dict[str, np.ndarray]) -> None:
-        """Record each sample's non-zero fraction per layer (of the teacher's float32 output)."""
+    def _count_nonzero(self, features: dict[str, np.ndarray], keys: Sequence[str]) -> None:
+        """Record each sample's non-zero fraction per layer (of the teacher's float32 output), by key: a sample
+        found invalid when written is dropped from them (``_report_invalid``)."""
         for name, value in features.items():
             per_sample = value.reshape(value.shape[0], -1)
             fractions = np.count_nonzero(per_sample, axis=1) / max(per_sample.shape[1], 1)
-            self.nonzero.setdefault(name, []).extend(float(f) for f in fractions)
+            for key, fraction in zip(keys, fractions):
+                self.nonzero.setdefault(key, {})[name] = float(fraction)
 
     def _nonzero_summary(self, writer: CacheWriter) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, float]]]:
         """Every rank's non-zero fractions, merged with those of earlier runs (group attribute
         ``featcache_nonzero``), and the layers (nearly) all zeros in every sample of this run, with that
         run's sample count and largest fraction. A repair (``rows``) leaves the recorded figures as they are."""
-        gathered = [self.nonzero]
+        mine: dict[str, list[float]] = {}  # per layer, in the order the samples were computed
+        for fractions in list(self.nonzero.values()):
+            for name, fraction in fractions.items():
+                mine.setdefault(name, []).append(fraction)
+        gathered = [mine]
         if self.world.size > 1:
             import torch.distributed as dist
 
             gathered = [None] * self.world.size
-            dist.all_gather_object(gathered, self.nonzero)
+            dist.all_gather_object(gathered, mine)
         this_run: dict[str, list[float]] = {}
         for part in gathered:
             for name, fractions in (part or {}).items():
@@ -349,15 +356,17 @@ class Builder:
                              "max": max(fractions + ([before["max"]] if "max" in before else []))}
         return summary, nearly_zero
 
-    def _teacher_outputs(self, batch, keys: list[str]) -> tuple[dict[str, np.ndarray], list[boxes_.TeacherBoxes]]:
-        """The batch's features, and with ``--boxes`` each sample's predictions (else an empty list)."""
+    def _teacher_outputs(self, batch, keys: list[str]
+                         ) -> tuple[dict[str, np.ndarray], list[boxes_.TeacherBoxes], list[str | None]]:
+        """The batch's features, with ``--boxes`` each sample's predictions (else an empty list), and per
+        sample what was non-finite in the head the boxes came from (None: nothing, or no ``--boxes``)."""
         try:
             if self.options.boxes:
-                features, predicted = self.teacher.features_and_boxes(batch)
+                features, predicted, head_problems = self.teacher.features_and_checked_boxes(batch)
             else:
-                features, predicted = self.teacher.features(batch), []
-            self._count_nonzero(features)
-            return features, predicted
+                features, predicted, head_problems = self.teacher.features(batch), [], [None] * len(keys)
+            self._count_nonzero(features, keys)
+            return features, predicted, head_problems
         except Exception as exc:
             raise InputDataError(f"the teacher failed on sample(s) {', '.join(map(repr, keys))} "
                                  f"({', '.join(self.teacher.lidar_paths(keys))}): {type(exc).__name__}: {exc}. "
@@ -373,6 +382,7 @@ class Builder:
 
     def _report_invalid(self, key: str, exc: Exception) -> None:
         self.invalid_keys.append(key)
+        self.nonzero.pop(key, None)  # the statistics are of valid samples only
         logger.error("sample %r: teacher output not finite (%s); not cached, marked invalid", key, exc)
 
     # -- run --------------------------------------------------------------------------------
@@ -403,12 +413,13 @@ class Builder:
                 progress.update(1)  # the set-up's sample is one of the split's
             if rows:
                 for batch_rows, batch_keys, batch in self._loader(rows):
-                    features, predicted = self._teacher_outputs(batch, batch_keys)
+                    features, predicted, head_problems = self._teacher_outputs(batch, batch_keys)
                     for position, (row, key) in enumerate(zip(batch_rows, batch_keys)):
                         sample = {name: value[position] for name, value in features.items()}
                         boxes = predicted[position] if self.options.boxes else None
                         background.submit(row, key, self._stored(row, sample, boxes),
-                                          self._packed_boxes(key, boxes) if boxes is not None else None)
+                                          self._packed_boxes(key, boxes) if boxes is not None else None,
+                                          head_problems[position])
                     progress.update(len(batch_rows))
         finally:
             # whatever was computed before a failure is still written

@@ -121,9 +121,14 @@ class CacheWriter:
         whose record cannot be read or trusted (``store.read_records``): the build rebuilds it."""
         return store.read_records(self._records)[0][:, 0]
 
-    def write_sample(self, row: int, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
+    def write_sample(self, row: int, features: dict[str, np.ndarray], boxes: np.ndarray | None = None,
+                     non_finite: str | None = None) -> None:
         """Encode, store and record one sample; raises InvalidFeatureError (nothing written) on NaN/Inf.
-        ``boxes``: the packed boxes row (``BoxesSpec.pack``), required when the cache holds boxes."""
+        ``boxes``: the packed boxes row (``BoxesSpec.pack``), required when the cache holds boxes.
+        ``non_finite``: what the build found non-finite in teacher outputs the cache does not store but
+        derives from (the head its boxes were decoded from): the sample is invalid as well."""
+        if non_finite is not None:
+            raise InvalidFeatureError(non_finite)
         for name, value in features.items():
             if not np.isfinite(value).all():
                 bad = int(np.size(value) - np.isfinite(value).sum())
@@ -191,9 +196,9 @@ class BackgroundWriter:
                 return
             if self._error is not None:
                 continue  # drain without writing after a failure
-            row, key, features, boxes = item
+            row, key, features, boxes, non_finite = item
             try:
-                self.writer.write_sample(row, features, boxes)
+                self.writer.write_sample(row, features, boxes, non_finite)
             except InvalidFeatureError as exc:
                 self.writer.mark_invalid(row)
                 if self.on_invalid is not None:
@@ -203,10 +208,11 @@ class BackgroundWriter:
                                              f"failed: {type(exc).__name__}: {exc}")
                 self._error.__cause__ = exc
 
-    def submit(self, row: int, key: str, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
+    def submit(self, row: int, key: str, features: dict[str, np.ndarray], boxes: np.ndarray | None = None,
+               non_finite: str | None = None) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((row, key, features, boxes))
+        self._queue.put((row, key, features, boxes, non_finite))
 
     def close(self) -> None:
         """Write everything queued, stop the thread, and raise the first write error if any."""

@@ -1,6 +1,6 @@
 """No silent wrong result (issue 28): one writer per cache (two builds at once, a build, --force or
 verify --repair beside a running writer), a damaged records row that is that row's damage alone (cut
-short, bytes flipped; in caches with and without records crc32c)."""
+short, bytes flipped; in caches with and without records crc32c), and a NaN head behind finite boxes."""
 from __future__ import annotations
 
 import hashlib
@@ -230,3 +230,32 @@ def test_damaged_records_row_is_named_repaired_and_resumed_around(reference_cach
     assert "repaired 1 samples" in repaired.stdout and repaired.stdout.rstrip().endswith("6/6 samples verified")
     assert_same_cache(out, reference_cache)
     assert has_chunk_checksum(zarr.open_array(str(out / "records"), mode="r").metadata) == records_crc
+
+
+# -- a NaN head behind finite boxes ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def nan_heatmap_ckpt(tmp_path_factory, pillar_ckpt) -> Path:
+    """The pillar teacher with its task-0 (car) heatmap's last convolution weight NaN."""
+    from featcache import models
+    from lidar_fixtures import save_openmmlab_checkpoint
+
+    model = models.build_model(models.load_config(PILLAR_CONFIG), str(pillar_ckpt))
+    with torch.no_grad():
+        model.pts_bbox_head.task_heads[0].heatmap[-1].weight.fill_(float("nan"))
+    return save_openmmlab_checkpoint(model, tmp_path_factory.mktemp("nan_head") / "teacher_nan_heatmap.pth")
+
+
+def test_nan_head_with_only_boxes_cached_makes_the_sample_invalid(nus_one, nan_heatmap_ckpt, tmp_path):
+    out = tmp_path / "cache"
+    result = subprocess.run(_build_args(nus_one, nan_heatmap_ckpt, out, "--boxes"), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    cache = open_cache(out)
+    key = cache.row_keys[0]
+    assert _error_lines(result.stderr) == [f"Error: 1 samples had non-finite teacher output and were not cached: {key}"]
+    assert (f"sample {key!r}: teacher output not finite (non-finite head outputs (the boxes are decoded from "
+            "them):") in result.stderr and "pts_bbox_head output" in result.stderr
+    assert cache.status()[0] == format.STATUS_INVALID
+    assert not cache._open().attrs.get(format.NONZERO_ATTRIBUTE)  # statistics of valid samples only: none
+    check = subprocess.run(FEATCACHE + ["verify", str(out)], capture_output=True, text=True, timeout=600)
+    assert check.returncode == 1 and f"1 invalid (non-finite teacher output): {key}" in check.stdout
