@@ -21,7 +21,7 @@ import torch
 from featcache import boxes as boxes_
 from featcache import codecs, format, heads, location, models
 from featcache import lock as cache_lock
-from featcache.errors import CacheMismatchError, ConfigError, InputDataError
+from featcache.errors import CacheMismatchError, ConfigError, FeatcacheError, InputDataError
 from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
 from featcache.world import World, close_world, init_world
@@ -277,6 +277,12 @@ class Builder:
                         identity["regression_cells"]["annotated_centres_sha256"]:
                     hint = (" Its regression outputs are kept at the centres of other annotated boxes: the "
                             "dataset's annotations changed since it was built.")
+                if options.rows is not None:  # verify --repair: the cache is right, the repair's teacher is not
+                    raise CacheMismatchError(
+                        f"{out} was built differently from what verify --repair would rebuild its samples with:\n  "
+                        + "\n  ".join(problems) + "\nverify --repair uses the teacher config, checkpoint and "
+                        "--cfg-options the manifest records; give --teacher-config, --checkpoint or --cfg-options only "
+                        "where those moved, as the build had them. Nothing was changed." + hint)
                 raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
                                          "\nUse another --out, or --force to erase it and start over." + hint)
             self._warn_versions(writer.manifest.versions)
@@ -423,17 +429,28 @@ class Builder:
                     progress.update(len(batch_rows))
         finally:
             # whatever was computed before a failure is still written
-            background.close()
-            progress.close()
+            try:
+                background.close()
+            finally:  # the bar ends at what was written (a sample is counted when it is handed to the writer)
+                progress.close(done=writer.stats.samples + writer.stats.invalid)
         self.world.barrier()
         nonzero, nearly_zero = self._nonzero_summary(writer)
         if self.world.is_main:
             final = writer.status()
-            if nonzero and self.options.rows is None:
-                writer.group.attrs[format.NONZERO_ATTRIBUTE] = nonzero
-            writer.set_progress(complete=int((final == format.STATUS_COMPLETE).sum()),
-                                invalid=int((final == format.STATUS_INVALID).sum()),
-                                missing=int((final == format.STATUS_MISSING).sum()))
+            try:
+                if nonzero and self.options.rows is None:
+                    writer.group.attrs[format.NONZERO_ATTRIBUTE] = nonzero
+                writer.set_progress(complete=int((final == format.STATUS_COMPLETE).sum()),
+                                    invalid=int((final == format.STATUS_INVALID).sum()),
+                                    missing=int((final == format.STATUS_MISSING).sum()),
+                                    **({"damaged": int((final == format.STATUS_DAMAGED).sum())}
+                                       if (final == format.STATUS_DAMAGED).any() else {}))
+            except OSError as exc:  # e.g. the disk filled up with the last chunk (zarr.json is replaced atomically)
+                raise FeatcacheError(
+                    f"{self.options.out}: every sample this run computed is written and recorded, but the build's "
+                    f"summary in zarr.json (non-zero statistics and counts, for inspect) could not be saved: "
+                    f"{type(exc).__name__}: {exc}. The cache is usable (featcache verify checks it); free space and run "
+                    "the build again to record the counts (this run's non-zero statistics are lost)") from exc
             for name, (count, largest) in nearly_zero.items():
                 logger.warning(
                     "layer %s is (nearly) all zeros in every one of the %d samples this build wrote (at most %.4f%% "
@@ -473,8 +490,13 @@ class _Progress:
                                      refresh=False)
         self.bar.update(count)
 
-    def close(self) -> None:
+    def close(self, done: int | None = None) -> None:
+        """Close the bar, showing ``done`` samples if given: a write that failed is not shown as done."""
         if self.bar is not None:
+            if done is not None and done != self.bar.n:
+                self.bar.n = done
+                self.bar.set_description_str(f"{self.bar.desc} (stopped)", refresh=False)
+                self.bar.refresh()
             self.bar.close()
 
 

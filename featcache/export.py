@@ -81,6 +81,13 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     # values checked against the records too: the export copies those checksums, and HDF5 reads sum the values
     cache = open_cache(location, storage_options=storage_options, check_values=True)
     root = cache._open()
+    for layer in cache.manifest.layers:  # every array the manifest names, before the export file is started
+        for path in [format.feature_path(layer.name)] + ([format.qparams_path(layer.name)]
+                                                          if layer.codec.precision == "int8" else []):
+            try:
+                root[path]
+            except Exception as exc:  # noqa: BLE001 - a missing array, a name zarr refuses ('../x')
+                raise store.array_problem(location, path, exc) from exc
     handle, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
                                        prefix=os.path.basename(out) + ".", suffix=".partial")
     os.close(handle)

@@ -78,6 +78,14 @@ def _damage(location: str | os.PathLike, storage_options: dict[str, Any] | None)
     return CacheFormatError(state.problem) if state.kind == locations.DAMAGED else None
 
 
+def array_problem(location: str, path: str, exc: BaseException) -> CacheFormatError:
+    """The error for an array the manifest names that the cache cannot open: the manifest (zarr.json) was edited
+    or damaged, or the array deleted; not a damaged sample that ``verify --repair`` could rebuild."""
+    return CacheFormatError(f"{location}: the manifest names array {path!r}, which the cache cannot open "
+                            f"({type(exc).__name__}: {exc}): zarr.json was edited or damaged, or the array was deleted. "
+                            "Restore the cache from a copy, or rebuild it with `featcache build --force`")
+
+
 def row_chunk_key(array: Any, row: int) -> str:
     """Store key, relative to the array, of the one chunk holding sample ``row`` (zarr Array or
     AsyncArray of a cache: one chunk per row)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache import codecs, format, store
 from featcache import location as location_
-from featcache.errors import CacheFormatError, FeatcacheError, InvalidFeatureError
+from featcache.errors import FeatcacheError, InvalidFeatureError
 
 
 @dataclass
@@ -33,6 +33,15 @@ def _strings(values: Any) -> list[str]:
     return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
 
+def _array(group, path: str, location: str):
+    """The cache's array at ``path``; CacheFormatError naming it when the manifest names one the cache does not
+    hold (or cannot, e.g. a layer renamed ``../x`` in zarr.json)."""
+    try:
+        return group[path]
+    except Exception as exc:  # noqa: BLE001 - KeyError for a missing array, ValueError for a path zarr refuses
+        raise store.array_problem(location, path, exc) from exc
+
+
 class CacheWriter:
     """Read-write handle on a cache; create it with :meth:`create`, reopen with :meth:`open`."""
 
@@ -40,11 +49,12 @@ class CacheWriter:
         self.group = group
         self.manifest = manifest
         self.location = location
-        self._features = {layer.name: group[format.feature_path(layer.name)] for layer in manifest.layers}
-        self._qparams = {layer.name: group[format.qparams_path(layer.name)]
+        self._features = {layer.name: _array(group, format.feature_path(layer.name), location)
+                          for layer in manifest.layers}
+        self._qparams = {layer.name: _array(group, format.qparams_path(layer.name), location)
                          for layer in manifest.layers if layer.codec.precision == "int8"}
-        self._records = group[format.RECORDS_ARRAY]
-        self._boxes = group[format.BOXES_ARRAY] if manifest.boxes is not None else None
+        self._records = _array(group, format.RECORDS_ARRAY, location)
+        self._boxes = _array(group, format.BOXES_ARRAY, location) if manifest.boxes is not None else None
         self.stats = WriteStats()
 
     @classmethod
@@ -99,10 +109,7 @@ class CacheWriter:
     def open(cls, location: str, storage_options: dict[str, Any] | None = None) -> "CacheWriter":
         group = store.open_group(location, mode="r+", storage_options=storage_options)
         manifest = format.Manifest.from_dict(group.attrs.get("featcache"), where=location)
-        try:
-            writer = cls(group, manifest, location)
-        except KeyError as exc:
-            raise CacheFormatError(f"{location}: array {exc} is missing; rebuild with --force") from exc
+        writer = cls(group, manifest, location)
         format.check_keys_are_identities(manifest, writer.keys(), where=location)
         return writer
 
