@@ -2,8 +2,8 @@
 checkpoint deploys, and every other mistake or fault here is one line naming what is wrong and what to
 do: an unreachable s3 store, a full disk at the statistics update, a layer name edited in zarr.json
 (``../x`` or another name), ``inspect --plot`` into a missing folder or not a PNG, ``verify --repair``
-beside a build's options, a cache deleted under its reader, a plain-pickle checkpoint, an empty info
-list, the progress bar of a failed write, and ``deploy --help``'s default."""
+beside a build's options, a cache deleted under its reader, a plain-pickle checkpoint, ``--kd`` naming a
+term twice or nothing, and ``deploy --help``'s default."""
 from __future__ import annotations
 
 import errno
@@ -215,6 +215,18 @@ def test_an_empty_info_list_is_named(nus_one, pillar_ckpt, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kd, problem", [("infonce=1,infonce=2", "names 'infonce' more than once"),
+                                         ("", "names no term")], ids=["twice", "empty"])
+def test_kd_naming_a_term_twice_or_nothing_is_refused(tmp_path, kd, problem):
+    from trainer.cli import main
+
+    result = CliRunner().invoke(main, ["train", "configs/demo/student_half.py", "--work-dir", str(tmp_path / "w"),
+                                       "--kd", kd])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for --kd:" in result.output and problem in result.output
+    assert not (tmp_path / "w").exists()
+
+
 def test_deploy_help_shows_the_calibration_default():
     from featcache.cli import main
     from featcache.deploy.quantize import CALIBRATION_SCANS
@@ -224,3 +236,16 @@ def test_deploy_help_shows_the_calibration_default():
     assert f"[default: {CALIBRATION_SCANS}]" in " ".join(result.output.split())
     assert "featcache.deploy.quantize" not in result.output
 
+
+def test_pairs_with_an_unknown_name_says_which_side_lacks_it(reference_cache, nus_six):
+    from featcache.errors import ConfigError
+    from trainer.train import TrainOptions, build_runner_config
+
+    options = {"train_dataloader.dataset.data_root": f"{nus_six}/", "train_dataloader.dataset.ann_file": "infos.pkl",
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False}
+    noaug = str(REPO / "tests" / "configs" / "pillar_half_noaug.py")
+    with pytest.raises(ConfigError) as raised:
+        build_runner_config(TrainOptions(noaug, reference_cache, pairs={"pts_nek.0": "pts_neck.0"}, cfg_options=options))
+    message = str(raised.value)
+    assert message.startswith("--pairs pts_nek.0=pts_neck.0: the student has no layer 'pts_nek.0' (its layers: ")
+    assert "the cache has no layer" not in message
