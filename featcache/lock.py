@@ -46,13 +46,19 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
 
 
-def _holder(path: str) -> str:
-    """Who holds the lock, from what the holder wrote into the lock file (it may not have yet)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            info = json.loads(handle.read() or "{}")
-    except (OSError, ValueError):
-        info = {}
+def _holder(path: str, wait: float = 1.0) -> str:
+    """Who holds the lock, from what the holder writes into the lock file right after taking it (waiting up
+    to ``wait`` seconds for that note)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                info = json.loads(handle.read() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if (isinstance(info, dict) and "pid" in info) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
     if not isinstance(info, dict) or "pid" not in info:
         return "another featcache process (it has not written its name yet)"
     return (f"{info.get('command', 'featcache')} (pid {info['pid']} on {info.get('host', '?')}, since "
