@@ -20,7 +20,8 @@ import torch
 
 from featcache import boxes as boxes_
 from featcache import codecs, format, heads, layout, location, models
-from featcache.errors import CacheMismatchError, ConfigError, InputDataError
+from featcache import lock as cache_lock
+from featcache.errors import CacheMismatchError, ConfigError, FeatcacheError, InputDataError
 from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
 from featcache.teacher import Teacher
 from featcache.world import World, close_world, init_world
@@ -105,6 +106,18 @@ class Builder:
             raise ConfigError(f"--device {self.device}: CUDA is not available here (torch {torch.__version__}); "
                               "use --device cpu")
         self.world: World = init_world()
+        # one writer per cache: taken before the teacher's set-up and before anything at --out is created or
+        # erased, held to the end of the run (build_cache releases it)
+        command = ("featcache verify --repair" if options.rows is not None
+                   else "featcache build --force" if options.force else "featcache build")
+        self.lock = cache_lock.acquire_for_world(options.out, self.world, command)
+        try:
+            self._set_up(options)
+        except BaseException:
+            self.lock.release(discard=True)  # a new --out is left as it was: absent
+            raise
+
+    def _set_up(self, options: BuildOptions) -> None:
         self.teacher = Teacher(options.teacher_config, options.checkpoint, options.layers, split=options.split,
                                cfg_options=options.cfg_options, device=self.device,
                                trust_globals=options.trust_globals, head_outputs=options.head_outputs)
@@ -121,7 +134,8 @@ class Builder:
         self.layouts: dict[str, dict[str, Any]] = {}
         # the teacher's own code (its config's custom_imports), part of the cache's identity
         self.teacher_code = models.custom_module_sources(self.cfg)
-        self.nonzero: dict[str, list[float]] = {}  # per layer, the non-zero fraction of each sample this run
+        # per sample key of this run, each layer's non-zero fraction; an invalid sample's are dropped
+        self.nonzero: dict[str, dict[str, float]] = {}
         # --boxes: what the boxes record holds; its box width is known once the teacher ran (the probe), or
         # from the cache being resumed
         self.boxes_spec: boxes_.BoxesSpec | None = None
@@ -300,6 +314,12 @@ class Builder:
                         identity["regression_cells"]["annotated_centres_sha256"]:
                     hint = (" Its regression outputs are kept at the centres of other annotated boxes: the "
                             "dataset's annotations changed since it was built.")
+                if options.rows is not None:  # verify --repair: the cache is right, the repair's teacher is not
+                    raise CacheMismatchError(
+                        f"{out} was built differently from what verify --repair would rebuild its samples with:\n  "
+                        + "\n  ".join(problems) + "\nverify --repair uses the teacher config, checkpoint and "
+                        "--cfg-options the manifest records; give --teacher-config, --checkpoint or --cfg-options only "
+                        "where those moved, as the build had them. Nothing was changed." + hint)
                 raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
                                          "\nUse another --out, or --force to erase it and start over." + hint)
             self._warn_versions(writer.manifest.versions)
@@ -309,7 +329,7 @@ class Builder:
                 logger.warning("--force: erasing featcache's files of the cache at %s (other files stay)", out)
             # the shape probe runs in this process: a worker started for one sample costs more than it
             rows, keys, batch = next(iter(self.teacher.loader([0], batch_size=1, num_workers=0)))
-            features, predicted = self._teacher_outputs(batch, keys)
+            features, predicted, head_problems = self._teacher_outputs(batch, keys)
             shapes = {name: tuple(value.shape[1:]) for name, value in features.items()}
             self._measure_layouts(features, batch, keys[0])
             if options.boxes:
@@ -319,7 +339,7 @@ class Builder:
                                         sources=self.sources)
             probe = (rows[0], keys[0], self._stored(rows[0], {name: value[0] for name, value in features.items()},
                                                     predicted[0] if options.boxes else None),
-                     self._packed_boxes(keys[0], predicted[0]) if options.boxes else None)
+                     self._packed_boxes(keys[0], predicted[0]) if options.boxes else None, head_problems[0])
         self.world.barrier()
         if self.world.is_main:
             return writer, probe
@@ -337,23 +357,29 @@ class Builder:
                            "samples built now may differ slightly from the earlier ones; --force rebuilds all of "
                            "them with one set", self.options.out, ", ".join(changed))
 
-    def _count_nonzero(self, features: dict[str, np.ndarray]) -> None:
-        """Record each sample's non-zero fraction per layer (of the teacher's float32 output)."""
+    def _count_nonzero(self, features: dict[str, np.ndarray], keys: Sequence[str]) -> None:
+        """Record each sample's non-zero fraction per layer (of the teacher's float32 output), by key: a sample
+        found invalid when written is dropped from them (``_report_invalid``)."""
         for name, value in features.items():
             per_sample = value.reshape(value.shape[0], -1)
             fractions = np.count_nonzero(per_sample, axis=1) / max(per_sample.shape[1], 1)
-            self.nonzero.setdefault(name, []).extend(float(f) for f in fractions)
+            for key, fraction in zip(keys, fractions):
+                self.nonzero.setdefault(key, {})[name] = float(fraction)
 
     def _nonzero_summary(self, writer: CacheWriter) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, float]]]:
         """Every rank's non-zero fractions, merged with those of earlier runs (group attribute
         ``featcache_nonzero``), and the layers (nearly) all zeros in every sample of this run, with that
         run's sample count and largest fraction. A repair (``rows``) leaves the recorded figures as they are."""
-        gathered = [self.nonzero]
+        mine: dict[str, list[float]] = {}  # per layer, in the order the samples were computed
+        for fractions in list(self.nonzero.values()):
+            for name, fraction in fractions.items():
+                mine.setdefault(name, []).append(fraction)
+        gathered = [mine]
         if self.world.size > 1:
             import torch.distributed as dist
 
             gathered = [None] * self.world.size
-            dist.all_gather_object(gathered, self.nonzero)
+            dist.all_gather_object(gathered, mine)
         this_run: dict[str, list[float]] = {}
         for part in gathered:
             for name, fractions in (part or {}).items():
@@ -375,15 +401,17 @@ class Builder:
                              "max": max(fractions + ([before["max"]] if "max" in before else []))}
         return summary, nearly_zero
 
-    def _teacher_outputs(self, batch, keys: list[str]) -> tuple[dict[str, np.ndarray], list[boxes_.TeacherBoxes]]:
-        """The batch's features, and with ``--boxes`` each sample's predictions (else an empty list)."""
+    def _teacher_outputs(self, batch, keys: list[str]
+                         ) -> tuple[dict[str, np.ndarray], list[boxes_.TeacherBoxes], list[str | None]]:
+        """The batch's features, with ``--boxes`` each sample's predictions (else an empty list), and per
+        sample what was non-finite in the head the boxes came from (None: nothing, or no ``--boxes``)."""
         try:
             if self.options.boxes:
-                features, predicted = self.teacher.features_and_boxes(batch)
+                features, predicted, head_problems = self.teacher.features_and_checked_boxes(batch)
             else:
-                features, predicted = self.teacher.features(batch), []
-            self._count_nonzero(features)
-            return features, predicted
+                features, predicted, head_problems = self.teacher.features(batch), [], [None] * len(keys)
+            self._count_nonzero(features, keys)
+            return features, predicted, head_problems
         except Exception as exc:
             raise InputDataError(f"the teacher failed on sample(s) {', '.join(map(repr, keys))} "
                                  f"({', '.join(self.teacher.lidar_paths(keys))}): {type(exc).__name__}: {exc}. "
@@ -399,6 +427,7 @@ class Builder:
 
     def _report_invalid(self, key: str, exc: Exception) -> None:
         self.invalid_keys.append(key)
+        self.nonzero.pop(key, None)  # the statistics are of valid samples only
         logger.error("sample %r: teacher output not finite (%s); not cached, marked invalid", key, exc)
 
     # -- run --------------------------------------------------------------------------------
@@ -410,7 +439,13 @@ class Builder:
             writer.clear([row for row in self.options.rows if self.world.owns(row)])
         status = writer.status()
         wanted = set(range(len(self.keys))) if self.options.rows is None else set(self.options.rows)
-        rows = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_MISSING
+        damaged = [row for row in sorted(wanted) if self.world.owns(row) and status[row] == format.STATUS_DAMAGED]
+        if damaged:  # that row's damage alone: rebuilt like a missing one, its record rewritten whole
+            logger.warning("%s: the records rows of %d samples are damaged (cut short, failing their crc32c, or "
+                           "holding no status featcache writes); rebuilding them: %s", self.options.out, len(damaged),
+                           ", ".join(repr(self.keys[row]) for row in damaged[:10]) + (" ..." if len(damaged) > 10 else ""))
+        rows = [row for row in sorted(wanted) if self.world.owns(row)
+                and status[row] in (format.STATUS_MISSING, format.STATUS_DAMAGED)
                 and (probe is None or row != probe[0])]
         already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
                           and status[row] == format.STATUS_COMPLETE)) - writer.stats.samples
@@ -423,26 +458,38 @@ class Builder:
                 progress.update(1)  # the set-up's sample is one of the split's
             if rows:
                 for batch_rows, batch_keys, batch in self._loader(rows):
-                    features, predicted = self._teacher_outputs(batch, batch_keys)
+                    features, predicted, head_problems = self._teacher_outputs(batch, batch_keys)
                     for position, (row, key) in enumerate(zip(batch_rows, batch_keys)):
                         sample = {name: value[position] for name, value in features.items()}
                         boxes = predicted[position] if self.options.boxes else None
                         background.submit(row, key, self._stored(row, sample, boxes),
-                                          self._packed_boxes(key, boxes) if boxes is not None else None)
+                                          self._packed_boxes(key, boxes) if boxes is not None else None,
+                                          head_problems[position])
                     progress.update(len(batch_rows))
         finally:
             # whatever was computed before a failure is still written
-            background.close()
-            progress.close()
+            try:
+                background.close()
+            finally:  # the bar ends at what was written (a sample is counted when it is handed to the writer)
+                progress.close(done=writer.stats.samples + writer.stats.invalid)
         self.world.barrier()
         nonzero, nearly_zero = self._nonzero_summary(writer)
         if self.world.is_main:
             final = writer.status()
-            if nonzero and self.options.rows is None:
-                writer.group.attrs[format.NONZERO_ATTRIBUTE] = nonzero
-            writer.set_progress(complete=int((final == format.STATUS_COMPLETE).sum()),
-                                invalid=int((final == format.STATUS_INVALID).sum()),
-                                missing=int((final == format.STATUS_MISSING).sum()))
+            try:
+                if nonzero and self.options.rows is None:
+                    writer.group.attrs[format.NONZERO_ATTRIBUTE] = nonzero
+                writer.set_progress(complete=int((final == format.STATUS_COMPLETE).sum()),
+                                    invalid=int((final == format.STATUS_INVALID).sum()),
+                                    missing=int((final == format.STATUS_MISSING).sum()),
+                                    **({"damaged": int((final == format.STATUS_DAMAGED).sum())}
+                                       if (final == format.STATUS_DAMAGED).any() else {}))
+            except OSError as exc:  # e.g. the disk filled up with the last chunk (zarr.json is replaced atomically)
+                raise FeatcacheError(
+                    f"{self.options.out}: every sample this run computed is written and recorded, but the build's "
+                    f"summary in zarr.json (non-zero statistics and counts, for inspect) could not be saved: "
+                    f"{type(exc).__name__}: {exc}. The cache is usable (featcache verify checks it); free space and run "
+                    "the build again to record the counts (this run's non-zero statistics are lost)") from exc
             for name, (count, largest) in nearly_zero.items():
                 logger.warning(
                     "layer %s is (nearly) all zeros in every one of the %d samples this build wrote (at most %.4f%% "
@@ -482,15 +529,25 @@ class _Progress:
                                      refresh=False)
         self.bar.update(count)
 
-    def close(self) -> None:
+    def close(self, done: int | None = None) -> None:
+        """Close the bar, showing ``done`` samples if given: a write that failed is not shown as done."""
         if self.bar is not None:
+            if done is not None and done != self.bar.n:
+                self.bar.n = done
+                self.bar.set_description_str(f"{self.bar.desc} (stopped)", refresh=False)
+                self.bar.refresh()
             self.bar.close()
 
 
 def build_cache(options: BuildOptions) -> BuildResult:
     """Build (or resume, or with ``rows`` repair) the cache ``options.out``; see :class:`BuildOptions`."""
     builder = Builder(options)
+    finished = False
     try:
-        return builder.run()
+        result = builder.run()
+        finished = True
+        return result
     finally:
+        # a run that failed before creating the cache leaves a new --out as it found it (absent)
+        builder.lock.release(discard=not finished)
         close_world(builder.world)

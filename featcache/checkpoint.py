@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import pickle
 import zipfile
@@ -19,6 +20,12 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from featcache.errors import CheckpointError, UnsafeCheckpointError
+
+logger = logging.getLogger("featcache.checkpoint")
+
+# The trainer's own checkpoints (``epoch_N.pth``) are of its distiller: the detector's weights under this
+# prefix, beside the distillation terms' (``terms.``) and a step counter (``steps``).
+DISTILLER_STUDENT_PREFIX = "student."
 
 #: Globals that OpenMMLab checkpoints legitimately contain (numpy data in meta and message hub
 #: history). Each is data-only: reconstructing it cannot run arbitrary code.
@@ -150,7 +157,14 @@ def load_checkpoint_file(path: str | os.PathLike, trust_globals: Iterable[str] =
                 f"checkpoint {path!r} references types outside featcache's allow-list: {names}. It was not "
                 "unpickled. If you trust the file and the type is plain data, pass --trust-global "
                 "<module.Name> for each.") from exc
-        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint: {exc}") from exc
+        # torch's own text advises weights_only=False, which would run whatever the pickle says: only its reason
+        text = str(exc)
+        after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"checkpoint {path!r} is not a PyTorch checkpoint featcache can read safely (torch's "
+                              f"weights-only unpickler: {reason}; a plain pickle.dump?). featcache never unpickles "
+                              "with weights_only=False: save the weights with torch.save (a dict holding a "
+                              "'state_dict' of tensors, as mmengine does)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint "
                               f"(truncated or another format): {exc}") from exc
@@ -185,6 +199,27 @@ def shape_mismatches(weights: dict[str, Any], model_state: dict[str, Any]) -> tu
     return [name for name, _, _ in wrong], listed + ("; ..." if len(wrong) > 3 else "")
 
 
+def detector_weights(weights: "OrderedDict[str, Any]", model_state: dict[str, Any], path: str = "checkpoint"
+                     ) -> "OrderedDict[str, Any]":
+    """``weights``, or, when they are the trainer's distiller checkpoint (``epoch_N.pth``: ``student.*``,
+    ``terms.*``, ``steps``) and ``model`` is a detector (none of its names starts with ``student.``), the
+    student detector's weights alone with the prefix removed (``student.pth`` holds the same)."""
+    prefix = DISTILLER_STUDENT_PREFIX
+    if any(name.startswith(prefix) for name in model_state) or any(name in model_state for name in weights) \
+            or not any(name.startswith(prefix) for name in weights):
+        return weights
+    student = OrderedDict((name[len(prefix):], value) for name, value in weights.items() if name.startswith(prefix))
+    metadata = getattr(weights, "_metadata", None)
+    if metadata is not None:
+        student._metadata = OrderedDict(("" if name == prefix[:-1] else name[len(prefix):], value)
+                                        for name, value in metadata.items()
+                                        if name.startswith(prefix) or name == prefix[:-1])
+    left = sorted({name.split(".")[0] for name in weights if not name.startswith(prefix)})
+    logger.info("%s is a distillation checkpoint of the trainer: loading its student's weights (%s*), not its %s",
+                path, prefix, ", ".join(left) or "other entries")
+    return student
+
+
 def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool = True,
                  trust_globals: Iterable[str] = ()) -> dict[str, Any]:
     """Load a checkpoint's weights into ``model`` (safely) and return the checkpoint's ``meta``.
@@ -193,7 +228,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike, strict: bool =
     layers would poison every cached feature.
     """
     checkpoint = load_checkpoint_file(path, trust_globals)
-    weights = state_dict_of(checkpoint, os.fspath(path))
+    weights = detector_weights(state_dict_of(checkpoint, os.fspath(path)), model.state_dict(), os.fspath(path))
     wrong, listed = shape_mismatches(weights, model.state_dict())
     if wrong:  # torch would raise its own size-mismatch error listing every tensor, without the file
         raise CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit the model: {len(wrong)} tensors have other "

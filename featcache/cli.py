@@ -195,7 +195,9 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
         result = build_cache(BuildOptions(
             teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=cache,
             layers=manifest.extra["modules"], split=manifest.split, codec=codec,
-            cfg_options=parse_cfg_options(cfg_options), storage_options=options, rows=report.bad_rows,
+            # the build's own --cfg-options (the manifest records them), with what is given here on top
+            cfg_options={**(manifest.extra.get("cfg_options") or {}), **parse_cfg_options(cfg_options)},
+            storage_options=options, rows=report.bad_rows,
             boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None,
             head_outputs=",".join(kinds) or None, dense_head_outputs=regression and manifest.regression_cells is None))
         click.echo(f"repaired {result.written} samples")
@@ -218,6 +220,15 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
 def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample: str | None, checkpoint: str | None,
                     cfg_options: tuple[str, ...], storage_options: str | None) -> None:
     """Manifest, per-layer shape/dtype/codec, bytes per sample, compression ratio, completion."""
+    import os
+
+    if plot:  # before anything is read: the PNG's name and folder
+        if os.path.splitext(plot)[1].lower() != ".png":
+            raise click.BadParameter(f"{plot!r}: the plot is a PNG; give a name ending with .png", param_hint="--plot")
+        folder = os.path.dirname(os.path.abspath(plot))
+        if not os.path.isdir(folder):
+            raise click.BadParameter(f"{plot!r}: folder {folder} does not exist; create it or choose another path",
+                                     param_hint="--plot")
     import numpy as np
 
     from featcache import format
@@ -283,7 +294,7 @@ def export(cache: str, export_format: str, out: str, overwrite: bool, storage_op
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write model.int8.onnx, statically quantised on --calibration-scans training scans.")
 @click.option("--calibration-scans", type=click.IntRange(min=1), default=None,
-              help="Training scans to calibrate int8 on [default: featcache.deploy.quantize.CALIBRATION_SCANS].")
+              help="Training scans to calibrate int8 on [default: 32].")  # featcache.deploy.quantize.CALIBRATION_SCANS (a test keeps them equal)
 @cfg_options_option("Override config entries, e.g. train_dataloader.dataset.data_root=data/x/.")
 @fail_cleanly
 def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quantize: str | None,

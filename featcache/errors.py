@@ -64,6 +64,14 @@ class NotACacheError(FeatcacheError, FileExistsError):
     """A location holds files featcache did not write; featcache refuses to write or erase there."""
 
 
+class StoreAccessError(FeatcacheError, OSError):
+    """A URL cache's store cannot be reached: no credentials, a closed endpoint (the message names the URL)."""
+
+
+class CacheBusyError(FeatcacheError, BlockingIOError):
+    """Another process is writing the cache (it holds its lock, ``featcache.lock``); nothing was touched."""
+
+
 class CorruptSampleError(FeatcacheError, IOError):
     """A sample's stored bytes fail their checksum or cannot be decoded."""
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import tempfile
 
@@ -20,6 +21,8 @@ import numpy as np
 
 from featcache import format
 from featcache.errors import ConfigError
+
+logger = logging.getLogger("featcache.export")
 
 EXPORT_FORMATS = ("hdf5",)
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -70,6 +73,7 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     """Write ``out`` from the cache at ``location``; see the module docstring for what is refused."""
     import h5py
 
+    from featcache import store
     from featcache.reader import open_cache
 
     out = os.fspath(out)
@@ -77,6 +81,13 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     # values checked against the records too: the export copies those checksums, and HDF5 reads sum the values
     cache = open_cache(location, storage_options=storage_options, check_values=True)
     root = cache._open()
+    for layer in cache.manifest.layers:  # every array the manifest names, before the export file is started
+        for path in [format.feature_path(layer.name)] + ([format.qparams_path(layer.name)]
+                                                          if layer.codec.precision == "int8" else []):
+            try:
+                root[path]
+            except Exception as exc:  # noqa: BLE001 - a missing array, a name zarr refuses ('../x')
+                raise store.array_problem(location, path, exc) from exc
     handle, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
                                        prefix=os.path.basename(out) + ".", suffix=".partial")
     os.close(handle)
@@ -93,7 +104,12 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
             if cache.sources is not None:
                 h5.create_dataset(format.SOURCES_ARRAY, data=np.asarray(cache.sources, dtype=object),
                                   dtype=h5py.string_dtype())
-            records = np.asarray(root[format.RECORDS_ARRAY][:])
+            records, damaged = store.read_records(root[format.RECORDS_ARRAY])
+            if damaged:  # exported as not written: the export's verify names them missing
+                logger.warning("%s: the records rows of %d samples are damaged and are exported as not written: %s; "
+                               "run `featcache verify --repair` on the cache and export again", location, len(damaged),
+                               ", ".join(cache.row_keys[row] for row in damaged[:10]))
+                records[damaged] = 0
             h5.create_dataset(format.RECORDS_ARRAY, data=records)
             targets = {}
             for layer in cache.manifest.layers:

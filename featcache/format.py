@@ -10,12 +10,14 @@ One Zarr v3 group::
     <cache>/qparams/<layer>      (N, 2, C)     int8 layers only: per-channel scale and offset
     <cache>/boxes                (N, M, D + 2) float32, --boxes only: the teacher's predictions
     <cache>/records              (N, 1 + L [+ 1]) uint32, chunk = 1 sample: [status, crc32c per layer
-                                 [, crc32c of the boxes row]]
+                                 [, crc32c of the boxes row]], each chunk ending with its own crc32c
+    <cache>/featcache.lock       the writer lock (module ``featcache.lock``): one writer per cache; not data
 
 A sample is complete when its ``records`` row says :data:`STATUS_COMPLETE`; the row is written
 only after every feature chunk of the sample, so a crash can leave unrecorded chunks, never a
 recorded sample with missing data. One chunk per sample means every sample is its own object in
-every array: ranks write disjoint samples with no locks, and a reader touches only its sample.
+every array: ranks write disjoint samples with no locks among them (the job holds the cache's writer
+lock, ``featcache.lock``), and a reader touches only its sample.
 """
 from __future__ import annotations
 
@@ -48,6 +50,11 @@ KEY_SCHEME = "token, else lidar path relative to the data root"
 STATUS_MISSING = 0
 STATUS_COMPLETE = 1
 STATUS_INVALID = 2  # teacher output was NaN/Inf: recorded so a resume does not retry forever
+# Never written: what readers report for a records row that cannot be read (cut short, fails its chunk
+# crc32c) or holds no status above (flipped bytes). Only that sample is damaged: ``verify`` names it,
+# ``verify --repair`` and a resumed build rebuild it (``store.read_records``).
+STATUS_DAMAGED = 3
+RECORDED_STATUSES = (STATUS_MISSING, STATUS_COMPLETE, STATUS_INVALID)
 
 # A layer whose non-zero fraction stays below this in every sample looked at is (nearly) all zeros:
 # a teacher that produces nothing there (e.g. voxel coordinates in another order than the scatter

@@ -142,7 +142,9 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
         f"checkpoint   sha256 {manifest.checkpoint_sha256[:16]}...",
         f"split        {manifest.split}, {manifest.num_samples} samples, dataset id {manifest.dataset_id[:16]}...",
         f"completion   {len(complete_rows)}/{len(cache)} complete, "
-        f"{int((status == format.STATUS_INVALID).sum())} invalid, {int((status == format.STATUS_MISSING).sum())} missing",
+        f"{int((status == format.STATUS_INVALID).sum())} invalid, {int((status == format.STATUS_MISSING).sum())} missing"
+        + (f", {int((status == format.STATUS_DAMAGED).sum())} damaged (featcache verify names them, --repair "
+           "rebuilds them)" if (status == format.STATUS_DAMAGED).any() else ""),
         "versions     " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()),
         "",
         f"{'layer':<{width}} {'shape':<18} {'stored':<8} {'codec':<12} {'MB/sample':>10} {'x fp32':>7} {'non-zero':>9}",

@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.errors import CacheFormatError, ConfigError, NotACacheError
+from featcache.errors import CacheFormatError, ConfigError, FeatcacheError, NotACacheError, StoreAccessError
 
 # store entries and leftovers featcache (or zarr on its behalf) writes in a cache; nothing else is erased
 MARKER = "featcache.json"
+# the writer lock (``featcache.lock``): featcache's, never erased (the next writer may hold it), and not
+# content: a directory holding only it is empty to a build
+LOCK = "featcache.lock"
 ENTRIES = (MARKER, "zarr.json", "keys", "sources", "records", "features", "qparams")
 _ATOMIC_LEFTOVER = re.compile(r"^(zarr|featcache)\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore temp files
 
@@ -176,12 +179,28 @@ def _recovery(where: str, marked: bool) -> str:
 
 
 def inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> LocationState:
-    """What is at ``location`` (see ``LocationState``); raises ConfigError when it is a file."""
+    """What is at ``location`` (see ``LocationState``); raises ConfigError when it is a file, and
+    StoreAccessError when a URL's store cannot be reached (no credentials, endpoint down)."""
+    if not is_url(location):
+        return _inspect(location, storage_options)
+    try:
+        return _inspect(location, storage_options)
+    except (FeatcacheError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - botocore's, aiohttp's, gcsfs'...: named in one line
+        raise StoreAccessError(
+            f"{os.fspath(location)}: the store cannot be reached ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}); check its credentials (the environment, ~/.aws/credentials, or "
+            "--storage-options '{\"key\": ..., \"secret\": ...}') and its endpoint (--storage-options "
+            "'{\"client_kwargs\": {\"endpoint_url\": ...}}')") from exc
+
+
+def _inspect(location: str | os.PathLike, storage_options: dict[str, Any] | None) -> LocationState:
     where = os.fspath(location)
     access = _access(location, storage_options)
     if access.kind_of_root() == "absent":
         return LocationState(where, ABSENT)
-    entries = access.list()
+    entries = [name for name in access.list() if name != LOCK]
     if not entries:
         return LocationState(where, EMPTY)
     marked = _read_marker(access)

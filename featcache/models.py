@@ -303,9 +303,32 @@ def build_dataset(dataset_cfg):
     try:
         return DATASETS.build(copy.deepcopy(dataset_cfg))
     except Exception as exc:
+        empty = _empty_info_list(dataset_cfg)  # mmengine's own words: "need at least one array to concatenate"
+        if empty is not None:
+            raise ConfigError(f"dataset {dataset_cfg.get('type')!r}: its info file {empty} lists no samples (an "
+                              "empty data_list); point ann_file at the info file of the split you mean") from exc
         raise ConfigError(f"dataset {dataset_cfg.get('type')!r} (ann_file={dataset_cfg.get('ann_file')!r}, "
                           f"data_root={dataset_cfg.get('data_root')!r}) does not build: "
                           f"{type(exc).__name__}: {exc}") from exc
+
+
+def _empty_info_list(dataset_cfg) -> str | None:
+    """The path of the dataset's info file (its ``ann_file``, through wrappers) when its ``data_list`` is empty,
+    else None (asked after a build failed)."""
+    while not dataset_cfg.get("ann_file") and hasattr(dataset_cfg.get("dataset"), "get"):  # wrappers (CBGS, Repeat)
+        dataset_cfg = dataset_cfg["dataset"]
+    ann_file = dataset_cfg.get("ann_file")
+    if not ann_file:
+        return None
+    path = os.path.join(str(dataset_cfg.get("data_root") or ""), str(ann_file))
+    try:
+        from mmengine.fileio import load
+
+        infos = load(path)
+    except Exception:  # noqa: BLE001 - unreadable: the build's own error says more
+        return None
+    empty = isinstance(infos, dict) and isinstance(infos.get("data_list"), list) and not infos["data_list"]
+    return path if empty else None
 
 
 def _lidar_path(data_info: dict[str, Any]) -> str | None:

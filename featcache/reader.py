@@ -322,8 +322,9 @@ class FeatureCache(collections.abc.Mapping):
                                        f"({len(self)} samples, split {self.manifest.split!r})") from None
 
     def status(self) -> np.ndarray:
-        """Per-row status (format.STATUS_*) of every sample."""
-        return np.asarray(self._open()[format.RECORDS_ARRAY][:, 0])
+        """Per-row status (format.STATUS_*) of every sample; ``STATUS_DAMAGED`` where the records row cannot
+        be read or trusted (``store.read_records``: that row alone)."""
+        return store.read_records(self._open()[format.RECORDS_ARRAY])[0][:, 0]
 
     # -- reading --------------------------------------------------------------------------
     def read_row(self, row: int, layers: list[str] | None = None, decode: bool = True) -> dict[str, np.ndarray]:
@@ -377,11 +378,13 @@ class FeatureCache(collections.abc.Mapping):
             outputs = [torch.from_numpy(np.empty(shape, dtype)) for _, shape, dtype in specs]
         record_spec = (format.RECORDS_ARRAY, (self.manifest.records_width,), np.dtype(np.uint32))
         # a layer's checksum runs over its values, then its int8 scales: the values' sum is taken where
-        # they are decompressed, the scales' (a few KB) chained to it below. The record's own chunk has
-        # no crc32c (a damaged one spoils one row's status or checksums, which verify reports).
+        # they are decompressed, the scales' (a few KB) chained to it below. The record's own chunk ends with
+        # its crc32c, checked as the features' (caches written before: its status is checked below).
         record, *results = self._fetch(row, [record_spec, *specs],
                                        [torch.from_numpy(np.empty(record_spec[1], record_spec[2])), *outputs],
                                        checksums=[False, *value_sums])
+        if isinstance(record, (CacheFormatError, CacheNotFoundError)):  # the cache's problem, not the sample's
+            raise record
         if isinstance(record, BaseException):
             raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row cannot be "
                                      f"read ({type(record).__name__}: {record}); run `featcache verify --repair`"
@@ -393,6 +396,8 @@ class FeatureCache(collections.abc.Mapping):
             stored = results.pop(0)
             qparams = results.pop(0) if layer.codec.precision == "int8" else None
             failure = next((part for part in (stored, qparams) if isinstance(part, BaseException)), None)
+            if isinstance(failure, (CacheFormatError, CacheNotFoundError)):  # the cache's problem, not the sample's
+                raise failure
             if failure is not None:
                 raise CorruptSampleError(f"sample {key!r} (row {row}) layer {layer.name!r} in {self.location} "
                                          f"cannot be decoded: {type(failure).__name__}: {failure}; "
@@ -413,11 +418,27 @@ class FeatureCache(collections.abc.Mapping):
         return out
 
     def _check_complete(self, record: np.ndarray, key: str, row: int) -> None:
-        """SampleNotCachedError unless the records row says the sample is complete."""
+        """SampleNotCachedError unless the records row says the sample is complete; CorruptSampleError when
+        it holds no status featcache writes (flipped bytes)."""
+        if record[0] not in format.RECORDED_STATUSES:
+            raise CorruptSampleError(f"sample {key!r} (row {row}) in {self.location}: its records row is damaged "
+                                     f"(status {int(record[0])} is none featcache writes); run `featcache verify "
+                                     "--repair`")
         if record[0] != format.STATUS_COMPLETE:
+            deleted = self._deleted() if record[0] == format.STATUS_MISSING else None
+            if deleted is not None:  # a missing chunk of a cache that is gone, not a sample not built yet
+                raise deleted
             state = "was invalid (non-finite teacher output)" if record[0] == format.STATUS_INVALID else "is not written yet"
             raise SampleNotCachedError(f"sample {key!r} (row {row}) in {self.location} {state}; "
                                        "run `featcache build` again to complete the cache")
+
+    def _deleted(self) -> CacheNotFoundError | None:
+        """The error for a local cache deleted while this reader has it open (its chunks then read as not
+        written), or None while its directory is there (URL caches and HDF5 exports: None)."""
+        if store.is_url(self.location) or _is_hdf5(self.location) or os.path.isdir(self.location):
+            return None
+        return CacheNotFoundError(f"cache {self.location} no longer exists: it was deleted (or moved) while open; "
+                                  "point the reader at where it is now, or build it again")
 
     def read_boxes(self, row: int) -> TeacherBoxes:
         """The teacher's predictions for the sample in ``row`` (``featcache build --boxes``): boxes in the
@@ -480,6 +501,11 @@ class FeatureCache(collections.abc.Mapping):
         for path, _, _ in specs:
             try:
                 arrays.append(self._array(path))
+            except KeyError as exc:  # the manifest names an array the cache lacks: the manifest's problem
+                arrays.append(self._deleted() or store.array_problem(self.location, path, exc))
+            except ValueError as exc:  # e.g. a path zarr refuses (a layer renamed '../x'), or damaged array metadata
+                arrays.append(store.array_problem(self.location, path, exc)
+                              if any(part in (".", "..") for part in path.split("/")) else exc)
             except Exception as exc:  # noqa: BLE001 - e.g. damaged array metadata, reported per layer
                 arrays.append(exc)
         results: list[tuple[torch.Tensor, int | None] | BaseException | None] = [None] * len(arrays)

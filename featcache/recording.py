@@ -127,3 +127,60 @@ def _record(model: nn.Module, batch: dict[str, Any], module_names: Sequence[str]
         raise ConfigError(f"modules {recorder.missing()} did not run during {type(model).__name__}'s forward; "
                           "are they used by this detector's lidar branch?")
     return recorder.outputs, (list(predictions) if predict else [])
+
+
+def _tensors(value: Any, path: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    """Every tensor in a module's output (nested tuples, lists and dicts), with where it sits."""
+    value = _densify(value)
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{path}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(item, f"{path}[{key!r}]")
+
+
+class NonFiniteWatch:
+    """A forward hook noting, per sample, the NaN/Inf values in every floating tensor one module outputs
+    (the detector's head, whose outputs its boxes are decoded from: a NaN score fails the decoder's
+    threshold, so the boxes of a NaN head can all be finite and a class just missing). Use as a context
+    manager around the forward; ``problems(batch_size)`` says what was found, per sample."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module, self.name = module, name
+        self.found: list[tuple[str, torch.Tensor]] = []  # (where, non-finite count per leading index)
+        self._handle: Any = None
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        tensors = [(path, tensor) for path, tensor in _tensors(output) if tensor.is_floating_point()]
+        if not tensors or bool(torch.stack([torch.isfinite(tensor).all() for _, tensor in tensors]).all()):
+            return  # one device sync when everything is finite
+        for path, tensor in tensors:
+            bad = ~torch.isfinite(tensor.detach())
+            if bad.any():
+                counts = bad.reshape(tensor.shape[0], -1).sum(1) if tensor.dim() else bad.reshape(1)
+                self.found.append((path, counts.cpu()))
+
+    def __enter__(self) -> "NonFiniteWatch":
+        self.found = []
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def problems(self, batch_size: int) -> list[str | None]:
+        """Per sample, its non-finite values by output (None: all finite). A tensor whose first dimension
+        is not the batch counts against every sample."""
+        problems: list[list[str]] = [[] for _ in range(batch_size)]
+        for path, counts in self.found:
+            per_sample = len(counts) == batch_size
+            for index in range(batch_size):
+                count = int(counts[index]) if per_sample else int(counts.sum())
+                if count:
+                    problems[index].append(f"{count} in {self.name} output{path}")
+        return [f"non-finite head outputs (the boxes are decoded from them): {', '.join(found[:4])}"
+                + (f" and {len(found) - 4} more" if len(found) > 4 else "") if found else None
+                for found in problems]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import zarr
 
 from featcache.errors import CacheFormatError, CacheNotFoundError, ConfigError, FeatcacheError
@@ -77,6 +78,14 @@ def _damage(location: str | os.PathLike, storage_options: dict[str, Any] | None)
     return CacheFormatError(state.problem) if state.kind == locations.DAMAGED else None
 
 
+def array_problem(location: str, path: str, exc: BaseException) -> CacheFormatError:
+    """The error for an array the manifest names that the cache cannot open: the manifest (zarr.json) was edited
+    or damaged, or the array deleted; not a damaged sample that ``verify --repair`` could rebuild."""
+    return CacheFormatError(f"{location}: the manifest names array {path!r}, which the cache cannot open "
+                            f"({type(exc).__name__}: {exc}): zarr.json was edited or damaged, or the array was deleted. "
+                            "Restore the cache from a copy, or rebuild it with `featcache build --force`")
+
+
 def row_chunk_key(array: Any, row: int) -> str:
     """Store key, relative to the array, of the one chunk holding sample ``row`` (zarr Array or
     AsyncArray of a cache: one chunk per row)."""
@@ -92,3 +101,33 @@ def chunk_nbytes(array: zarr.Array, row: int) -> int | None:
         return int(sync(array.store_path.store.getsize(f"{array.path}/{key}")))
     except Exception:
         return None
+
+
+RECORDS_BLOCK = 1024  # rows read at once by ``read_records``; a block holding a damaged row is re-read row by row
+
+
+def read_records(array: Any) -> tuple[np.ndarray, list[int]]:
+    """Every row of a cache's ``records`` array (zarr or h5py), and the rows whose record is damaged: its
+    chunk cannot be read (cut short, fails its crc32c) or its status is none of
+    ``format.RECORDED_STATUSES`` (flipped bytes in a cache written before records chunks carried a crc32c).
+    A damaged row reads as ``[format.STATUS_DAMAGED, 0, ...]``; every other row reads as stored, so one
+    damaged chunk never hides the others (zarr raises for the whole selection on one bad chunk)."""
+    from featcache import format
+
+    count, width = (int(size) for size in array.shape)
+    rows = np.zeros((count, width), dtype=np.uint32)
+    unreadable: list[int] = []
+    for start in range(0, count, RECORDS_BLOCK):
+        stop = min(start + RECORDS_BLOCK, count)
+        try:
+            rows[start:stop] = np.asarray(array[start:stop])
+        except Exception:  # noqa: BLE001 - some row of the block is damaged: find which
+            for row in range(start, stop):
+                try:
+                    rows[row] = np.asarray(array[row])
+                except Exception:  # noqa: BLE001 - this row's chunk: cut short, fails its crc32c...
+                    unreadable.append(row)
+    damaged = sorted(set(unreadable) | set(np.flatnonzero(~np.isin(rows[:, 0], format.RECORDED_STATUSES)).tolist()))
+    rows[damaged] = 0
+    rows[damaged, 0] = format.STATUS_DAMAGED
+    return rows, damaged

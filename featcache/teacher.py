@@ -111,9 +111,18 @@ class Teacher:
 
     def features_and_boxes(self, batch: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[boxes.TeacherBoxes]]:
         """``features`` plus each sample's decoded predictions (the detector's own decoder and NMS)."""
-        outputs, predictions = recording.record_teacher_and_predict(self.model, batch, self.modules)
+        features, predicted, _ = self.features_and_checked_boxes(batch)
+        return features, predicted
+
+    def features_and_checked_boxes(self, batch: dict[str, Any]
+                                   ) -> tuple[dict[str, np.ndarray], list[boxes.TeacherBoxes], list[str | None]]:
+        """``features_and_boxes`` plus, per sample, the NaN/Inf values of the head's own outputs the boxes were
+        decoded from (None: all finite; ``recording.NonFiniteWatch``): finite boxes of a NaN head are wrong."""
+        head_name, head = heads.find_head(self.model)
+        with recording.NonFiniteWatch(head, head_name) as watch:
+            outputs, predictions = recording.record_teacher_and_predict(self.model, batch, self.modules)
         return ({name: tensor.float().cpu().numpy() for name, tensor in outputs.items()},
-                [boxes.predictions(sample) for sample in predictions])
+                [boxes.predictions(sample) for sample in predictions], watch.problems(len(predictions)))
 
     def _dataset_classes(self) -> tuple[str, ...] | None:
         """The dataset's classes (metainfo), else the config's ``class_names``; None when neither names any."""

@@ -67,6 +67,11 @@ def verify_cache(location: str, storage_options: dict[str, Any] | None = None, p
         if status[row] == format.STATUS_INVALID:
             report.invalid.append(key)
             continue
+        if status[row] == format.STATUS_DAMAGED:
+            report.corrupt.append((key, f"row {row}: its records row is damaged (cut short, fails its crc32c, or "
+                                        "holds no status featcache writes); --repair rebuilds the sample"))
+            report.bad_rows.append(row)
+            continue
         try:
             if row in looked_at:
                 for name, values in check_nonzero(cache, [row]).items():

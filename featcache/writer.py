@@ -18,7 +18,7 @@ import numpy as np
 
 from featcache import codecs, format, store
 from featcache import location as location_
-from featcache.errors import CacheFormatError, FeatcacheError, InvalidFeatureError
+from featcache.errors import FeatcacheError, InvalidFeatureError
 
 #: How the teacher boxes (``--boxes``) are stored: exact float32, zstd level 3 (``inspect`` reports it).
 BOXES_CODEC = codecs.CodecSpec("fp32", "zstd", 3)
@@ -36,6 +36,15 @@ def _strings(values: Any) -> list[str]:
     return [value.decode() if isinstance(value, bytes) else str(value) for value in values]
 
 
+def _array(group, path: str, location: str):
+    """The cache's array at ``path``; CacheFormatError naming it when the manifest names one the cache does not
+    hold (or cannot, e.g. a layer renamed ``../x`` in zarr.json)."""
+    try:
+        return group[path]
+    except Exception as exc:  # noqa: BLE001 - KeyError for a missing array, ValueError for a path zarr refuses
+        raise store.array_problem(location, path, exc) from exc
+
+
 class CacheWriter:
     """Read-write handle on a cache; create it with :meth:`create`, reopen with :meth:`open`."""
 
@@ -43,11 +52,12 @@ class CacheWriter:
         self.group = group
         self.manifest = manifest
         self.location = location
-        self._features = {layer.name: group[format.feature_path(layer.name)] for layer in manifest.layers}
-        self._qparams = {layer.name: group[format.qparams_path(layer.name)]
+        self._features = {layer.name: _array(group, format.feature_path(layer.name), location)
+                          for layer in manifest.layers}
+        self._qparams = {layer.name: _array(group, format.qparams_path(layer.name), location)
                          for layer in manifest.layers if layer.codec.precision == "int8"}
-        self._records = group[format.RECORDS_ARRAY]
-        self._boxes = group[format.BOXES_ARRAY] if manifest.boxes is not None else None
+        self._records = _array(group, format.RECORDS_ARRAY, location)
+        self._boxes = _array(group, format.BOXES_ARRAY, location) if manifest.boxes is not None else None
         self.stats = WriteStats()
 
     @classmethod
@@ -89,8 +99,11 @@ class CacheWriter:
             group.create_array(format.BOXES_ARRAY, shape=(n, *manifest.boxes.row_shape),
                                chunks=(1, *manifest.boxes.row_shape), dtype=np.float32, fill_value=0,
                                **BOXES_CODEC.zarr_codecs())
+        # each records chunk ends with its crc32c: a damaged row is that row's damage alone
+        # (``store.read_records``), never a status or checksum taken for the build's
         group.create_array(format.RECORDS_ARRAY, shape=(n, manifest.records_width),
-                           chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0, compressors=None)
+                           chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0,
+                           compressors=codecs.checksummed())
         # The manifest goes last: a cache whose manifest exists has all its arrays.
         group.attrs["featcache"] = manifest.to_dict()
         return cls(group, manifest, location)
@@ -99,10 +112,7 @@ class CacheWriter:
     def open(cls, location: str, storage_options: dict[str, Any] | None = None) -> "CacheWriter":
         group = store.open_group(location, mode="r+", storage_options=storage_options)
         manifest = format.Manifest.from_dict(group.attrs.get("featcache"), where=location)
-        try:
-            writer = cls(group, manifest, location)
-        except KeyError as exc:
-            raise CacheFormatError(f"{location}: array {exc} is missing; rebuild with --force") from exc
+        writer = cls(group, manifest, location)
         format.check_keys_are_identities(manifest, writer.keys(), where=location)
         return writer
 
@@ -117,12 +127,18 @@ class CacheWriter:
         return _strings(self.group[format.SOURCES_ARRAY][:])
 
     def status(self) -> np.ndarray:
-        """Per-row status (format.STATUS_*), read from every records chunk."""
-        return np.asarray(self._records[:, 0])
+        """Per-row status (format.STATUS_*), read from every records chunk; ``STATUS_DAMAGED`` for a row
+        whose record cannot be read or trusted (``store.read_records``): the build rebuilds it."""
+        return store.read_records(self._records)[0][:, 0]
 
-    def write_sample(self, row: int, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
+    def write_sample(self, row: int, features: dict[str, np.ndarray], boxes: np.ndarray | None = None,
+                     non_finite: str | None = None) -> None:
         """Encode, store and record one sample; raises InvalidFeatureError (nothing written) on NaN/Inf.
-        ``boxes``: the packed boxes row (``BoxesSpec.pack``), required when the cache holds boxes."""
+        ``boxes``: the packed boxes row (``BoxesSpec.pack``), required when the cache holds boxes.
+        ``non_finite``: what the build found non-finite in teacher outputs the cache does not store but
+        derives from (the head its boxes were decoded from): the sample is invalid as well."""
+        if non_finite is not None:
+            raise InvalidFeatureError(non_finite)
         for name, value in features.items():
             if not np.isfinite(value).all():
                 bad = int(np.size(value) - np.isfinite(value).sum())
@@ -190,9 +206,9 @@ class BackgroundWriter:
                 return
             if self._error is not None:
                 continue  # drain without writing after a failure
-            row, key, features, boxes = item
+            row, key, features, boxes, non_finite = item
             try:
-                self.writer.write_sample(row, features, boxes)
+                self.writer.write_sample(row, features, boxes, non_finite)
             except InvalidFeatureError as exc:
                 self.writer.mark_invalid(row)
                 if self.on_invalid is not None:
@@ -202,10 +218,11 @@ class BackgroundWriter:
                                              f"failed: {type(exc).__name__}: {exc}")
                 self._error.__cause__ = exc
 
-    def submit(self, row: int, key: str, features: dict[str, np.ndarray], boxes: np.ndarray | None = None) -> None:
+    def submit(self, row: int, key: str, features: dict[str, np.ndarray], boxes: np.ndarray | None = None,
+               non_finite: str | None = None) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put((row, key, features, boxes))
+        self._queue.put((row, key, features, boxes, non_finite))
 
     def close(self) -> None:
         """Write everything queued, stop the thread, and raise the first write error if any."""

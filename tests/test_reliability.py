@@ -319,7 +319,8 @@ def test_force_rebuilds_a_featcache_cache_and_keeps_the_users_files(nus_one, pil
     _assert_files_intact(experiments, around)
     _assert_files_intact(cache, inside)  # --force erases featcache's files only
     assert sorted(path.name for path in cache.iterdir()) == sorted(
-        ["featcache.json", "zarr.json", "keys", "sources", "records", "features", "qparams", "README.mine", "plots"])
+        ["featcache.json", "featcache.lock", "zarr.json", "keys", "sources", "records", "features", "qparams",
+         "README.mine", "plots"])  # featcache.lock: the writer lock, kept (FORMAT.md, one writer per cache)
 
 
 @pytest.mark.parametrize("group_file", [b"{}", b'{"zarr_format": 3, "node_type": "group"}',

@@ -22,12 +22,17 @@ def _pairs(text: str | None) -> dict[str, str] | None:
 
 
 def _kd(text: str | None) -> dict[str, float] | None:
-    if not text:
+    if text is None:  # not given: the student config's terms
         return None
     from trainer.terms import parse_kd_spec
 
+    names = [item.partition("=")[0].strip() for item in (part.strip() for part in text.split(",")) if item]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # parse_kd_spec would keep the last weight of each
+        raise click.BadParameter(f"{text!r} names {', '.join(map(repr, twice))} more than once; give each term once "
+                                 "with its weight (e.g. --kd infonce=2,pkd=5)", param_hint="--kd")
     try:
-        return parse_kd_spec(text)
+        return parse_kd_spec(text)  # an empty --kd "" names no term: refused there, not taken for "not given"
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--kd") from None
 

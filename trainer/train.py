@@ -332,8 +332,11 @@ def _distiller_model_cfg(cfg, options: TrainOptions) -> dict:
                           f"cache: {sorted(teacher_shapes)}); pass --pairs student_layer=cache_layer,...")
     for s_layer, t_layer in pairs.items():
         if s_layer not in student_shapes or t_layer not in teacher_shapes:
-            raise ConfigError(f"--pairs {s_layer}={t_layer}: student layers are {sorted(student_shapes)}, "
-                              f"cache layers {sorted(teacher_shapes)}")
+            unknown = ([f"the student has no layer {s_layer!r} (its layers: {sorted(student_shapes)})"]
+                       if s_layer not in student_shapes else []) + \
+                      ([f"the cache has no layer {t_layer!r} (its layers: {sorted(teacher_shapes)})"]
+                       if t_layer not in teacher_shapes else [])
+            raise ConfigError(f"--pairs {s_layer}={t_layer}: {'; '.join(unknown)}")
     log = logging.getLogger("trainer.train")
     log.info("BEV grids: student %s, teacher %s (x_min, y_min, x_max, y_max, metres)", student_range, teacher_range)
     for s_layer, t_layer in pairs.items():
