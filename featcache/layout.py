@@ -261,8 +261,8 @@ def decide_layouts(maps: dict[str, np.ndarray], points_xy: np.ndarray | None, ex
                    stated: dict[str, BevLayout] | None = None, where: str = ""
                    ) -> tuple[dict[str, dict[str, Any]], list[str], list[str]]:
     """Each BEV map's layout (per layer: ``LayerSpec.layout``'s dict) from one sample's maps (layer -> (C, H, W))
-    and its points, the lines that report how each was found, and the warnings (a layer assumed, decided by
-    its siblings, or stated against the evidence).
+    and its points, the lines that report how each was found, and the warnings (a layer assumed, or stated
+    against the evidence).
 
     A layer's own evidence decides where it is decisive; ``stated`` (``--bev-layout``) overrides it (a
     contradiction is reported); an undecided layer takes the layout its decisive sibling layers agree on,
@@ -278,6 +278,7 @@ def decide_layouts(maps: dict[str, np.ndarray], points_xy: np.ndarray | None, ex
     layouts: dict[str, dict[str, Any]] = {}
     lines: list[str] = []
     warnings: list[str] = []
+    by_siblings: list[str] = []  # regression outputs, for one: active at objects only, they rarely decide alone
     for name, value in maps.items():
         if np.ndim(value) != 3:
             continue
@@ -293,9 +294,7 @@ def decide_layouts(maps: dict[str, np.ndarray], points_xy: np.ndarray | None, ex
             layout, how = found.best, "measured"
         elif consensus is not None:
             layout, how = consensus, "measured (the teacher's other layers)"
-            warnings.append(f"layer {name}: its own evidence{where} is not decisive"
-                         f"{'' if found is None else ' (' + found.describe() + ')'}; taking {consensus.name}, "
-                         "which the teacher's other layers measured")
+            by_siblings.append(f"{name}{'' if found is None else ' (' + found.describe() + ')'}")
         else:
             layout, how = CANONICAL, "assumed"
             reason = ("no points or no point_cloud_range to measure it with" if found is None
@@ -306,4 +305,7 @@ def decide_layouts(maps: dict[str, np.ndarray], points_xy: np.ndarray | None, ex
         if how == "measured" or how == "stated":
             lines.append(f"layer {name}: {layout.name} ({layout.describe()}), {how}"
                          + ("" if found is None else f"; points{where}: {found.describe()}"))
+    if by_siblings:
+        lines.append(f"{len(by_siblings)} layer(s) whose own evidence{where} is not decisive take {consensus.name}, "
+                     f"which the teacher's other layers measured: {'; '.join(by_siblings)}")
     return layouts, lines, warnings
