@@ -29,9 +29,8 @@ FEATCACHE = [sys.executable, "-m", "featcache.cli"]
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
-    """Every file's sha256, the writer lock's holder note aside (each writer that takes the lock writes it)."""
     return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(root.rglob("*")) if path.is_file() and path.name != "featcache.lock"}
+            for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def _one_error(stderr: str) -> str:
