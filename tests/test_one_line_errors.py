@@ -67,7 +67,7 @@ def test_a_plain_pickle_checkpoint_is_refused_without_torchs_unsafe_advice(tmp_p
     with pytest.raises(CheckpointError) as raised:
         load_checkpoint_file(path)
     message = str(raised.value)
-    assert f"checkpoint '{path}' is not a PyTorch checkpoint featcache can read safely" in message
+    assert f"checkpoint '{path}' is not a readable PyTorch checkpoint (torch's weights-only unpickler: " in message
     assert "featcache never unpickles with weights_only=False" in message
     assert "will likely succeed" not in message and "\n" not in message
 
