@@ -161,8 +161,8 @@ def load_checkpoint_file(path: str | os.PathLike, trust_globals: Iterable[str] =
         text = str(exc)
         after = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else text
         reason = next((line.strip() for line in after.splitlines() if line.strip()), type(exc).__name__)
-        raise CheckpointError(f"checkpoint {path!r} is not a PyTorch checkpoint featcache can read safely (torch's "
-                              f"weights-only unpickler: {reason}; a plain pickle.dump?). featcache never unpickles "
+        raise CheckpointError(f"checkpoint {path!r} is not a readable PyTorch checkpoint (torch's weights-only "
+                              f"unpickler: {reason}; a plain pickle.dump, or damaged?). featcache never unpickles "
                               "with weights_only=False: save the weights with torch.save (a dict holding a "
                               "'state_dict' of tensors, as mmengine does)") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:

@@ -6,7 +6,7 @@ naming the cache and the holder (pid, host, command, since when), and touches no
 ``fcntl.flock`` on the lock file: the kernel drops it when the holder exits, ``kill -9`` included, so a
 stale lock cannot outlive its process. Processes forked by the holder (DataLoader workers) close their
 copy at fork, so an orphaned worker never keeps the lock of a killed build. The file stays in the cache
-after the run (deleting a lock file races with the next taker); it is not part of the cache's data.
+after the run, empty (deleting a lock file races with the next taker); it is not part of the cache's data.
 
 Under torchrun, rank 0 takes the lock for the job and tells the other ranks whether it got it
 (``featcache.world``), so one job is one writer. URL caches (fsspec: s3, gcs, memory...) have no lock:
@@ -94,6 +94,10 @@ class CacheLock:
                         os.unlink(path) if path.endswith(LOCK) else os.rmdir(path)
                     except OSError:  # something else is there now: it stays, and so do its parents
                         break
+            try:  # the holder's note is there only while a writer holds the lock: at rest the file is empty,
+                os.ftruncate(fd, 0)  # so a run refused after taking it (other teacher...) leaves it as it was
+            except OSError:
+                pass
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

@@ -279,10 +279,12 @@ def test_damaged_records_row_spoils_only_its_own_sample(reference_cache, tmp_pat
     shutil.copytree(reference_cache, out)
     record = next((out / format.RECORDS_ARRAY / "c" / "3").rglob("*"))
     data = bytearray(record.read_bytes())
-    data[-1] ^= 0xFF  # the last layer's checksum
+    data[-5] ^= 0xFF  # the last layer's checksum (the chunk's own crc32c follows it)
     record.write_bytes(bytes(data))
     cache = open_cache(out)
-    assert list(cache.status()) == [format.STATUS_COMPLETE] * len(cache)  # the other rows' status reads
+    # the row fails its chunk crc32c: that row reads as damaged, the other rows' status as it was
+    assert list(cache.status()) == [format.STATUS_DAMAGED if row == 3 else format.STATUS_COMPLETE
+                                    for row in range(len(cache))]
     report = verify_cache(str(out))
     assert [key for key, _ in report.corrupt] == [cache.row_keys[3]] and report.bad_rows == [3]
 
