@@ -6,10 +6,12 @@ reads it (``samples/LIDAR_TOP/*.bin`` + a v2 info pkl) and adds rigidly rotated/
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(mount_point: Path, options: str):
+    """A tmpfs mounted at ``mount_point`` (created) with mount ``options`` (e.g. ``size=12m`` for a full
+    disk, ``ro,size=1m`` for a read-only one: root writes anywhere a mode allows), unmounted afterwards."""
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)

@@ -25,7 +25,8 @@ from featcache import codecs, format, models, store
 from featcache.errors import CacheFormatError, CorruptSampleError, SampleNotCachedError
 from featcache.reader import open_cache
 from featcache.verify import verify_cache
-from lidar_fixtures import PILLAR_CONFIG, REPO, assert_same_cache, cfg_option_args, chunk_file, nus_cfg_options
+from lidar_fixtures import (PILLAR_CONFIG, REPO, assert_same_cache, cfg_option_args, chunk_file, mounted_tmpfs,
+                            nus_cfg_options)
 
 sys.path.insert(0, str(REPO / "tools"))
 import torture_build  # noqa: E402  (its launch / kill helpers for torchrun builds)
@@ -42,11 +43,8 @@ def _build_args(data: Path, ckpt: Path, out: Path) -> list[str]:
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 12 MB tmpfs: room for the cache's arrays and about two pillar pts_neck samples."""
-    mount_point = tmp_path / "small_fs"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    with mounted_tmpfs(tmp_path / "small_fs", "size=12m") as mount_point:
+        yield mount_point
 
 
 def test_disk_full_stops_cleanly_and_resumes(nus_six, pillar_ckpt, small_filesystem):

@@ -20,7 +20,7 @@ from featcache import lock as cache_lock
 from featcache.errors import CacheBusyError, CorruptSampleError
 from featcache.reader import open_cache
 from featcache.verify import verify_cache
-from lidar_fixtures import PILLAR_CONFIG, assert_same_cache, cfg_option_args, nus_cfg_options
+from lidar_fixtures import PILLAR_CONFIG, assert_same_cache, cfg_option_args, mounted_tmpfs, nus_cfg_options
 
 FEATCACHE = [sys.executable, "-m", "featcache.cli"]
 
@@ -128,11 +128,8 @@ def test_the_lock_file_alone_is_an_empty_directory_and_force_keeps_it(tmp_path):
 @pytest.fixture
 def read_only_directory(tmp_path):
     """A read-only filesystem (root writes anywhere a mode allows nothing)."""
-    mount_point = tmp_path / "read_only"
-    mount_point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)], check=True)
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
+    with mounted_tmpfs(tmp_path / "read_only", "ro,size=1m") as mount_point:
+        yield mount_point
 
 
 def test_unwritable_out_is_refused_before_the_teacher_in_one_line(nus_one, pillar_ckpt, read_only_directory):
