@@ -158,3 +158,29 @@ def test_rekey_moves_records_only_where_the_proof_reproduces_them_bit_for_bit(mo
         assert record["key"] == quality.run_key(run, quality.arm_context(new, run), False)
     assert state["teacher"]["key"] == quality.sha256(b"tdnew") and state["context"]["trainer_revision"] == "new"
     assert state["rekeyed"][0]["proof"][0].startswith("half/no-kd/")
+
+
+def test_rekey_on_another_machine_compares_with_a_baseline_trained_here(monkeypatch):
+    """Float results depend on the CPU's kernels: on another machine the proof must reproduce the same runs trained
+    there at the records' revision (the baseline), not the records; a baseline of another revision is refused."""
+    quality = _quality_module()
+    Run = quality.Run
+    context = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "old", "heatmap_codec": "asin8-zstd3",
+               "codecs_by_kind": {"feature": "f", "heatmap": "h asin8-zstd3", "reg": "r"}}
+    runs = [Run("half", "no-kd", 0, "none"), Run("half", "heatmap=10,reg=1,init", 0, "cache")]
+
+    def records(revision: str, offset: float) -> list[dict]:
+        ctx = {**context, "trainer_revision": revision}
+        return [{**quality.asdict(run), "mAP": 0.6 + index / 10 + offset, "key": quality.run_key(run, ctx, False)}
+                for index, run in enumerate(runs)]
+
+    state = {"runs": records("old", 0.0), "superseded_runs": [], "context": context, "teacher": {"key": "x"}}
+    monkeypatch.setattr(quality, "trainer_revision", lambda: "new")
+    proof = {"context": {**context, "trainer_revision": "new"}, "runs": records("new", 1e-4)}
+    with pytest.raises(SystemExit, match="not reproduced bit for bit"):
+        quality.rekey(state, proof, False)
+    with pytest.raises(SystemExit, match="was not trained at the records' trainer revision old"):
+        quality.rekey(state, proof, False, {"runs": records("new", 1e-4)})
+    message = quality.rekey(state, proof, False, {"runs": records("old", 1e-4)})
+    assert "re-keyed 2 of 2 records" in message and "(baseline on this machine)" in state["rekeyed"][0]["proof"][0]
+    assert [record["mAP"] for record in state["runs"]] == [0.6, 0.7]  # the records keep their own figures

@@ -532,18 +532,28 @@ def arm_context(context: dict[str, Any], run: Run) -> dict[str, Any]:
     return {**context, "codecs_by_kind": kinds}
 
 
-def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool) -> str:
+def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool, baseline: dict[str, Any] | None = None) -> str:
     """Move the records of ``state``'s trainer revision to the current one, where ``proof`` (the quality.json of
     runs trained at the current revision, e.g. ``--recipes no-kd heatmap=10,reg=1,init --seeds 0 --only half``)
     reproduces the recorded mAP of every one of its runs bit for bit: a trainer change that leaves results alone
-    need not retrain the plan. Every current record whose key is its run's key under the old revision (checked,
-    not assumed) is re-keyed; the proof is kept in ``state["rekeyed"]``. Refuses (SystemExit) otherwise."""
+    need not retrain the plan. On another machine than the records' (float results depend on the CPU's kernels),
+    ``baseline`` holds the same runs trained there at the records' revision, and the proof must reproduce those.
+    Every current record whose key is its run's key under the old revision (checked, not assumed) is re-keyed;
+    the proof is kept in ``state["rekeyed"]``. Refuses (SystemExit) otherwise."""
     old_context = state["context"]
     new_context = {**old_context, "trainer_revision": trainer_revision()}
     if proof["context"]["trainer_revision"] != new_context["trainer_revision"]:
         raise SystemExit(f"the proof was trained at trainer revision {proof['context']['trainer_revision']}, the "
                          f"trainer now is {new_context['trainer_revision']}: train the proof again")
     records = {record_run(record): record for record in state["runs"]}
+    if baseline is not None:
+        records = {}
+        for record in baseline["runs"]:
+            run = record_run(record)
+            if record["key"] != run_key(run, arm_context(old_context, run), quick):
+                raise SystemExit(f"baseline run {run.name} was not trained at the records' trainer revision "
+                                 f"{old_context['trainer_revision']} under this benchmark's context")
+            records[run] = record
     proven = []
     for record in proof["runs"]:
         run = record_run(record)
@@ -554,10 +564,11 @@ def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool) -> str:
         if base is None or base["mAP"] != record["mAP"]:
             raise SystemExit(f"proof run {run.name}: mAP {record['mAP']!r} at trainer {new_context['trainer_revision']}, "
                              f"{None if base is None else base['mAP']!r} recorded: not reproduced bit for bit; retrain")
-        proven.append(f"{run.name} {record['mAP']!r}")
+        proven.append(f"{run.name} {record['mAP']!r}" + ("" if baseline is None else " (baseline on this machine)"))
     if not any(name.startswith(f"half/{NO_KD}/") for name in proven) or not any("init" in name for name in proven):
         raise SystemExit("the proof must hold a no-KD run and an init recipe run of the half student")
     moved = 0
+    records = {record_run(record): record for record in state["runs"]}
     for run, record in records.items():
         if record["key"] == run_key(run, arm_context(old_context, run), quick):
             record["key"] = run_key(run, arm_context(new_context, run), quick)
@@ -832,6 +843,9 @@ def main() -> None:
     parser.add_argument("--rekey-proof", default=None, metavar="QUALITY_JSON",
                         help="re-key the records to the current trainer revision, where this quality.json's runs "
                              "(trained at it) reproduce theirs bit for bit; then rewrite the report")
+    parser.add_argument("--rekey-baseline", default=None, metavar="QUALITY_JSON",
+                        help="with --rekey-proof on another machine than the records': the same runs trained here "
+                             "at the records' trainer revision, which the proof must reproduce")
     parser.add_argument("--run-spec", help=argparse.SUPPRESS)  # internal: one run, in its own process
     args = parser.parse_args()
     if args.run_spec:
@@ -845,7 +859,8 @@ def main() -> None:
     args.work_dir = args.work_dir or str(REPO / ("work_dirs/quality_quick" if args.quick else "work_dirs/quality"))
     if args.rekey_proof:
         state = load(Path(args.out_dir) / "quality.json")
-        log(rekey(state, load(Path(args.rekey_proof)), args.quick))
+        log(rekey(state, load(Path(args.rekey_proof)), args.quick,
+                  load(Path(args.rekey_baseline)) if args.rekey_baseline else None))
         save(Path(args.out_dir) / "quality.json", state)
         write_report(Path(args.out_dir), state, state["context"], args.quick)
         return
