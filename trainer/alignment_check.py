@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from featcache import layout as layouts
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, FeatcacheError
 from trainer.bev_warp import BevAlignment
 
 logger = logging.getLogger("trainer.alignment_check")
@@ -120,15 +120,24 @@ def check(report: Sequence[PairAgreement], where: str, force: bool = False) -> N
     logger.warning("%s (forced)", message)
 
 
-def training_samples(dataset: Any, cache: Any, keys: Sequence[str], layers: Sequence[str], count: int = 2
-                     ) -> list[tuple[np.ndarray, dict, dict]]:
+def training_samples(dataset: Any, cache: Any, keys: Sequence[str], layers: Sequence[str], count: int = 2,
+                     tries: int = 8) -> list[tuple[np.ndarray, dict, dict]]:
     """The first ``count`` training samples as the check takes them: points and metainfo from the student's
-    pipeline, maps decoded from the cache row of the same key."""
+    pipeline, maps decoded from the cache row of the same key. A row that does not read (damaged: training
+    stops on it by name, or skips it with --skip-corrupt) is passed over, among the first ``tries``."""
     taken = []
-    for index in range(min(count, len(dataset))):
+    for index in range(min(tries, len(dataset))):
+        try:
+            maps = cache.read(keys[index], layers=list(layers))
+        except FeatcacheError as exc:
+            logger.info("alignment check: sample %r passed over (%s)", keys[index], exc)
+            continue
         item = dataset[index]
         points = item["inputs"]["points"]
         points = points.tensor if hasattr(points, "tensor") else points
-        maps = cache.read(keys[index], layers=list(layers))
         taken.append((np.asarray(points)[:, :2], dict(item["data_samples"].metainfo), maps))
+        if len(taken) == count:
+            break
+    if not taken:
+        logger.warning("alignment check: none of the first %d training samples reads from the cache; not checked", tries)
     return taken
