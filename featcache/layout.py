@@ -155,6 +155,7 @@ def occupancy(points_xy: np.ndarray, extent: Sequence[float], hw: Sequence[int])
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's r of two arrays' values (0 where either is constant)."""
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     a, b = a - a.mean(), b - b.mean()
     denominator = float(np.sqrt((a * a).sum() * (b * b).sum()))
