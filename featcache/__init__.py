@@ -11,8 +11,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "open_cache": "featcache.reader", "FeatureCache": "featcache.reader", "CachedTargetsDataset": "featcache.reader",
-    "build_cache": "featcache.build", "BuildOptions": "featcache.build",
+    "open_cache": "featcache.reader", "FeatureCache": "featcache.reader", "CachedTargetsDataset": "featcache.teacher.paired",
+    "build_cache": "featcache.teacher.build", "BuildOptions": "featcache.teacher.build",
     "verify_cache": "featcache.verify", "Manifest": "featcache.format", "CodecSpec": "featcache.codecs",
 }
 __all__ = sorted(_LAZY)

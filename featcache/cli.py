@@ -138,7 +138,7 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, he
 
     Re-running the same command resumes; under `torchrun --nproc_per_node N` ranks share the work.
     """
-    from featcache.options import BuildOptions, check_cfg_option_items
+    from featcache.teacher.options import BuildOptions, check_cfg_option_items
 
     # every option, --out included, before the heavy imports and the teacher's set-up
     check_cfg_option_items(cfg_options)
@@ -150,8 +150,8 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, he
         bev_layout=bev_layout)
     options.validate()
 
-    from featcache.build import build_cache
-    from featcache.models import parse_cfg_options
+    from featcache.teacher.build import build_cache
+    from featcache.teacher.models import parse_cfg_options
 
     options.cfg_options = parse_cfg_options(cfg_options)
     result = build_cache(options)
@@ -179,9 +179,9 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
     report = verify_cache(cache, options, progress=sys.stderr.isatty())
     click.echo(report.summary())
     if repair and report.bad_rows:
-        from featcache.build import BuildOptions, build_cache
-        from featcache.heads import REGRESSION_OUTPUTS
-        from featcache.models import parse_cfg_options
+        from featcache.teacher.build import BuildOptions, build_cache
+        from featcache.head_layers import REGRESSION_OUTPUTS
+        from featcache.teacher.models import parse_cfg_options
         from featcache.reader import open_cache
 
         manifest = open_cache(cache, options).manifest
@@ -246,8 +246,8 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
         click.echo(f"wrote {plot_sample(reader, key, plot)} (sample {key})")
     if fidelity_samples:
         from featcache.inspection import centre_cells_of_row
-        from featcache.models import annotated_centres, check_sources, parse_cfg_options
-        from featcache.teacher import Teacher
+        from featcache.teacher.models import annotated_centres, check_sources, parse_cfg_options
+        from featcache.teacher.detector import Teacher
 
         manifest = reader.manifest
         teacher = Teacher.from_manifest(manifest, checkpoint=checkpoint, cfg_options=parse_cfg_options(cfg_options))
@@ -304,7 +304,7 @@ def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quan
 
     check_out_directory(out, overwrite)  # before any model work
     from featcache.deploy.export import export_detector
-    from featcache.models import parse_cfg_options
+    from featcache.teacher.models import parse_cfg_options
 
     result = export_detector(student_config, checkpoint, out, overwrite=overwrite,
                              cfg_options=parse_cfg_options(cfg_options), quantize=quantize,

@@ -32,7 +32,6 @@ from featcache.boxes import BoxesSpec
 from featcache.codecs import CodecSpec
 from featcache.errors import CacheFormatError
 from featcache.layout import CANONICAL, BevLayout
-from featcache.location import ENTRIES, MARKER  # noqa: F401  (part of the format: the creation marker)
 
 FORMAT_NAME = "featcache"
 FORMAT_VERSION = 1
@@ -42,6 +41,10 @@ RECORDS_ARRAY = "records"
 BOXES_ARRAY = "boxes"
 FEATURES_GROUP = "features"
 QPARAMS_GROUP = "qparams"
+#: The creation marker: written before anything else of a new cache, it makes the location featcache's.
+MARKER = "featcache.json"
+#: Every entry featcache writes at a cache's root (the writer lock aside: ``location.LOCK``); nothing else is erased.
+ENTRIES = (MARKER, "zarr.json", KEYS_ARRAY, SOURCES_ARRAY, RECORDS_ARRAY, BOXES_ARRAY, FEATURES_GROUP, QPARAMS_GROUP)
 
 # What ``models.sample_key`` returns; recorded in the manifest. Caches without it were written before
 # keys were identities: token-keyed ones still read, position-keyed ones are refused.
@@ -80,7 +83,7 @@ class LayerSpec:
     index: int | None
     shape: tuple[int, ...]
     codec: CodecSpec
-    # a head output's description (``featcache.heads.HeadOutput.meaning``: kind, task, classes, what each
+    # a head output's description (``featcache.teacher.heads.HeadOutput.meaning``: kind, task, classes, what each
     # channel holds, logits or values); None for feature layers and for caches written before it
     meaning: dict[str, Any] | None = None
     # which array axis is x and which y (``featcache.layout``): {"rows": "+y", "cols": "+x", "found": "measured" |
@@ -185,7 +188,7 @@ class Manifest:
     @property
     def regression_cells(self) -> dict[str, Any] | None:
         """Where the regression head outputs hold the teacher's values: ``{"at": "box centres", "margin",
-        "teacher_boxes", "annotated_centres_sha256"}`` (``featcache.heads.centre_cells``: the cells of the
+        "teacher_boxes", "annotated_centres_sha256"}`` (``featcache.head_layers.centre_cells``: the cells of the
         sample's annotated boxes and, with ``teacher_boxes``, of its cached teacher boxes; 0 elsewhere), or
         None: every cell (``--dense-head-outputs``, caches without regression outputs, caches written
         before featcache kept them at centres)."""

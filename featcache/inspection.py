@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache import codecs, format, heads, store
+from featcache import codecs, format, head_layers, store
 from featcache.reader import FeatureCache, open_cache
 from featcache.writer import BOXES_CODEC
 
@@ -183,7 +183,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
             for name, figures in recorded.items()))
     lines += layout_lines(manifest)
     cells = manifest.regression_cells
-    at_centres = {layer.name for layer in manifest.layers if cells and layer.kind in heads.REGRESSION_OUTPUTS}
+    at_centres = {layer.name for layer in manifest.layers if cells and layer.kind in head_layers.REGRESSION_OUTPUTS}
     if at_centres:
         lines.append(f"regression outputs ({len(at_centres)} layers) hold the teacher's values at box centres only "
                      f"(annotated{' and teacher' if cells.get('teacher_boxes') else ''} boxes, margin "
@@ -217,9 +217,9 @@ def centre_cells_of_row(cache: FeatureCache, annotated_centres: np.ndarray, row:
     if manifest.regression_cells.get("teacher_boxes") and manifest.boxes is not None:
         centres = np.concatenate([centres, cache.read_boxes(row).bboxes[:, :2].astype(np.float64)])
     bev_range = format.bev_extent(manifest.extra["point_cloud_range"])
-    return {layer.name: heads.centre_cells(centres, bev_range, layer.shape[-2:], manifest.regression_cells["margin"],
+    return {layer.name: head_layers.centre_cells(centres, bev_range, layer.shape[-2:], manifest.regression_cells["margin"],
                                            layer.bev_layout)
-            for layer in manifest.layers if layer.kind in heads.REGRESSION_OUTPUTS}
+            for layer in manifest.layers if layer.kind in head_layers.REGRESSION_OUTPUTS}
 
 
 def fidelity(cache: FeatureCache, teacher_features: dict[str, np.ndarray], row: int,

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from featcache.errors import CacheFormatError, ConfigError, FeatcacheError, NotACacheError, StoreAccessError
+from featcache.format import ENTRIES, MARKER, RECORDS_ARRAY, Manifest
 
 # store entries and leftovers featcache (or zarr on its behalf) writes in a cache; nothing else is erased
-MARKER = "featcache.json"
 # the writer lock (``featcache.lock``): featcache's, never erased (the next writer may hold it), and not
 # content: a directory holding only it is empty to a build
 LOCK = "featcache.lock"
-ENTRIES = (MARKER, "zarr.json", "keys", "sources", "records", "features", "qparams")
 _ATOMIC_LEFTOVER = re.compile(r"^(zarr|featcache)\.[0-9a-f]{32}\.partial$")  # zarr's LocalStore temp files
 
 ABSENT, EMPTY, CACHE, CREATING, DAMAGED, FOREIGN = "absent", "empty", "cache", "creating", "damaged", "foreign"
@@ -238,7 +237,7 @@ def _without_manifest(where: str, access: Any, marked: bool, entries: list[str],
                       foreign: str) -> "LocationState":
     """A non-empty location with no featcache manifest: damage when records/ holds recorded samples
     (marked or not), an interrupted creation when featcache's marker is there, else not featcache's."""
-    if access.has_files_under("records"):
+    if access.has_files_under(RECORDS_ARRAY):
         return LocationState(where, DAMAGED, marked=marked, entries=tuple(entries),
                              problem=f"{damage} Restore zarr.json from a copy of the cache, {_recovery(where, marked)}")
     if marked:
@@ -261,8 +260,6 @@ def check_build_target(location: str | os.PathLike, storage_options: dict[str, A
     if state.kind == DAMAGED and not (force and state.marked):
         raise CacheFormatError(state.problem)
     if state.kind == CACHE and not force:
-        from featcache.format import Manifest
-
         Manifest.from_dict(state.manifest, where=state.location)  # a damaged manifest is refused now, by name
     return state
 

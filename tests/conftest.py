@@ -45,7 +45,7 @@ def reference_cache(tmp_path_factory, nus_six, pillar_ckpt) -> str:
     """An uninterrupted single-process build (default codec) of the six frames' CACHE_LAYERS. It
     is built in this process: a subprocess build compared with it needs
     OMP_NUM_THREADS=torch.get_num_threads() (CPU convolution sums depend on the thread count)."""
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("ref") / "cache"
     result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers=CACHE_LAYERS,

@@ -136,7 +136,7 @@ def cfg_option_args(options: dict[str, Any]) -> list[str]:
 def teacher_checkpoint(directory: Path, config: str, seed: int) -> Path:
     """A seeded mmdet3d model saved as a real mmengine checkpoint; BN running variances are
     perturbed so that, unlike a fresh init, deep layers carry signal of varied scale."""
-    from featcache import models
+    from featcache.teacher import models
 
     torch.manual_seed(seed)
     model = models.build_model(models.load_config(config))

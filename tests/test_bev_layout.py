@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from featcache import layout as layouts
-from featcache import models
-from featcache.build import BuildOptions, build_cache
+from featcache.teacher import models
+from featcache.teacher.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError, ConfigError
 from featcache.inspection import describe
 from featcache.reader import open_cache
-from featcache.teacher import Teacher
+from featcache.teacher.detector import Teacher
 from lidar_fixtures import KITTI_CONFIG, PILLAR_CONFIG, REPO, kitti_cfg_options, make_kitti_like, nus_cfg_options
 
 HALF = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
@@ -181,7 +181,7 @@ def test_a_wrong_layout_is_refused_before_training(tmp_path, nus_six, pillar_ckp
     from trainer.train import TrainOptions, build_runner_config
 
     out = tmp_path / "stated_wrong"
-    with caplog.at_level(logging.WARNING, logger="featcache.build"):
+    with caplog.at_level(logging.WARNING, logger="featcache.teacher.build"):
         build_cache(BuildOptions(transposed_config(tmp_path), str(pillar_ckpt), str(out), layers="pts_middle_encoder",
                                  bev_layout="yx", cfg_options=nus_cfg_options(nus_six), num_workers=0, progress=False))
     assert any("--bev-layout states yx, but the points" in record.getMessage() for record in caplog.records)

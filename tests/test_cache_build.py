@@ -21,11 +21,12 @@ import pytest
 import torch
 from zarr import codecs as zarr_codecs
 
-from featcache import codecs, format, models, store
-from featcache.build import BuildOptions, build_cache
+from featcache import codecs, format, store
+from featcache.teacher import models
+from featcache.teacher.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError, CorruptSampleError, SampleNotCachedError
 from featcache.reader import open_cache
-from featcache.teacher import Teacher
+from featcache.teacher.detector import Teacher
 from featcache.verify import verify_cache
 from lidar_fixtures import (CACHE_LAYERS, PILLAR_CONFIG, VOXEL_CONFIG, assert_same_cache, cfg_option_args, chunk_file,
                             free_port, nus_cfg_options, save_openmmlab_checkpoint, teacher_checkpoint)
@@ -473,7 +474,7 @@ def test_reader_is_safe_in_dataloader_workers(reference_cache):
 
 
 def test_cached_targets_dataset_pairs_items_by_key(reference_cache, nus_six):
-    from featcache.reader import CachedTargetsDataset
+    from featcache.teacher.paired import CachedTargetsDataset
 
     cache = open_cache(reference_cache)
     cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six))

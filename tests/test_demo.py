@@ -85,7 +85,7 @@ def test_quick_demo_writes_plots_and_loadable_students(quick_demo):
         image = matplotlib.image.imread(work / name)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
         assert image[..., :3].std() > 0.01, f"{name} is blank"
-    from featcache import models
+    from featcache.teacher import models
 
     for run, config in (("student_half_kd", "configs/demo/student_half.py"),
                         ("student_slim_kd", "configs/demo/student_slim.py")):

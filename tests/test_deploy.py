@@ -64,7 +64,7 @@ def scans(scenes) -> list[str]:
 def student_ckpt(tmp_path_factory):
     """The demo student with seeded weights (tools/init_checkpoint.py's way): no trained student ships
     with the repository (`make demo` trains them); the trained teacher below covers trained weights."""
-    from featcache import models
+    from featcache.teacher import models
 
     torch.manual_seed(3)
     model = models.build_model(models.load_config(REPO / STUDENT))
@@ -350,7 +350,7 @@ def test_deploy_refuses_what_it_must_not_write_or_cannot_export(student_export, 
 def test_the_nuscenes_pillar_students_are_exportable(config):
     """The project's nuScenes students pass the export's checks; their settings come from the built modules
     (no test pipeline in these configs: the runtime takes the 5 features the voxel encoder reads)."""
-    from featcache import models
+    from featcache.teacher import models
     from featcache.deploy.export import check_exportable, describe
 
     cfg = models.load_config(REPO / config)
@@ -368,7 +368,7 @@ def test_the_nuscenes_pillar_students_are_exportable(config):
      r"pts_voxel_encoder \(HardSimpleVFE\)"),
 ])
 def test_a_detector_it_cannot_export_fails_naming_the_module(config, module):
-    from featcache import models
+    from featcache.teacher import models
     from featcache.deploy.export import check_exportable
 
     path = REPO / config if config.startswith("configs/") else config

@@ -116,7 +116,7 @@ def test_transposed_final_conv_equals_the_conv(kernel, channels):
 def test_the_head_copy_changes_only_the_final_convolutions():
     """with_transposed_final_convs on the demo student's CenterHead: every SeparateHead branch ends in a
     ConvTranspose2d in the copy, the model's own head is untouched, and the dense maps agree."""
-    from featcache import models
+    from featcache.teacher import models
 
     torch.manual_seed(1)
     model = models.build_model(models.load_config(REPO / "configs" / "demo" / "student_slim.py")).eval()

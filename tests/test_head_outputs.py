@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import boxes, codecs, format, heads, models
-from featcache.build import BuildOptions, build_cache
+from featcache import boxes, codecs, format, head_layers
+from featcache.teacher import heads, models
+from featcache.teacher.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError, ConfigError, CorruptSampleError, NoBoxesError
 from featcache.export import export_hdf5
 from featcache.inspection import describe, nearly_zero_layers, nonzero_fraction, plot_sample
@@ -76,7 +77,7 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     assert len(per_task) == len(head.class_names) == 6
     names = cache.layer_names
     assert names[0] == "pts_neck.0"
-    expected = [f"pts_bbox_head.task_heads.{task}.{kind}" for task in range(6) for kind in heads.CENTERHEAD_OUTPUTS]
+    expected = [f"pts_bbox_head.task_heads.{task}.{kind}" for task in range(6) for kind in head_layers.CENTERHEAD_OUTPUTS]
     assert sorted(names[1:]) == sorted(expected)  # in the order the head runs them
     (key,) = cache.keys()
     row = cache.read(key)
@@ -84,12 +85,12 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
     # the cached teacher boxes' centres
     centres = np.concatenate([_annotated_centres(nus_one), cache.teacher_boxes(key).bboxes[:, :2]])
     extent = cache.manifest.extra["point_cloud_range"]
-    kept_cells = {(128, 128): heads.centre_cells(centres, [extent[0], extent[1], extent[3], extent[4]], (128, 128))}
-    assert 0 < kept_cells[(128, 128)].mean() < 0.05 and cache.manifest.regression_cells["margin"] == heads.CENTRE_MARGIN
+    kept_cells = {(128, 128): head_layers.centre_cells(centres, [extent[0], extent[1], extent[3], extent[4]], (128, 128))}
+    assert 0 < kept_cells[(128, 128)].mean() < 0.05 and cache.manifest.regression_cells["margin"] == head_layers.CENTRE_MARGIN
     for task, outputs in enumerate(per_task):
-        for kind in heads.CENTERHEAD_OUTPUTS:
+        for kind in head_layers.CENTERHEAD_OUTPUTS:
             layer = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.{kind}")
-            assert layer.is_head_output and layer.kind == kind and layer.codec == heads.default_codec(kind)
+            assert layer.is_head_output and layer.kind == kind and layer.codec == head_layers.default_codec(kind)
             reference = outputs[kind][0].numpy()
             assert layer.shape == reference.shape
             if kind == "heatmap":  # asin8: every sigmoid score within pi/1020 (the terms compare scores)
@@ -103,7 +104,7 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
                 bound = np.maximum((2 * np.sqrt(scores * (1 - scores)) + step) * np.sin(step), codecs.SCORE8_FLOOR)
                 assert (error <= bound + 1e-6).all()
             else:  # fp16 keeps ~3 significant digits of every value, at the box centres' cells; 0 elsewhere
-                assert layer.codec.precision == "fp16" and layer.meaning["cells"] == heads.CELLS_AT_CENTRES
+                assert layer.codec.precision == "fp16" and layer.meaning["cells"] == head_layers.CELLS_AT_CENTRES
                 kept = kept_cells[reference.shape[-2:]]
                 np.testing.assert_allclose(row[layer.name][:, kept], reference[:, kept], rtol=2e-3, atol=2e-3)
                 assert not row[layer.name][:, ~kept].any()
@@ -122,15 +123,15 @@ def test_head_outputs_are_cached_per_task_and_described(head_cache, nus_one, pil
 
 def test_centre_cells_hold_each_centre_and_the_neighbour_across_a_near_edge():
     extent, hw = [0.0, -2.0, 4.0, 2.0], (4, 8)  # cells 0.5 m wide (x), 1 m high (y)
-    kept = heads.centre_cells(np.array([[1.25, 0.5]]), extent, hw)
+    kept = head_layers.centre_cells(np.array([[1.25, 0.5]]), extent, hw)
     assert np.argwhere(kept).tolist() == [[2, 2]]  # (y, x): floor((0.5 + 2) / 1), floor(1.25 / 0.5)
     # 0.002 m from the edge x = 1.5 (0.004 cells, within the margin): both cells; 0.5 cells off it: one
-    kept = heads.centre_cells(np.array([[1.502, 0.5], [3.75, -1.5]]), extent, hw)
+    kept = head_layers.centre_cells(np.array([[1.502, 0.5], [3.75, -1.5]]), extent, hw)
     assert np.argwhere(kept).tolist() == [[0, 7], [2, 2], [2, 3]]
     # a corner within the margin in both axes: the four cells around it; off the grid: nothing
-    kept = heads.centre_cells(np.array([[2.001, 0.005], [-0.1, 0.0], [4.2, 0.0]]), extent, hw)
+    kept = head_layers.centre_cells(np.array([[2.001, 0.005], [-0.1, 0.0], [4.2, 0.0]]), extent, hw)
     assert np.argwhere(kept).tolist() == [[1, 3], [1, 4], [2, 3], [2, 4]]
-    assert not heads.centre_cells(np.zeros((0, 2)), extent, hw).any()
+    assert not head_layers.centre_cells(np.zeros((0, 2)), extent, hw).any()
 
 
 def test_annotated_centres_are_every_box_of_the_annotation_file_whatever_the_datasets_classes(nus_one):
@@ -160,17 +161,17 @@ def test_regression_outputs_are_kept_at_box_centres_and_cost_a_fraction_of_the_d
     from featcache import store
 
     masked, dense = open_cache(str(head_cache)), open_cache(str(dense_head_cache))
-    assert dense.manifest.regression_cells is None and masked.manifest.regression_cells["at"] == heads.CELLS_AT_CENTRES
+    assert dense.manifest.regression_cells is None and masked.manifest.regression_cells["at"] == head_layers.CELLS_AT_CENTRES
     (key,) = masked.keys()
     stored, full = masked.read(key), dense.read(key)
-    regression = [layer for layer in masked.manifest.layers if layer.kind in heads.REGRESSION_OUTPUTS]
+    regression = [layer for layer in masked.manifest.layers if layer.kind in head_layers.REGRESSION_OUTPUTS]
     assert len(regression) == 30
     kept = np.zeros(regression[0].shape[-2:], dtype=bool)
     for layer in regression:  # the same teacher values where kept, zero elsewhere
         cells = (stored[layer.name] != 0).any(axis=0)
         kept |= cells
         np.testing.assert_array_equal(stored[layer.name][:, cells], full[layer.name][:, cells])
-        assert dense.manifest.layer(layer.name).meaning["cells"] == heads.CELLS_DENSE
+        assert dense.manifest.layer(layer.name).meaning["cells"] == head_layers.CELLS_DENSE
     assert 0 < kept.mean() < 0.05
     # what that saves: the masked regression maps store a small part of the dense ones' bytes
     def stored_bytes(path, cache):
@@ -271,8 +272,8 @@ def test_heatmaps_named_by_kind_take_the_uniform_score_codec(tmp_path, pillar_ck
     row = cache.read(key)
     for task, outputs in enumerate(per_task):
         heatmap = cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.heatmap")
-        assert heatmap.codec.name == "score8-zstd3" != heads.HEATMAP_CODEC.name
-        assert cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.reg").codec == heads.HEAD_OUTPUT_CODEC
+        assert heatmap.codec.name == "score8-zstd3" != head_layers.HEATMAP_CODEC.name
+        assert cache.manifest.layer(f"pts_bbox_head.task_heads.{task}.reg").codec == head_layers.HEAD_OUTPUT_CODEC
         scores = np.clip(1 / (1 + np.exp(-outputs["heatmap"][0].numpy().astype(np.float64))), 1e-4, 1 - 1e-4)
         read = 1 / (1 + np.exp(-row[heatmap.name].astype(np.float64)))
         assert np.abs(read - scores).max() <= 1 / 510 + 1e-6
@@ -482,7 +483,7 @@ def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_cl
     # queries), as in that file: heatmap_head = ConvModule(hidden, hidden, 3) + Conv2d(hidden, num_classes, 3)
     from torch import nn
 
-    from featcache.recording import LayerRecorder
+    from featcache.teacher.recording import LayerRecorder
     from lidar_fixtures import REPO
     from trainer.train import match_by_class
 
@@ -605,7 +606,7 @@ def test_head_outputs_a_transfusion_head_lacks_are_refused_before_model_and_data
     # the build used to find out only once the teacher model and its dataset were built (~9 s for BEVFusion)
     import time
 
-    from featcache.options import resolve_config_path
+    from featcache.teacher.options import resolve_config_path
 
     config = tmp_path / "bevfusion_like.py"
     config.write_text(f"_base_ = [{str(resolve_config_path(PILLAR_CONFIG))!r}]\n"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from featcache import models
+from featcache.teacher import models
 from featcache.errors import ConfigError
 from lidar_fixtures import REPO
 from trainer.inherit import concat_groups, inherit_from_teacher, inherit_weights

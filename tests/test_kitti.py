@@ -25,7 +25,7 @@ def kitti(tmp_path_factory):
 def kitti_ckpt(tmp_path_factory):
     import torch
 
-    from featcache import models
+    from featcache.teacher import models
 
     torch.manual_seed(0)
     model = models.build_model(models.load_config(KITTI_CONFIG))
@@ -107,7 +107,7 @@ def test_kitti_student_config_trains_and_distils_from_the_tokenless_cache(kitti,
 
 
 def test_a_codec_for_a_layer_the_default_layers_lack_fails_before_the_teacher_runs(kitti, kitti_ckpt, tmp_path):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
 
     options = BuildOptions(KITTI_CONFIG, str(kitti_ckpt), str(tmp_path / "cache"), codec="pts_neck=fp32-none",
                            cfg_options=kitti_cfg_options(kitti, ("train", "test")), num_workers=0, progress=False)

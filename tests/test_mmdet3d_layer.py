@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from featcache import models, recording
-from featcache.checkpoint import load_checkpoint_file, load_weights
+from featcache.teacher import models, recording
+from featcache.teacher.checkpoint import load_checkpoint_file, load_weights
 from featcache.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from lidar_fixtures import PILLAR_CONFIG, VOXEL_CONFIG, nus_cfg_options, save_openmmlab_checkpoint
 
@@ -145,7 +145,7 @@ def test_checkpoint_round_trip_through_safe_loader(tmp_path):
 def test_safe_loads_leave_the_process_wide_allow_list_in_place(tmp_path):
     # featcache train registers the allow-list for the process (mmengine's resume calls torch.load
     # itself); a featcache load in between (the checkpoint-fit check) must not take it away again
-    from featcache.checkpoint import allow_openmmlab_globals_for_process
+    from featcache.teacher.checkpoint import allow_openmmlab_globals_for_process
 
     path = save_openmmlab_checkpoint(models.build_model(models.load_config(PILLAR_CONFIG)), tmp_path / "p.pth")
     before = list(torch.serialization.get_safe_globals())

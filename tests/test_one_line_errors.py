@@ -42,7 +42,7 @@ def _one_error(stderr: str) -> str:
 
 # -- 4: the trainer's own epoch checkpoint deploys --------------------------------------------------
 def test_the_trainers_epoch_checkpoint_loads_its_students_weights(tmp_path):
-    from featcache import models
+    from featcache.teacher import models
     from featcache.deploy.export import load_detector
 
     student = REPO / "configs" / "demo" / "student_half.py"
@@ -60,7 +60,7 @@ def test_the_trainers_epoch_checkpoint_loads_its_students_weights(tmp_path):
 
 
 def test_a_plain_pickle_checkpoint_is_refused_without_torchs_unsafe_advice(tmp_path):
-    from featcache.checkpoint import load_checkpoint_file
+    from featcache.teacher.checkpoint import load_checkpoint_file
 
     path = tmp_path / "weights.pkl"
     path.write_bytes(pickle.dumps({"state_dict": {"w": [1.0, 2.0]}}))  # what pickle.dump(model_dict, f) writes
@@ -98,7 +98,7 @@ def test_s3_without_credentials_or_with_a_closed_endpoint_is_one_line(nus_one, p
 
 def test_a_full_disk_at_the_statistics_update_is_one_error_and_the_cache_verifies(nus_one, pillar_ckpt, tmp_path,
                                                                                     monkeypatch):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from featcache.writer import CacheWriter
 
     def full(self, **info):
@@ -115,7 +115,7 @@ def test_a_full_disk_at_the_statistics_update_is_one_error_and_the_cache_verifie
 
 def test_the_progress_bar_ends_at_what_was_written_when_a_write_fails(nus_six, pillar_ckpt, tmp_path, monkeypatch,
                                                                        capsys):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from featcache.writer import CacheWriter
 
     write_sample, calls = CacheWriter.write_sample, []

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import codecs, format, models, store
+from featcache import codecs, format, store
+from featcache.teacher import models
 from featcache.errors import CacheFormatError, CorruptSampleError, SampleNotCachedError
 from featcache.reader import open_cache
 from featcache.verify import verify_cache
@@ -178,7 +179,7 @@ def test_truncated_chunk_is_named_by_verify_and_every_reader(reference_cache, nu
     names_the_sample = f"{bad_key}.*pts_neck.0.*featcache verify --repair"
     with pytest.raises(CorruptSampleError, match=names_the_sample):
         cache[bad_key]
-    from featcache.reader import CachedTargetsDataset
+    from featcache.teacher.paired import CachedTargetsDataset
 
     paired = CachedTargetsDataset(models.build_dataset(models.dataset_cfg_for_split(
         models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six)), "train")), cache, layers=["pts_neck.0"])
@@ -290,7 +291,7 @@ def test_build_into_a_directory_featcache_did_not_create_is_refused(nus_one, pil
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory, nus_one, pillar_ckpt) -> Path:
     """A one-sample, one-layer cache of the real scan."""
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
 
     out = tmp_path_factory.mktemp("small") / "cache"
     build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_neck",
@@ -299,7 +300,7 @@ def small_cache(tmp_path_factory, nus_one, pillar_ckpt) -> Path:
 
 
 def test_force_rebuilds_a_featcache_cache_and_keeps_the_users_files(nus_one, pillar_ckpt, small_cache, tmp_path):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
 
     experiments = tmp_path / "experiments"
     experiments.mkdir()
@@ -362,7 +363,7 @@ def test_manifest_lost_next_to_recorded_samples_is_damage_not_a_fresh_start(refe
 def test_interrupted_creation_is_redone_only_where_featcache_marked_it(nus_one, pillar_ckpt, tmp_path):
     import zarr
 
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from featcache.errors import NotACacheError
 
     def options(out: Path) -> BuildOptions:
@@ -441,7 +442,7 @@ def _ann_file(options: dict, name: str) -> dict:
 
 
 def _tokenless_cache(nus_six: Path, pillar_ckpt: Path, tmp_path: Path) -> tuple[Path, Path]:
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
 
     data = _tokenless(nus_six, tmp_path / "kitti_like")
     out = tmp_path / "cache"
@@ -452,7 +453,7 @@ def _tokenless_cache(nus_six: Path, pillar_ckpt: Path, tmp_path: Path) -> tuple[
 
 
 def test_tokenless_samples_are_keyed_by_their_scan_not_their_position(nus_six, pillar_ckpt, tmp_path):
-    from featcache.reader import CachedTargetsDataset
+    from featcache.teacher.paired import CachedTargetsDataset
 
     data, out = _tokenless_cache(nus_six, pillar_ckpt, tmp_path)
     infos = pickle.loads((data / "infos.pkl").read_bytes())["data_list"]
@@ -501,7 +502,7 @@ def _with_scans_swapped(source: Path, root: Path) -> Path:
 def test_same_key_on_another_scan_is_refused_by_resume_and_by_readers(reference_cache, nus_six, pillar_ckpt,
                                                                       tmp_path):
     from featcache.errors import CacheMismatchError
-    from featcache.reader import CachedTargetsDataset
+    from featcache.teacher.paired import CachedTargetsDataset
 
     data = _with_scans_swapped(nus_six, tmp_path / "edited")
     out = tmp_path / "cache"
@@ -528,7 +529,7 @@ def test_same_key_on_another_scan_is_refused_by_resume_and_by_readers(reference_
 def test_scans_under_another_data_prefix_are_refused_naming_the_prefix(reference_cache, nus_six, tmp_path):
     # the same files, read from a flat data root (data_prefix.pts=''): the cache recorded samples/LIDAR_TOP/...
     from featcache.errors import CacheMismatchError
-    from featcache.reader import CachedTargetsDataset
+    from featcache.teacher.paired import CachedTargetsDataset
 
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -591,7 +592,7 @@ def test_position_keyed_cache_from_before_is_refused_with_rebuild_advice(nus_six
 
 
 def test_token_keyed_cache_from_before_still_reads_and_resumes(reference_cache, nus_six, pillar_ckpt, tmp_path):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
 
     out = tmp_path / "older"
     shutil.copytree(reference_cache, out)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from featcache import models
+from featcache.teacher import models
 from lidar_fixtures import REPO
 from trainer.bev_warp import BevAlignment
 from trainer.response import REGRESSION_KINDS, augment_points, augment_velocity, augment_yaw

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import models
-from featcache.build import BuildOptions, build_cache
+from featcache.teacher import models
+from featcache.teacher.build import BuildOptions, build_cache
 from featcache.reader import open_cache
-from featcache.recording import record_teacher
+from featcache.teacher.recording import record_teacher
 from lidar_fixtures import REPO
 from trainer.bev_warp import BevAlignment
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache import build as build_module, format, models
-from featcache.build import BuildOptions, build_cache
+from featcache import format
+from featcache.teacher import build as build_module, models
+from featcache.teacher.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError
 from featcache.inspection import describe
 from featcache.reader import open_cache
@@ -67,7 +68,7 @@ def test_teacher_code_is_part_of_the_identity(tmp_path, monkeypatch, nus_one, pi
     # other library versions: the resume goes on, with a warning naming them
     versions = build_module.library_versions()
     monkeypatch.setattr(build_module, "library_versions", lambda: {**versions, "torch": "0.0.1"})
-    with caplog.at_level(logging.WARNING, logger="featcache.build"):
+    with caplog.at_level(logging.WARNING, logger="featcache.teacher.build"):
         resumed = build_cache(_options(config, pillar_ckpt, nus_one, out))
     assert resumed.written == 0 and resumed.already_complete == 1
     assert f"torch {versions['torch']} -> 0.0.1" in caplog.text
@@ -87,7 +88,7 @@ def test_a_layer_of_zeros_warns_at_build_and_is_flagged_by_verify_and_inspect(tm
                                                                               pillar_ckpt, caplog):
     config = _plugin_config(tmp_path, monkeypatch, "FeatcacheReversedScatter", REVERSED)
     out = tmp_path / "cache"
-    with caplog.at_level(logging.WARNING, logger="featcache.build"):
+    with caplog.at_level(logging.WARNING, logger="featcache.teacher.build"):
         result = build_cache(_options(config, pillar_ckpt, nus_six, out, layers="pts_middle_encoder,pts_neck"))
     # nothing is scattered where the backbone looks, so the neck's output (BN + ReLU of zeros) is empty too
     assert result.written == 6 and set(result.nearly_zero_layers) == {"pts_middle_encoder", "pts_neck.0"}

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache import models
-from featcache.build import BuildOptions, build_cache
+from featcache.teacher import models
+from featcache.teacher.build import BuildOptions, build_cache
 from featcache.errors import CacheMismatchError
 from lidar_fixtures import (PILLAR_CONFIG, REPO, VOXEL_CONFIG, cfg_option_args, free_port, nus_cfg_options,
                             teacher_checkpoint)
@@ -103,7 +103,7 @@ def test_student_distils_from_voxel_teacher_across_grids(voxel_cache, nus_six, t
 
 
 def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeypatch):
-    from featcache import checkpoint
+    from featcache.teacher import checkpoint
     from trainer.train import TrainOptions, train
 
     def refuse(*args, **kwargs):
@@ -111,7 +111,7 @@ def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeyp
 
     monkeypatch.setattr(checkpoint, "load_weights", refuse)
     monkeypatch.setattr(models, "load_weights", refuse)
-    sys.modules.pop("featcache.teacher", None)
+    sys.modules.pop("featcache.teacher.detector", None)
     allow_list = list(torch.serialization.get_safe_globals())
     runner = train(TrainOptions(NOAUG, pillar_cache, work_dir=str(tmp_path / "wd"),
                                 cfg_options=student_options(nus_six, epochs=1)))
@@ -119,7 +119,7 @@ def test_training_never_loads_a_teacher(pillar_cache, nus_six, tmp_path, monkeyp
     left = [obj for obj in torch.serialization.get_safe_globals() if obj not in allow_list]
     assert not [obj for obj in checkpoint.safe_globals() if obj in left]
     distiller = runner.model
-    assert distiller.teacher is None and "featcache.teacher" not in sys.modules
+    assert distiller.teacher is None and "featcache.teacher.detector" not in sys.modules
     trained = {name.split(".")[0] for name, p in distiller.named_parameters() if p.requires_grad}
     assert trained == {"student", "terms"}
 
@@ -151,7 +151,7 @@ def test_train_sampler_keeps_the_students_order_and_announces_its_cache_rows(pil
     from mmengine.registry import DATA_SAMPLERS, init_default_scope
 
     from featcache import open_cache
-    from featcache.models import sample_key
+    from featcache.teacher.models import sample_key
     from trainer.train import TrainOptions, build_runner_config
 
     cfg = build_runner_config(TrainOptions(HALF, pillar_cache, cfg_options=student_options(nus_six)))
@@ -191,7 +191,7 @@ def test_resume_continues_with_identical_state(pillar_cache, nus_six, tmp_path):
     interrupted = tmp_path / "interrupted"
     _train(NOAUG, pillar_cache, interrupted, nus_six, epochs=1)
     _train(NOAUG, pillar_cache, interrupted, nus_six, "--resume", epochs=2)
-    from featcache.checkpoint import load_checkpoint_file
+    from featcache.teacher.checkpoint import load_checkpoint_file
 
     a = load_checkpoint_file(straight / "epoch_2.pth")
     b = load_checkpoint_file(interrupted / "epoch_2.pth")
@@ -265,7 +265,7 @@ def test_gt_paste_records_pasted_footprints():
 def test_every_arm_starts_from_the_same_student_weights(pillar_cache, nus_six, pillar_ckpt, tmp_path):
     """Iteration 0 (a run of 0 epochs saves the initialised student): --no-distill, every term and an
     online teacher leave the generator the student's init_weights draws from untouched."""
-    from featcache.checkpoint import load_checkpoint_file
+    from featcache.teacher.checkpoint import load_checkpoint_file
     from trainer.train import TrainOptions, train
 
     options = {**student_options(nus_six), "train_cfg.max_epochs": 0, "randomness.seed": 3}

@@ -179,7 +179,7 @@ def _clean_failure(command: list[str]) -> str:
 
 
 def test_crd_on_a_one_sample_cache_says_what_to_use_instead(tmp_path, nus_one, pillar_ckpt):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from lidar_fixtures import PILLAR_CONFIG, nus_cfg_options
 
     cache = tmp_path / "one"
@@ -190,7 +190,7 @@ def test_crd_on_a_one_sample_cache_says_what_to_use_instead(tmp_path, nus_one, p
 
 
 def test_a_checkpoint_of_another_model_is_named_not_loaded(reference_cache, nus_six, tmp_path):
-    from featcache.checkpoint import load_checkpoint_file
+    from featcache.teacher.checkpoint import load_checkpoint_file
 
     # a checkpoint of the distiller around a wider student: same tensor names, other shapes
     wide = tmp_path / "wide"
@@ -219,7 +219,7 @@ def test_a_teacher_grid_that_barely_overlaps_warns_with_both_ranges(reference_ca
     from mmdet3d.registry import MODELS
     from mmengine.dataset import pseudo_collate
 
-    from featcache import models
+    from featcache.teacher import models
     from trainer.train import TrainOptions, build_runner_config
 
     options = {"train_dataloader.dataset.data_root": f"{nus_six}/", "train_dataloader.dataset.ann_file": "infos.pkl"}

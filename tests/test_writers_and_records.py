@@ -100,7 +100,7 @@ def test_a_second_writer_is_refused_by_name_and_touches_nothing(reference_cache,
             assert time.monotonic() - start < 60, name  # refused before the teacher's set-up
             assert _tree_digest(out) == before, name
         # in this process too: another open file description of the lock file conflicts with the holder's
-        from featcache.build import BuildOptions, build_cache
+        from featcache.teacher.build import BuildOptions, build_cache
 
         with pytest.raises(CacheBusyError, match="being written by featcache build"):
             build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_middle_encoder,pts_neck",
@@ -178,7 +178,7 @@ def _as_records_without_crc(out: Path) -> None:
 @pytest.mark.parametrize("damage", [_cut_short, _flip_two_bytes], ids=["cut-short", "bytes-flipped"])
 def test_damaged_records_row_is_named_repaired_and_resumed_around(reference_cache, nus_six, pillar_ckpt, tmp_path,
                                                                   damage, records_crc):
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from featcache.codecs import has_chunk_checksum
 
     out = tmp_path / "cache"
@@ -233,7 +233,7 @@ def test_damaged_records_row_is_named_repaired_and_resumed_around(reference_cach
 @pytest.fixture(scope="module")
 def nan_heatmap_ckpt(tmp_path_factory, pillar_ckpt) -> Path:
     """The pillar teacher with its task-0 (car) heatmap's last convolution weight NaN."""
-    from featcache import models
+    from featcache.teacher import models
     from lidar_fixtures import save_openmmlab_checkpoint
 
     model = models.build_model(models.load_config(PILLAR_CONFIG), str(pillar_ckpt))

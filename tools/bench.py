@@ -444,8 +444,8 @@ def run_build_job(job: dict[str, Any]) -> dict[str, Any]:
     """Figure 3's measurements, in this (fresh) process: teacher forward only, ``build_cache``, then
     the forward again, so machine drift shows as a gap between the two forward runs instead of biasing
     the ratio. The first forward's features are saved to ``job["features"]`` for the other figures."""
-    from featcache.build import BuildOptions, build_cache
-    from featcache.teacher import Teacher
+    from featcache.teacher.build import BuildOptions, build_cache
+    from featcache.teacher.detector import Teacher
     from lidar_fixtures import VOXEL_CONFIG, nus_cfg_options
 
     torch.set_num_threads(1)
@@ -466,7 +466,7 @@ def run_build_job(job: dict[str, Any]) -> dict[str, Any]:
 
     log("build: teacher forward only (first run)")
     forward_first, keys = forward_only(keep=True)
-    log("build: featcache.build.build_cache (default codec)")
+    log("build: featcache.teacher.build.build_cache (default codec)")
     start = time.perf_counter()
     result = build_cache(BuildOptions(VOXEL_CONFIG, job["checkpoint"], job["cache"], layers=LAYERS,
                                       cfg_options=cfg_options, num_workers=BUILD_WORKERS, device="cpu",
@@ -883,7 +883,7 @@ RESPONSE_FRAMES = 2  # frames of figure 8 (a response build of the voxel0075 tea
 def figure_response(ctx: Context) -> Section:
     """Figure 8: what response and label targets (``--head-outputs``, ``--boxes``) add to a cache: bytes per
     sample next to the features', and build time next to a features-only build of the same frames."""
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from lidar_fixtures import VOXEL_CONFIG
 
     frames = min(RESPONSE_FRAMES, ctx.sizes.frames)
@@ -950,7 +950,7 @@ def figure_response(ctx: Context) -> Section:
 
 def figure_train(ctx: Context) -> Section:
     """Figure 7: cached-KD vs no-KD vs online-KD training step time, same pillar student and batches."""
-    from featcache.build import BuildOptions, build_cache
+    from featcache.teacher.build import BuildOptions, build_cache
     from lidar_fixtures import VOXEL_CONFIG
     from trainer.train import TrainOptions, build_runner_config
 
@@ -1036,7 +1036,7 @@ STEPS: tuple[Callable[[Context], Section | None], ...] = (
 
 def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
     """Date, machine, versions, sizes, cold-read method, wall time."""
-    from featcache.build import library_versions
+    from featcache.teacher.build import library_versions
     import h5py
 
     versions = {**library_versions(), "h5py": h5py.__version__, "python": platform.python_version()}

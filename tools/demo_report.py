@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from featcache import models, open_cache
-from featcache.recording import record_teacher
+from featcache import open_cache
+from featcache.teacher import models
+from featcache.teacher.recording import record_teacher
 from trainer.evaluation import Evaluation, evaluate_checkpoint
 
 DETECTION_KEYS = ("loss_heatmap", "loss_bbox")

@@ -135,7 +135,7 @@ class ModelResult:
 
 def _val_samples(config: str, cfg_options: dict, limit: int | None):
     """(lidar paths, data samples carrying eval_ann_info) of the config's test split, first ``limit``."""
-    from featcache import models
+    from featcache.teacher import models
 
     cfg = models.load_config(config, cfg_options)
     dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "test"))
@@ -392,7 +392,7 @@ def main() -> None:
         return
     if not args.out or not args.model:
         parser.error("--out and at least one --model are required")
-    from featcache import models
+    from featcache.teacher import models
 
     cfg_options = models.parse_cfg_options(args.cfg_options)
     if args.quick is not None and args.quick <= args.warmup:

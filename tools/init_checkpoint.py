@@ -12,7 +12,7 @@ import argparse
 import torch
 from mmengine.runner.checkpoint import save_checkpoint, weights_to_cpu
 
-from featcache import models
+from featcache.teacher import models
 
 
 def main() -> None:

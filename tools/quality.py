@@ -76,7 +76,7 @@ TRAINER_FILES = tuple(sorted(path.name for path in (REPO / "trainer").glob("*.py
 # the teacher's boxes (--kd label, reg's teacher peaks).
 CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all", "--boxes"]
 # What heatmaps need (issue #15): the best recipe's slim student is also trained from caches whose
-# heatmaps use these codecs instead of the default (``heads.HEATMAP_CODEC``), same seeds, each cache built
+# heatmaps use these codecs instead of the default (``head_layers.HEATMAP_CODEC``), same seeds, each cache built
 # once beside the default one. The slim student with the teacher's weights: its paired seeds stay close
 # enough to tell codecs apart, where from-scratch students diverge by +-0.02 a seed.
 HEATMAP_CODEC_ARMS = ("score8-zstd3", "fp16-zstd1")
@@ -131,7 +131,7 @@ def trainer_revision() -> str:
 
 @functools.lru_cache(maxsize=None)  # every run key holds it: parse each student config once per process
 def config_text(path: Path) -> str:
-    from featcache import models
+    from featcache.teacher import models
 
     return models.load_config(str(path)).text
 
@@ -197,7 +197,7 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one student and score it: the record quality.json keeps (run in its own process)."""
     import torch
 
-    from featcache.models import parse_cfg_options
+    from featcache.teacher.models import parse_cfg_options
     from trainer.evaluation import evaluate_checkpoint
     from trainer.terms import parse_kd_spec
     from trainer.train import TrainOptions, train
@@ -259,7 +259,7 @@ def featcache_cli() -> list[str]:
 
 
 def prepare(work: Path, data: Path, quick: bool, heatmap_codec: str | None = None) -> dict[str, Any]:
-    """Scenes, teacher cache (its heatmaps in ``heatmap_codec``, default ``heads.HEATMAP_CODEC``); returns
+    """Scenes, teacher cache (its heatmaps in ``heatmap_codec``, default ``head_layers.HEATMAP_CODEC``); returns
     the context every run key includes."""
     subprocess.run([sys.executable, str(REPO / "tools/generate_scenes.py"), "--out", str(data),
                     *SCENE_ARGS["quick" if quick else "full"], "--seed", "0", "--range", "40"],
@@ -274,14 +274,14 @@ def prepare(work: Path, data: Path, quick: bool, heatmap_codec: str | None = Non
 def build_cache(work: Path, data: Path, heatmap_codec: str | None) -> dict[str, Any]:
     """Build (or complete) the teacher cache with heatmaps in ``heatmap_codec`` (None: the build's default);
     returns its part of the context: where it is and its codecs."""
-    from featcache import heads
+    from featcache import head_layers
     from featcache.reader import open_cache
 
     # named by the head outputs' codecs and where regression outputs are kept ("centres": the build's default,
     # the cells the reg term reads; identical targets there): a cache of older defaults or of another arm stays
     # beside it (a build refuses to resume a cache built differently)
-    heatmaps = heatmap_codec or heads.HEATMAP_CODEC.name
-    cache = work / f"cache_neck_heads_boxes_{heatmaps}_{heads.HEAD_OUTPUT_CODEC.name}_centres"
+    heatmaps = heatmap_codec or head_layers.HEATMAP_CODEC.name
+    cache = work / f"cache_neck_heads_boxes_{heatmaps}_{head_layers.HEAD_OUTPUT_CODEC.name}_centres"
     options = [item for option in data_options(data) for item in ("--cfg-options", option)]
     if heatmap_codec:
         options += ["--codec", f"heatmap={heatmap_codec}"]
@@ -324,7 +324,7 @@ def codecs_by_kind(cache: Any) -> dict[str, str]:
 
 
 def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
-    from featcache.models import parse_cfg_options
+    from featcache.teacher.models import parse_cfg_options
     from trainer.evaluation import evaluate_checkpoint
 
     evaluation = evaluate_checkpoint(str(TEACHER_CONFIG), str(TEACHER_CKPT),
@@ -367,11 +367,11 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
 
 def heatmap_codec_arms(recipe: str) -> tuple[str, ...]:
     """``HEATMAP_CODEC_ARMS`` but the default, for a recipe that distils heatmaps (none for one that does not)."""
-    from featcache import heads
+    from featcache import head_layers
 
     if "heatmap" not in kinds_read(Run("slim", recipe, 0, targets_of(recipe))):
         return ()
-    return tuple(codec for codec in HEATMAP_CODEC_ARMS if codec != heads.HEATMAP_CODEC.name)
+    return tuple(codec for codec in HEATMAP_CODEC_ARMS if codec != head_layers.HEATMAP_CODEC.name)
 
 
 def with_crd(recipe: str) -> str:
@@ -606,7 +606,7 @@ def write_report(out_dir: Path, state: dict[str, Any], context: dict[str, Any], 
     for record in state["runs"]:
         records_by_group.setdefault((record["student"], record["recipe"], record["targets"]), []).append(record)
     plot(out_dir / "quality.png", groups, teacher["mAP"])
-    from featcache.build import library_versions
+    from featcache.teacher.build import library_versions
 
     versions = {**library_versions(), "python": platform.python_version()}
     lines = ["# featcache quality benchmark", "",
@@ -722,13 +722,13 @@ def heatmap_codec_section(records_by_group: dict[tuple[str, str, str], list[dict
                           bytes_per_value: dict[str, float], context: dict[str, Any]) -> list[str]:
     """What heatmaps need: the best recipe's slim student from the default cache and from each codec arm's,
     seed by seed (paired: same seed, same everything but the heatmap targets)."""
-    from featcache import heads
+    from featcache import head_layers
 
     arms = heatmap_codec_arms(best) if best else ()
     default = {r["seed"]: r["mAP"] for r in records_by_group.get(("slim", best, "cache"), [])}
     if not arms or not default:
         return []
-    default_codec = context.get("heatmap_codec", heads.HEATMAP_CODEC.name)
+    default_codec = context.get("heatmap_codec", head_layers.HEATMAP_CODEC.name)
     header = ["heatmaps", "bytes / value", "seeds", "mAP mean ± std", "minus default, seed by seed", "mean difference"]
     rows = []
     for codec, targets in [(default_codec, "cache")] + [(codec, f"cache:{codec}") for codec in arms]:

@@ -13,7 +13,7 @@ import argparse
 import torch
 from mmengine.runner.checkpoint import save_checkpoint
 
-from featcache.checkpoint import load_checkpoint_file, state_dict_of
+from featcache.teacher.checkpoint import load_checkpoint_file, state_dict_of
 from featcache.format import sha256_file
 
 

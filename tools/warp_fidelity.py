@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from featcache.layout import BevLayout, activity, decide_layouts
-from featcache.models import parse_cfg_options
-from featcache.teacher import Teacher
+from featcache.teacher.models import parse_cfg_options
+from featcache.teacher.detector import Teacher
 from trainer.bev_warp import warp_teacher_map
 from trainer.train import bev_range
 

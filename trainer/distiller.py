@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from featcache import codecs
 from featcache.errors import ConfigError
 from featcache.layout import CANONICAL, BevLayout
-from featcache.recording import LayerRecorder
+from featcache.teacher.recording import LayerRecorder
 from trainer.bev_warp import BevAlignment, gaussian_foreground
 from trainer.heads import head_key
 from trainer.targets import TeacherMaps
@@ -184,7 +184,7 @@ class CacheDistiller(BaseModel):
                 self._build_online_teacher(online_teacher)
 
     def _build_online_teacher(self, spec: dict) -> None:
-        from featcache import models
+        from featcache.teacher import models
 
         cfg = models.load_config(spec["config"], spec.get("cfg_options"))
         teacher = models.build_model(cfg, spec["checkpoint"]).eval()
@@ -203,7 +203,7 @@ class CacheDistiller(BaseModel):
         the run has none)."""
         device = next(self.student.parameters()).device
         if self.teacher is not None:
-            from featcache.recording import record_teacher, record_teacher_and_predict
+            from featcache.teacher.recording import record_teacher, record_teacher_and_predict
 
             self.teacher.to(device)
             batch = {"inputs": {"points": inputs["points"]}, "data_samples": data_samples}

@@ -218,7 +218,7 @@ def evaluate_checkpoint(config: str, checkpoint: str, cfg_options: dict | None =
     import torch
     from mmengine.dataset import pseudo_collate
 
-    from featcache import models
+    from featcache.teacher import models
 
     cfg = models.load_config(config, cfg_options)
     evaluator_cfg = cfg.get(f'{split}_evaluator') or cfg.get('val_evaluator')

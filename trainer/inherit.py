@@ -107,7 +107,7 @@ def inherit_from_teacher(student: nn.Module, config: str, checkpoint: str) -> In
     """Build the teacher of ``config`` with ``checkpoint`` (its weights only: never run) and
     :func:`inherit_weights` into ``student``. The global random generator is left as it was, so the
     data order of a seed does not depend on whether the student inherits."""
-    from featcache import models
+    from featcache.teacher import models
 
     with torch.random.fork_rng(devices=[]):
         teacher = models.build_model(models.load_config(config), checkpoint)

@@ -18,11 +18,12 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from featcache import format, models, open_cache
-from featcache.checkpoint import openmmlab_safe_globals
+from featcache import format, open_cache
+from featcache.teacher import models
+from featcache.teacher.checkpoint import openmmlab_safe_globals
 from featcache.errors import CacheMismatchError, ConfigError
 from featcache.layout import CANONICAL, BevLayout
-from featcache.recording import LayerRecorder
+from featcache.teacher.recording import LayerRecorder
 
 TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms", "trainer.samplers"]
 
@@ -384,7 +385,7 @@ def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]
     from mmengine.dataset import pseudo_collate
 
     from featcache.layout import decide_layouts
-    from featcache.recording import record_teacher
+    from featcache.teacher.recording import record_teacher
 
     teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
@@ -424,7 +425,7 @@ def online_head_outputs(teacher, teacher_cfg, kinds: Sequence[str], where: str) 
     """An online teacher's head outputs of ``kinds``, described as a cache's manifest describes them. A
     TransFusionHead (BEVFusion) names no classes itself: its heatmap's channels are its config's
     classes (``teacher_class_names``), as ``featcache build`` records them."""
-    from featcache.heads import find_head, head_outputs, is_transfusion_head
+    from featcache.teacher.heads import find_head, head_outputs, is_transfusion_head
 
     _, head = find_head(teacher)
     classes = teacher_class_names(teacher_cfg, where) if is_transfusion_head(head) else None
@@ -448,7 +449,7 @@ def teacher_class_names(teacher_cfg, where: str) -> list[str]:
 
 class TeacherOutput(NamedTuple):
     """A teacher head output a response term can read: its layer, kind (``heatmap``, ``reg``...), task
-    classes and what each channel holds (``featcache.heads.HeadOutput``, or a manifest's ``meaning``)."""
+    classes and what each channel holds (``featcache.teacher.heads.HeadOutput``, or a manifest's ``meaning``)."""
 
     layer: str
     kind: str
@@ -506,7 +507,7 @@ def response_pairs(student, config: str, kinds: Sequence[str], teacher: Sequence
     ``KDTerm.kinds``): heatmaps (student layer -> (teacher layer, channel map)), regression outputs
     (student layer -> (teacher layer, dict(kind, labels, log_dims))), student tasks matched to teacher
     tasks by class name (``match_by_class``)."""
-    from featcache.heads import head_outputs, find_head
+    from featcache.teacher.heads import head_outputs, find_head
     from trainer.response import REGRESSION_KINDS
 
     available = {out.kind for out in teacher}
@@ -552,7 +553,7 @@ def _runner_class():
     from mmengine.runner import Runner
 
     class DistillRunner(Runner):
-        """mmengine's Runner with :func:`featcache.models.init_weights` (the heatmap prior mmengine's
+        """mmengine's Runner with :func:`featcache.teacher.models.init_weights` (the heatmap prior mmengine's
         recursive init misses); checkpoints still load or resume after it."""
 
         def _init_model_weights(self) -> None:
@@ -586,7 +587,7 @@ def _runner_class():
 def check_checkpoint_fits(filename: str, model_state: dict[str, torch.Tensor]) -> None:
     """Raise ConfigError when checkpoint ``filename`` (``load_from`` or ``--resume``) does not fit the
     model: tensors of other shapes (named, first few, and counted) or no tensor name in common."""
-    from featcache.checkpoint import load_checkpoint_file, shape_mismatches
+    from featcache.teacher.checkpoint import load_checkpoint_file, shape_mismatches
 
     state = load_checkpoint_file(filename)
     state = state.get("state_dict", state) if isinstance(state, dict) else {}

@@ -314,12 +314,12 @@ def _export_onnx(network: PillarNetwork, example: Sequence[torch.Tensor], path: 
 def load_detector(config: str | os.PathLike, checkpoint: str | os.PathLike, cfg_options: dict | None = None):
     """(cfg, model in eval mode) with the checkpoint's weights; a checkpoint whose tensors do not fit the
     config is a CheckpointError naming both files."""
-    from featcache import models
+    from featcache.teacher import models
 
     cfg = models.load_config(config, cfg_options)
     models.init_mmdet3d_scope()
     model = models.build_model(cfg)
-    from featcache.checkpoint import load_weights
+    from featcache.teacher.checkpoint import load_weights
 
     try:
         load_weights(model, checkpoint)

@@ -44,7 +44,7 @@ CALIBRATION_SCANS = 32
 
 def training_scans(cfg, count: int) -> list[str]:
     """``count`` lidar files of the config's train split, evenly spaced (ConfigError if it has none)."""
-    from featcache import models
+    from featcache.teacher import models
 
     dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "train"))
     if len(dataset) == 0:

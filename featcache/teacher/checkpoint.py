@@ -21,7 +21,7 @@ import torch
 
 from featcache.errors import CheckpointError, UnsafeCheckpointError
 
-logger = logging.getLogger("featcache.checkpoint")
+logger = logging.getLogger("featcache.teacher.checkpoint")
 
 # The trainer's own checkpoints (``epoch_N.pth``) are of its distiller: the detector's weights under this
 # prefix, beside the distillation terms' (``terms.``) and a step counter (``steps``).

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from featcache import codecs, heads, layout, location
+from featcache import codecs, head_layers, layout, location
+from featcache.teacher import heads
 from featcache.errors import ConfigError
 
 DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")  # MVX-style detectors' (models.MVX_LAYERS)
@@ -117,10 +118,10 @@ class BuildOptions:
     writer_depth: int = 4
     trust_globals: Sequence[str] = ()
     progress: bool = True
-    head_outputs: str | Sequence[str] | None = None  # --head-outputs: heatmap,reg,... or all (featcache.heads)
+    head_outputs: str | Sequence[str] | None = None  # --head-outputs: heatmap,reg,... or all (featcache.teacher.heads)
     boxes: bool = False  # --boxes: also the teacher's decoded predictions (featcache.boxes)
     max_boxes: int | None = None  # boxes kept per sample (None: the teacher's max_per_img / max_num)
-    # --dense-head-outputs: regression outputs at every cell, not only at box centres (heads.centre_cells)
+    # --dense-head-outputs: regression outputs at every cell, not only at box centres (head_layers.centre_cells)
     dense_head_outputs: bool = False
     # --bev-layout: the BEV layout of every layer ("xy") or per layer ("pts_neck=xy,..."), where the build's own
     # measurement (featcache.layout) cannot decide or is to be overridden
@@ -139,7 +140,7 @@ class BuildOptions:
         check_codec_option(self.codec, modules, heads.parse_head_outputs(self.head_outputs))
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")
-        if self.dense_head_outputs and not set(heads.parse_head_outputs(self.head_outputs)) & set(heads.REGRESSION_OUTPUTS):
+        if self.dense_head_outputs and not set(heads.parse_head_outputs(self.head_outputs)) & set(head_layers.REGRESSION_OUTPUTS):
             raise ConfigError("--dense-head-outputs keeps regression outputs at every cell; --head-outputs "
                               f"{self.head_outputs or '(not given)'} records none (add e.g. --head-outputs all)")
         layout.parse_layout_option(self.bev_layout)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from featcache import boxes, heads, models, recording
+from featcache import boxes
+from featcache.teacher import heads, models, recording
 from featcache.errors import ConfigError, InputDataError
 
 

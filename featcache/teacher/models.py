@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from mmengine.config import Config
 
-from featcache.checkpoint import load_weights
+from featcache.teacher.checkpoint import load_weights
 from featcache.errors import ConfigError
 
 DATASET_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ConcatDataset")
@@ -28,7 +28,7 @@ MVX_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")
 SINGLE_STAGE_LAYERS = ("middle_encoder", "backbone", "neck")
 LAYER_CONVENTIONS = (f"MVX-style detectors (CenterPoint, BEVFusion): {','.join(MVX_LAYERS)}; single-stage ones "
                      f"(VoxelNet: PointPillars, SECOND): {','.join(SINGLE_STAGE_LAYERS)}")
-logger = logging.getLogger("featcache.models")
+logger = logging.getLogger("featcache.teacher.models")
 SPLITS = ("train", "val", "test")
 
 
@@ -41,8 +41,8 @@ def packaged_config_dir() -> Path:
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """A config file path; ``mmdet3d::centerpoint/x.py`` or a bare package-relative path names
-    a config shipped inside mmdet3d (``featcache.options.resolve_config_path``)."""
-    from featcache.options import resolve_config_path as resolve
+    a config shipped inside mmdet3d (``featcache.teacher.options.resolve_config_path``)."""
+    from featcache.teacher.options import resolve_config_path as resolve
 
     return resolve(path)
 
@@ -408,7 +408,7 @@ def annotated_centres(dataset) -> list["np.ndarray"]:
     every box annotated in it: every class the annotation file names, not only the dataset's classes, and
     those its annotation filter drops (nuScenes' boxes without lidar points, or without a valid flag),
     through the dataset's own ``parse_ann_info`` (its box frame conversion). Where regression head outputs
-    are kept (``featcache.heads.centre_cells``): a student with other classes or another filter than the
+    are kept (``featcache.head_layers.centre_cells``): a student with other classes or another filter than the
     teacher finds its GT boxes among them. Items without annotations (``instances``) have none. Raises
     ConfigError when the dataset is not an mmdet3d one or an item's annotations do not parse."""
     import numpy as np

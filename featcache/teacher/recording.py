@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from featcache.errors import ConfigError
-from featcache.options import split_layer_names  # noqa: F401  (``--layers`` parsing lives with the options)
+from featcache.teacher.options import split_layer_names  # noqa: F401  (``--layers`` parsing lives with the options)
 
 
 class _AllLayersRecorded(Exception):
@@ -30,7 +30,7 @@ def find_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]
     for name in names:
         if name not in available:
             top = sorted({key.split(".")[0] for key in available if key})
-            from featcache.models import LAYER_CONVENTIONS
+            from featcache.teacher.models import LAYER_CONVENTIONS
 
             raise ConfigError(f"module {name!r} not found in {type(model).__name__}; top-level modules: {', '.join(top)} "
                               f"(the BEV layers of {LAYER_CONVENTIONS}; --layers names others)")

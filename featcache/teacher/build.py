@@ -19,15 +19,16 @@ import numpy as np
 import torch
 
 from featcache import boxes as boxes_
-from featcache import codecs, format, heads, layout, location, models
+from featcache import codecs, format, head_layers, layout, location
+from featcache.teacher import heads, models
 from featcache import lock as cache_lock
 from featcache.errors import CacheMismatchError, ConfigError, FeatcacheError, InputDataError
-from featcache.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.build.BuildOptions)
-from featcache.teacher import Teacher
+from featcache.teacher.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.teacher.build.BuildOptions)
+from featcache.teacher.detector import Teacher
 from featcache.world import World, close_world, init_world
 from featcache.writer import BackgroundWriter, CacheWriter
 
-logger = logging.getLogger("featcache.build")
+logger = logging.getLogger("featcache.teacher.build")
 
 
 @dataclass
@@ -140,10 +141,10 @@ class Builder:
         # from the cache being resumed
         self.boxes_spec: boxes_.BoxesSpec | None = None
         self.truncated_boxes: dict[str, int] = {}  # sample key -> boxes past the capacity, left out
-        # regression outputs are stored at box centres (heads.centre_cells) unless --dense-head-outputs: the
+        # regression outputs are stored at box centres (head_layers.centre_cells) unless --dense-head-outputs: the
         # centres of each row's annotated boxes (every class), with the teacher's own boxes added per sample
         self.regression_layers = [name for name, output in self.head_outputs.items()
-                                  if output.kind in heads.REGRESSION_OUTPUTS]
+                                  if output.kind in head_layers.REGRESSION_OUTPUTS]
         self.at_centres = bool(self.regression_layers) and not options.dense_head_outputs
         self.annotated: list[np.ndarray] | None = None
         if self.at_centres:
@@ -175,21 +176,21 @@ class Builder:
         digest = hashlib.sha256()
         for centres in self.annotated:  # what a changed annotation file changes: the cells kept
             digest.update(np.int64(len(centres)).tobytes() + centres.astype(np.float32).tobytes())
-        return {"at": heads.CELLS_AT_CENTRES, "margin": heads.CENTRE_MARGIN, "teacher_boxes": bool(self.options.boxes),
+        return {"at": head_layers.CELLS_AT_CENTRES, "margin": head_layers.CENTRE_MARGIN, "teacher_boxes": bool(self.options.boxes),
                 "annotated_centres_sha256": digest.hexdigest()}
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
-        """``--codec`` per layer; head outputs default to ``heads.default_codec`` of their kind."""
+        """``--codec`` per layer; head outputs default to ``head_layers.default_codec`` of their kind."""
         kinds = {name: self.head_outputs[name].kind for name in names if name in self.head_outputs}
         chosen = codecs.parse_codec_option(self.options.codec, names, kinds=kinds,
-                                           defaults={name: heads.default_codec(kind) for name, kind in kinds.items()})
+                                           defaults={name: head_layers.default_codec(kind) for name, kind in kinds.items()})
         not_scores = {name: codec for name, codec in chosen.items()
                       if codec.stores_scores and kinds.get(name) != "heatmap"}
         if not_scores:
             precisions = "/".join(sorted({codec.precision for codec in not_scores.values()}))
             raise ConfigError(f"--codec {self.options.codec!r}: {precisions} stores sigmoid scores of class-heatmap "
                               f"logits and would destroy {', '.join(not_scores)}; give those layers another precision "
-                              f"(heatmaps get {heads.HEATMAP_CODEC.name} by default)")
+                              f"(heatmaps get {head_layers.HEATMAP_CODEC.name} by default)")
         return chosen
 
     def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:
@@ -219,13 +220,13 @@ class Builder:
             return None
         meaning = self.head_outputs[name].meaning()
         if name in self.regression_layers:
-            meaning["cells"] = heads.CELLS_AT_CENTRES if self.at_centres else heads.CELLS_DENSE
+            meaning["cells"] = head_layers.CELLS_AT_CENTRES if self.at_centres else head_layers.CELLS_DENSE
         return meaning
 
     def _stored(self, row: int, features: dict[str, np.ndarray],
                 predicted: boxes_.TeacherBoxes | None) -> dict[str, np.ndarray]:
         """One sample's layers as the cache stores them: regression outputs zero away from the cells of its
-        annotated and teacher boxes' centres (``heads.centre_cells``), unless --dense-head-outputs."""
+        annotated and teacher boxes' centres (``head_layers.centre_cells``), unless --dense-head-outputs."""
         if not self.at_centres:
             return features
         centres = self.annotated[row]
@@ -237,7 +238,7 @@ class Builder:
             value = features[name]
             grid = (tuple(value.shape[-2:]), self._layout(name))
             if grid not in kept:
-                kept[grid] = heads.centre_cells(centres, self.bev_range, grid[0], layout=grid[1])
+                kept[grid] = head_layers.centre_cells(centres, self.bev_range, grid[0], layout=grid[1])
             stored[name] = np.where(kept[grid], value, np.zeros((), dtype=value.dtype))
         return stored
 
