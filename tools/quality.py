@@ -70,8 +70,10 @@ OTHER_RECIPES = ("heatmap=10,reg=1", "heatmap=10", "heatmap=10,infonce=1", "crd=
 HALF_RECIPES = CORE_RECIPES + OTHER_RECIPES
 # What decides the outcome of a run: every trainer module but the CLI, which only parses (a glob, so a
 # new module - a loss term, the weight inheritance - joins the key the day it is added).
-TRAINER_FILES = tuple(sorted(path.name for path in (REPO / "trainer").glob("*.py")
-                             if path.name not in ("__init__.py", "cli.py")))
+# every trainer module that shapes a result, sub-packages included (paths relative to trainer/); the
+# command line and the package docstring do not
+TRAINER_FILES = tuple(sorted(path.relative_to(REPO / "trainer").as_posix() for path in (REPO / "trainer").rglob("*.py")
+                             if path.relative_to(REPO / "trainer").as_posix() not in ("__init__.py", "cli.py")))
 # What the benchmark's cache holds: the distilled feature map, every head output (--kd heatmap, reg) and
 # the teacher's boxes (--kd label, reg's teacher peaks).
 CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all", "--boxes"]
