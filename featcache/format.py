@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
@@ -65,6 +65,20 @@ RECORDED_STATUSES = (STATUS_MISSING, STATUS_COMPLETE, STATUS_INVALID)
 # sparsest here, CenterPoint-pillar's scatter of the real nuScenes scan, is 1.6% non-zero (tests).
 NEAR_ZERO_FRACTION = 1e-3
 NONZERO_ATTRIBUTE = "featcache_nonzero"  # group attribute: per layer, non-zero fraction over the samples built
+
+
+def layer_name(module: str, index: int | None = None) -> str:
+    """A layer's name: its hooked module's, with ``.<index>`` for one item of a list/tuple output (``pts_neck.0``)."""
+    return module if index is None else f"{module}.{index}"
+
+
+def parse_layer_name(name: str, modules: Collection[str]) -> tuple[str, int | None] | None:
+    """(module, index) of the layer ``name`` recorded from one of ``modules`` (:func:`layer_name` undone);
+    None when it names none of them."""
+    if name in modules:
+        return name, None
+    module, _, index = name.rpartition(".")
+    return (module, int(index)) if module in modules and index.isdigit() else None
 
 
 def bev_extent(point_cloud_range: Sequence[float] | None) -> list[float] | None:

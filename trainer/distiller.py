@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from featcache import codecs
 from featcache.errors import ConfigError
+from featcache.format import parse_layer_name
 from featcache.layout import CANONICAL, BevLayout
 from featcache.teacher.recording import LayerRecorder
 from trainer.bev_warp import BevAlignment, gaussian_foreground
@@ -47,11 +48,9 @@ def gather_across_ranks(tensor: Tensor) -> Tensor:
 
 def module_of(layer: str, module_names: set[str]) -> str:
     """The hooked module behind a recorded layer name ('pts_neck.0' -> 'pts_neck')."""
-    if layer in module_names:
-        return layer
-    module, _, index = layer.rpartition(".")
-    if module in module_names and index.isdigit():
-        return module
+    parsed = parse_layer_name(layer, module_names)
+    if parsed is not None:
+        return parsed[0]
     raise ValueError(f"layer {layer!r} names no module of the student")
 
 

@@ -197,9 +197,7 @@ class Builder:
         names = list(shapes)
         codec_by_layer = self._codecs(names)
         identity = self._identity(names, codec_by_layer)
-        layers = tuple(format.LayerSpec(name=name, module=name.rsplit(".", 1)[0] if name not in self.modules else name,
-                                        index=None if name in self.modules else int(name.rsplit(".", 1)[1]),
-                                        shape=shapes[name], codec=codec_by_layer[name], meaning=self._meaning(name),
+        layers = tuple(format.LayerSpec(name, *format.parse_layer_name(name, self.modules), shape=shapes[name], codec=codec_by_layer[name], meaning=self._meaning(name),
                                         layout=self.layouts.get(name))
                        for name in names)
         return format.Manifest(

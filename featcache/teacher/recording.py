@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from featcache.errors import ConfigError
+from featcache.format import layer_name
 from featcache.teacher.options import split_layer_names  # noqa: F401  (``--layers`` parsing lives with the options)
 
 
@@ -55,7 +56,7 @@ def flatten_output(module_name: str, output: Any) -> dict[str, torch.Tensor]:
             item = _densify(item)
             if not isinstance(item, torch.Tensor):
                 raise ConfigError(f"module {module_name!r} output[{index}] is a {type(item).__name__}, not a tensor")
-            flat[f"{module_name}.{index}"] = item
+            flat[layer_name(module_name, index)] = item
         return flat
     raise ConfigError(f"module {module_name!r} returns a {type(output).__name__}; featcache records tensors, "
                       "lists/tuples of tensors and spconv sparse tensors")
