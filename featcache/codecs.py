@@ -75,6 +75,12 @@ class CodecSpec:
         return f"{self.precision}-{suffix}"
 
     @property
+    def has_qparams(self) -> bool:
+        """Whether each stored sample carries per-channel (scale, offset) beside its codes (``int8``): its
+        layer then owns a second array (``LayerSpec.arrays``), read and written with the codes."""
+        return self.precision == "int8"
+
+    @property
     def storage_dtype(self) -> np.dtype:
         return np.dtype({"fp32": np.float32, "fp16": np.float16, "bf16": np.float32, "int8": np.uint8,
                          "score8": np.uint8, "asin8": np.uint8}[self.precision])

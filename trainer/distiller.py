@@ -222,7 +222,7 @@ class CacheDistiller(BaseModel):
             # stored values (float16, uint8...) stay as they are; TeacherMaps decodes what is read
             values = [s.cached_targets.get(field).to(device, non_blocking=True) for s in data_samples]
             codec, qparams = self.target_codecs.get(t_layer), None
-            if codec is not None and codec.precision == "int8":
+            if codec is not None and codec.has_qparams:
                 qparams = [s.cached_targets.get(qparams_field(t_layer)).to(device) for s in data_samples]
             targets[t_layer] = TeacherMaps(values, codec, qparams)
         if not self.teacher_boxes:
