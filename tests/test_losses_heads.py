@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from trainer.heads import ProjectionMLP, head_key, heads_for, match_resolution
-from trainer.losses import (CRDLoss, InfoNCELoss, MaskedMSELoss, gather_cells, instance_infonce, nce_loss,
-                            pool_boxes, sample_cells)
+from trainer.terms.cells import gather_cells, pool_boxes, sample_cells
+from trainer.terms.crd import CRDLoss, nce_loss
+from trainer.terms.infonce import InfoNCELoss, instance_infonce
+from trainer.terms.mse import MaskedMSELoss
 
 
 @pytest.fixture(autouse=True)

@@ -157,11 +157,11 @@ def _reg_step(cache, options, row: int, seed: int, read: list, monkeypatch) -> d
     from mmdet3d.registry import MODELS
     from mmengine.dataset import pseudo_collate
 
-    from trainer import terms
+    from trainer.terms import reg
     from trainer.train import TrainOptions, build_runner_config
 
-    original = terms._one_hot_read
-    monkeypatch.setattr(terms, "_one_hot_read", lambda cells, hw: read.append(cells.clone()) or original(cells, hw))
+    original = reg._one_hot_read
+    monkeypatch.setattr(reg, "_one_hot_read", lambda cells, hw: read.append(cells.clone()) or original(cells, hw))
     cfg = build_runner_config(TrainOptions(str(REPO / "configs/demo/student_half.py"), str(cache),
                                            kd={"heatmap": 10.0, "reg": 1.0},
                                            cfg_options={**options, "train_dataloader.num_workers": 0,

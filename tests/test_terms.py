@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.bev_warp import BevAlignment, gaussian_foreground
-from trainer.losses import CRDLoss
 from trainer.targets import TeacherMaps
 from trainer.terms import TERMS, DistillStep, LayerStep, TermContext, build_term, parse_kd_spec
+from trainer.terms.crd import CRDLoss
 
 RANGE = [-8.0, -8.0, 8.0, 8.0]
 
@@ -284,7 +284,7 @@ def test_terms_read_only_the_pairs_of_their_kind():
 def test_every_terms_cells_of_a_layer_are_gathered_once_with_the_gradients_of_separate_gathers(monkeypatch):
     # each differentiable gather's backward fills a zero gradient of the whole batch map (a 512x512 pillar
     # grid at BEV sizes): the terms of one step request their cells first and share one gather per layer
-    import trainer.terms as terms_module
+    import trainer.terms.base as terms_module  # LayerStep.vectors gathers there
 
     calls = []
     real_gather = terms_module.gather_cells

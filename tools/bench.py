@@ -999,7 +999,7 @@ def figure_train(ctx: Context) -> Section:
              "(round robin, the same batches in the same order), so machine drift reaches all alike. The cache holds "
              "figure 3's layers (default codec), the teacher's head outputs (`--head-outputs all`, default codecs) and "
              "boxes (`--boxes`), built here like figure 3's. Cached variants: each feature term and `heatmap` of "
-             "`trainer/terms.py` alone (`--kd NAME=W`), infonce+pkd, heatmap+infonce, heatmap+reg and "
+             "`trainer/terms/` alone (`--kd NAME=W`), infonce+pkd, heatmap+infonce, heatmap+reg and "
              "heatmap+reg+label together (the seeded teacher's boxes are noise: label KD adds those that are "
              "plausible, up to hundreds per scan, to the GT, which makes that variant's target assignment heavier "
              "than a trained teacher's would). Online KD runs the voxel0075 teacher in the training "

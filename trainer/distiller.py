@@ -1,5 +1,5 @@
 """``CacheDistiller``: an mmdet3d student trained with its detection loss plus weighted distillation
-terms (``trainer.terms``) against teacher maps that come from a featcache cache (or, for
+terms (``trainer.terms``: one module per term) against teacher maps that come from a featcache cache (or, for
 comparisons, from a teacher run online through the same code path).
 
 The distillation terms live in ``loss()``: mmengine's DDP wrapper calls the data preprocessor,
@@ -25,7 +25,7 @@ from featcache.teacher.recording import LayerRecorder
 from trainer.bev_warp import BevAlignment, gaussian_foreground
 from trainer.heads import head_key
 from trainer.targets import TeacherMaps
-from trainer.terms import DistillStep, LayerStep, TermContext, build_term
+from trainer.terms import TERMS, DistillStep, LayerStep, TermContext, build_term
 from trainer.transforms import qparams_field, target_field
 
 logger = logging.getLogger("trainer.distiller")
@@ -171,10 +171,11 @@ class CacheDistiller(BaseModel):
             for name, params in terms.items():
                 params = dict(params)
                 self.weights[name] = float(params.pop("weight", 1.0))
-                if name == "label" and self.weights[name] not in (0.0, 1.0):
-                    raise ConfigError(f"label={self.weights[name]:g}: label KD adds teacher boxes to the GT of the "
-                                      "student's detection loss, which weighs them like GT; give label=1 (or 0: off) "
-                                      "and its score_thresh in the student config's distill.terms.label")
+                if name in TERMS and TERMS[name].changes_gt and self.weights[name] not in (0.0, 1.0):
+                    raise ConfigError(f"{name}={self.weights[name]:g}: the {name} term adds teacher boxes to the GT "
+                                      "of the student's detection loss, which weighs them like GT; give "
+                                      f"{name}=1 (or 0: off) and its parameters in the student config's "
+                                      f"distill.terms.{name}")
                 try:
                     self.terms[name] = build_term(name, context, **params)
                 except ValueError as exc:
@@ -243,10 +244,10 @@ class CacheDistiller(BaseModel):
         return InstanceData(bboxes_3d=boxes[keep], scores_3d=instances.scores_3d.to(device)[keep],
                             labels_3d=labels[keep])
 
-    def _add_label_targets(self, data_samples: list, teacher: list[InstanceData]) -> Tensor:
-        """Label KD: each sample's teacher boxes that ``LabelTerm.extra_targets`` keeps join its GT (in
-        place, before the student's loss assigns targets). Returns the mean number added per sample."""
-        term = self.terms["label"]
+    def _add_label_targets(self, term: nn.Module, data_samples: list, teacher: list[InstanceData]) -> Tensor:
+        """Label KD: each sample's teacher boxes that ``term.extra_targets`` (a term that ``changes_gt``,
+        ``LabelTerm``) keeps join its GT (in place, before the student's loss assigns targets). Returns the
+        mean number added per sample."""
         added = []
         for sample, boxes in zip(data_samples, teacher):
             gt = sample.gt_instances_3d
@@ -359,9 +360,11 @@ class CacheDistiller(BaseModel):
         # loss runs (anchor heads replace the boxes in place)
         boxes, labels = gt_boxes(data_samples), gt_labels(data_samples)
         raw, unaugmented_frame, teacher = self._raw_targets(inputs, data_samples)
-        label_boxes = None
-        if teacher is not None and "label" in self.terms and self.weights["label"] > 0:
-            label_boxes = self._add_label_targets(data_samples, teacher)
+        added = {}  # per term that changes the GT (label KD): teacher boxes added per sample
+        if teacher is not None:
+            for name, term in self.terms.items():
+                if term.changes_gt and self.weights[name] > 0:
+                    added[name] = self._add_label_targets(term, data_samples, teacher)
         recorder = LayerRecorder(self.student, self.student_modules, detach=False)
         with recorder:
             losses = self.student.loss(inputs, data_samples)
@@ -375,8 +378,8 @@ class CacheDistiller(BaseModel):
                 losses[f"loss_kd_{name}_{key}"] = (self.weights[name] * scale) * value
         for layer in step.layers:
             losses[f"kd_valid_fraction_{layer.key}"] = layer.valid.float().mean().detach()
-        if label_boxes is not None:
-            losses["kd_label_boxes_per_sample"] = label_boxes
+        for name, boxes_per_sample in added.items():
+            losses[f"kd_{name}_boxes_per_sample"] = boxes_per_sample
         if self.training:
             self.steps += 1
         return losses
