@@ -215,7 +215,7 @@ def test_the_check_before_training_reports_agreement_of_every_pair(layout_caches
 
 
 def test_the_students_grid_comes_from_its_model():
-    from trainer.train import student_bev_range
+    from trainer.grids import student_bev_range
 
     cfg = models.load_config(SLIM)
     assert student_bev_range(cfg, SLIM) == [-32.0, -32.0, 32.0, 32.0]
@@ -227,7 +227,7 @@ def test_the_students_grid_comes_from_its_model():
 
 
 def test_a_bevfusion_cache_without_layouts_is_refused(layout_caches):
-    from trainer.train import cache_layouts
+    from trainer.grids import cache_layouts
 
     manifest = open_cache(layout_caches["yx"]).manifest
     legacy = dataclasses.replace(manifest, layers=tuple(dataclasses.replace(layer, layout=None)

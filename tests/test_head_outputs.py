@@ -405,7 +405,7 @@ def test_heatmap_term_on_a_cache_without_heatmaps_says_how_to_build_one(nus_one,
 
 
 def test_heatmap_classes_match_by_name_across_task_layouts():
-    from trainer.train import match_by_class
+    from trainer.response_pairs import match_by_class
 
     teacher = [("bbox_head.heatmap", ("car", "truck", "bus", "pedestrian", "barrier"))]  # one 5-class task
     student = [("t0", ("car",)), ("t1", ("pedestrian", "bicycle")), ("t2", ("motorcycle",))]
@@ -485,7 +485,7 @@ def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_cl
 
     from featcache.teacher.recording import LayerRecorder
     from lidar_fixtures import REPO
-    from trainer.train import match_by_class
+    from trainer.response_pairs import match_by_class
 
     class TransFusionHead(nn.Module):
         def __init__(self, num_classes: int) -> None:
@@ -520,7 +520,7 @@ def test_transfusion_heads_dense_heatmap_is_described_recorded_and_matched_by_cl
     # featcache build does
     from mmengine.config import Config
 
-    from trainer.train import online_head_outputs
+    from trainer.response_pairs import online_head_outputs
 
     (online,) = online_head_outputs(model, Config(dict(class_names=list(classes))), ["heatmap"], "bevfusion.py")
     assert (online.layer, online.kind, online.classes) == (output.layer, "heatmap", classes)
@@ -568,7 +568,7 @@ def test_reg_on_a_transfusion_teacher_says_what_works_instead():
 
     from lidar_fixtures import REPO
     from trainer.terms import TERMS
-    from trainer.train import TeacherOutput, _config_head_type, online_head_outputs, response_pairs
+    from trainer.response_pairs import TeacherOutput, config_head_type, online_head_outputs, response_pairs
 
     models.init_mmdet3d_scope()
     config = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
@@ -583,9 +583,9 @@ def test_reg_on_a_transfusion_teacher_says_what_works_instead():
         response_pairs(student, config, ["heatmap", *reg_kinds], [heatmap], "cache C")
     # a cache with boxes only: the teacher config it recorded names the head
     recorded = "model = dict(\n    bbox_head=dict(\n        type='TransFusionHead', num_proposals=200))"
-    assert _config_head_type(recorded) == "TransFusionHead" and _config_head_type("model = dict(type='X')") == ""
+    assert config_head_type(recorded) == "TransFusionHead" and config_head_type("model = dict(type='X')") == ""
     with pytest.raises(ConfigError, match=advice):
-        response_pairs(student, config, reg_kinds, [], "cache C", teacher_head_type=_config_head_type(recorded))
+        response_pairs(student, config, reg_kinds, [], "cache C", teacher_head_type=config_head_type(recorded))
     # a CenterHead teacher's cache without regression outputs is still told how to build them
     with pytest.raises(ConfigError, match=r"build it with `featcache build \.\.\. --head-outputs all \(or reg"):
         response_pairs(student, config, reg_kinds, [], "cache C")

@@ -295,7 +295,7 @@ def test_kd_terms_come_from_the_flag_the_config_or_the_deprecated_loss_flag():
     from mmengine.config import Config
 
     from featcache.errors import ConfigError
-    from trainer.train import TrainOptions, resolve_terms
+    from trainer.options import TrainOptions, resolve_terms
 
     plain = Config(dict())
     configured = Config(dict(distill=dict(terms=dict(infonce=dict(weight=2.0, cells_per_sample=64), pkd=5.0),

@@ -27,7 +27,7 @@ from featcache.layout import BevLayout, activity, decide_layouts
 from featcache.teacher.models import parse_cfg_options
 from featcache.teacher.detector import Teacher
 from trainer.bev_warp import warp_teacher_map
-from trainer.train import bev_range
+from trainer.grids import bev_range
 
 AUGMENTATIONS = {
     "none": dict(angle=0.0, flow=[]),

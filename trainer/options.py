@@ -1,0 +1,78 @@
+"""What ``featcache train`` was asked for (:class:`TrainOptions`) and the distillation terms it resolves to
+(:func:`resolve_terms`: ``--kd``, else the student config's ``distill``, else ``crd=1``)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from featcache.errors import ConfigError
+
+
+@dataclass
+class TrainOptions:
+    """What ``featcache train`` was asked for. Distillation terms come from ``kd`` (``--kd``), else the
+    student config's ``distill = dict(terms=..., warmup_iters=...)``, else ``crd=1``."""
+
+    student_config: str
+    cache: str | None
+    work_dir: str | None = None
+    kd: dict[str, float] | None = None  # term -> weight (--kd infonce=1,pkd=5)
+    kd_warmup: int | None = None  # iterations of linear weight warm-up (None: the config's, else 0)
+    loss: str | None = None  # deprecated (--loss X): same as kd={X: alpha}
+    alpha: float | None = None  # deprecated (--alpha-crd): the weight of --loss's term
+    temperature: float | None = None  # for the terms that take one (crd, infonce); None: the term's 0.07
+    feat_dim: int | None = None  # embedding size of the projection heads (crd, infonce); None: 128
+    pairs: dict[str, str] | None = None  # student layer -> cache layer; default: same names
+    resume: bool = False
+    cfg_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] | None = None
+    skip_corrupt: bool = False
+    online_teacher: tuple[str, str] | None = None  # (config, checkpoint): targets computed live
+    teacher_cfg_options: dict[str, Any] = field(default_factory=dict)
+    no_distill: bool = False  # the student alone (no-KD baseline, or training a teacher); no cache needed
+    init_from_teacher: tuple[str, str] | None = None  # (config, checkpoint): start from its sliced weights
+    force_alignment: bool = False  # train even where the pre-training alignment check refuses a pair
+
+
+def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
+    """The distillation terms (name -> dict(weight=..., **params)) and warm-up iterations of a run.
+
+    ``--kd`` names the terms and their weights; a term's other parameters come from the student
+    config's ``distill.terms`` entry of the same name, ``--temperature`` / ``--feat-dim`` override
+    them where the term takes them. The deprecated ``--loss X --alpha-crd A`` means ``--kd X=A``.
+    """
+    from trainer.terms import TERMS
+
+    configured = dict(cfg.get("distill") or {})
+    unknown = sorted(set(configured) - {"terms", "warmup_iters"})
+    if unknown:
+        raise ConfigError(f"{options.student_config}: distill has no setting {', '.join(unknown)} "
+                          "(it takes terms=dict(name=weight or dict(weight=..., ...)) and warmup_iters=N)")
+    config_terms = {name: (dict(value) if isinstance(value, dict) else {"weight": float(value)})
+                    for name, value in dict(configured.get("terms") or {}).items()}
+    kd = dict(options.kd) if options.kd else None
+    if options.loss is not None or (options.alpha is not None and kd is None):
+        if kd is not None:
+            raise ConfigError("--loss/--alpha-crd are replaced by --kd TERM=WEIGHT[,TERM=WEIGHT...]; give --kd only")
+        loss = options.loss or "crd"  # --alpha-crd alone weighted the old default, crd
+        logging.getLogger("trainer.train").warning(
+            "--loss %s --alpha-crd %s is deprecated; use --kd %s=%s", loss, options.alpha, loss,
+            1.0 if options.alpha is None else options.alpha)
+        kd = {loss: 1.0 if options.alpha is None else float(options.alpha)}
+    if kd is not None:
+        terms = {name: {**config_terms.get(name, {}), "weight": float(weight)} for name, weight in kd.items()}
+    else:
+        terms = config_terms or {"crd": {"weight": 1.0}}
+    for name, params in terms.items():
+        if name not in TERMS:
+            raise ConfigError(f"distillation term {name!r} (from {'--kd' if kd else options.student_config}) does "
+                              f"not exist; choose from {', '.join(sorted(TERMS))}")
+        accepted = TERMS[name].parameters()
+        for option, value in (("temperature", options.temperature), ("feat_dim", options.feat_dim)):
+            if value is not None and option in accepted:
+                params[option] = value
+    warmup = options.kd_warmup if options.kd_warmup is not None else int(configured.get("warmup_iters", 0))
+    if warmup < 0:
+        raise ConfigError(f"distillation warm-up must be >= 0 iterations, got {warmup}")
+    return terms, warmup
