@@ -70,6 +70,10 @@ class BevLayout:
     def is_canonical(self) -> bool:
         return self == CANONICAL
 
+    def swapped(self) -> "BevLayout":
+        """The layout with rows and columns exchanged (what reading the map transposed amounts to)."""
+        return BevLayout(self.cols, self.rows)
+
     def canonical_hw(self, stored_hw: Sequence[int]) -> tuple[int, int]:
         """(ny, nx): the canonical grid of a stored map of (H, W)."""
         height, width = int(stored_hw[0]), int(stored_hw[1])

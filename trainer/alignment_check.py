@@ -56,11 +56,6 @@ class PairAgreement:
                 f"{self.transposed_correlation:.3f}; {100 * self.valid_fraction:.0f}% of student cells have a target")
 
 
-def swapped(layout: layouts.BevLayout) -> layouts.BevLayout:
-    """The layout with rows and columns exchanged (what reading the map transposed amounts to)."""
-    return layouts.BevLayout(layout.cols, layout.rows)
-
-
 def measure(pairs: dict[str, str], teacher_layouts: dict[str, str], samples: Sequence[tuple[np.ndarray, dict, dict]],
             teacher_range: Sequence[float], student_range: Sequence[float],
             student_shapes: dict[str, Sequence[int]]) -> list[PairAgreement]:
@@ -76,7 +71,7 @@ def measure(pairs: dict[str, str], teacher_layouts: dict[str, str], samples: Seq
             teacher = teacher[::max(1, teacher.shape[0] // CHANNELS)]  # activity needs a few channels, not all
             layout = layouts.BevLayout.parse(teacher_layouts.get(t_layer, layouts.CANONICAL.name))
             row = []
-            for reading in (layout, swapped(layout)):
+            for reading in (layout, layout.swapped()):
                 alignment = BevAlignment(teacher_range, tuple(teacher.shape[-2:]), student_range, hw, meta,
                                          teacher_layout=reading)
                 valid = alignment.valid.reshape(hw).numpy()
