@@ -26,7 +26,7 @@ from trainer.targets import TeacherMaps
 from trainer.terms.cells import gather_cells, sample_cells
 
 __all__ = ["LayerStep", "DistillStep", "TermContext", "KDTerm", "TERMS", "register_term", "build_term",
-           "parse_kd_spec", "projection_heads", "channel_adapters", "adapt"]
+           "parse_kd_spec", "projection_heads", "channel_adapters", "adapt", "CellRegressionTerm"]
 
 
 @dataclass
@@ -274,3 +274,20 @@ def adapt(adapter: nn.Module, vectors: Tensor) -> Tensor:
     if isinstance(adapter, nn.Identity):
         return vectors
     return torch.nn.functional.linear(vectors, adapter.weight.flatten(1), adapter.bias)
+
+
+class CellRegressionTerm(KDTerm):
+    """A term that compares the student's and the teacher's vectors at the same ``cells_per_sample`` valid
+    cells per sample, drawn uniformly once a step (``LayerStep.request_uniform``; 0: every valid cell), the
+    student's through its pair's 1x1 adapter (``self.adapters``, made by the subclass)."""
+
+    cells_per_sample: int
+    adapters: nn.ModuleDict
+
+    def plan(self, layer: LayerStep) -> None:
+        layer.request_uniform(self.cells_per_sample)
+
+    def adapted_pairs(self, layer: LayerStep) -> tuple[Tensor, Tensor]:
+        """(N, Ct) adapted student vectors with gradient and (N, Ct) float32 teacher vectors."""
+        student, teacher = layer.regression_pairs(self.cells_per_sample)
+        return adapt(self.adapters[layer.key], student), teacher

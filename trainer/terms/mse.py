@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from trainer.terms.base import KDTerm, LayerStep, TermContext, adapt, channel_adapters, register_term
+from trainer.terms.base import CellRegressionTerm, LayerStep, TermContext, channel_adapters, register_term
 
 __all__ = ["MaskedMSELoss", "MSETerm"]
 
@@ -30,7 +30,7 @@ class MaskedMSELoss(nn.Module):
 
 
 @register_term
-class MSETerm(KDTerm):
+class MSETerm(CellRegressionTerm):
     """Masked feature regression: a 1x1 adapter maps the student's cells onto the teacher's channels;
     mean squared error over channels and compared valid cells (``cells_per_sample`` per sample, 0: all)
     against the teacher at the same places of its grid."""
@@ -42,12 +42,8 @@ class MSETerm(KDTerm):
         self.cells_per_sample = int(cells_per_sample)
         self.adapters = channel_adapters(context, always=True)
 
-    def plan(self, layer: LayerStep) -> None:
-        layer.request_uniform(self.cells_per_sample)
-
     def layer_loss(self, layer: LayerStep) -> Tensor:
-        student, teacher = layer.regression_pairs(self.cells_per_sample)
-        adapted = adapt(self.adapters[layer.key], student)
+        adapted, teacher = self.adapted_pairs(layer)
         if not len(adapted):  # no valid cell in the batch: zero, still part of the graph
             return adapted.sum()
         return (adapted - teacher.to(adapted.dtype)).pow(2).mean()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from trainer.terms.base import KDTerm, LayerStep, TermContext, adapt, channel_adapters, register_term
+from trainer.terms.base import CellRegressionTerm, LayerStep, TermContext, channel_adapters, register_term
 
 __all__ = ["pkd_standardise", "PKDTerm"]
 
@@ -19,7 +19,7 @@ def pkd_standardise(vectors: Tensor, eps: float = 1e-6) -> Tensor:
 
 
 @register_term
-class PKDTerm(KDTerm):
+class PKDTerm(CellRegressionTerm):
     """PKD: student and teacher cells standardised per channel over the batch's compared valid cells
     (``pkd_standardise``; ``cells_per_sample`` per sample, 0: all), then half their mean squared
     difference, i.e. mean over channels of 1 - Pearson's r between student and teacher activations.
@@ -34,12 +34,8 @@ class PKDTerm(KDTerm):
         self.cells_per_sample = int(cells_per_sample)
         self.adapters = channel_adapters(context, always=False)
 
-    def plan(self, layer: LayerStep) -> None:
-        layer.request_uniform(self.cells_per_sample)
-
     def layer_loss(self, layer: LayerStep) -> Tensor:
-        student, teacher = layer.regression_pairs(self.cells_per_sample)
-        adapted = adapt(self.adapters[layer.key], student)
+        adapted, teacher = self.adapted_pairs(layer)
         if len(adapted) < 2:  # no spread to standardise by: zero, still part of the graph
             return adapted.sum() * 0
         student_n = pkd_standardise(adapted, self.eps)
