@@ -1,6 +1,7 @@
 """``CacheDistiller``: an mmdet3d student trained with its detection loss plus weighted distillation
-terms (``trainer.terms``: one module per term) against teacher maps that come from a featcache cache (or, for
-comparisons, from a teacher run online through the same code path).
+terms (``trainer.terms``: one module per term) against teacher maps that come from a featcache cache
+(or, for comparisons, from a teacher run online through the same code path). What a term needs (the
+kinds of pairs it reads, whether it adds to the GT) is asked of the term, never decided by its name.
 
 The distillation terms live in ``loss()``: mmengine's DDP wrapper calls the data preprocessor,
 ``forward(mode='loss')`` and ``parse_losses`` itself, never a model's own ``train_step``.
