@@ -127,7 +127,7 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
                 if records[row, 0] != format.STATUS_COMPLETE:
                     continue
                 for layer_name, stored in cache.read_row(row, decode=False).items():
-                    targets[format.feature_path(layer_name)][row] = stored
+                    targets[cache.manifest.layer(layer_name).values_array.path][row] = stored
                 if boxes is not None:
                     cache.read_boxes(row)  # checked against its record first
                     targets[boxes.path][row] = np.asarray(root[boxes.path][row])

@@ -75,7 +75,7 @@ def nonzero_fraction(values: np.ndarray, codec: codecs.CodecSpec, qparams: np.nd
         return 0.0
     if codec.stores_scores:
         return float(np.count_nonzero(codecs.decode(values, codec, qparams))) / values.size
-    if codec.precision != "int8":
+    if not codec.has_qparams:
         return float(np.count_nonzero(values)) / values.size
     decoded = codecs.decode(values, codec, qparams)
     step = qparams[0].reshape((-1,) + (1,) * (values.ndim - 1))
