@@ -21,24 +21,24 @@ import numpy as np
 
 from featcache import format
 from featcache.errors import ConfigError
+from featcache.location import is_hdf5, is_url
 
 logger = logging.getLogger("featcache.export")
 
 EXPORT_FORMATS = ("hdf5",)
-HDF5_SUFFIXES = (".h5", ".hdf5")
 
 
 def check_export_target(location: str, out: str, overwrite: bool = False) -> None:
     """Refuse an OUT the export must not write: not .h5/.hdf5 (the reader would not open it), a
     directory, the cache itself, or an existing file without ``overwrite``. ConfigError naming it."""
-    if "://" in out:
+    if is_url(out):
         raise ConfigError(f"export OUT {out!r}: HDF5 exports are written to a local file path")
-    if not out.lower().endswith(HDF5_SUFFIXES):
+    if not is_hdf5(out):
         raise ConfigError(f"export OUT {out!r} must end with .h5 or .hdf5 (how the reader knows an HDF5 cache)")
     if os.path.isdir(out):
         raise ConfigError(f"export OUT {out!r} is a directory; featcache never replaces a directory: "
                           f"name a file, e.g. {os.path.join(out, 'cache.h5')}")
-    if "://" not in os.fspath(location) and os.path.lexists(out) and os.path.exists(location) and \
+    if not is_url(location) and os.path.lexists(out) and os.path.exists(location) and \
             os.path.samefile(out, location):
         raise ConfigError(f"export OUT {out!r} is the cache being exported")
     if os.path.lexists(out) and not overwrite:
@@ -68,6 +68,12 @@ def _move_into_place(partial: str, out: str, overwrite: bool) -> None:
     os.unlink(partial)
 
 
+def _row_dataset(h5, array: format.ArraySpec, num_samples: int, compression_level: int):
+    """The HDF5 dataset of ``array``: one chunk per sample as in the Zarr cache, HDF5's gzip+shuffle."""
+    return h5.create_dataset(array.path, shape=array.shape(num_samples), dtype=array.dtype, chunks=array.chunks,
+                             compression="gzip", compression_opts=compression_level, shuffle=True)
+
+
 def export_hdf5(location: str, out: str, storage_options=None, compression_level: int = 1, progress: bool = False,
                 overwrite: bool = False) -> str:
     """Write ``out`` from the cache at ``location``; see the module docstring for what is refused."""
@@ -81,13 +87,11 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     # values checked against the records too: the export copies those checksums, and HDF5 reads sum the values
     cache = open_cache(location, storage_options=storage_options, check_values=True)
     root = cache._open()
-    for layer in cache.manifest.layers:  # every array the manifest names, before the export file is started
-        for path in [format.feature_path(layer.name)] + ([format.qparams_path(layer.name)]
-                                                          if layer.codec.precision == "int8" else []):
-            try:
-                root[path]
-            except Exception as exc:  # noqa: BLE001 - a missing array, a name zarr refuses ('../x')
-                raise store.array_problem(location, path, exc) from exc
+    for array in (array for layer in cache.manifest.layers for array in layer.arrays()):
+        try:  # every array the manifest names, before the export file is started
+            root[array.path]
+        except Exception as exc:  # noqa: BLE001 - a missing array, a name zarr refuses ('../x')
+            raise store.array_problem(location, array.path, exc) from exc
     handle, partial = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
                                        prefix=os.path.basename(out) + ".", suffix=".partial")
     os.close(handle)
@@ -111,28 +115,22 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
                                ", ".join(cache.row_keys[row] for row in damaged[:10]))
                 records[damaged] = 0
             h5.create_dataset(format.RECORDS_ARRAY, data=records)
-            targets = {}
+            targets = {}  # the arrays copied row by row below
             for layer in cache.manifest.layers:
-                shape = (len(cache), *layer.shape)
-                targets[format.feature_path(layer.name)] = h5.create_dataset(
-                    format.feature_path(layer.name), shape=shape, dtype=layer.codec.storage_dtype,
-                    chunks=(1, *layer.shape), compression="gzip", compression_opts=compression_level, shuffle=True)
-                if layer.codec.precision == "int8":
-                    h5.create_dataset(format.qparams_path(layer.name),
-                                      data=np.asarray(root[format.qparams_path(layer.name)][:]))
-            spec = cache.manifest.boxes
-            if spec is not None:  # stored rows as they are: the records' checksums cover them
-                targets[format.BOXES_ARRAY] = h5.create_dataset(
-                    format.BOXES_ARRAY, shape=(len(cache), *spec.row_shape), dtype=np.float32,
-                    chunks=(1, *spec.row_shape), compression="gzip", compression_opts=compression_level, shuffle=True)
+                targets[layer.values_array.path] = _row_dataset(h5, layer.values_array, len(cache), compression_level)
+                if layer.qparams_array is not None:  # int8 scales and offsets: copied whole
+                    h5.create_dataset(layer.qparams_array.path, data=np.asarray(root[layer.qparams_array.path][:]))
+            boxes = cache.manifest.boxes_array
+            if boxes is not None:  # stored rows as they are: the records' checksums cover them
+                targets[boxes.path] = _row_dataset(h5, boxes, len(cache), compression_level)
             for row in rows:
                 if records[row, 0] != format.STATUS_COMPLETE:
                     continue
                 for layer_name, stored in cache.read_row(row, decode=False).items():
-                    targets[format.feature_path(layer_name)][row] = stored
-                if spec is not None:
+                    targets[cache.manifest.layer(layer_name).values_array.path][row] = stored
+                if boxes is not None:
                     cache.read_boxes(row)  # checked against its record first
-                    targets[format.BOXES_ARRAY][row] = np.asarray(root[format.BOXES_ARRAY][row])
+                    targets[boxes.path][row] = np.asarray(root[boxes.path][row])
         _move_into_place(partial, out, overwrite)
     finally:
         if os.path.lexists(partial):  # ours: mkstemp made the name; gone already once moved into place

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Collection, Sequence
 
@@ -88,6 +89,36 @@ def bev_extent(point_cloud_range: Sequence[float] | None) -> list[float] | None:
     return [float(extent[index]) for index in (0, 1, 3, 4)] if len(extent) == 6 else None
 
 
+#: How the teacher boxes (``--boxes``) are stored: exact float32, zstd level 3 (``inspect`` reports it).
+BOXES_CODEC = CodecSpec("fp32", "zstd", 3)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-sample array of a cache, as featcache lays it out: a row is one chunk (``chunks``), so every
+    sample is its own object. The one statement of an array's path, row shape, dtype and codec: the writer
+    creates it from this, the reader and the export read it by it, ``inspect`` sizes it."""
+
+    path: str
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    # the values' codec (compressor, then zarr's chunk crc32c); None: stored raw, each chunk with its crc32c
+    codec: CodecSpec | None = None
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return (1, *self.row_shape)
+
+    def shape(self, num_samples: int) -> tuple[int, ...]:
+        return (num_samples, *self.row_shape)
+
+    def zarr_codecs(self) -> dict[str, Any]:
+        """Keyword arguments for ``zarr.create_array``: the codec's, else only a chunk crc32c (``codecs.checksummed``)."""
+        from featcache import codecs
+
+        return self.codec.zarr_codecs() if self.codec is not None else {"compressors": codecs.checksummed()}
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One cached tensor: a hooked module's output (``index`` picks one of a list/tuple output)."""
@@ -103,6 +134,24 @@ class LayerSpec:
     # which array axis is x and which y (``featcache.layout``): {"rows": "+y", "cols": "+x", "found": "measured" |
     # "stated" | "assumed", "evidence": {layout: score}}; None: written before featcache recorded layouts
     layout: dict[str, Any] | None = None
+
+    @property
+    def values_array(self) -> ArraySpec:
+        """The array of the layer's stored values (``features/<layer>``)."""
+        return ArraySpec(feature_path(self.name), self.shape, self.codec.storage_dtype, self.codec)
+
+    @property
+    def qparams_array(self) -> ArraySpec | None:
+        """The array of its per-channel (scale, offset) (``qparams/<layer>``) when its codec carries them
+        (``CodecSpec.has_qparams``: int8), else None."""
+        if not self.codec.has_qparams:
+            return None
+        return ArraySpec(qparams_path(self.name), (2, self.shape[0]), np.dtype(np.float32))
+
+    def arrays(self) -> tuple[ArraySpec, ...]:
+        """Every array holding a row of this layer: its values, then its scales and offsets if it has them.
+        Its ``records`` checksum runs over them in this order (``checksum``)."""
+        return (self.values_array,) if self.qparams_array is None else (self.values_array, self.qparams_array)
 
     @property
     def bev_layout(self) -> BevLayout:
@@ -173,6 +222,24 @@ class Manifest:
     def records_width(self) -> int:
         """Columns of a ``records`` row: status, one checksum per layer, and the boxes' if held."""
         return 1 + len(self.layers) + (self.boxes is not None)
+
+    @property
+    def records_array(self) -> ArraySpec:
+        """``records``: one row of status and checksums per sample, each chunk ending with its crc32c."""
+        return ArraySpec(RECORDS_ARRAY, (self.records_width,), np.dtype(np.uint32))
+
+    @property
+    def boxes_array(self) -> ArraySpec | None:
+        """``boxes``: the packed teacher boxes row of each sample (``BoxesSpec``); None when the cache holds none."""
+        if self.boxes is None:
+            return None
+        return ArraySpec(BOXES_ARRAY, tuple(self.boxes.row_shape), np.dtype(np.float32), BOXES_CODEC)
+
+    def arrays(self) -> tuple[ArraySpec, ...]:
+        """Every per-sample array of the cache, in the order a new cache creates them: each layer's
+        (``LayerSpec.arrays``), the boxes if held, the records last."""
+        boxes = () if self.boxes_array is None else (self.boxes_array,)
+        return (*(array for layer in self.layers for array in layer.arrays()), *boxes, self.records_array)
 
     @property
     def boxes_record_column(self) -> int:
@@ -269,7 +336,9 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def sha256_file(path: str, block: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in blocks: the one digest of a file (checkpoints, teacher code,
+    deploy exports)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(block):

@@ -7,8 +7,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from featcache import codecs, format, head_layers, store
+from featcache.location import is_hdf5
 from featcache.reader import FeatureCache, open_cache
-from featcache.writer import BOXES_CODEC
 
 
 @dataclass
@@ -27,35 +27,37 @@ class LayerSummary:
         return self.fp32_bytes_per_sample / self.stored_bytes_per_sample
 
 
-def layer_summaries(cache: FeatureCache, sample_rows: Sequence[int]) -> list[LayerSummary]:
-    """Per-layer sizes; stored bytes are the mean over ``sample_rows`` chunks (Zarr caches only)."""
+def stored_bytes_per_sample(cache: FeatureCache, arrays: Sequence[format.ArraySpec], rows: Sequence[int]
+                            ) -> float | None:
+    """Stored bytes per sample: the mean over ``rows`` of the bytes their chunks of ``arrays`` occupy in the
+    store, compressed (``store.chunk_nbytes``; pass ``LayerSpec.arrays()`` for a layer: its int8 scales count).
+    A chunk the store holds none of (zarr writes none for a row equal to the fill value, e.g. an all-zero
+    map) counts 0. None when the store says nothing: an HDF5 export (``featcache export``), or no rows.
+    The one definition ``inspect``, the benchmarks and the quality runs report."""
+    rows = [int(row) for row in rows]
+    if not rows or is_hdf5(cache.location):
+        return None
     root = cache._open()
-    summaries = []
-    for layer in cache.manifest.layers:
-        stored = None
-        if sample_rows and not cache.location.lower().endswith((".h5", ".hdf5")):
-            sizes = [store.chunk_nbytes(root[format.feature_path(layer.name)], row) for row in sample_rows]
-            sizes = [size for size in sizes if size]
-            stored = float(np.mean(sizes)) if sizes else None
-        summaries.append(LayerSummary(layer.name, layer.shape, str(layer.codec.storage_dtype), layer.codec.name,
-                                      stored, int(np.prod(layer.shape)) * 4))
-    return summaries
+    total = sum(store.chunk_nbytes(root[array.path], row) or 0 for array in arrays for row in rows)
+    return total / len(rows) if total else None
+
+
+def layer_summaries(cache: FeatureCache, sample_rows: Sequence[int]) -> list[LayerSummary]:
+    """Per-layer sizes; stored bytes per sample over ``sample_rows`` (``stored_bytes_per_sample``)."""
+    return [LayerSummary(layer.name, layer.shape, str(layer.codec.storage_dtype), layer.codec.name,
+                         stored_bytes_per_sample(cache, layer.arrays(), sample_rows), int(np.prod(layer.shape)) * 4)
+            for layer in cache.manifest.layers]
 
 
 def boxes_summary(cache: FeatureCache, sample_rows: Sequence[int]) -> LayerSummary | None:
     """The teacher boxes' sizes (``--boxes``) as a layer's: one row of ``capacity x (fields + score, label)``
-    float32 per sample; stored bytes are the mean over ``sample_rows`` chunks (Zarr caches only). None when
+    float32 per sample; stored bytes per sample over ``sample_rows`` (``stored_bytes_per_sample``). None when
     the cache holds no boxes."""
-    spec = cache.manifest.boxes
-    if spec is None:
+    array = cache.manifest.boxes_array
+    if array is None:
         return None
-    stored = None
-    if sample_rows and not cache.location.lower().endswith((".h5", ".hdf5")):
-        array = cache._open()[format.BOXES_ARRAY]
-        sizes = [size for size in (store.chunk_nbytes(array, int(row)) for row in sample_rows) if size]
-        stored = float(np.mean(sizes)) if sizes else None
-    return LayerSummary("teacher boxes", tuple(spec.row_shape), "float32", BOXES_CODEC.name, stored,
-                        int(np.prod(spec.row_shape)) * 4)
+    return LayerSummary("teacher boxes", array.row_shape, str(array.dtype), array.codec.name,
+                        stored_bytes_per_sample(cache, [array], sample_rows), int(np.prod(array.row_shape)) * 4)
 
 
 def _megabytes(stored: float | None) -> str:
@@ -73,7 +75,7 @@ def nonzero_fraction(values: np.ndarray, codec: codecs.CodecSpec, qparams: np.nd
         return 0.0
     if codec.stores_scores:
         return float(np.count_nonzero(codecs.decode(values, codec, qparams))) / values.size
-    if codec.precision != "int8":
+    if not codec.has_qparams:
         return float(np.count_nonzero(values)) / values.size
     decoded = codecs.decode(values, codec, qparams)
     step = qparams[0].reshape((-1,) + (1,) * (values.ndim - 1))
@@ -175,8 +177,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
                      f"{total_fp32 / total_stored:>7.1f}")
     if checked:
         lines.append(f"(non-zero: mean fraction of values not zero over {len(checked)} complete samples)")
-    recorded = cache._open().attrs.get(format.NONZERO_ATTRIBUTE) if not cache.location.lower().endswith(
-        (".h5", ".hdf5")) else None
+    recorded = cache._open().attrs.get(format.NONZERO_ATTRIBUTE) if not is_hdf5(cache.location) else None
     if recorded:
         lines.append("non-zero at build: " + ", ".join(
             f"{name} {100 * figures['mean']:.2f}% (min {100 * figures['min']:.2f}%, {figures['samples']} samples)"

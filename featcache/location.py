@@ -31,8 +31,17 @@ _ATOMIC_LEFTOVER = re.compile(r"^(zarr|featcache)\.[0-9a-f]{32}\.partial$")  # z
 ABSENT, EMPTY, CACHE, CREATING, DAMAGED, FOREIGN = "absent", "empty", "cache", "creating", "damaged", "foreign"
 
 
+HDF5_SUFFIXES = (".h5", ".hdf5")
+
+
 def is_url(location: str | os.PathLike) -> bool:
     return "://" in os.fspath(location)
+
+
+def is_hdf5(location: str | os.PathLike) -> bool:
+    """True for an HDF5 export's path (``featcache export``: a local file ending .h5 or .hdf5): how the
+    reader, ``inspect`` and the export tell one from a Zarr cache."""
+    return not is_url(location) and os.fspath(location).lower().endswith(HDF5_SUFFIXES)
 
 
 @dataclass(frozen=True)

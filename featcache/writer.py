@@ -20,9 +20,6 @@ from featcache import codecs, format, store
 from featcache import location as location_
 from featcache.errors import FeatcacheError, InvalidFeatureError
 
-#: How the teacher boxes (``--boxes``) are stored: exact float32, zstd level 3 (``inspect`` reports it).
-BOXES_CODEC = codecs.CodecSpec("fp32", "zstd", 3)
-
 
 @dataclass
 class WriteStats:
@@ -52,10 +49,9 @@ class CacheWriter:
         self.group = group
         self.manifest = manifest
         self.location = location
-        self._features = {layer.name: _array(group, format.feature_path(layer.name), location)
-                          for layer in manifest.layers}
-        self._qparams = {layer.name: _array(group, format.qparams_path(layer.name), location)
-                         for layer in manifest.layers if layer.codec.precision == "int8"}
+        self._features = {layer.name: _array(group, layer.values_array.path, location) for layer in manifest.layers}
+        self._qparams = {layer.name: _array(group, layer.qparams_array.path, location)
+                         for layer in manifest.layers if layer.qparams_array is not None}
         self._records = _array(group, format.RECORDS_ARRAY, location)
         self._boxes = _array(group, format.BOXES_ARRAY, location) if manifest.boxes is not None else None
         self.stats = WriteStats()
@@ -87,23 +83,12 @@ class CacheWriter:
         if sources is not None:
             group.create_array(format.SOURCES_ARRAY, shape=(n,), dtype=str,
                                chunks=(max(n, 1),))[:] = np.asarray(sources, dtype=str)
-        for layer in manifest.layers:
-            group.create_array(format.feature_path(layer.name), shape=(n, *layer.shape),
-                               chunks=(1, *layer.shape), dtype=layer.codec.storage_dtype, fill_value=0,
-                               **layer.codec.zarr_codecs())
-            if layer.codec.precision == "int8":
-                group.create_array(format.qparams_path(layer.name), shape=(n, 2, layer.shape[0]),
-                                   chunks=(1, 2, layer.shape[0]), dtype=np.float32, fill_value=0,
-                                   compressors=codecs.checksummed())
-        if manifest.boxes is not None:
-            group.create_array(format.BOXES_ARRAY, shape=(n, *manifest.boxes.row_shape),
-                               chunks=(1, *manifest.boxes.row_shape), dtype=np.float32, fill_value=0,
-                               **BOXES_CODEC.zarr_codecs())
-        # each records chunk ends with its crc32c: a damaged row is that row's damage alone
-        # (``store.read_records``), never a status or checksum taken for the build's
-        group.create_array(format.RECORDS_ARRAY, shape=(n, manifest.records_width),
-                           chunks=(1, manifest.records_width), dtype=np.uint32, fill_value=0,
-                           compressors=codecs.checksummed())
+        # each layer's values and int8 scales, the boxes, then the records; each records chunk ends with
+        # its crc32c: a damaged row is that row's damage alone (``store.read_records``), never a status or
+        # checksum taken for the build's
+        for array in manifest.arrays():
+            group.create_array(array.path, shape=array.shape(n), chunks=array.chunks, dtype=array.dtype, fill_value=0,
+                               **array.zarr_codecs())
         # The manifest goes last: a cache whose manifest exists has all its arrays.
         group.attrs["featcache"] = manifest.to_dict()
         return cls(group, manifest, location)

@@ -323,7 +323,7 @@ def test_cache_without_chunk_checksums_reads_and_is_checked_by_its_values(refere
     shutil.copytree(reference_cache, out)
     _without_chunk_checksums(out)
     cache, reference = open_cache(out), open_cache(reference_cache)
-    assert not cache._array(format.feature_path("pts_neck.0")).chunk_checksum
+    assert not cache._source.array(format.feature_path("pts_neck.0")).chunk_checksum
     for key in reference.row_keys:
         assert all(np.array_equal(value, reference.read(key)[name]) for name, value in cache.read(key).items())
     assert verify_cache(str(out)).ok
@@ -580,7 +580,7 @@ def test_prefetch_brings_a_cold_rows_chunks_into_the_page_cache(reference_cache,
     if max(_resident_fraction(path) for paths in files.values() for path in paths) > 0.5:
         pytest.skip("this filesystem keeps file pages after POSIX_FADV_DONTNEED (tmpfs?): no file can be made cold")
     cache.prefetch([2, 99], layers=layers)  # an unknown row is skipped: prefetch is a hint
-    cache._readahead.shutdown(wait=True)
+    cache._source._readahead.shutdown(wait=True)
     deadline = time.monotonic() + 10
     while min(_resident_fraction(path) for path in files[2]) < 1.0 and time.monotonic() < deadline:
         time.sleep(0.05)  # the kernel's reads complete after the advice returns

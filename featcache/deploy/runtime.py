@@ -13,7 +13,6 @@ the JSON was written for (its sha256), and opens an ONNX Runtime CPU session. ``
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,16 +24,9 @@ from featcache.deploy.errors import ExportNotFoundError, PointsError, StaleExpor
 from featcache.deploy.postprocess import Detections, postprocess
 from featcache.deploy.spec import DeploySpec
 from featcache.deploy.voxelize import Voxels, hard_voxelize, prepare_points, read_scan
+from featcache.format import sha256_file as sha256_of  # the one sha256 of a file; featcache.deploy names it so
 
 MODEL_VARIANTS = ("fp32", "int8")
-
-
-def sha256_of(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def session_options(threads: int | None):
