@@ -125,6 +125,24 @@ def test_the_lock_file_alone_is_an_empty_directory_and_force_keeps_it(tmp_path):
     assert state.kind == location.FOREIGN and state.entries == ("notes.txt",)
 
 
+def test_erase_takes_every_entry_featcache_writes_and_nothing_else(tmp_path):
+    """--force's erasing: every root entry a cache can hold (the teacher boxes included: a rebuild without
+    --boxes must not leave an earlier cache's boxes behind), zarr's temp files, never the user's files."""
+    out = tmp_path / "cache"
+    for name in format.ENTRIES:
+        if name.endswith(".json"):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_text("{}")
+        else:
+            (out / name / "c").mkdir(parents=True)
+            (out / name / "c" / "0").write_bytes(b"chunk")
+    (out / "zarr.0123456789abcdef0123456789abcdef.partial").write_bytes(b"")
+    (out / "notes.txt").write_text("mine")
+    assert {"boxes", "features", "qparams", "records", "keys", "sources"} <= set(format.ENTRIES)
+    location.erase(out)
+    assert sorted(path.name for path in out.iterdir()) == ["notes.txt"]
+
+
 @pytest.fixture
 def read_only_directory(tmp_path):
     """A read-only filesystem (root writes anywhere a mode allows nothing)."""
