@@ -2,7 +2,7 @@
 
 The teacher is mmdet3d's CenterPoint-voxel0075 (the encoder, backbone and neck of
 BEVFusion-lidar: pts_middle_encoder 256x180x180, pts_backbone 128x180x180 + 256x90x90, pts_neck
-512x180x180) with a seeded checkpoint (tests/lidar_fixtures.teacher_checkpoint), run on the real
+512x180x180) with a seeded checkpoint (featcache.testing.teacher_checkpoint), run on the real
 nuScenes scan of ../shared/data and rigidly transformed copies of it (make_nuscenes_like). Every
 figure of BENCHMARKS.md comes from this script's own measurements; the file is rewritten at the end.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO)]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -425,7 +425,7 @@ def read_in_subprocess(jobs: list[dict[str, Any]], glibc_tunables: bool = False)
 
 def prepare(sizes: Sizes, epochs: int, work: Path) -> Context:
     """Frames (real scan + transformed copies), a seeded voxel0075 checkpoint, the cold-read check."""
-    from lidar_fixtures import VOXEL_CONFIG, make_nuscenes_like, nus_cfg_options, teacher_checkpoint
+    from featcache.testing import VOXEL_CONFIG, make_nuscenes_like, nus_cfg_options, teacher_checkpoint
 
     load_at_start = os.getloadavg()[0]
     log(f"preparing {sizes.frames} frames and a seeded {VOXEL_CONFIG.split('/')[-1]} checkpoint in {work}")
@@ -446,7 +446,7 @@ def run_build_job(job: dict[str, Any]) -> dict[str, Any]:
     the ratio. The first forward's features are saved to ``job["features"]`` for the other figures."""
     from featcache.teacher.build import BuildOptions, build_cache
     from featcache.teacher.detector import Teacher
-    from lidar_fixtures import VOXEL_CONFIG, nus_cfg_options
+    from featcache.testing import VOXEL_CONFIG, nus_cfg_options
 
     torch.set_num_threads(1)
     cfg_options = nus_cfg_options(Path(job["data_root"]), splits=("train",))
@@ -884,7 +884,7 @@ def figure_response(ctx: Context) -> Section:
     """Figure 8: what response and label targets (``--head-outputs``, ``--boxes``) add to a cache: bytes per
     sample next to the features', and build time next to a features-only build of the same frames."""
     from featcache.teacher.build import BuildOptions, build_cache
-    from lidar_fixtures import VOXEL_CONFIG
+    from featcache.testing import VOXEL_CONFIG
 
     frames = min(RESPONSE_FRAMES, ctx.sizes.frames)
     demo_options = {"train_dataloader.dataset.data_root": f"{ctx.data_root}/",  # the demo's train set is not wrapped
@@ -951,7 +951,7 @@ def figure_response(ctx: Context) -> Section:
 def figure_train(ctx: Context) -> Section:
     """Figure 7: cached-KD vs no-KD vs online-KD training step time, same pillar student and batches."""
     from featcache.teacher.build import BuildOptions, build_cache
-    from lidar_fixtures import VOXEL_CONFIG
+    from featcache.testing import VOXEL_CONFIG
     from trainer.train import TrainOptions, build_runner_config
 
     student = str(STUDENT_CONFIG)
