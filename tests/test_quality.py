@@ -46,8 +46,9 @@ def test_quick_quality_writes_its_records_table_and_plot(quick_quality):
     assert {group: sorted(seeds) for group, seeds in groups.items()} == {("half", "no-kd", "none"): [0, 1],
                                                                         ("half", "pkd=5", "cache"): [0, 1]}
     text = (out / "QUALITY.md").read_text()
-    rows = {group: next(line for line in text.splitlines() if line.startswith(f"| {group[0]} | `{group[1]}` | {group[2]} |"))
-            for group in groups}
+    rows = {(student, recipe, targets): next(line for line in text.splitlines()
+                                             if line.startswith(f"| {student} | `{recipe}` | {targets} |"))
+            for student, recipe, targets in groups}
     for group, by_seed in groups.items():
         mean, std = report.describe(list(by_seed.values()))
         assert f"| 2 | {mean:.4f} ± {std:.4f} | {min(by_seed.values()):.4f}..{max(by_seed.values()):.4f} | " \
@@ -92,12 +93,14 @@ def test_run_key_changes_with_every_field_it_holds_and_only_with_them():
     assert run_key(Run("half", "pkd=5", 0, "cache"), copy.deepcopy(context), False) == key
     # where the cache lies and which arm it is are not what the run read
     assert run_key(run, {**context, "cache": "/elsewhere", "heatmap_codec": "x"}, False) == key
-    changed = [{**context, "teacher_sha256": "t2"}, {**context, "data_stamp": "d2"}, {**context, "trainer_revision": "r2"},
+    changed = [{**context, "teacher_sha256": "t2"}, {**context, "data_stamp": "d2"},
+               {**context, "trainer_revision": "r2"},
                {**context, "codecs_by_kind": {"feature": "pts_neck.0 fp16-zstd1"}}]
     assert len({key} | {run_key(run, other, False) for other in changed}) == 1 + len(changed)
     others = [Run("slim", "pkd=5", 0, "cache"), Run("half", "pkd=4", 0, "cache"), Run("half", "pkd=5", 1, "cache"),
               Run("half", "pkd=5", 0, "online")]
-    assert len({key, run_key(run, context, True)} | {run_key(other, context, False) for other in others}) == 2 + len(others)
+    quick = run_key(run, context, True)
+    assert len({key, quick} | {run_key(other, context, False) for other in others}) == 2 + len(others)
 
 
 def test_run_key_holds_the_codecs_of_the_layers_a_recipe_reads_only():
@@ -211,3 +214,22 @@ def test_rekey_on_another_machine_compares_with_a_baseline_trained_here(monkeypa
     message = rekey(state, proof, False, {"runs": records("old", 1e-4)})
     assert "re-keyed 2 of 2 records" in message and "(baseline on this machine)" in state["rekeyed"][0]["proof"][0]
     assert [record["mAP"] for record in state["runs"]] == [0.6, 0.7]  # the records keep their own figures
+
+
+def test_quality_retention_is_the_recipes_mean_over_seeds_of_the_student_trained_from_that_config(tmp_path):
+    """deploy_report's QUALITY.md column: mean mAP of the recipe's seeds / the teacher's, for the student whose
+    config is the one given; from the cache for a recipe with terms, none for no-KD or the teacher's weights."""
+    runs = [{"student": "half", "recipe": "pkd=5", "targets": "cache", "seed": seed, "mAP": 0.5 + 0.1 * seed}
+            for seed in (0, 1)]
+    runs += [{"student": "half", "recipe": "init", "targets": "none", "seed": 0, "mAP": 0.7},
+             {"student": "half", "recipe": "pkd=5", "targets": "online", "seed": 0, "mAP": 0.1},
+             {"student": "slim", "recipe": "pkd=5", "targets": "cache", "seed": 0, "mAP": 0.2}]
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"teacher": {"mAP": 0.8}, "runs": runs}))
+    half, slim = str(plan.STUDENTS["half"]), str(plan.STUDENTS["slim"])
+    other = str(REPO / "configs/demo/teacher_pillar.py")
+    found = plan.quality_retention(str(path), "pkd=5", [half, slim, other])
+    assert found == {half: (pytest.approx(0.55 / 0.8), 2), slim: (pytest.approx(0.2 / 0.8), 1)}
+    assert plan.quality_retention(str(path), "init", [half]) == {half: (0.7 / 0.8, 1)}
+    assert plan.quality_retention(str(path), None, [half]) == {}
+    assert plan.quality_retention(str(tmp_path / "absent.json"), "pkd=5", [half]) == {}

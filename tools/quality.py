@@ -37,7 +37,8 @@ sys.path[:0] = [str(REPO)]
 
 from trainer.quality import benchmark, keys, report, runs  # noqa: E402
 
-from trainer.quality.keys import trainer_revision  # noqa: E402,F401  (quality.trainer_revision(): the run keys' revision)
+# quality.trainer_revision(): the revision every run key holds
+from trainer.quality.keys import trainer_revision  # noqa: E402,F401
 
 
 def main() -> None:

@@ -6,6 +6,8 @@ one recipe with one seed from one source of targets. ``tools/quality.py`` trains
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +162,24 @@ def missing_runs(state: dict[str, Any], quick: bool) -> list[str]:
     done = {record_run(r) for r in state["runs"]}
     seeds = sorted({r["seed"] for r in state["runs"]} | ({0} if quick else {0, 1, 2}))
     return [run.name for run in dict.fromkeys(wanted_runs(state["runs"], seeds, quick, None)) if run not in done]
+
+
+def quality_retention(path: str, recipe: str | None, configs: list[str]) -> dict[str, tuple[float, int]]:
+    """config -> (mean mAP over seeds / teacher mAP, seeds) of QUALITY.md's runs of ``recipe`` (from the cache;
+    ``no-kd`` and ``init`` have no targets) for the student trained from that config; configs QUALITY.md
+    has no runs of are left out."""
+    if not recipe or not os.path.isfile(path):
+        return {}
+    with open(path) as stream:
+        state = json.load(stream)
+    teacher = (state.get("teacher") or {}).get("mAP")
+    targets = targets_of(recipe)
+    found = {}
+    for config in configs:
+        student = next((name for name, known in STUDENTS.items()
+                        if os.path.isfile(config) and os.path.samefile(config, known)), None)
+        values = [run["mAP"] for run in state.get("runs", [])
+                  if (run["student"], run["recipe"], run["targets"]) == (student, recipe, targets)]
+        if student and values and teacher:
+            found[config] = (sum(values) / len(values) / teacher, len(values))
+    return found
