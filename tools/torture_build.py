@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import format, store
-from featcache.reader import open_cache
-from featcache.testing import PILLAR_CONFIG, cfg_option_args, free_port, nus_cfg_options
-from featcache.verify import verify_cache
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # this checkout's featcache, as the other tools
+
+from featcache import format, store  # noqa: E402
+from featcache.reader import open_cache  # noqa: E402
+from featcache.testing import PILLAR_CONFIG, cfg_option_args, free_port, nus_cfg_options  # noqa: E402
+from featcache.verify import verify_cache  # noqa: E402
 
 
 LAUNCH_MARKER = "FEATCACHE_TORTURE_LAUNCH"
