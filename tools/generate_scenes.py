@@ -1,24 +1,7 @@
 """Seeded synthetic lidar scenes written as a dataset mmdet3d's own ``NuScenesDataset`` loads.
 
-Each scan is ray-cast from a spinning HDL-32E-like sensor at the origin of the LIDAR frame
-(nuScenes' LIDAR_TOP sits 1.84 m above the road) into a street scene: an undulating ground
-height field, labelled oriented boxes (nuScenes classes, sizes and label ids) and unlabelled
-clutter (building facades, poles, foliage made of ellipsoid clusters). Every ray keeps its
-first hit only, so density falls with range, objects shadow each other and faces turned away
-from the sensor get no returns.
-
-Output layout (what ``NuScenesDataset`` with ``data_prefix=dict(pts='samples/LIDAR_TOP')`` reads)::
-
-    OUT/samples/LIDAR_TOP/<name>.pcd.bin    float32 x, y, z, intensity (0-255), ring (beam index)
-    OUT/nuscenes_infos_{train,val}.pkl      mmdet3d v2 infos: {'metainfo', 'data_list'}
-
-Annotation conventions, taken from mmdet3d's NuScenesDataset and the real v2 info pkl:
-``bbox_3d`` is [x, y, z, l, w, h, yaw] in the LIDAR frame with z at the box's *gravity centre*
-(NuScenesDataset builds its boxes with ``origin=(0.5, 0.5, 0.5)``), l along the heading and yaw
-counter-clockwise from +x. ``num_lidar_pts`` is the number of returns from the object, which
-equals the points inside its box (see ``INSET``). Boxes that no ray reaches are dropped from
-the annotations: NuScenesDataset would filter them anyway (``num_lidar_pts > 0``), and dropping
-them keeps the pkl identical to what a model trains on.
+The command line of ``featcache.scenes.generate_dataset`` (the sensor, the scenes and the output layout are
+described there).
 
 Usage: ``python tools/generate_scenes.py --out DIR --train N --val M --seed S [--beams 32] [--range 50]``
 """
