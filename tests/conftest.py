@@ -10,8 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from lidar_fixtures import (CACHE_LAYERS, PILLAR_CONFIG, SHARED_DATA, make_nuscenes_like, nus_cfg_options,  # noqa: E402
-                            teacher_checkpoint)
+from featcache.testing import (PILLAR_CONFIG, SHARED_DATA, make_nuscenes_like, nus_cfg_options,  # noqa: E402
+                               teacher_checkpoint)
+from lidar_fixtures import CACHE_LAYERS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,6 @@ import torch
 from click.testing import CliRunner
 
 from conftest import REPO
-from lidar_fixtures import NUS_INFO, SHARED_DATA, save_openmmlab_checkpoint
 
 from featcache.cli import main
 from featcache.deploy.errors import ExportNotFoundError, PointsError, StaleExportError, UnsupportedModelError
@@ -33,6 +32,7 @@ from featcache.deploy.runtime import DeployedDetector
 from featcache.deploy.spec import SPEC_FILE, VoxelSpec
 from featcache.deploy.voxelize import hard_voxelize
 from featcache.errors import CheckpointError, ConfigError
+from featcache.testing import NUS_INFO, SHARED_DATA, save_openmmlab_checkpoint
 
 STUDENT = "configs/demo/student_half.py"
 TEACHER = "configs/demo/teacher_pillar.py"

@@ -6,6 +6,8 @@ at recalls 0.11, 0.12, ..., 1.00 (90 points) and returns mean(max(p - 0.1, 0)) /
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from mmdet3d.structures import Det3DDataSample, LiDARInstance3DBoxes
 from mmengine.evaluator import Evaluator
 from mmengine.structures import InstanceData
 
+from conftest import REPO
+from featcache.deploy.evaluation import latency_stats, score_predictions, val_samples
 from trainer.evaluation import CenterDistanceMetric, center_distance_ap
 
 SIZE = (1.9, 4.5, 1.6)  # w, l, h
@@ -187,3 +191,29 @@ def test_metric_requires_eval_ann_info():
     del sample.eval_ann_info
     with pytest.raises(ValueError, match='eval_ann_info'):
         run_metric([sample])
+
+
+def test_deployed_predictions_are_scored_with_the_configs_evaluator_on_its_gt(tmp_path):
+    """featcache.deploy.evaluation (deploy_report's mAP column): predictions stored as deploy_report's workers
+    store them (.npz of boxes, scores, labels, per-scan counts) are scored against the config's test split; the
+    GT boxes themselves score a perfect mAP, and the same boxes moved 3 m off score less."""
+    subprocess.run([sys.executable, "tools/generate_scenes.py", "--out", str(tmp_path / "scenes"), "--train", "1",
+                    "--val", "2", "--seed", "0", "--range", "40"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    cfg, paths, samples = val_samples(str(REPO / "configs/demo/teacher_pillar.py"),
+                                      {"test_dataloader.dataset.data_root": f"{tmp_path / 'scenes'}/"}, None)
+    assert len(paths) == len(samples) == 2
+    boxes = [sample.eval_ann_info["gt_bboxes_3d"].tensor.numpy() for sample in samples]
+    labels = [np.asarray(sample.eval_ann_info["gt_labels_3d"]) for sample in samples]
+
+    def score(shift: float) -> float:
+        moved = [np.concatenate([b[:, :1] + shift, b[:, 1:]], axis=1) for b in boxes]
+        path = tmp_path / f"predictions_{shift}.npz"
+        np.savez(path, boxes=np.concatenate(moved), scores=np.ones(sum(map(len, boxes)), np.float32),
+                 labels=np.concatenate(labels), counts=np.asarray([len(b) for b in boxes]))
+        return score_predictions(cfg, samples, str(path))["mAP"]
+
+    assert score(0.0) == pytest.approx(1.0)
+    assert score(3.0) < 1.0
+    median, p90 = latency_stats([0.010, 0.020, 0.030])
+    assert median == pytest.approx(20.0) and p90 == pytest.approx(28.0)
+    assert all(math.isnan(value) for value in latency_stats([]))

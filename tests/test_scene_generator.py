@@ -1,9 +1,8 @@
-"""The synthetic scene generator (tools/generate_scenes.py): determinism, the on-disk format as
+"""The synthetic scene generator (featcache.scenes, tools/generate_scenes.py): determinism, the on-disk format as
 mmdet3d's real NuScenesDataset reads it, and the physics of the ray-cast sensor."""
 from __future__ import annotations
 
 import pickle
-import sys
 import time
 from pathlib import Path
 
@@ -11,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-
-from generate_scenes import (CLASSES, INSET, NUS_CLASSES, SENSOR_HEIGHT, STAMP_NAME, Scene,  # noqa: E402
-                             generate_dataset, generate_scene, render, scene_rng)
+from featcache.scenes import (CLASSES, INSET, NUS_CLASSES, SENSOR_HEIGHT, STAMP_NAME, Scene, generate_dataset,
+                              generate_scene, render, scene_rng)
 
 SEED, NUM_TRAIN, NUM_VAL = 7, 3, 2
 

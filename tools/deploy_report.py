@@ -29,82 +29,24 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO]
+
+from featcache.deploy.evaluation import (latency_stats, raw_output_difference, run_form,  # noqa: E402
+                                         score_predictions, val_samples)
+from trainer.quality.plan import quality_retention  # noqa: E402
+
 FORMS = ("pytorch", "fp32", "int8")
 FORM_LABELS = {"pytorch": "PyTorch (mmdet3d)", "fp32": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}
 
 
-# ---------------------------------------------------------------------------------------------- worker
-def _worker(job: dict) -> dict:
-    """Run one form over the scans in this (fresh) process; predictions to ``job['out']`` (.npz)."""
-    threads, scans, warmup = int(job["threads"]), job["scans"], int(job["warmup"])
-    times, boxes, scores, labels = [], [], [], []
-    if job["form"] == "pytorch":
-        import torch
-        from mmdet3d.structures import LiDARInstance3DBoxes
-        from mmengine.dataset import Compose, pseudo_collate
-
-        from featcache.deploy.export import load_detector
-
-        torch.set_num_threads(threads)
-        cfg, model = load_detector(job["config"], job["checkpoint"], job["cfg_options"])
-        pipeline = Compose(cfg.test_dataloader.dataset.pipeline)
-        with torch.no_grad():
-            for index, scan in enumerate(scans):
-                batch = pseudo_collate([pipeline(dict(lidar_points=dict(lidar_path=scan),
-                                                      box_type_3d=LiDARInstance3DBoxes, box_mode_3d=None))])
-                start = time.perf_counter()
-                pred = model(**model.data_preprocessor(batch, False), mode="predict")[0].pred_instances_3d
-                if index >= warmup:
-                    times.append(time.perf_counter() - start)
-                boxes.append(pred.bboxes_3d.tensor.numpy())
-                scores.append(pred.scores_3d.numpy())
-                labels.append(pred.labels_3d.numpy())
-    else:
-        from featcache.deploy.runtime import DeployedDetector
-        from featcache.deploy.voxelize import read_scan
-
-        detector = DeployedDetector.open(job["export_dir"], threads=threads, variant=job["form"])
-        detector.check_source(job["checkpoint"])  # the export measured is the checkpoint's
-        for index, scan in enumerate(scans):
-            points = read_scan(scan, detector.spec.points)
-            start = time.perf_counter()
-            detections = detector.predict(points)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-            boxes.append(detections.boxes)
-            scores.append(detections.scores)
-            labels.append(detections.labels)
-    counts = np.asarray([len(s) for s in scores])
-    np.savez(job["out"], boxes=np.concatenate(boxes), scores=np.concatenate(scores),
-             labels=np.concatenate(labels), counts=counts)
-    loaded = sorted(name for name in ("torch", "mmdet3d", "mmcv") if name in sys.modules)
-    return {"times_s": times, "peak_rss_mb": peak_rss_mb(), "heavy_modules_loaded": loaded}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``getrusage``'s ru_maxrss: Linux carries that over
-    from the parent across fork + exec, so every worker would report the report process's peak."""
-    try:
-        with open("/proc/self/status") as stream:
-            for line in stream:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def run_worker(job: dict) -> dict:
-    """``_worker`` in a new interpreter limited to ``job['threads']`` threads; its result JSON."""
+    """``run_form`` in a new interpreter limited to ``job['threads']`` threads; its result JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)], env=env,
                             capture_output=True, text=True, cwd=REPO)
@@ -133,67 +75,6 @@ class ModelResult:
     forms: dict[str, FormResult] = field(default_factory=dict)
 
 
-def _val_samples(config: str, cfg_options: dict, limit: int | None):
-    """(lidar paths, data samples carrying eval_ann_info) of the config's test split, first ``limit``."""
-    from featcache.teacher import models
-
-    cfg = models.load_config(config, cfg_options)
-    dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, "test"))
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    paths, samples = [], []
-    for index in range(count):
-        info = dataset.get_data_info(index)
-        paths.append(info["lidar_points"]["lidar_path"])
-        samples.append(dataset[index]["data_samples"])
-    return cfg, paths, samples
-
-
-def _score(cfg, samples, predictions_npz: str) -> dict[str, float]:
-    """The config's test evaluator (CenterDistanceMetric) on stored predictions."""
-    import torch
-    from mmdet3d.registry import METRICS
-    from mmdet3d.structures import LiDARInstance3DBoxes
-    from mmengine.evaluator import Evaluator
-    from mmengine.structures import InstanceData
-
-    stored = np.load(predictions_npz)
-    evaluator = Evaluator(METRICS.build(cfg.test_evaluator))
-    evaluator.dataset_meta = {"classes": tuple(cfg.class_names) if "class_names" in cfg else None}
-    if evaluator.dataset_meta["classes"] is None:
-        evaluator.dataset_meta = {"classes": tuple(cfg.test_dataloader.dataset.metainfo["classes"])}
-    offsets = np.concatenate([[0], np.cumsum(stored["counts"])])
-    for index, sample in enumerate(samples):
-        part = slice(offsets[index], offsets[index + 1])
-        sample = sample.clone()
-        sample.pred_instances_3d = InstanceData(
-            bboxes_3d=LiDARInstance3DBoxes(torch.from_numpy(stored["boxes"][part]), box_dim=stored["boxes"].shape[1]),
-            scores_3d=torch.from_numpy(stored["scores"][part]), labels_3d=torch.from_numpy(stored["labels"][part]))
-        evaluator.process([sample], None)
-    metrics = evaluator.evaluate(len(samples))
-    return {key.split("/")[-1]: float(value) for key, value in metrics.items()}
-
-
-def _raw_difference(config: str, checkpoint: str, export_dir: str, scans: list[str], cfg_options: dict) -> float:
-    """Largest |ONNX Runtime - PyTorch| over every dense head output of every scan (fp32)."""
-    from featcache.deploy.export import load_detector, network_outputs
-    from featcache.deploy.runtime import DeployedDetector
-
-    _, model = load_detector(config, checkpoint, cfg_options)
-    detector = DeployedDetector.open(export_dir)
-    worst = 0.0
-    for scan in scans:
-        voxels = detector.voxelize(scan)
-        ours = detector.raw_outputs(voxels)
-        theirs = network_outputs(model, voxels.voxels, voxels.num_points, voxels.coors)
-        worst = max(worst, max(float(np.abs(ours[name] - theirs[name]).max()) for name in theirs))
-    return worst
-
-
-def _stats(times: list[float]) -> tuple[float, float]:
-    if not times:
-        return math.nan, math.nan
-    values = 1000.0 * np.asarray(times)
-    return float(np.median(values)), float(np.percentile(values, 90))
 
 
 def _fmt(value: float, digits: int = 1) -> str:
@@ -215,7 +96,7 @@ def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
     scored = {}
     for name, config, checkpoint in args.model:
         result = ModelResult(name, config, checkpoint)
-        cfg, paths, samples = _val_samples(config, cfg_options, args.quick)
+        cfg, paths, samples = val_samples(config, cfg_options, args.quick)
         scans = paths
         export_dir = os.path.join(args.work_dir, name)
         if os.path.isdir(export_dir) and not os.path.isfile(os.path.join(export_dir, SPEC_FILE)) and os.listdir(export_dir):
@@ -229,7 +110,7 @@ def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
         forms = ["pytorch", "fp32"] + (["int8"] if spec.onnx.int8 else [])
         if spec.onnx.int8:
             result.onnx_mb["int8"] = os.path.getsize(os.path.join(export_dir, spec.onnx.int8["file"])) / 1e6
-        result.raw_max_abs_diff = _raw_difference(config, checkpoint, export_dir, paths, cfg_options)
+        result.raw_max_abs_diff = raw_output_difference(config, checkpoint, export_dir, paths, cfg_options)
         for form in forms:
             result.forms[form] = FormResult()
             for threads in args.threads:
@@ -253,37 +134,14 @@ def measure(args, cfg_options: dict) -> tuple[list[ModelResult], dict]:
                 outcome.predictions = out
         print(f"timing round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     for result, form, threads, _ in jobs:
-        result.forms[form].latency[threads] = _stats(times[(result.name, form, threads)])
+        result.forms[form].latency[threads] = latency_stats(times[(result.name, form, threads)])
     for result in results:
         cfg, samples = scored[result.name]
         for form, outcome in result.forms.items():
-            outcome.metrics = _score(cfg, samples, outcome.predictions)
+            outcome.metrics = score_predictions(cfg, samples, outcome.predictions)
     context["num_scans"] = len(scans)
     context["rounds"] = args.rounds
     return results, context
-
-
-def quality_retention(path: str, recipe: str | None, configs: list[str]) -> dict[str, tuple[float, int]]:
-    """config -> (mean mAP over seeds / teacher mAP, seeds) of QUALITY.md's runs of ``recipe`` (from the cache;
-    ``no-kd`` and ``init`` have no targets) for the student trained from that config; configs QUALITY.md
-    has no runs of are left out."""
-    if not recipe or not os.path.isfile(path):
-        return {}
-    from quality import INIT, NO_KD, STUDENTS  # tools/quality.py: which config each QUALITY.md student is
-
-    with open(path) as stream:
-        state = json.load(stream)
-    teacher = (state.get("teacher") or {}).get("mAP")
-    targets = "none" if recipe in (NO_KD, INIT) else "cache"
-    found = {}
-    for config in configs:
-        student = next((name for name, known in STUDENTS.items()
-                        if os.path.isfile(config) and os.path.samefile(config, known)), None)
-        values = [run["mAP"] for run in state.get("runs", [])
-                  if (run["student"], run["recipe"], run["targets"]) == (student, recipe, targets)]
-        if student and values and teacher:
-            found[config] = (sum(values) / len(values) / teacher, len(values))
-    return found
 
 
 def write_report(results: list[ModelResult], context: dict, args, out: str) -> dict:
@@ -388,7 +246,7 @@ def main() -> None:
     parser.add_argument("--cfg-options", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        print(json.dumps(run_form(json.loads(args.worker))))
         return
     if not args.out or not args.model:
         parser.error("--out and at least one --model are required")

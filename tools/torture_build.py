@@ -13,7 +13,7 @@ other. The reference is always one uninterrupted single process.
 
 Usage: python tools/torture_build.py --kills 30 --data NUSCENES_LIKE_DIR --checkpoint PILLAR.pth
        --work DIR [--seed 0] [--nproc 2,1]
-(the data directory is laid out as tests/lidar_fixtures.make_nuscenes_like writes it)
+(the data directory is laid out as featcache.testing.make_nuscenes_like writes it)
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from lidar_fixtures import PILLAR_CONFIG, cfg_option_args, free_port, nus_cfg_options  # noqa: E402
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # this checkout's featcache, as the other tools
 
 from featcache import format, store  # noqa: E402
 from featcache.reader import open_cache  # noqa: E402
+from featcache.testing import PILLAR_CONFIG, cfg_option_args, free_port, nus_cfg_options  # noqa: E402
 from featcache.verify import verify_cache  # noqa: E402
 
 

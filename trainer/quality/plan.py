@@ -1,0 +1,185 @@
+"""The quality benchmark's plan: its students, recipes and runs, and which runs it wants next.
+
+A recipe is a ``--kd`` spec (``heatmap=10,reg=1``), ``no-kd`` (the detection loss alone), optionally with
+``init`` (the student starts from the teacher's sliced weights); a :class:`Run` is one student trained under
+one recipe with one seed from one source of targets. ``tools/quality.py`` trains what ``wanted_runs`` lists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+TEACHER_CONFIG = REPO / "configs/demo/teacher_pillar.py"
+TEACHER_CKPT = REPO / "checkpoints/demo_teacher_pillar.pth"
+STUDENTS = {"half": REPO / "configs/demo/student_half.py", "slim": REPO / "configs/demo/student_slim.py"}
+NO_KD = "no-kd"
+# The recipes of the half student. Weights: crd, infonce and pkd losses are O(1) at the start, mse
+# depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6);
+# heatmap=10 is SparseKD's heatmap-KD weight range (7-15) for the same confidence-weighted MSE.
+# "init": the student starts from the teacher's sliced weights (--init-from-teacher), alone or with terms.
+INIT = "init"
+# The comparisons the targets need, trained first: no-KD, the teacher's weights alone, and response KD
+# from the cache (heatmaps + regression outputs at GT centres and teacher peaks), and with label KD (the
+# teacher's confident boxes added to the GT), on top of them. The best of these then gets its slim
+# student, its online-teacher twin and CRD on top; every other recipe (each term alone, combinations)
+# comes after.
+CORE_RECIPES = (NO_KD, INIT, "heatmap=10,reg=1,init", "heatmap=10,reg=1,label=1,init")
+OTHER_RECIPES = ("heatmap=10,reg=1", "heatmap=10", "heatmap=10,infonce=1", "crd=1", "infonce=1", "mse=1", "pkd=5",
+                 "infonce=1,pkd=5")
+HALF_RECIPES = CORE_RECIPES + OTHER_RECIPES
+# What the benchmark's cache holds: the distilled feature map, every head output (--kd heatmap, reg) and
+# the teacher's boxes (--kd label, reg's teacher peaks).
+CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all", "--boxes"]
+# What heatmaps need (issue #15): the best recipe's slim student is also trained from caches whose
+# heatmaps use these codecs instead of the default (``head_layers.HEATMAP_CODEC``), same seeds, each cache built
+# once beside the default one. The slim student with the teacher's weights: its paired seeds stay close
+# enough to tell codecs apart, where from-scratch students diverge by +-0.02 a seed.
+HEATMAP_CODEC_ARMS = ("score8-zstd3", "fp16-zstd1")
+SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
+
+
+
+def recipe_parts(recipe: str) -> tuple[str | None, bool]:
+    """(--kd spec or None for the detection loss alone, whether the student inherits the teacher's weights)."""
+    parts = [part for part in recipe.split(",") if part and part != INIT]
+    return (None if recipe == NO_KD or not parts else ",".join(parts)), INIT in recipe.split(",")
+
+
+def targets_of(recipe: str) -> str:
+    """Where a recipe's targets come from when trained from the benchmark's cache: "none" without a term."""
+    return "cache" if recipe_parts(recipe)[0] else "none"
+
+
+def heatmap_codec_of(targets: str) -> str | None:
+    """``"cache:fp16-zstd1"`` (a cache whose heatmaps are stored in that codec) -> ``"fp16-zstd1"``; None for
+    the default cache, an online teacher or no targets."""
+    return targets.partition(":")[2] or None
+
+
+def target_source(targets: str) -> str:
+    """"cache" | "online" | "none": where targets come from, whichever codecs the cache used (those are in
+    the run key apart, ``codecs_read``)."""
+    return targets.partition(":")[0]
+
+
+@dataclass(frozen=True)
+class Run:
+    student: str  # "half" | "slim"
+    recipe: str  # "no-kd" or a --kd spec
+    seed: int
+    targets: str  # "cache" | "cache:<heatmap codec>" | "online" | "none"
+
+    @property
+    def name(self) -> str:
+        return f"{self.student}/{self.recipe.replace(',', '+')}/{self.targets.replace(':', '-')}/seed{self.seed}"
+
+
+def kinds_read(run: Run) -> list[str]:
+    """The kinds of cached layers a run's terms distil (``KDTerm.kinds``: "feature", "heatmap", "reg", ...);
+    none for a run without terms or with an online teacher, which reads no cached target."""
+    kd, _ = recipe_parts(run.recipe)
+    if kd is None or target_source(run.targets) != "cache":
+        return []
+    from trainer.terms import TERMS, parse_kd_spec
+
+    return sorted({kind for name in parse_kd_spec(kd) for kind in TERMS[name].kinds})
+
+
+def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None,
+                recipes: list[str] | None = None) -> list[Run]:
+    """In order: the half student's core recipes seed by seed (every recipe's first seed before any
+    recipe's second); once they are done, the best of them (``best_recipe``) for the slim student
+    beside its no-KD twin, its online-teacher twin (one seed) and the half student with CRD on top of
+    it; then the other half recipes, seed by seed. ``recipes`` (a pilot) trains those recipes only, of the
+    half student (``only="slim"``: of the slim one)."""
+    if recipes:
+        student = "slim" if only == "slim" else "half"
+        return [Run(student, recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
+    if quick:
+        return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in (NO_KD, "pkd=5")]
+    runs: list[Run] = []
+    if only in (None, "half"):
+        runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in CORE_RECIPES]
+    best = best_recipe(records, "half", len(seeds))
+    if best is not None:
+        if only in (None, "slim"):
+            runs += [run for seed in seeds for run in (Run("slim", NO_KD, seed, "none"),
+                                                       Run("slim", best, seed, targets_of(best)))]
+            runs += [Run("slim", best, seed, f"cache:{codec}") for codec in heatmap_codec_arms(best)
+                     for seed in seeds]
+        if only in (None, "online") and targets_of(best) == "cache":  # a recipe with teacher targets
+            runs.append(Run("half", best, seeds[0], "online"))
+        if only in (None, "half"):
+            runs += [Run("half", with_crd(best), seed, "cache") for seed in seeds]
+    if only in (None, "half"):
+        runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in OTHER_RECIPES]
+    return runs
+
+
+def heatmap_codec_arms(recipe: str) -> tuple[str, ...]:
+    """``HEATMAP_CODEC_ARMS`` but the default, for a recipe that distils heatmaps (none for one that does not)."""
+    from featcache import head_layers
+
+    if "heatmap" not in kinds_read(Run("slim", recipe, 0, targets_of(recipe))):
+        return ()
+    return tuple(codec for codec in HEATMAP_CODEC_ARMS if codec != head_layers.HEATMAP_CODEC.name)
+
+
+def with_crd(recipe: str) -> str:
+    """The recipe with CRD (the method the project was first asked for) added on top."""
+    return "crd=1" if recipe == NO_KD else f"{recipe},crd=1"
+
+
+def best_recipe(records: list[dict], student: str, seeds: int = 3) -> str | None:
+    """The core recipe (``CORE_RECIPES`` but no-KD) with the highest mean mAP, once every core recipe
+    has all ``seeds`` runs (before that, a recipe with more seeds would win by arriving first); else None."""
+    groups = group_records(records)
+    candidates = [recipe for recipe in CORE_RECIPES if recipe != NO_KD]
+    done = {recipe: len(groups.get((student, recipe, targets_of(recipe)), [])) for recipe in candidates}
+    if min(done.values()) < seeds or len(groups.get((student, NO_KD, "none"), [])) < seeds:
+        return None
+    return max(candidates, key=lambda recipe: statistics.mean(groups[(student, recipe, targets_of(recipe))]))
+
+
+def group_records(records: list[dict]) -> dict[tuple[str, str, str], list[float]]:
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for record in sorted(records, key=lambda r: r["seed"]):
+        groups.setdefault((record["student"], record["recipe"], record["targets"]), []).append(record["mAP"])
+    return groups
+
+
+def record_run(record: dict[str, Any]) -> Run:
+    return Run(**{field: record[field] for field in ("student", "recipe", "seed", "targets")})
+
+
+def missing_runs(state: dict[str, Any], quick: bool) -> list[str]:
+    done = {record_run(r) for r in state["runs"]}
+    seeds = sorted({r["seed"] for r in state["runs"]} | ({0} if quick else {0, 1, 2}))
+    return [run.name for run in dict.fromkeys(wanted_runs(state["runs"], seeds, quick, None)) if run not in done]
+
+
+def quality_retention(path: str, recipe: str | None, configs: list[str]) -> dict[str, tuple[float, int]]:
+    """config -> (mean mAP over seeds / teacher mAP, seeds) of QUALITY.md's runs of ``recipe`` (from the cache;
+    ``no-kd`` and ``init`` have no targets) for the student trained from that config; configs QUALITY.md
+    has no runs of are left out."""
+    if not recipe or not os.path.isfile(path):
+        return {}
+    with open(path) as stream:
+        state = json.load(stream)
+    teacher = (state.get("teacher") or {}).get("mAP")
+    targets = targets_of(recipe)
+    found = {}
+    for config in configs:
+        student = next((name for name, known in STUDENTS.items()
+                        if os.path.isfile(config) and os.path.samefile(config, known)), None)
+        values = [run["mAP"] for run in state.get("runs", [])
+                  if (run["student"], run["recipe"], run["targets"]) == (student, recipe, targets)]
+        if student and values and teacher:
+            found[config] = (sum(values) / len(values) / teacher, len(values))
+    return found
