@@ -31,7 +31,6 @@ sys.path[:0] = [str(REPO)]
 
 import torch  # noqa: E402
 
-from featcache import format, store  # noqa: E402
 from featcache.benchmarks.common import (BUILD_WORKERS, FULL, LAYERS, QUICK, START, Context,  # noqa: E402
                                          Section, Sizes, Target, cold_method, log, table, verdict)
 from featcache.benchmarks.machine import cpu_model, drop_page_cache, memory_total_gib  # noqa: E402
@@ -39,6 +38,7 @@ from featcache.benchmarks.read_figures import (figure_hdf5, figure_read, figure_
                                                measure_codec_reads)
 from featcache.benchmarks.storage_figures import (figure_build, figure_cost, figure_storage,  # noqa: E402
                                                   make_scale_caches)
+from featcache.inspection import stored_bytes_per_sample  # noqa: E402
 from featcache.reader import FeatureCache  # noqa: E402
 
 STUDENT_CONFIG = REPO / "configs" / "students" / "centerpoint_pillar_half_nus.py"
@@ -154,17 +154,16 @@ def figure_response(ctx: Context) -> Section:
                 rows.append([label, variant, "", "", "", "", f"{seconds:.2f}", ""])
                 continue
             cache = FeatureCache(str(out))
-            group, n = store.open_group(str(out)), len(cache)
+            n = len(cache)
 
-            def chunk_bytes(path: str) -> float:
-                return sum(store.chunk_nbytes(group[path], row) or 0 for row in range(n)) / n
+            def stored_bytes(arrays: list) -> float:
+                return stored_bytes_per_sample(cache, arrays, range(n)) or 0.0
 
-            feature_bytes = sum(chunk_bytes(format.feature_path(layer.name)) + (
-                chunk_bytes(format.qparams_path(layer.name)) if layer.codec.precision == "int8" else 0)
-                for layer in cache.manifest.layers if not layer.is_head_output)
             head_layers = [layer for layer in cache.manifest.layers if layer.is_head_output]
-            head_bytes = sum(chunk_bytes(format.feature_path(layer.name)) for layer in head_layers)
-            box_bytes = chunk_bytes(format.BOXES_ARRAY)
+            feature_bytes = stored_bytes([array for layer in cache.manifest.layers if not layer.is_head_output
+                                          for array in layer.arrays()])
+            head_bytes = stored_bytes([array for layer in head_layers for array in layer.arrays()])
+            box_bytes = stored_bytes([cache.manifest.boxes_array])
             boxes_per_sample = statistics.mean(len(cache.read_boxes(row)) for row in range(n))
             share = (head_bytes + box_bytes) / feature_bytes
             rows.append([label, f"{variant} ({len(head_layers)} layers)", f"{feature_bytes / 1e6:.2f}",

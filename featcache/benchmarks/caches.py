@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from featcache import codecs, format, store
+from featcache import codecs, format, inspection, store
 from featcache.reader import FeatureCache
 
 
@@ -41,15 +41,10 @@ def write_cache(path: Path, manifest: format.Manifest, keys: list[str],
 
 
 def stored_bytes_per_sample(path: Path, manifest: format.Manifest) -> float:
-    """Mean stored bytes of one sample: its feature chunks plus int8 scale chunks (store.chunk_nbytes)."""
-    group = store.open_group(str(path))
-    total = 0
-    for layer in manifest.layers:
-        arrays = [group[format.feature_path(layer.name)]]
-        if layer.codec.precision == "int8":
-            arrays.append(group[format.qparams_path(layer.name)])
-        total += sum(store.chunk_nbytes(array, row) or 0 for array in arrays for row in range(manifest.num_samples))
-    return total / manifest.num_samples
+    """Mean stored bytes of one sample over every layer's arrays (int8 scales included): featcache's one
+    definition, ``inspection.stored_bytes_per_sample``, over all rows."""
+    arrays = [array for layer in manifest.layers for array in layer.arrays()]
+    return inspection.stored_bytes_per_sample(FeatureCache(str(path)), arrays, range(manifest.num_samples)) or 0.0
 
 
 def decompressor(codec: codecs.CodecSpec) -> Callable[[bytes, np.ndarray], Any]:
@@ -89,10 +84,10 @@ def in_memory_decode_rate(location: str, passes: int) -> float:
         sample = []
         for layer in manifest.layers:
             qparams = None
-            if layer.codec.precision == "int8":
-                array = group[format.qparams_path(layer.name)]
+            if layer.qparams_array is not None:
+                array = group[layer.qparams_array.path]
                 qparams = compressed_payload(array, chunk_bytes(location, array, row))
-            array = group[format.feature_path(layer.name)]
+            array = group[layer.values_array.path]
             sample.append((layer, compressed_payload(array, chunk_bytes(location, array, row)), qparams))
         chunks.append(sample)
     decoders = {layer.name: decompressor(layer.codec) for layer in manifest.layers}

@@ -63,10 +63,7 @@ class ChunkFileRows(torch.utils.data.Dataset):
     def __init__(self, location: str) -> None:
         group = store.open_group(location)
         manifest = FeatureCache(location).manifest
-        arrays = [group[format.feature_path(layer.name)] for layer in manifest.layers]
-        arrays += [group[format.qparams_path(layer.name)] for layer in manifest.layers
-                   if layer.codec.precision == "int8"]
-        arrays.append(group[format.RECORDS_ARRAY])
+        arrays = [group[array.path] for array in manifest.arrays() if array.path != format.BOXES_ARRAY]
         self.location, self.arrays, self.rows = location, arrays, manifest.num_samples
 
     def __len__(self) -> int:

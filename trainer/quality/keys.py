@@ -98,14 +98,12 @@ def codecs_by_kind(cache: Any) -> dict[str, str]:
 
 def heatmap_bytes_per_value(path: Path, cache: Any) -> float:
     """Stored (compressed) bytes per heatmap value over the cache's samples (``store.chunk_nbytes``)."""
-    from featcache import format, store
+    from featcache.inspection import stored_bytes_per_sample
 
-    group = store.open_group(str(path))
     layers = [layer for layer in cache.manifest.layers if layer.kind == "heatmap"]
-    stored = sum(store.chunk_nbytes(group[format.feature_path(layer.name)], row) or 0
-                 for layer in layers for row in range(len(cache)))
-    values = sum(math.prod(layer.shape) for layer in layers) * len(cache)
-    return stored / values if values else float("nan")
+    per_sample = stored_bytes_per_sample(cache, [array for layer in layers for array in layer.arrays()], range(len(cache)))
+    values = sum(math.prod(layer.shape) for layer in layers)
+    return (per_sample or 0.0) / values if values else float("nan")
 
 
 def arm_context(context: dict[str, Any], run: Run) -> dict[str, Any]:
