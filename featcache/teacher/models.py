@@ -18,6 +18,9 @@ from mmengine.config import Config
 
 from featcache.teacher.checkpoint import load_weights
 from featcache.errors import ConfigError
+# --cfg-options, config paths and splits are options' (light, checked before any model work); named here too, where
+# the tools and the trainer import them
+from featcache.teacher.options import SPLITS, check_split, parse_cfg_options, resolve_config_path  # noqa: F401
 
 DATASET_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ConcatDataset")
 # what the wrappers take (mmengine/mmdet3d 1.4 signatures): any other key set on a wrapper is not the dataset's
@@ -29,36 +32,6 @@ SINGLE_STAGE_LAYERS = ("middle_encoder", "backbone", "neck")
 LAYER_CONVENTIONS = (f"MVX-style detectors (CenterPoint, BEVFusion): {','.join(MVX_LAYERS)}; single-stage ones "
                      f"(VoxelNet: PointPillars, SECOND): {','.join(SINGLE_STAGE_LAYERS)}")
 logger = logging.getLogger("featcache.teacher.models")
-SPLITS = ("train", "val", "test")
-
-
-def packaged_config_dir() -> Path:
-    """Where mmdet3d ships its configs (``mmdet3d/.mim/configs``)."""
-    import mmdet3d
-
-    return Path(mmdet3d.__file__).parent / ".mim" / "configs"
-
-
-def resolve_config_path(path: str | os.PathLike) -> Path:
-    """A config file path; ``mmdet3d::centerpoint/x.py`` or a bare package-relative path names
-    a config shipped inside mmdet3d (``featcache.teacher.options.resolve_config_path``)."""
-    from featcache.teacher.options import resolve_config_path as resolve
-
-    return resolve(path)
-
-
-def parse_cfg_options(items: Iterable[str]) -> dict[str, Any]:
-    """``key=value`` strings (mmengine's ``--cfg-options`` syntax) to a dict; values are parsed
-    as Python literals where possible (``1``, ``[1,2]``, ``'a'``), else kept as strings."""
-    from mmengine.config import DictAction
-
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--cfg-options item {item!r} is not key=value")
-        options[key] = DictAction._parse_iterable(value)
-    return options
 
 
 def _error_chain(exc: BaseException) -> str:
@@ -280,8 +253,7 @@ def unwrap_dataset_cfg(dataset_cfg):
 def dataset_cfg_for_split(cfg, split: str, pipeline: str = "test"):
     """The config of ``split``'s dataset (wrappers removed), with the test-mode pipeline when
     ``pipeline == 'test'`` (what a teacher is run on), or the split's own pipeline ('own')."""
-    if split not in SPLITS:
-        raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    check_split(split)
     loader = cfg.get(f"{split}_dataloader")
     if not loader or "dataset" not in loader:
         raise ConfigError(f"config {cfg.filename!r} has no {split}_dataloader.dataset for --split {split}")
