@@ -170,6 +170,30 @@ class BuildOptions:
     # measurement (featcache.layout) cannot decide or is to be overridden
     bev_layout: str | None = None
 
+    @classmethod
+    def from_manifest(cls, manifest: format.Manifest, out: str, rows: Sequence[int], *,
+                      teacher_config: str | None = None, checkpoint: str | None = None,
+                      cfg_options: dict[str, Any] | None = None,
+                      storage_options: dict[str, Any] | None = None) -> "BuildOptions":
+        """The options that rebuild ``rows`` of the cache at ``out`` as its build made them (``verify --repair``):
+        the teacher, checkpoint, layers, split, each layer's codec, boxes and head outputs its manifest records,
+        ``teacher_config``, ``checkpoint`` and ``cfg_options`` given here on top."""
+        checkpoint = checkpoint or manifest.extra.get("checkpoint_path")
+        if not checkpoint:
+            raise ConfigError("--repair needs --checkpoint (the manifest does not record one)")
+        codec = ",".join(f"{layer.name}={layer.codec.name}" for layer in manifest.layers)
+        # head outputs are rebuilt as head outputs, so the regression outputs are kept where the cache keeps them
+        kinds = list(dict.fromkeys(layer.kind for layer in manifest.layers if layer.is_head_output))
+        regression = any(kind in head_layers.REGRESSION_OUTPUTS for kind in kinds)
+        return cls(
+            teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=out,
+            layers=manifest.extra["modules"], split=manifest.split, codec=codec,
+            # the build's own --cfg-options (the manifest records them), with what is given here on top
+            cfg_options={**(manifest.extra.get("cfg_options") or {}), **(cfg_options or {})},
+            storage_options=storage_options, rows=rows,
+            boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None,
+            head_outputs=",".join(kinds) or None, dense_head_outputs=regression and manifest.regression_cells is None)
+
     def validate(self) -> location.LocationState:
         """Check every option, ``--out`` last; returns what is at ``--out``. Raises ConfigError naming
         the option, NotACacheError / CacheFormatError for an ``--out`` featcache must not touch."""
