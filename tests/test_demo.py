@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # the whole chain, ~10 minutes
+
 TEACHER = REPO / "checkpoints" / "demo_teacher_pillar.pth"
 MODELS = ("teacher", "half_kd", "slim_kd", "half_nokd")
 

@@ -21,6 +21,7 @@ def quick_quality(tmp_path_factory):
     return command, out
 
 
+@pytest.mark.slow
 def test_quick_quality_writes_its_records_table_and_plot(quick_quality):
     _, out = quick_quality
     state = json.loads((out / "quality.json").read_text())
@@ -42,6 +43,7 @@ def test_quick_quality_writes_its_records_table_and_plot(quick_quality):
     assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_quick_quality_rerun_reuses_completed_runs(quick_quality):
     command, out = quick_quality
     before = json.loads((out / "quality.json").read_text())

@@ -91,6 +91,7 @@ def test_reader_during_a_build_sees_only_complete_samples(nus_six, pillar_ckpt, 
     assert verify_cache(str(out)).ok
 
 
+@pytest.mark.slow
 def test_torture_build_with_kills_equals_uninterrupted(nus_six, pillar_ckpt, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "torture_build.py"), "--kills", "3",
                              "--data", str(nus_six), "--checkpoint", str(pillar_ckpt), "--work", str(tmp_path)],
@@ -108,6 +109,7 @@ def _wait_for_complete(out: Path, count: int, build: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_rank_build_killed_mid_build_resumes_on_one_rank_then_two(reference_cache, nus_six, pillar_ckpt, tmp_path):
     out = tmp_path / "cache"
     # same intra-op thread count as the in-process reference: CPU conv sums depend on it
