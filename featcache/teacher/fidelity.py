@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 from featcache.inspection import centre_cells_of_row, fidelity
 from featcache.reader import FeatureCache
 from featcache.teacher.detector import Teacher
-from featcache.teacher.models import annotated_centres, check_sources
+from featcache.teacher.samples import annotated_centres, check_sources
 
 
 class FidelityCheck:
