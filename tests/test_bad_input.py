@@ -183,3 +183,27 @@ def test_missing_config_and_checkpoint_fail_before_any_model_work(pillar_ckpt, t
         _one_error_line(result, message)
         assert result.exit_code == 1
 
+
+
+def test_the_codec_check_decides_what_the_options_say_and_the_rest_once_the_model_is_built():
+    from featcache.errors import ConfigError
+    from featcache.teacher.options import check_codec_option
+
+    reg = "pts_bbox_head.task_heads.0.reg"
+    built = {"pts_bbox_head.task_heads.0.heatmap": "heatmap", reg: "reg"}  # the head output layers, by kind
+    modules = ["pts_neck", *built]  # verify --repair's --layers: the head output layers among them
+    # before the model: a head output layer's kind is not known yet, so naming one is left to the second check
+    for text in (f"{reg}=asin8-zstd3", "pts_bbox_head.task_heads.0.heatmap=asin8-zstd3,pts_neck.0=int8-zstd3"):
+        check_codec_option(text, modules, ("heatmap", "reg"))
+    check_codec_option("pts_bbox_head=score8-zstd3", None, ("heatmap",))  # only heatmaps asked for
+    # once it is built, the kinds decide
+    with pytest.raises(ConfigError, match=f"asin8 stores sigmoid scores.*would destroy {reg};"):
+        check_codec_option(f"{reg}=asin8-zstd3", modules, ("heatmap", "reg"), built)
+    with pytest.raises(ConfigError, match=f"would destroy {reg};"):
+        check_codec_option("pts_bbox_head=asin8-zstd3", modules, ("heatmap", "reg"), built)
+    check_codec_option("pts_bbox_head.task_heads.0.heatmap=asin8-zstd3,pts_neck.0=int8-zstd3", modules,
+                       ("heatmap", "reg"), built)
+    # a feature layer is one whatever is known: refused before the model, with or without --layers
+    for layers in (None, ["pts_neck"]):
+        with pytest.raises(ConfigError, match="would destroy pts_neck.0;"):
+            check_codec_option("pts_neck.0=score8-zstd3", layers, ("heatmap",))

@@ -43,10 +43,10 @@ HEAD_MODULES = ("pts_bbox_head", "bbox_head")
 
 
 def check_codec_option(text: str | None, modules: Sequence[str] | None = None, head_outputs: Sequence[str] = (),
-                       head_layers: Mapping[str, str] | None = None) -> codecs.CodecOption:
+                       head_kinds: Mapping[str, str] | None = None) -> codecs.CodecOption:
     """``--codec`` (parsed by ``codecs.CodecOption.parse``) against what the build records, as far as it is known:
     ``modules`` (the ``--layers``; None: the detector's own, known once the model is built), ``head_outputs`` (the
-    ``--head-outputs`` kinds) and ``head_layers`` (each head output layer's kind, known once the model is built).
+    ``--head-outputs`` kinds) and ``head_kinds`` (each head output layer's kind, known once the model is built).
     Each layer it names must be one of ``modules``, an output or a part of one (``pts_neck.0``), a head output
     kind (``heatmap``: every task's) or the head's module; a score codec must land on class heatmaps only
     (:func:`check_score_codecs`). ``BuildOptions.validate`` calls it before any model work, the build once more
@@ -64,10 +64,10 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None, h
                               + (f" nor --head-outputs ({', '.join(head_outputs)})" if head_outputs else ""))
         if selector in head_outputs:
             targets.append((f"every task's {selector} output", selector, codec))
-        elif head_layers is not None:  # the model is built: which layers are head outputs, of which kind, is known
-            if any(_names(selector, module) for module in modules if module not in head_layers):
+        elif head_kinds is not None:  # the model is built: which layers are head outputs, of which kind, is known
+            if any(_names(selector, module) for module in modules if module not in head_kinds):
                 targets.append((selector, None, codec))
-            targets += [(name, kind, codec) for name, kind in head_layers.items() if codecs.selects(selector, name)]
+            targets += [(name, kind, codec) for name, kind in head_kinds.items() if codecs.selects(selector, name)]
         elif selector in HEAD_MODULES and head_outputs:  # every head output, of each kind asked for
             targets += [(f"{selector}'s {kind} outputs", kind, codec) for kind in head_outputs]
         elif not (head_outputs and any(_names(selector, head) for head in HEAD_MODULES)):
