@@ -151,7 +151,7 @@ def build(teacher_config: str, checkpoint: str, out: str, layers: str | None, he
     options.validate()
 
     from featcache.teacher.build import build_cache
-    from featcache.teacher.models import parse_cfg_options
+    from featcache.teacher.options import parse_cfg_options
 
     options.cfg_options = parse_cfg_options(cfg_options)
     result = build_cache(options)
@@ -179,27 +179,19 @@ def verify(cache: str, repair: bool, teacher_config: str | None, checkpoint: str
     report = verify_cache(cache, options, progress=sys.stderr.isatty())
     click.echo(report.summary())
     if repair and report.bad_rows:
-        from featcache.teacher.build import BuildOptions, build_cache
-        from featcache.head_layers import REGRESSION_OUTPUTS
-        from featcache.teacher.models import parse_cfg_options
+        from featcache.errors import ConfigError
         from featcache.reader import open_cache
+        from featcache.teacher.build import BuildOptions, build_cache
+        from featcache.teacher.options import parse_cfg_options
 
-        manifest = open_cache(cache, options).manifest
-        checkpoint = checkpoint or manifest.extra.get("checkpoint_path")
-        if not checkpoint:
-            raise click.UsageError("--repair needs --checkpoint (the manifest does not record one)")
-        codec = ",".join(f"{layer.name}={layer.codec.name}" for layer in manifest.layers)
-        # head outputs are rebuilt as head outputs, so the regression outputs are kept where the cache keeps them
-        kinds = list(dict.fromkeys(layer.kind for layer in manifest.layers if layer.is_head_output))
-        regression = any(kind in REGRESSION_OUTPUTS for kind in kinds)
-        result = build_cache(BuildOptions(
-            teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=cache,
-            layers=manifest.extra["modules"], split=manifest.split, codec=codec,
-            # the build's own --cfg-options (the manifest records them), with what is given here on top
-            cfg_options={**(manifest.extra.get("cfg_options") or {}), **parse_cfg_options(cfg_options)},
-            storage_options=options, rows=report.bad_rows,
-            boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None,
-            head_outputs=",".join(kinds) or None, dense_head_outputs=regression and manifest.regression_cells is None))
+        manifest, overrides = open_cache(cache, options).manifest, parse_cfg_options(cfg_options)
+        try:
+            repair_options = BuildOptions.from_manifest(manifest, cache, report.bad_rows, teacher_config=teacher_config,
+                                                        checkpoint=checkpoint, cfg_options=overrides,
+                                                        storage_options=options)
+        except ConfigError as exc:  # no checkpoint to repair with: a usage error of verify --repair
+            raise click.UsageError(str(exc)) from exc
+        result = build_cache(repair_options)
         click.echo(f"repaired {result.written} samples")
         report = verify_cache(cache, options)
         click.echo(report.summary())
@@ -232,7 +224,7 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
     import numpy as np
 
     from featcache import format
-    from featcache.inspection import describe, fidelity, plot_sample
+    from featcache.inspection import describe, plot_sample
     from featcache.reader import open_cache
 
     options = parse_storage_options(storage_options)
@@ -245,25 +237,17 @@ def inspect_command(cache: str, fidelity_samples: int, plot: str | None, sample:
             raise click.ClickException("no complete sample to plot")
         click.echo(f"wrote {plot_sample(reader, key, plot)} (sample {key})")
     if fidelity_samples:
-        from featcache.inspection import centre_cells_of_row
-        from featcache.teacher.models import annotated_centres, check_sources, parse_cfg_options
-        from featcache.teacher.detector import Teacher
+        from featcache.teacher.fidelity import FidelityCheck
+        from featcache.teacher.options import parse_cfg_options
 
-        manifest = reader.manifest
-        teacher = Teacher.from_manifest(manifest, checkpoint=checkpoint, cfg_options=parse_cfg_options(cfg_options))
-        check_sources(reader, teacher.dataset)  # the teacher's dataset must hold the same scans under the same keys
-        click.echo(f"\nfidelity vs fp32 teacher output ({min(fidelity_samples, len(complete))} samples)")
-        annotated = annotated_centres(teacher.dataset) if manifest.regression_cells else None
-        if annotated is not None:
+        check = FidelityCheck(reader, checkpoint=checkpoint, cfg_options=parse_cfg_options(cfg_options))
+        rows = complete[:fidelity_samples]
+        click.echo(f"\nfidelity vs fp32 teacher output ({len(rows)} samples)")
+        if check.at_centres:
             click.echo("  (regression outputs: at the box-centre cells the cache keeps them at)")
-        for row in complete[:fidelity_samples]:
-            key = reader.row_keys[row]
-            teacher_row = teacher.row_of(key)  # by key: the info list may be reordered
-            reference = teacher.features_of_row(teacher_row)
-            cells = centre_cells_of_row(reader, annotated[teacher_row], int(row)) if annotated is not None else None
-            for name, figures in fidelity(reader, reference, int(row), cells).items():
-                click.echo(f"  {key:<34} {name:<22} cosine {figures['cosine']:.6f}  "
-                           f"max|err| {figures['max_abs_error']:.3g} (max|x| {figures['max_abs_value']:.3g})")
+        for key, name, figures in check.compare(rows):
+            click.echo(f"  {key:<34} {name:<22} cosine {figures['cosine']:.6f}  "
+                       f"max|err| {figures['max_abs_error']:.3g} (max|x| {figures['max_abs_value']:.3g})")
 
 
 @main.command()
@@ -304,7 +288,7 @@ def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quan
 
     check_out_directory(out, overwrite)  # before any model work
     from featcache.deploy.export import export_detector
-    from featcache.teacher.models import parse_cfg_options
+    from featcache.teacher.options import parse_cfg_options
 
     result = export_detector(student_config, checkpoint, out, overwrite=overwrite,
                              cfg_options=parse_cfg_options(cfg_options), quantize=quantize,

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -169,28 +169,64 @@ def selects(selector: str, layer: str) -> bool:
     return layer == selector or layer.startswith(selector + ".")
 
 
-def parse_codec_option(text: str | None, layer_names: list[str], defaults: dict[str, CodecSpec] | None = None,
-                       kinds: dict[str, str] | None = None) -> dict[str, CodecSpec]:
-    """Parse ``--codec``: one codec for all layers (``fp16-zstd1``) or per layer
-    (``pts_neck=int8-zstd3,pts_backbone=fp16-lz4``; unnamed layers keep their default: ``defaults``'
-    entry, else :data:`DEFAULT_CODEC`). A head output can also be named by its kind (``kinds``: layer ->
-    kind), which selects that output of every task: ``heatmap=fp16-zstd1``."""
-    chosen = {name: (defaults or {}).get(name, DEFAULT_CODEC) for name in layer_names}
-    if not text:
+#: a dotted module name (``pts_neck``, ``pts_backbone.blocks.0``): each ``--layers`` item, a ``--codec`` selector
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class CodecOption:
+    """``--codec`` parsed (:meth:`parse`): one codec for every layer (``every``), or per layer
+    ``(selector, codec)`` items in the order given, a later item winning where two name one layer. A selector is
+    a layer, a module a layer is an output or a part of (:func:`selects`), or a head output kind (``heatmap``)."""
+
+    every: CodecSpec | None = None
+    items: tuple[tuple[str, CodecSpec], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> "CodecOption":
+        """Parse ``--codec``, the one parser of its syntax: one codec for all layers (``fp16-zstd1``) or per layer
+        (``pts_neck=int8-zstd3,pts_backbone=fp16-lz4``, or a head output kind: ``heatmap=fp16-zstd1``); nothing
+        (None, "") leaves every layer its default. Which layers the selectors name is checked against the build's
+        options (``featcache.teacher.options.check_codec_option``) and the recorded layers (:meth:`choose`)."""
+        if not text:
+            return cls()
+        if "=" not in text:
+            return cls(every=parse_codec(text))
+        items = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            selector, sep, codec_text = item.partition("=")
+            selector = selector.strip()
+            if not sep or not selector or not MODULE_NAME.match(selector):
+                raise ConfigError(f"--codec item {item!r} is not LAYER=CODEC (e.g. pts_neck=int8-zstd3); give one "
+                                  "codec for every layer (fp16-zstd1) or per layer "
+                                  "(pts_neck=fp32-none,pts_backbone=fp16-lz4)")
+            items.append((selector, parse_codec(codec_text)))
+        return cls(items=tuple(items))
+
+    def choose(self, layer_names: Sequence[str], defaults: dict[str, CodecSpec] | None = None,
+               kinds: dict[str, str] | None = None) -> dict[str, CodecSpec]:
+        """Each of ``layer_names``' codec: this option's, else ``defaults``' entry, else :data:`DEFAULT_CODEC`.
+        ``kinds`` (layer -> head output kind) lets a kind select that output of every task. A selector that
+        names none of the layers is refused, listing them."""
+        if self.every is not None:
+            return {name: self.every for name in layer_names}
+        chosen = {name: (defaults or {}).get(name, DEFAULT_CODEC) for name in layer_names}
+        for selector, codec in self.items:
+            matches = [name for name in layer_names if selects(selector, name) or (kinds or {}).get(name) == selector]
+            if not matches:
+                named_kinds = sorted(set((kinds or {}).values()))
+                raise ConfigError(f"--codec names layer {selector!r}, which is not recorded; recorded: "
+                                  f"{', '.join(layer_names)}"
+                                  + (f" (or a head output kind: {', '.join(named_kinds)})" if named_kinds else ""))
+            for name in matches:
+                chosen[name] = codec
         return chosen
-    if "=" not in text:
-        codec = parse_codec(text)
-        return {name: codec for name in layer_names}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        layer, _, codec_text = item.partition("=")
-        matches = [name for name in layer_names if selects(layer, name) or (kinds or {}).get(name) == layer]
-        if not matches:
-            named_kinds = sorted(set((kinds or {}).values()))
-            raise ConfigError(f"--codec names layer {layer!r}, which is not recorded; recorded: {', '.join(layer_names)}"
-                              + (f" (or a head output kind: {', '.join(named_kinds)})" if named_kinds else ""))
-        for name in matches:
-            chosen[name] = parse_codec(codec_text)
-    return chosen
+
+
+def parse_codec_option(text: str | None, layer_names: Sequence[str], defaults: dict[str, CodecSpec] | None = None,
+                       kinds: dict[str, str] | None = None) -> dict[str, CodecSpec]:
+    """``--codec`` applied to the recorded layers: :meth:`CodecOption.parse`, then :meth:`CodecOption.choose`."""
+    return CodecOption.parse(text).choose(layer_names, defaults, kinds)
 
 
 _ENCODE_CHANNELS = 16

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 
-from featcache.teacher.models import parse_cfg_options
+from featcache.teacher.options import parse_cfg_options
 from trainer.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -66,31 +66,66 @@ def test_disk_full_stops_cleanly_and_resumes(nus_six, pillar_ckpt, small_filesys
     assert verify_cache(str(out)).ok
 
 
+# `featcache build` held at one moment of one sample's write: its layer's chunk stored, its record not yet written.
+# The build signals `paused` in the folder given and waits there for `resume` (files: events, not a clock).
+HELD_BUILD = """
+import sys, time
+from pathlib import Path
+from featcache import format, writer
+from featcache.cli import main
+
+held_row, signals = int(sys.argv[1]), Path(sys.argv[2])
+writing = []
+write_sample, checksum = writer.CacheWriter.write_sample, format.checksum
+
+def writing_sample(self, row, *args, **kwargs):
+    writing.append(row)
+    return write_sample(self, row, *args, **kwargs)
+
+def held_checksum(*arrays, **kwargs):  # called once a layer's chunk is stored, before the sample's record
+    if writing and writing[-1] == held_row and not (signals / "resume").exists():
+        (signals / "paused").touch()
+        while not (signals / "resume").exists():
+            time.sleep(0.01)
+    return checksum(*arrays, **kwargs)
+
+writer.CacheWriter.write_sample, format.checksum = writing_sample, held_checksum
+sys.argv = ["featcache", *sys.argv[3:]]
+main()
+"""
+
+
 def test_reader_during_a_build_sees_only_complete_samples(nus_six, pillar_ckpt, tmp_path):
-    out = tmp_path / "cache"
-    builder = subprocess.Popen(_build_args(nus_six, pillar_ckpt, out), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    reads, refusals = 0, 0
-    deadline = time.monotonic() + 600
-    while builder.poll() is None and time.monotonic() < deadline:
-        if not store.exists(out):
+    out, signals, held_row = tmp_path / "cache", tmp_path / "signals", 2
+    signals.mkdir()
+    build_args = _build_args(nus_six, pillar_ckpt, out)[len(FEATCACHE):]
+    log = tmp_path / "build.log"  # a file, not a pipe nobody reads while the build runs
+    with open(log, "w") as stderr:
+        builder = subprocess.Popen([sys.executable, "-c", HELD_BUILD, str(held_row), str(signals), *build_args],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        while not (signals / "paused").exists():  # the build holds row 2 between its chunk and its record
+            assert builder.poll() is None, f"the build ended before row {held_row}: {log.read_text()[-2000:]}"
             time.sleep(0.05)
-            continue
+        # rows are written in order (one process): rows 0 and 1 complete, row 2's chunk on disk without its record
+        assert chunk_file(out, "pts_neck.0", held_row).stat().st_size > 0
         cache = open_cache(out)
         for row, key in enumerate(cache.row_keys):
-            try:
+            if row < held_row:
                 features = cache.read(key)
-            except SampleNotCachedError:
-                refusals += 1
-                continue
-            assert np.isfinite(features["pts_neck.0"]).all() and features["pts_neck.0"].any(), key
-            reads += 1
-        time.sleep(0.2)
-    assert builder.wait() == 0
-    assert reads > 0 and refusals > 0  # it saw the cache part-built, and never a partial sample
+                assert np.isfinite(features["pts_neck.0"]).all() and features["pts_neck.0"].any(), key
+            else:  # never a partial sample: the record, written last, says whether a sample is there
+                with pytest.raises(SampleNotCachedError):
+                    cache.read(key)
+    finally:
+        (signals / "resume").touch()
+    assert builder.wait(timeout=600) == 0, log.read_text()[-2000:]
     assert verify_cache(str(out)).ok
+    cache = open_cache(out)
+    assert all(cache.read(key)["pts_neck.0"].any() for key in cache.row_keys)
 
 
+@pytest.mark.slow
 def test_torture_build_with_kills_equals_uninterrupted(nus_six, pillar_ckpt, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools" / "torture_build.py"), "--kills", "3",
                              "--data", str(nus_six), "--checkpoint", str(pillar_ckpt), "--work", str(tmp_path)],
@@ -108,6 +143,7 @@ def _wait_for_complete(out: Path, count: int, build: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_two_rank_build_killed_mid_build_resumes_on_one_rank_then_two(reference_cache, nus_six, pillar_ckpt, tmp_path):
     out = tmp_path / "cache"
     # same intra-op thread count as the in-process reference: CPU conv sums depend on it

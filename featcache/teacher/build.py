@@ -23,7 +23,7 @@ from featcache import codecs, format, head_layers, layout, location
 from featcache.teacher import heads, models
 from featcache import lock as cache_lock
 from featcache.errors import CacheMismatchError, ConfigError, FeatcacheError, InputDataError
-from featcache.teacher.options import DEFAULT_LAYERS, BuildOptions, check_codec_option  # noqa: F401  (featcache.teacher.build.BuildOptions)
+from featcache.teacher.options import BuildOptions, check_codec_option  # noqa: F401  (featcache.teacher.build.BuildOptions)
 from featcache.teacher.detector import Teacher
 from featcache.world import World, close_world, init_world
 from featcache.writer import BackgroundWriter, CacheWriter
@@ -123,9 +123,11 @@ class Builder:
                                cfg_options=options.cfg_options, device=self.device,
                                trust_globals=options.trust_globals, head_outputs=options.head_outputs)
         self.modules, self.cfg, self.keys = self.teacher.modules, self.teacher.cfg, self.teacher.keys
-        if options.layers is None:  # the detector's default layers are known now: --codec must name them
-            check_codec_option(options.codec, self.modules, heads.parse_head_outputs(options.head_outputs))
         self.head_outputs = self.teacher.head_outputs
+        # the model is built: --codec once more, against the detector's own layers (without --layers) and each head
+        # output layer's kind, before the teacher runs
+        check_codec_option(options.codec, self.modules, heads.parse_head_outputs(options.head_outputs),
+                           {name: output.kind for name, output in self.head_outputs.items()})
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []
@@ -180,18 +182,11 @@ class Builder:
                 "annotated_centres_sha256": digest.hexdigest()}
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
-        """``--codec`` per layer; head outputs default to ``head_layers.default_codec`` of their kind."""
+        """``--codec`` per layer (checked in ``_set_up``); head outputs default to ``head_layers.default_codec`` of
+        their kind."""
         kinds = {name: self.head_outputs[name].kind for name in names if name in self.head_outputs}
-        chosen = codecs.parse_codec_option(self.options.codec, names, kinds=kinds,
-                                           defaults={name: head_layers.default_codec(kind) for name, kind in kinds.items()})
-        not_scores = {name: codec for name, codec in chosen.items()
-                      if codec.stores_scores and kinds.get(name) != "heatmap"}
-        if not_scores:
-            precisions = "/".join(sorted({codec.precision for codec in not_scores.values()}))
-            raise ConfigError(f"--codec {self.options.codec!r}: {precisions} stores sigmoid scores of class-heatmap "
-                              f"logits and would destroy {', '.join(not_scores)}; give those layers another precision "
-                              f"(heatmaps get {head_layers.HEATMAP_CODEC.name} by default)")
-        return chosen
+        return codecs.parse_codec_option(self.options.codec, names, kinds=kinds,
+                                         defaults={name: head_layers.default_codec(kind) for name, kind in kinds.items()})
 
     def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:
         names = list(shapes)

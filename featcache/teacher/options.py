@@ -12,16 +12,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-from featcache import codecs, head_layers, layout, location
+from featcache import codecs, format, head_layers, layout, location
 from featcache.teacher import heads
 from featcache.errors import ConfigError
 
-DEFAULT_LAYERS = ("pts_middle_encoder", "pts_backbone", "pts_neck")  # MVX-style detectors' (models.MVX_LAYERS)
-# ``layers=None`` (the CLI's default): the detector's convention, once it is built (models.default_layers)
 SPLITS = ("train", "val", "test")
-_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _DEVICE = re.compile(r"^(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?$")
 _GLOBAL = re.compile(r"^[A-Za-z_][\w.]*\.[A-Za-z_]\w*$")
 
@@ -32,7 +29,7 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     names = [name for name in names if name]
     if not names:
         raise ConfigError("--layers is empty; name at least one module, e.g. pts_middle_encoder,pts_backbone")
-    bad = [name for name in names if not _MODULE_NAME.match(name)]
+    bad = [name for name in names if not codecs.MODULE_NAME.match(name)]
     if bad:
         raise ConfigError(f"--layers: {', '.join(map(repr, bad))} is not a module name (dotted Python names, "
                           "e.g. pts_neck or pts_backbone.blocks.0)")
@@ -41,39 +38,85 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-def check_codec_option(text: str | None, modules: Sequence[str] | None = None,
-                       head_outputs: Sequence[str] = ()) -> None:
-    """``--codec``'s syntax and codec names, and that each layer it names is one of ``modules`` (the
-    ``--layers``), an output of one (``pts_neck.0``), or a kind of ``head_outputs`` (``heatmap``: every
-    task's); which outputs exist is known once the teacher ran (``codecs.parse_codec_option``)."""
-    if modules is not None and head_outputs:
-        modules = [*modules, "pts_bbox_head", "bbox_head"]  # --codec may name head outputs by module too
-    if not text:
-        return
-    if "=" not in text:
-        codecs.parse_codec(text)
-        return
-    items = [part.strip() for part in text.split(",") if part.strip()]
-    for item in items:
-        layer, sep, codec_text = item.partition("=")
-        layer = layer.strip()
-        if not sep or not layer or not _MODULE_NAME.match(layer):
-            raise ConfigError(f"--codec item {item!r} is not LAYER=CODEC (e.g. pts_neck=int8-zstd3); give one codec "
-                              "for every layer (fp16-zstd1) or per layer (pts_neck=fp32-none,pts_backbone=fp16-lz4)")
-        codecs.parse_codec(codec_text)
-        # the module itself, an output or a part of it (pts_neck.0), or a parent of it: codecs.selects either way
-        if modules is not None and layer not in head_outputs and not any(
-                codecs.selects(module, layer) or codecs.selects(layer, module) for module in modules):
-            raise ConfigError(f"--codec names layer {layer!r}, which --layers does not record ({', '.join(modules)})"
+#: the modules ``heads.find_head`` takes a detector's dense head from: ``--codec`` may name head outputs by them
+HEAD_MODULES = ("pts_bbox_head", "bbox_head")
+
+
+def check_codec_option(text: str | None, modules: Sequence[str] | None = None, head_outputs: Sequence[str] = (),
+                       head_kinds: Mapping[str, str] | None = None) -> codecs.CodecOption:
+    """``--codec`` (parsed by ``codecs.CodecOption.parse``) against what the build records, as far as it is known:
+    ``modules`` (the ``--layers``; None: the detector's own, known once the model is built), ``head_outputs`` (the
+    ``--head-outputs`` kinds) and ``head_kinds`` (each head output layer's kind, known once the model is built).
+    Each layer it names must be one of ``modules``, an output or a part of one (``pts_neck.0``), a head output
+    kind (``heatmap``: every task's) or the head's module; a score codec must land on class heatmaps only
+    (:func:`check_score_codecs`). ``BuildOptions.validate`` calls it before any model work, the build once more
+    when the model is built; which outputs a module has is known once the teacher ran (``CodecOption.choose``)."""
+    option = codecs.CodecOption.parse(text)
+    named = [*modules, *(HEAD_MODULES if head_outputs else ())] if modules is not None else None
+    # what each codec lands on, as far as the options (and the model, once built) say: (what, head output kind or
+    # None for a feature layer, codec)
+    targets: list[tuple[str, str | None, codecs.CodecSpec]] = []
+    if option.every is not None:
+        targets.append(("every layer", None, option.every))
+    for selector, codec in option.items:
+        if named is not None and selector not in head_outputs and not any(_names(selector, module) for module in named):
+            raise ConfigError(f"--codec names layer {selector!r}, which --layers does not record ({', '.join(named)})"
                               + (f" nor --head-outputs ({', '.join(head_outputs)})" if head_outputs else ""))
+        if selector in head_outputs:
+            targets.append((f"every task's {selector} output", selector, codec))
+        elif head_kinds is not None:  # the model is built: which layers are head outputs, of which kind, is known
+            if any(_names(selector, module) for module in modules if module not in head_kinds):
+                targets.append((selector, None, codec))
+            targets += [(name, kind, codec) for name, kind in head_kinds.items() if codecs.selects(selector, name)]
+        elif selector in HEAD_MODULES and head_outputs:  # every head output, of each kind asked for
+            targets += [(f"{selector}'s {kind} outputs", kind, codec) for kind in head_outputs]
+        elif not (head_outputs and any(_names(selector, head) for head in HEAD_MODULES)):
+            targets.append((selector, None, codec))  # a feature layer (of --layers, or of the detector's own)
+        # else a part of the head (pts_bbox_head.task_heads.0.reg): its kind is known once the model is built
+    check_score_codecs(text, targets)
+    return option
+
+
+def _names(selector: str, module: str) -> bool:
+    """Whether a ``--codec`` selector names a layer of ``module``: the module itself, an output or a part of it
+    (``pts_neck.0``), or a parent of it (``codecs.selects`` either way)."""
+    return codecs.selects(module, selector) or codecs.selects(selector, module)
+
+
+def check_score_codecs(text: str | None, targets: Iterable[tuple[str, str | None, codecs.CodecSpec]]) -> None:
+    """The score codecs' rule: ``score8`` and ``asin8`` store sigmoid scores of class-heatmap logits
+    (``CodecSpec.stores_scores``), which destroys any other map, so only a class heatmap may take one.
+    ``targets``: ``(what, head output kind or None for a feature layer, codec)``; the error names each wrong one."""
+    wrong = {what: codec for what, kind, codec in targets if codec.stores_scores and kind != "heatmap"}
+    if wrong:
+        precisions = "/".join(sorted({codec.precision for codec in wrong.values()}))
+        raise ConfigError(f"--codec {text!r}: {precisions} stores sigmoid scores of class-heatmap logits and would "
+                          f"destroy {', '.join(wrong)}; give those layers another precision (heatmaps get "
+                          f"{head_layers.HEATMAP_CODEC.name} by default)")
 
 
 def check_cfg_option_items(items: Iterable[str]) -> None:
-    """``--cfg-options``' ``key=value`` syntax (the values are parsed by ``models.parse_cfg_options``)."""
+    """``--cfg-options``' ``key=value`` syntax (the values are parsed by :func:`parse_cfg_options`)."""
     for item in items:
         key, sep, _ = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--cfg-options item {item!r} is not key=value")
+
+
+def parse_cfg_options(items: Iterable[str]) -> dict[str, Any]:
+    """``key=value`` strings (mmengine's ``--cfg-options`` syntax) to a dict; values are parsed
+    as Python literals where possible (``1``, ``[1,2]``, ``'a'``), else kept as strings."""
+    from mmengine.config import DictAction  # here, not at import: the options module stays light
+
+    items = list(items)
+    check_cfg_option_items(items)
+    return {key: DictAction._parse_iterable(value) for key, _, value in (item.partition("=") for item in items)}
+
+
+def check_split(split: str) -> None:
+    """``--split``: one of :data:`SPLITS`."""
+    if split not in SPLITS:
+        raise ConfigError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
 
 
 def packaged_config_dir() -> Path | None:
@@ -127,6 +170,30 @@ class BuildOptions:
     # measurement (featcache.layout) cannot decide or is to be overridden
     bev_layout: str | None = None
 
+    @classmethod
+    def from_manifest(cls, manifest: format.Manifest, out: str, rows: Sequence[int], *,
+                      teacher_config: str | None = None, checkpoint: str | None = None,
+                      cfg_options: dict[str, Any] | None = None,
+                      storage_options: dict[str, Any] | None = None) -> "BuildOptions":
+        """The options that rebuild ``rows`` of the cache at ``out`` as its build made them (``verify --repair``):
+        the teacher, checkpoint, layers, split, each layer's codec, boxes and head outputs its manifest records,
+        ``teacher_config``, ``checkpoint`` and ``cfg_options`` given here on top."""
+        checkpoint = checkpoint or manifest.extra.get("checkpoint_path")
+        if not checkpoint:
+            raise ConfigError("--repair needs --checkpoint (the manifest does not record one)")
+        codec = ",".join(f"{layer.name}={layer.codec.name}" for layer in manifest.layers)
+        # head outputs are rebuilt as head outputs, so the regression outputs are kept where the cache keeps them
+        kinds = list(dict.fromkeys(layer.kind for layer in manifest.layers if layer.is_head_output))
+        regression = any(kind in head_layers.REGRESSION_OUTPUTS for kind in kinds)
+        return cls(
+            teacher_config=teacher_config or manifest.teacher_config_path, checkpoint=checkpoint, out=out,
+            layers=manifest.extra["modules"], split=manifest.split, codec=codec,
+            # the build's own --cfg-options (the manifest records them), with what is given here on top
+            cfg_options={**(manifest.extra.get("cfg_options") or {}), **(cfg_options or {})},
+            storage_options=storage_options, rows=rows,
+            boxes=manifest.boxes is not None, max_boxes=manifest.boxes.capacity if manifest.boxes else None,
+            head_outputs=",".join(kinds) or None, dense_head_outputs=regression and manifest.regression_cells is None)
+
     def validate(self) -> location.LocationState:
         """Check every option, ``--out`` last; returns what is at ``--out``. Raises ConfigError naming
         the option, NotACacheError / CacheFormatError for an ``--out`` featcache must not touch."""
@@ -135,8 +202,7 @@ class BuildOptions:
             kind = "is a directory, not a file" if os.path.isdir(self.checkpoint) else "does not exist"
             raise ConfigError(f"checkpoint {self.checkpoint!r} {kind}")
         modules = split_layer_names(self.layers) if self.layers is not None else None
-        if self.split not in SPLITS:
-            raise ConfigError(f"--split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        check_split(self.split)
         check_codec_option(self.codec, modules, heads.parse_head_outputs(self.head_outputs))
         if not isinstance(self.cfg_options, dict):
             raise ConfigError(f"cfg_options must be a dict of overrides, got {type(self.cfg_options).__name__}")
