@@ -47,7 +47,7 @@ MARKER = "featcache.json"
 #: Every entry featcache writes at a cache's root (the writer lock aside: ``location.LOCK``); nothing else is erased.
 ENTRIES = (MARKER, "zarr.json", KEYS_ARRAY, SOURCES_ARRAY, RECORDS_ARRAY, BOXES_ARRAY, FEATURES_GROUP, QPARAMS_GROUP)
 
-# What ``models.sample_key`` returns; recorded in the manifest. Caches without it were written before
+# What ``samples.sample_key`` returns; recorded in the manifest. Caches without it were written before
 # keys were identities: token-keyed ones still read, position-keyed ones are refused.
 KEY_SCHEME = "token, else lidar path relative to the data root"
 

@@ -208,7 +208,7 @@ def describe(location: str, storage_options: dict[str, Any] | None = None, sampl
 
 def centre_cells_of_row(cache: FeatureCache, annotated_centres: np.ndarray, row: int) -> dict[str, np.ndarray]:
     """(H, W) bool per regression layer of a cache that keeps them at box centres
-    (``Manifest.regression_cells``): the cells of ``row``'s annotated centres (``models.annotated_centres``
+    (``Manifest.regression_cells``): the cells of ``row``'s annotated centres (``samples.annotated_centres``
     of the teacher's dataset) and of its cached teacher boxes, where the build stored the teacher's values.
     Empty for caches that keep every cell."""
     manifest = cache.manifest

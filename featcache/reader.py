@@ -86,7 +86,7 @@ class FeatureCache(collections.abc.Mapping):
         self.manifest = format.Manifest.from_dict(raw, where=self.location)
         self.row_keys: tuple[str, ...] = tuple(_strings(group[format.KEYS_ARRAY][:]))
         format.check_keys_are_identities(self.manifest, self.row_keys, where=self.location)
-        # each row's lidar file relative to the data root (``models.sample_source``); None for caches
+        # each row's lidar file relative to the data root (``samples.sample_source``); None for caches
         # written before featcache recorded them
         self.sources: tuple[str, ...] | None = (tuple(_strings(group[format.SOURCES_ARRAY][:]))
                                                 if format.SOURCES_ARRAY in group else None)

@@ -61,7 +61,7 @@ class CacheWriter:
                storage_options: dict[str, Any] | None = None, sources: Sequence[str] | None = None
                ) -> "CacheWriter":
         """Create an empty cache for ``keys`` (row order) and their ``sources`` (each sample's lidar
-        file relative to the data root, ``models.sample_source``).
+        file relative to the data root, ``samples.sample_source``).
 
         Order: the creation marker first (the location is featcache's from then on), then the group,
         the arrays, and last the manifest (a cache whose manifest exists has all its arrays). What

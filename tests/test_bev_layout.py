@@ -21,6 +21,7 @@ from featcache.errors import CacheMismatchError, ConfigError
 from featcache.inspection import describe
 from featcache.reader import open_cache
 from featcache.teacher.detector import Teacher
+from featcache.teacher.options import resolve_config_path
 from lidar_fixtures import KITTI_CONFIG, PILLAR_CONFIG, REPO, kitti_cfg_options, make_kitti_like, nus_cfg_options
 
 HALF = str(REPO / "configs/students/centerpoint_pillar_half_nus.py")
@@ -29,7 +30,7 @@ SLIM = str(REPO / "configs/demo/student_slim.py")
 
 def transposed_config(directory: Path, reverse_rows: bool = False) -> str:
     """The pillar teacher's config with its detector laid out rows = x (optionally with y reversed)."""
-    base = models.resolve_config_path(PILLAR_CONFIG)
+    base = resolve_config_path(PILLAR_CONFIG)
     path = directory / f"transposed_{'reversed' if reverse_rows else 'plain'}.py"
     path.write_text(f"_base_ = [{str(base)!r}]\n"
                     "custom_imports = dict(imports=['transposed_teacher'], allow_failed_imports=False)\n"

@@ -14,6 +14,7 @@ import torch
 from featcache import boxes, codecs, format, head_layers
 from featcache.teacher import heads, models
 from featcache.teacher.build import BuildOptions, build_cache
+from featcache.teacher.samples import annotated_centres
 from featcache.errors import CacheMismatchError, ConfigError, CorruptSampleError, NoBoxesError
 from featcache.export import export_hdf5
 from featcache.inspection import describe, nearly_zero_layers, nonzero_fraction, plot_sample
@@ -140,7 +141,7 @@ def test_annotated_centres_are_every_box_of_the_annotation_file_whatever_the_dat
     cfg = models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_one))
     dataset = models.build_dataset({**models.dataset_cfg_for_split(cfg, "train"), "metainfo": {"classes": ["car"]}})
     counted = list(dataset.num_ins_per_cat)
-    (centres,) = models.annotated_centres(dataset)
+    (centres,) = annotated_centres(dataset)
     np.testing.assert_allclose(centres, _annotated_centres(nus_one), atol=1e-5)
     assert len(centres) == 69 and dataset.num_ins_per_cat == counted  # the dataset's own statistics untouched
     assert len(dataset.get_data_info(0)["eval_ann_info"]["gt_bboxes_3d"]) < 69

@@ -12,6 +12,7 @@ import torch
 
 from featcache.teacher import models, recording
 from featcache.teacher.checkpoint import load_checkpoint_file, load_weights
+from featcache.teacher.options import resolve_config_path
 from featcache.errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from lidar_fixtures import PILLAR_CONFIG, VOXEL_CONFIG, nus_cfg_options, save_openmmlab_checkpoint
 
@@ -28,10 +29,10 @@ def _training_batch(cfg, data_root):
 
 
 def test_packaged_config_resolves_by_package_path():
-    path = models.resolve_config_path(f"mmdet3d::{PILLAR_CONFIG}")
-    assert path.is_file() and path == models.resolve_config_path(PILLAR_CONFIG)
+    path = resolve_config_path(f"mmdet3d::{PILLAR_CONFIG}")
+    assert path.is_file() and path == resolve_config_path(PILLAR_CONFIG)
     with pytest.raises(ConfigError, match="no_such_config.py"):
-        models.resolve_config_path("centerpoint/no_such_config.py")
+        resolve_config_path("centerpoint/no_such_config.py")
 
 
 def test_config_with_custom_imports_builds(tmp_path, monkeypatch):
@@ -43,7 +44,7 @@ def test_config_with_custom_imports_builds(tmp_path, monkeypatch):
         class TaggedScatter(PointPillarsScatter):
             tag = "loaded through custom_imports"
     """))
-    base = models.resolve_config_path(PILLAR_CONFIG)
+    base = resolve_config_path(PILLAR_CONFIG)
     config = tmp_path / "plugin_config.py"
     config.write_text(f"_base_ = [{str(base)!r}]\n"
                       "custom_imports = dict(imports=['featcache_test_plugin'], allow_failed_imports=False)\n"
@@ -55,7 +56,7 @@ def test_config_with_custom_imports_builds(tmp_path, monkeypatch):
 
 
 def test_config_that_does_not_build_names_itself(tmp_path):
-    base = models.resolve_config_path(PILLAR_CONFIG)
+    base = resolve_config_path(PILLAR_CONFIG)
     config = tmp_path / "broken.py"
     config.write_text(f"_base_ = [{str(base)!r}]\nmodel = dict(pts_backbone=dict(type='NoSuchBackbone'))\n")
     with pytest.raises(ConfigError, match="broken.py.*does not build.*NoSuchBackbone"):
@@ -225,7 +226,7 @@ def test_custom_import_failure_keeps_its_cause_and_says_what_to_do(tmp_path, mon
     (package / "__init__.py").write_text("from .ops import bev_pool\n")
     (package / "ops" / "__init__.py").touch()
     (package / "ops" / "bev_pool.py").write_text("from . import bev_pool_ext  # the op setup.py compiles\n")
-    base = models.resolve_config_path(PILLAR_CONFIG)
+    base = resolve_config_path(PILLAR_CONFIG)
     for name, module, expected in (
             ("ops", "fakeprojects.BEVFusion.bevfusion", r"bev_pool_ext.*projects/BEVFusion/setup.py develop"),
             ("path", "featcache_no_such_project.plugin", r"No module named 'featcache_no_such_project'.*PYTHONPATH")):

@@ -23,6 +23,7 @@ import torch
 
 from featcache import codecs, format, store
 from featcache.teacher import models
+from featcache.teacher.samples import check_sources, source_prefix_difference
 from featcache.errors import CacheFormatError, CorruptSampleError, SampleNotCachedError
 from featcache.reader import open_cache
 from featcache.verify import verify_cache
@@ -554,12 +555,12 @@ def test_same_key_on_another_scan_is_refused_by_resume_and_by_readers(reference_
 
     dataset = models.build_dataset(models.dataset_cfg_for_split(
         models.load_config(PILLAR_CONFIG, nus_cfg_options(data)), "train"))
-    for check in (lambda: models.check_sources(cache, dataset), lambda: CachedTargetsDataset(dataset, cache)):
+    for check in (lambda: check_sources(cache, dataset), lambda: CachedTargetsDataset(dataset, cache)):
         with pytest.raises(CacheMismatchError, match=f"2 sample.*{token}.*{re.escape(scan)}"):
             check()
     same = models.build_dataset(models.dataset_cfg_for_split(
         models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six)), "train"))
-    assert models.check_sources(cache, same) == 6
+    assert check_sources(cache, same) == 6
 
 
 def test_scans_under_another_data_prefix_are_refused_naming_the_prefix(reference_cache, nus_six, tmp_path):
@@ -583,16 +584,16 @@ def test_scans_under_another_data_prefix_are_refused_naming_the_prefix(reference
               r"'samples/LIDAR_TOP/', this dataset's directly in the data root \(no prefix\).*data_prefix.pts="
               r"'samples/LIDAR_TOP' \(--cfg-options train_dataloader.dataset.data_prefix.pts=samples/LIDAR_TOP")
     flat_dataset = dataset(flat, "")
-    for check in (lambda: models.check_sources(cache, flat_dataset), lambda: CachedTargetsDataset(flat_dataset, cache)):
+    for check in (lambda: check_sources(cache, flat_dataset), lambda: CachedTargetsDataset(flat_dataset, cache)):
         with pytest.raises(CacheMismatchError, match=prefix) as raised:
             check()
         assert "use the info file the cache was built from" not in str(raised.value)
     # the advice: the prefix the cache was built with pairs the same keys with the same paths again
-    assert models.check_sources(cache, dataset(flat, "samples/LIDAR_TOP")) == 6
+    assert check_sources(cache, dataset(flat, "samples/LIDAR_TOP")) == 6
     # other file names are not a prefix difference
-    assert models.source_prefix_difference(["k"], ["a/x.bin"], ["k"], ["a/y.bin"]) is None
-    assert models.source_prefix_difference(["k", "l"], ["a/x.bin", "b/y.bin"], ["k", "l"], ["x.bin", "y.bin"]) is None
-    assert "under 'a/b/', this dataset's under 'c/'" in models.source_prefix_difference(
+    assert source_prefix_difference(["k"], ["a/x.bin"], ["k"], ["a/y.bin"]) is None
+    assert source_prefix_difference(["k", "l"], ["a/x.bin", "b/y.bin"], ["k", "l"], ["x.bin", "y.bin"]) is None
+    assert "under 'a/b/', this dataset's under 'c/'" in source_prefix_difference(
         ["k", "l"], ["a/b/x.bin", "a/b/y.bin"], ["k", "l"], ["c/x.bin", "c/y.bin"])
 
 
@@ -637,7 +638,7 @@ def test_token_keyed_cache_from_before_still_reads_and_resumes(reference_cache, 
     assert cache.row_keys == reference.row_keys and cache.sources is None
     dataset = models.build_dataset(models.dataset_cfg_for_split(
         models.load_config(PILLAR_CONFIG, nus_cfg_options(nus_six)), "train"))
-    assert models.check_sources(cache, dataset) == 0  # nothing recorded to compare
+    assert check_sources(cache, dataset) == 0  # nothing recorded to compare
     result = build_cache(BuildOptions(PILLAR_CONFIG, str(pillar_ckpt), str(out), layers="pts_middle_encoder,pts_neck",
                                       cfg_options=nus_cfg_options(nus_six), num_workers=0, progress=False))
     assert result.written == 0 and result.already_complete == 6

@@ -14,6 +14,7 @@ import pytest
 from featcache import format
 from featcache.teacher import build as build_module, models
 from featcache.teacher.build import BuildOptions, build_cache
+from featcache.teacher.options import resolve_config_path
 from featcache.errors import CacheMismatchError
 from featcache.inspection import describe
 from featcache.reader import open_cache
@@ -40,7 +41,7 @@ def _plugin_config(tmp_path: Path, monkeypatch, name: str, coors: str) -> Path:
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, name.lower(), raising=False)
     config = tmp_path / f"teacher_{name.lower()}.py"
-    config.write_text(f"_base_ = [{str(models.resolve_config_path(PILLAR_CONFIG))!r}]\n"
+    config.write_text(f"_base_ = [{str(resolve_config_path(PILLAR_CONFIG))!r}]\n"
                       f"custom_imports = dict(imports=[{name.lower()!r}], allow_failed_imports=False)\n"
                       f"model = dict(pts_middle_encoder=dict(type={name!r}))\n")
     return config

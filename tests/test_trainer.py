@@ -151,7 +151,7 @@ def test_train_sampler_keeps_the_students_order_and_announces_its_cache_rows(pil
     from mmengine.registry import DATA_SAMPLERS, init_default_scope
 
     from featcache import open_cache
-    from featcache.teacher.models import sample_key
+    from featcache.teacher.samples import sample_key
     from trainer.train import TrainOptions, build_runner_config
 
     cfg = build_runner_config(TrainOptions(HALF, pillar_cache, cfg_options=student_options(nus_six)))

@@ -27,6 +27,8 @@ import torch
 from featcache import open_cache
 from featcache.teacher import models
 from featcache.teacher.recording import record_teacher
+from featcache.teacher.options import parse_cfg_options
+from featcache.teacher.samples import dataset_keys
 from trainer.evaluation import Evaluation, evaluate_checkpoint
 
 DETECTION_KEYS = ("loss_heatmap", "loss_bbox")
@@ -138,7 +140,7 @@ def plot_bev(cache_path: str, runs: list[Run], cfg_options: dict, out_png: str) 
         cfg = models.load_config(run.config, cfg_options)
         student = models.build_model(cfg, run.checkpoint).eval()
         dataset = models.build_dataset(models.dataset_cfg_for_split(cfg, cache.manifest.split))
-        index = models.dataset_keys(dataset).index(key)
+        index = dataset_keys(dataset).index(key)
         with torch.no_grad():
             outputs = record_teacher(student, pseudo_collate([dataset[index]]), [cache.manifest.layer(layer).module])
         student_map = outputs[layer][0]
@@ -174,7 +176,7 @@ def main() -> None:
     parser.add_argument("--deployment", metavar="REPORT_MD",
                         help="tools/deploy_report.py's report of this run's models, embedded as a section")
     args = parser.parse_args()
-    cfg_options = models.parse_cfg_options(args.cfg_options)
+    cfg_options = parse_cfg_options(args.cfg_options)
     out_dir = os.path.dirname(os.path.abspath(args.out))
 
     runs = [Run(name, config, run_dir) for name, config, run_dir in args.student]

@@ -250,9 +250,9 @@ def main() -> None:
         return
     if not args.out or not args.model:
         parser.error("--out and at least one --model are required")
-    from featcache.teacher import models
+    from featcache.teacher.options import parse_cfg_options
 
-    cfg_options = models.parse_cfg_options(args.cfg_options)
+    cfg_options = parse_cfg_options(args.cfg_options)
     if args.quick is not None and args.quick <= args.warmup:
         parser.error(f"--quick {args.quick} must exceed --warmup {args.warmup}")
     os.makedirs(args.work_dir, exist_ok=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from featcache.layout import BevLayout, activity, decide_layouts
-from featcache.teacher.models import parse_cfg_options
+from featcache.teacher.options import parse_cfg_options
 from featcache.teacher.detector import Teacher
 from trainer.bev_warp import warp_teacher_map
 from trainer.grids import bev_range

@@ -79,7 +79,7 @@ def train(student_config: str, cache: str | None, work_dir: str | None, kd: str 
     No teacher is run when --cache is given (--init-from-teacher loads its weights once, before the first
     step). Under `torchrun` it trains with DDP.
     """
-    from featcache.teacher.models import parse_cfg_options
+    from featcache.teacher.options import parse_cfg_options
     from trainer.train import TrainOptions, train as run_training
 
     run_training(TrainOptions(

@@ -17,6 +17,7 @@ from featcache.errors import CacheMismatchError, ConfigError
 from featcache.layout import CANONICAL, BevLayout
 from featcache.teacher import models
 from featcache.teacher.recording import LayerRecorder
+from featcache.teacher.samples import check_sources, dataset_data_root, dataset_keys
 from trainer.grids import bev_range, cache_layouts, cache_point_cloud_range, student_bev_range
 from trainer.options import TrainOptions, resolve_terms
 from trainer.response_pairs import (TeacherOutput, config_head_type, online_head_outputs, response_pairs,
@@ -44,7 +45,7 @@ def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: Tr
 
 
 def _check_cache_covers(dataset, cache, config: str) -> None:
-    keys = models.dataset_keys(dataset)
+    keys = dataset_keys(dataset)
     missing = [key for key in keys if key not in cache]
     if missing:
         raise CacheMismatchError(
@@ -150,13 +151,13 @@ def cache_side(cfg, options: TrainOptions, inner: dict, student, terms: dict[str
     boxes_step = (dict(classes=list(dataset.metainfo["classes"]),
                        point_cloud_range=[float(v) for v in cfg.point_cloud_range]) if teacher_boxes else None)
     inner["pipeline"] = _replace_pack(list(inner["pipeline"]), options.cache, names, options,
-                                      models.dataset_data_root(dataset), boxes_step)
+                                      dataset_data_root(dataset), boxes_step)
     cfg.train_dataloader.sampler = dict(type="CacheReadaheadSampler", sampler=cfg.train_dataloader.sampler,
                                         cache=options.cache, layers=names, storage_options=options.storage_options)
     teacher_range = bev_range(cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
     modules = list(dict.fromkeys(layer.module for layer in layers))
     _check_cache_covers(dataset, cache, options.student_config)
-    models.check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
+    check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
     return TeacherSide(dataset=dataset, teacher_range=teacher_range, modules=modules,
                        shapes={layer.name: layer.shape for layer in layers},
                        layouts=cache_layouts(cache.manifest, layers, options.cache),
@@ -170,7 +171,7 @@ def online_side(options: TrainOptions, inner: dict, student, needs: TermNeeds) -
     a probe on the first training sample."""
     teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
-    modules = ["pts_middle_encoder", "pts_backbone", "pts_neck"] if needs.features else []
+    modules = list(models.MVX_LAYERS) if needs.features else []  # what a build caches of an MVX-style teacher
     dataset = models.build_dataset(inner)
     shapes, outputs, layouts = _probe_teacher_shapes(options, dataset, modules, needs.response_kinds, teacher_range)
     heatmaps: dict[str, tuple[str, list[int]]] = {}
@@ -245,7 +246,7 @@ def check_alignment(options: TrainOptions, pairs: dict[str, str], side: TeacherS
     # regression outputs are read at box centres only, and a trained head's dense ones are not active where the
     # points are: their layout is their head's (the cache's record), checked through the heatmaps and features
     checked = {s_layer: t_layer for s_layer, t_layer in pairs.items() if s_layer not in side.regressions}
-    samples = alignment_check.training_samples(side.dataset, side.cache, models.dataset_keys(side.dataset),
+    samples = alignment_check.training_samples(side.dataset, side.cache, dataset_keys(side.dataset),
                                                sorted(set(checked.values())))
     alignment_check.check(alignment_check.measure(checked, side.layouts, samples, side.teacher_range, student_range,
                                                   student_shapes),

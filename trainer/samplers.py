@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from mmdet3d.registry import DATA_SAMPLERS
 
 from featcache import open_cache
-from featcache.teacher.models import item_keys
+from featcache.teacher.samples import item_keys
 from featcache.reader import ReadaheadSampler
 
 

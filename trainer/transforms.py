@@ -28,7 +28,7 @@ from mmengine.structures import BaseDataElement, InstanceData
 
 from featcache import open_cache
 from featcache.errors import CorruptSampleError, SampleNotCachedError
-from featcache.teacher.models import sample_key
+from featcache.teacher.samples import sample_key
 
 logger = logging.getLogger("trainer.transforms")
 # Recorded augmentation the distiller needs to warp targets; Pack3DDetInputs' defaults miss some.
@@ -132,7 +132,7 @@ class PackDetInputsWithCache(Pack3DDetInputs):
             in ``skipped``. When False (default) the error stops training, naming the sample.
         storage_options: fsspec options for URL caches.
         data_root: the dataset's ``data_root``. A sample without a token (KITTI-style infos) is keyed
-            by its lidar file relative to it (``featcache.teacher.models.sample_key``), as the build keyed it.
+            by its lidar file relative to it (``featcache.teacher.samples.sample_key``), as the build keyed it.
         teacher_boxes: dict(classes=[the student's class names, in label order], point_cloud_range=[...])
             to attach the sample's cached teacher boxes (``teacher_instances``) as
             ``data_sample.teacher_instances_3d``; None (default): no boxes are read.

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from featcache.teacher.options import DEFAULT_LAYERS
+from featcache.teacher.models import MVX_LAYERS
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 CODECS = ("fp32-none", "fp16-zstd1", "fp16-lz4", "bf16-zstd3", "int8-zstd3", "int8-lz4")
 
-LAYERS = DEFAULT_LAYERS  # the benchmark caches what a build caches by default
+LAYERS = MVX_LAYERS  # what a build caches by default from an MVX-style detector (the benchmark teacher)
 
 BUILD_WORKERS = 1  # BuildOptions' default DataLoader workers; the forward-only run uses the same
 

@@ -21,6 +21,8 @@ import torch
 from featcache import boxes as boxes_
 from featcache import codecs, format, head_layers, layout, location
 from featcache.teacher import heads, models
+from featcache.teacher.options import resolve_config_path
+from featcache.teacher.samples import annotated_centres, source_mismatches, source_prefix_difference
 from featcache import lock as cache_lock
 from featcache.errors import CacheMismatchError, ConfigError, FeatcacheError, InputDataError
 from featcache.teacher.options import BuildOptions, check_codec_option  # noqa: F401  (featcache.teacher.build.BuildOptions)
@@ -150,7 +152,7 @@ class Builder:
         self.at_centres = bool(self.regression_layers) and not options.dense_head_outputs
         self.annotated: list[np.ndarray] | None = None
         if self.at_centres:
-            self.annotated = models.annotated_centres(self.teacher.dataset)
+            self.annotated = annotated_centres(self.teacher.dataset)
             self.bev_range = _bev_range(self.cfg)
             if not any(len(centres) for centres in self.annotated):
                 logger.warning("the teacher's dataset annotates no boxes: its regression outputs are kept at the "
@@ -198,7 +200,7 @@ class Builder:
         return format.Manifest(
             layers=layers, num_samples=len(self.keys), dataset_id=identity["dataset_id"],
             teacher_config=self.cfg.pretty_text, teacher_config_path=os.path.abspath(str(
-                models.resolve_config_path(self.options.teacher_config))),
+                resolve_config_path(self.options.teacher_config))),
             teacher_model_sha256=identity["teacher_model_sha256"], checkpoint_sha256=self._checkpoint_sha256,
             pipeline=_pipeline_list(self.dataset_cfg), split=self.options.split, versions=library_versions(),
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -290,9 +292,9 @@ class Builder:
             cache_keys = writer.keys()
             if writer.manifest.dataset_id != identity["dataset_id"]:
                 problems += _key_differences(cache_keys, self.keys)
-            problems += [f"sample {line}" for line in models.source_mismatches(cache_keys, writer.sources(),
+            problems += [f"sample {line}" for line in source_mismatches(cache_keys, writer.sources(),
                                                                                 self.keys, self.sources)[:5]]
-            prefix = models.source_prefix_difference(cache_keys, writer.sources(), self.keys, self.sources)
+            prefix = source_prefix_difference(cache_keys, writer.sources(), self.keys, self.sources)
             problems += [prefix] if prefix else []
             if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
                 problems += models.source_differences(writer.manifest.teacher_code, self.teacher_code)

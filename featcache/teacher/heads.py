@@ -38,6 +38,10 @@ _CHANNELS = {
 }
 
 
+#: Where a detector keeps its dense head (MVX-style, then single-stage): the first present is its head.
+HEAD_MODULES = ("pts_bbox_head", "bbox_head")
+
+
 @dataclass(frozen=True)
 class HeadOutput:
     """One dense head output recorded as a cache layer (the layer is named after its module)."""
@@ -74,7 +78,7 @@ def parse_head_outputs(text: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     """The detector's dense head: ``pts_bbox_head`` (MVX-style) or ``bbox_head`` (single-stage)."""
-    for name in ("pts_bbox_head", "bbox_head"):
+    for name in HEAD_MODULES:
         head = getattr(model, name, None)
         if head is not None:
             return name, head
@@ -108,7 +112,7 @@ def config_head(cfg: Any) -> tuple[str, str] | None:
     model = cfg.get("model") if hasattr(cfg, "get") else None
     if not hasattr(model, "get"):
         return None
-    for name in ("pts_bbox_head", "bbox_head"):
+    for name in HEAD_MODULES:
         head = model.get(name)
         if hasattr(head, "get") and head.get("type"):
             kind = head["type"]

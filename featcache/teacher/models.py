@@ -18,14 +18,9 @@ from mmengine.config import Config
 
 from featcache.teacher.checkpoint import load_weights
 from featcache.errors import ConfigError
-# --cfg-options, config paths and splits are options' (light, checked before any model work); named here too, where
-# the tools and the trainer import them
-from featcache.teacher.options import SPLITS, check_split, parse_cfg_options, resolve_config_path  # noqa: F401
-# sample identity is featcache.teacher.samples'; its names here too, where the trainer, tools, tests and FORMAT.md
-# take them
-from featcache.teacher.samples import (annotated_centres, check_sources, dataset_data_root, dataset_keys,  # noqa: F401
-                                       dataset_sources, item_keys, item_sources, sample_key, sample_source,
-                                       source_mismatches, source_prefix_difference)
+# --cfg-options, config paths and splits are options' (light, checked before any model work); sample identity
+# (keys, scans, annotated centres) is featcache.teacher.samples'
+from featcache.teacher.options import check_split, resolve_config_path
 
 DATASET_WRAPPERS = ("CBGSDataset", "RepeatDataset", "ClassBalancedDataset", "ConcatDataset")
 # what the wrappers take (mmengine/mmdet3d 1.4 signatures): any other key set on a wrapper is not the dataset's

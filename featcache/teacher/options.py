@@ -38,8 +38,8 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-#: the modules ``heads.find_head`` takes a detector's dense head from: ``--codec`` may name head outputs by them
-HEAD_MODULES = ("pts_bbox_head", "bbox_head")
+#: the modules a detector's dense head is taken from: ``--codec`` may name head outputs by them
+HEAD_MODULES = heads.HEAD_MODULES
 
 
 def check_codec_option(text: str | None, modules: Sequence[str] | None = None, head_outputs: Sequence[str] = (),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from featcache.reader import FeatureCache
-from featcache.teacher.models import check_sources, dataset_keys
+from featcache.teacher.samples import check_sources, dataset_keys
 
 
 class CachedTargetsDataset(torch.utils.data.Dataset):

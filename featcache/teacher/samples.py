@@ -57,7 +57,7 @@ def sample_key(data_info: dict[str, Any], data_root: str | os.PathLike | None = 
     if data_root is None:
         raise ConfigError("dataset item has no token, so its key is its lidar path relative to the data root, "
                           "and no data_root was given to take it relative to (pass the dataset's data_root, "
-                          "e.g. models.sample_key(info, dataset.data_root))")
+                          "e.g. featcache.teacher.samples.sample_key(info, dataset.data_root))")
     return sample_source(data_info, data_root)
 
 

@@ -42,7 +42,7 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one student and score it: the record quality.json keeps (run in its own process)."""
     import torch
 
-    from featcache.teacher.models import parse_cfg_options
+    from featcache.teacher.options import parse_cfg_options
     from trainer.evaluation import evaluate_checkpoint
     from trainer.terms import parse_kd_spec
     from trainer.train import TrainOptions, train
@@ -94,7 +94,7 @@ def now() -> str:
 
 
 def evaluate_teacher(data: Path, quick: bool) -> dict[str, Any]:
-    from featcache.teacher.models import parse_cfg_options
+    from featcache.teacher.options import parse_cfg_options
     from trainer.evaluation import evaluate_checkpoint
 
     evaluation = evaluate_checkpoint(str(TEACHER_CONFIG), str(TEACHER_CKPT),
