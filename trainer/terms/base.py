@@ -215,6 +215,12 @@ class KDTerm(nn.Module):
 TERMS: dict[str, type[KDTerm]] = {}
 
 
+def check_parameter(valid: bool, term: str, rule: str, value: Any) -> None:
+    """Refuse a term's parameter with one message shape, ``<term> <rule>, got <value>`` (``value`` as given)."""
+    if not valid:
+        raise ValueError(f"{term} {rule}, got {value}")
+
+
 def register_term(cls: type[KDTerm]) -> type[KDTerm]:
     TERMS[cls.name] = cls
     return cls

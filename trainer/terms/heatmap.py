@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainer.terms.base import KDTerm, LayerStep, TermContext, register_term
+from trainer.terms.base import KDTerm, LayerStep, TermContext, check_parameter, register_term
 
 __all__ = ["clamped_sigmoid", "HeatmapTerm"]
 
@@ -40,10 +40,8 @@ class HeatmapTerm(KDTerm):
     def __init__(self, context: TermContext, loss: str = "mse", confidence_weighted: bool = True,
                  gt_weight: float = 0.0) -> None:
         super().__init__(context)
-        if loss not in ("mse", "l1"):
-            raise ValueError(f"heatmap loss must be 'mse' (SparseKD) or 'l1' (UniDistill), got {loss!r}")
-        if gt_weight < 0:
-            raise ValueError(f"heatmap gt_weight must be >= 0, got {gt_weight}")
+        check_parameter(loss in ("mse", "l1"), "heatmap", "loss must be 'mse' (SparseKD) or 'l1' (UniDistill)", repr(loss))
+        check_parameter(gt_weight >= 0, "heatmap", "gt_weight must be >= 0", gt_weight)
         self.loss, self.confidence_weighted, self.gt_weight = loss, bool(confidence_weighted), float(gt_weight)
 
     def layer_loss(self, layer: LayerStep) -> Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainer.terms.base import DistillStep, KDTerm, TermContext, register_term
+from trainer.terms.base import DistillStep, KDTerm, TermContext, check_parameter, register_term
 
 __all__ = ["LabelTerm"]
 
@@ -27,10 +27,8 @@ class LabelTerm(KDTerm):
 
     def __init__(self, context: TermContext, score_thresh: float = 0.5, dedup_distance: float = 1.0) -> None:
         super().__init__(context)
-        if not 0 <= score_thresh <= 1:
-            raise ValueError(f"label score_thresh must be in [0, 1], got {score_thresh}")
-        if dedup_distance < 0:
-            raise ValueError(f"label dedup_distance must be >= 0 metres, got {dedup_distance}")
+        check_parameter(0 <= score_thresh <= 1, "label", "score_thresh must be in [0, 1]", score_thresh)
+        check_parameter(dedup_distance >= 0, "label", "dedup_distance must be >= 0 metres", dedup_distance)
         self.score_thresh, self.dedup_distance = float(score_thresh), float(dedup_distance)
 
     def forward(self, step: DistillStep) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from trainer.response import REGRESSION_KINDS, augmented_targets
-from trainer.terms.base import KDTerm, LayerStep, TermContext, register_term
+from trainer.terms.base import KDTerm, LayerStep, TermContext, check_parameter, register_term
 
 __all__ = ["RegressionTerm"]
 
@@ -49,10 +49,8 @@ class RegressionTerm(KDTerm):
 
     def __init__(self, context: TermContext, loss: str = "l1", beta: float = 0.1, peak_score: float = 0.5) -> None:
         super().__init__(context)
-        if loss not in ("l1", "smooth_l1"):
-            raise ValueError(f"reg loss must be 'l1' or 'smooth_l1', got {loss!r}")
-        if peak_score < 0:
-            raise ValueError(f"reg peak_score must be >= 0 (> 1: GT centres only), got {peak_score}")
+        check_parameter(loss in ("l1", "smooth_l1"), "reg", "loss must be 'l1' or 'smooth_l1'", repr(loss))
+        check_parameter(peak_score >= 0, "reg", "peak_score must be >= 0 (> 1: GT centres only)", peak_score)
         self.loss, self.beta, self.peak_score = loss, float(beta), float(peak_score)
 
     def centres(self, layer: LayerStep, index: int) -> Tensor:
