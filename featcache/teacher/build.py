@@ -7,7 +7,6 @@ records say complete are skipped. Under torchrun every rank builds the rows it o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from featcache import boxes as boxes_
 from featcache import codecs, format, head_layers, layout, location
 from featcache.teacher import heads, models, resume
 from featcache.teacher.options import resolve_config_path
+from featcache.teacher.centres import CentreCells, bev_range
 from featcache.teacher.nonzero import NonzeroFractions
 from featcache.teacher.progress import BuildProgress
 from featcache.teacher.resume import library_versions  # also featcache.teacher.build.library_versions
@@ -53,17 +53,6 @@ class BuildResult:
 
 def _pipeline_list(dataset_cfg) -> list[dict[str, Any]]:
     return json.loads(json.dumps(dataset_cfg.get("pipeline", []), default=str))
-
-
-def _bev_range(cfg) -> list[float]:
-    """The extent of the teacher's BEV outputs (``format.bev_extent`` of its ``point_cloud_range``)."""
-    extent = format.bev_extent(cfg.get("point_cloud_range"))
-    if extent is None:
-        raise ConfigError(f"the teacher config has no point_cloud_range (6 numbers; it has "
-                          f"{list(cfg.get('point_cloud_range') or []) or 'none'}): the cells holding box centres, "
-                          "where regression outputs are kept, are not known; set it, or build with "
-                          "--dense-head-outputs")
-    return extent
 
 
 class Builder:
@@ -119,11 +108,11 @@ class Builder:
         self.regression_layers = [name for name, output in self.head_outputs.items()
                                   if output.kind in head_layers.REGRESSION_OUTPUTS]
         self.at_centres = bool(self.regression_layers) and not options.dense_head_outputs
-        self.annotated: list[np.ndarray] | None = None
+        self.centres: CentreCells | None = None
         if self.at_centres:
-            self.annotated = annotated_centres(self.teacher.dataset)
-            self.bev_range = _bev_range(self.cfg)
-            if not any(len(centres) for centres in self.annotated):
+            self.centres = CentreCells(annotated_centres(self.teacher.dataset), bev_range(self.cfg),
+                                       self.regression_layers, bool(options.boxes))
+            if not any(len(centres) for centres in self.centres.annotated):
                 logger.warning("the teacher's dataset annotates no boxes: its regression outputs are kept at the "
                                "teacher's own boxes only%s", "" if options.boxes else
                                " and without --boxes at none; add --boxes, or --dense-head-outputs")
@@ -139,18 +128,8 @@ class Builder:
             "num_samples": len(self.keys),
             "pipeline_sha256": format.sha256_text(json.dumps(_pipeline_list(self.dataset_cfg), sort_keys=True, default=str)),
             "boxes": None if self.boxes_spec is None else self.boxes_spec.identity(),
-            "regression_cells": self._regression_cells(),
+            "regression_cells": None if self.centres is None else self.centres.record(),
         }
-
-    def _regression_cells(self) -> dict[str, Any] | None:
-        """Where the regression outputs hold values (``Manifest.regression_cells``); None: every cell."""
-        if not self.at_centres:
-            return None
-        digest = hashlib.sha256()
-        for centres in self.annotated:  # what a changed annotation file changes: the cells kept
-            digest.update(np.int64(len(centres)).tobytes() + centres.astype(np.float32).tobytes())
-        return {"at": head_layers.CELLS_AT_CENTRES, "margin": head_layers.CENTRE_MARGIN, "teacher_boxes": bool(self.options.boxes),
-                "annotated_centres_sha256": digest.hexdigest()}
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
         """``--codec`` per layer (checked in ``_set_up``); head outputs default to ``head_layers.default_codec`` of
@@ -189,26 +168,9 @@ class Builder:
 
     def _stored(self, row: int, features: dict[str, np.ndarray],
                 predicted: boxes_.TeacherBoxes | None) -> dict[str, np.ndarray]:
-        """One sample's layers as the cache stores them: regression outputs zero away from the cells of its
-        annotated and teacher boxes' centres (``head_layers.centre_cells``), unless --dense-head-outputs."""
-        if not self.at_centres:
-            return features
-        centres = self.annotated[row]
-        if predicted is not None and len(predicted):  # all of them: the cache keeps up to --max-boxes
-            centres = np.concatenate([centres, predicted.bboxes[:, :2].astype(np.float64)])
-        kept: dict[tuple, np.ndarray] = {}
-        stored = dict(features)
-        for name in self.regression_layers:
-            value = features[name]
-            grid = (tuple(value.shape[-2:]), self._layout(name))
-            if grid not in kept:
-                kept[grid] = head_layers.centre_cells(centres, self.bev_range, grid[0], layout=grid[1])
-            stored[name] = np.where(kept[grid], value, np.zeros((), dtype=value.dtype))
-        return stored
-
-    def _layout(self, name: str) -> layout.BevLayout:
-        recorded = self.layouts.get(name)
-        return layout.BevLayout.from_dict(recorded) if recorded is not None else layout.CANONICAL
+        """One sample's layers as the cache stores them: ``CentreCells.stored``, or as the teacher computed
+        them (--dense-head-outputs, or no regression outputs)."""
+        return features if self.centres is None else self.centres.stored(row, features, predicted, self.layouts)
 
     def _measure_layouts(self, features: dict[str, np.ndarray], batch: dict[str, Any], key: str) -> None:
         """Each BEV layer's layout from the probe sample: its points (as the teacher saw them) binned on the
