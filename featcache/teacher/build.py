@@ -7,7 +7,6 @@ records say complete are skipped. Under torchrun every rank builds the rows it o
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,11 +19,15 @@ import torch
 
 from featcache import boxes as boxes_
 from featcache import codecs, format, head_layers, layout, location
-from featcache.teacher import heads, models
+from featcache.teacher import heads, models, resume
 from featcache.teacher.options import resolve_config_path
-from featcache.teacher.samples import annotated_centres, source_mismatches, source_prefix_difference
+from featcache.teacher.centres import CentreCells, bev_range
+from featcache.teacher.nonzero import NonzeroFractions
+from featcache.teacher.progress import BuildProgress
+from featcache.teacher.resume import library_versions  # also featcache.teacher.build.library_versions
+from featcache.teacher.samples import annotated_centres
 from featcache import lock as cache_lock
-from featcache.errors import CacheMismatchError, ConfigError, FeatcacheError, InputDataError
+from featcache.errors import ConfigError, FeatcacheError, InputDataError
 from featcache.teacher.options import BuildOptions, check_codec_option  # noqa: F401  (featcache.teacher.build.BuildOptions)
 from featcache.teacher.detector import Teacher
 from featcache.world import World, close_world, init_world
@@ -48,53 +51,8 @@ class BuildResult:
     truncated_boxes: dict[str, int] | None = None  # --boxes: sample key -> boxes left out past --max-boxes
 
 
-# what a resume under other versions warns about: these change the teacher's arithmetic
-TEACHER_LIBRARIES = ("torch", "mmcv", "mmdet3d", "mmdet", "mmengine", "spconv")
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as metadata
-
-    versions = {}
-    for package in ("featcache", "torch", "mmdet3d", "mmdet", "mmengine", "mmcv", "spconv", "zarr", "numcodecs", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def _pipeline_list(dataset_cfg) -> list[dict[str, Any]]:
     return json.loads(json.dumps(dataset_cfg.get("pipeline", []), default=str))
-
-
-def _mismatches(existing: format.Manifest, wanted: dict[str, Any]) -> list[str]:
-    have = existing.identity()
-    return [f"{name}: cache has {have[name]!r}, this build has {wanted[name]!r}"
-            for name in wanted if have.get(name) != wanted[name]]
-
-
-def _key_differences(cache_keys: Sequence[str], keys: Sequence[str], count: int = 5) -> list[str]:
-    """The first rows whose sample differs between the cache and this build's dataset, by key."""
-    rows = [row for row in range(max(len(cache_keys), len(keys)))
-            if row >= len(cache_keys) or row >= len(keys) or cache_keys[row] != keys[row]]
-    def at(sequence: Sequence[str], row: int) -> str:
-        return repr(sequence[row]) if row < len(sequence) else "no sample"
-    lines = [f"row {row}: cache has {at(cache_keys, row)}, this build has {at(keys, row)}" for row in rows[:count]]
-    if len(rows) > count:
-        lines.append(f"... {len(rows) - count} more rows differ")
-    return lines
-
-
-def _bev_range(cfg) -> list[float]:
-    """The extent of the teacher's BEV outputs (``format.bev_extent`` of its ``point_cloud_range``)."""
-    extent = format.bev_extent(cfg.get("point_cloud_range"))
-    if extent is None:
-        raise ConfigError(f"the teacher config has no point_cloud_range (6 numbers; it has "
-                          f"{list(cfg.get('point_cloud_range') or []) or 'none'}): the cells holding box centres, "
-                          "where regression outputs are kept, are not known; set it, or build with "
-                          "--dense-head-outputs")
-    return extent
 
 
 class Builder:
@@ -140,7 +98,7 @@ class Builder:
         # the teacher's own code (its config's custom_imports), part of the cache's identity
         self.teacher_code = models.custom_module_sources(self.cfg)
         # per sample key of this run, each layer's non-zero fraction; an invalid sample's are dropped
-        self.nonzero: dict[str, dict[str, float]] = {}
+        self.nonzero = NonzeroFractions()
         # --boxes: what the boxes record holds; its box width is known once the teacher ran (the probe), or
         # from the cache being resumed
         self.boxes_spec: boxes_.BoxesSpec | None = None
@@ -150,11 +108,11 @@ class Builder:
         self.regression_layers = [name for name, output in self.head_outputs.items()
                                   if output.kind in head_layers.REGRESSION_OUTPUTS]
         self.at_centres = bool(self.regression_layers) and not options.dense_head_outputs
-        self.annotated: list[np.ndarray] | None = None
+        self.centres: CentreCells | None = None
         if self.at_centres:
-            self.annotated = annotated_centres(self.teacher.dataset)
-            self.bev_range = _bev_range(self.cfg)
-            if not any(len(centres) for centres in self.annotated):
+            self.centres = CentreCells(annotated_centres(self.teacher.dataset), bev_range(self.cfg),
+                                       self.regression_layers, bool(options.boxes))
+            if not any(len(centres) for centres in self.centres.annotated):
                 logger.warning("the teacher's dataset annotates no boxes: its regression outputs are kept at the "
                                "teacher's own boxes only%s", "" if options.boxes else
                                " and without --boxes at none; add --boxes, or --dense-head-outputs")
@@ -170,18 +128,8 @@ class Builder:
             "num_samples": len(self.keys),
             "pipeline_sha256": format.sha256_text(json.dumps(_pipeline_list(self.dataset_cfg), sort_keys=True, default=str)),
             "boxes": None if self.boxes_spec is None else self.boxes_spec.identity(),
-            "regression_cells": self._regression_cells(),
+            "regression_cells": None if self.centres is None else self.centres.record(),
         }
-
-    def _regression_cells(self) -> dict[str, Any] | None:
-        """Where the regression outputs hold values (``Manifest.regression_cells``); None: every cell."""
-        if not self.at_centres:
-            return None
-        digest = hashlib.sha256()
-        for centres in self.annotated:  # what a changed annotation file changes: the cells kept
-            digest.update(np.int64(len(centres)).tobytes() + centres.astype(np.float32).tobytes())
-        return {"at": head_layers.CELLS_AT_CENTRES, "margin": head_layers.CENTRE_MARGIN, "teacher_boxes": bool(self.options.boxes),
-                "annotated_centres_sha256": digest.hexdigest()}
 
     def _codecs(self, names: list[str]) -> dict[str, codecs.CodecSpec]:
         """``--codec`` per layer (checked in ``_set_up``); head outputs default to ``head_layers.default_codec`` of
@@ -220,26 +168,9 @@ class Builder:
 
     def _stored(self, row: int, features: dict[str, np.ndarray],
                 predicted: boxes_.TeacherBoxes | None) -> dict[str, np.ndarray]:
-        """One sample's layers as the cache stores them: regression outputs zero away from the cells of its
-        annotated and teacher boxes' centres (``head_layers.centre_cells``), unless --dense-head-outputs."""
-        if not self.at_centres:
-            return features
-        centres = self.annotated[row]
-        if predicted is not None and len(predicted):  # all of them: the cache keeps up to --max-boxes
-            centres = np.concatenate([centres, predicted.bboxes[:, :2].astype(np.float64)])
-        kept: dict[tuple, np.ndarray] = {}
-        stored = dict(features)
-        for name in self.regression_layers:
-            value = features[name]
-            grid = (tuple(value.shape[-2:]), self._layout(name))
-            if grid not in kept:
-                kept[grid] = head_layers.centre_cells(centres, self.bev_range, grid[0], layout=grid[1])
-            stored[name] = np.where(kept[grid], value, np.zeros((), dtype=value.dtype))
-        return stored
-
-    def _layout(self, name: str) -> layout.BevLayout:
-        recorded = self.layouts.get(name)
-        return layout.BevLayout.from_dict(recorded) if recorded is not None else layout.CANONICAL
+        """One sample's layers as the cache stores them: ``CentreCells.stored``, or as the teacher computed
+        them (--dense-head-outputs, or no regression outputs)."""
+        return features if self.centres is None else self.centres.stored(row, features, predicted, self.layouts)
 
     def _measure_layouts(self, features: dict[str, np.ndarray], batch: dict[str, Any], key: str) -> None:
         """Each BEV layer's layout from the probe sample: its points (as the teacher saw them) binned on the
@@ -254,16 +185,6 @@ class Builder:
             logger.info("BEV layout: %s", line)
         for line in warnings:
             logger.warning("BEV layout: %s", line)
-
-    def _check_stated_layouts(self, manifest: format.Manifest) -> list[str]:
-        """Where --bev-layout states another layout than a resumed cache recorded."""
-        problems = []
-        for spec in manifest.layers:
-            said = layout.stated_layout(self.stated_layouts, spec.name)
-            if said is not None and spec.layout is not None and said != spec.bev_layout:
-                problems.append(f"bev layout of {spec.name}: cache has {spec.bev_layout.name}, --bev-layout states "
-                                f"{said.name}")
-        return problems
 
     # -- teacher ----------------------------------------------------------------------------
     def _loader(self, rows: Sequence[int]):
@@ -284,41 +205,20 @@ class Builder:
             if options.boxes:  # the box width comes from the cache; capacity and classes from this build
                 fields = writer.manifest.boxes.fields if writer.manifest.boxes is not None else boxes_.LIDAR_BOX_FIELDS
                 self.boxes_spec = boxes_.spec_for(self.cfg, self.teacher.class_names, len(fields), options.max_boxes)
-            modules = writer.manifest.extra.get("modules")
-            problems = [] if modules == list(self.modules) else [
-                f"modules: cache has {modules}, this build has {list(self.modules)}"]
             identity = self._identity(names, self._codecs(names))
-            problems += _mismatches(writer.manifest, identity)
-            cache_keys = writer.keys()
-            if writer.manifest.dataset_id != identity["dataset_id"]:
-                problems += _key_differences(cache_keys, self.keys)
-            problems += [f"sample {line}" for line in source_mismatches(cache_keys, writer.sources(),
-                                                                                self.keys, self.sources)[:5]]
-            prefix = source_prefix_difference(cache_keys, writer.sources(), self.keys, self.sources)
-            problems += [prefix] if prefix else []
-            if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
-                problems += models.source_differences(writer.manifest.teacher_code, self.teacher_code)
-            problems += self._check_stated_layouts(writer.manifest)
+            problems = resume.resume_problems(writer, identity, modules=self.modules, keys=self.keys,
+                                              sources=self.sources, teacher_code=self.teacher_code,
+                                              stated_layouts=self.stated_layouts)
             self.layouts = {spec.name: spec.layout for spec in writer.manifest.layers if spec.layout is not None}
             if problems:
-                hint, have = "", writer.manifest.regression_cells
-                if have is None and identity["regression_cells"] is not None and options.head_outputs:
-                    hint = " It keeps its regression outputs at every cell: resume it with --dense-head-outputs."
-                elif have is not None and identity["regression_cells"] is None:
-                    hint = " It keeps its regression outputs at box centres only: resume it without --dense-head-outputs."
-                elif have is not None and have.get("annotated_centres_sha256") != \
-                        identity["regression_cells"]["annotated_centres_sha256"]:
-                    hint = (" Its regression outputs are kept at the centres of other annotated boxes: the "
-                            "dataset's annotations changed since it was built.")
-                if options.rows is not None:  # verify --repair: the cache is right, the repair's teacher is not
-                    raise CacheMismatchError(
-                        f"{out} was built differently from what verify --repair would rebuild its samples with:\n  "
-                        + "\n  ".join(problems) + "\nverify --repair uses the teacher config, checkpoint and "
-                        "--cfg-options the manifest records; give --teacher-config, --checkpoint or --cfg-options only "
-                        "where those moved, as the build had them. Nothing was changed." + hint)
-                raise CacheMismatchError(f"{out} was built differently:\n  " + "\n  ".join(problems) +
-                                         "\nUse another --out, or --force to erase it and start over." + hint)
-            self._warn_versions(writer.manifest.versions)
+                hint = resume.regression_cells_hint(writer.manifest.regression_cells, identity["regression_cells"],
+                                                    options.head_outputs)
+                raise resume.mismatch_error(out, problems, hint, repair=options.rows is not None)
+            changed = resume.changed_versions(writer.manifest.versions, library_versions())
+            if changed and self.world.is_main:
+                logger.warning("resuming %s with other library versions than the cache was started with (%s): the "
+                               "samples built now may differ slightly from the earlier ones; --force rebuilds all of "
+                               "them with one set", out, ", ".join(changed))
             return writer, None
         if self.world.is_main:
             if exists or state.kind == location.DAMAGED:
@@ -344,59 +244,6 @@ class Builder:
         self.layouts = {spec.name: spec.layout for spec in writer.manifest.layers if spec.layout is not None}
         return writer, None
 
-    def _warn_versions(self, recorded: dict[str, str]) -> None:
-        now = library_versions()
-        changed = [f"{name} {recorded.get(name, 'absent')} -> {now.get(name, 'absent')}" for name in TEACHER_LIBRARIES
-                   if recorded.get(name) != now.get(name) and (name in recorded or name in now)]
-        if changed and self.world.is_main:
-            logger.warning("resuming %s with other library versions than the cache was started with (%s): the "
-                           "samples built now may differ slightly from the earlier ones; --force rebuilds all of "
-                           "them with one set", self.options.out, ", ".join(changed))
-
-    def _count_nonzero(self, features: dict[str, np.ndarray], keys: Sequence[str]) -> None:
-        """Record each sample's non-zero fraction per layer (of the teacher's float32 output), by key: a sample
-        found invalid when written is dropped from them (``_report_invalid``)."""
-        for name, value in features.items():
-            per_sample = value.reshape(value.shape[0], -1)
-            fractions = np.count_nonzero(per_sample, axis=1) / max(per_sample.shape[1], 1)
-            for key, fraction in zip(keys, fractions):
-                self.nonzero.setdefault(key, {})[name] = float(fraction)
-
-    def _nonzero_summary(self, writer: CacheWriter) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, float]]]:
-        """Every rank's non-zero fractions, merged with those of earlier runs (group attribute
-        ``featcache_nonzero``), and the layers (nearly) all zeros in every sample of this run, with that
-        run's sample count and largest fraction. A repair (``rows``) leaves the recorded figures as they are."""
-        mine: dict[str, list[float]] = {}  # per layer, in the order the samples were computed
-        for fractions in list(self.nonzero.values()):
-            for name, fraction in fractions.items():
-                mine.setdefault(name, []).append(fraction)
-        gathered = [mine]
-        if self.world.size > 1:
-            import torch.distributed as dist
-
-            gathered = [None] * self.world.size
-            dist.all_gather_object(gathered, mine)
-        this_run: dict[str, list[float]] = {}
-        for part in gathered:
-            for name, fractions in (part or {}).items():
-                this_run.setdefault(name, []).extend(fractions)
-        nearly_zero = {name: (len(fractions), max(fractions)) for name, fractions in this_run.items()
-                       if fractions and max(fractions) < format.NEAR_ZERO_FRACTION}
-        earlier = dict(writer.group.attrs.get(format.NONZERO_ATTRIBUTE) or {})
-        if self.options.rows is not None:
-            return earlier, nearly_zero
-        summary = {}
-        for name in writer.manifest.layer_names:
-            fractions, before = this_run.get(name, []), earlier.get(name) or {}
-            count = len(fractions) + int(before.get("samples", 0))
-            if not count:
-                continue
-            total = sum(fractions) + float(before.get("mean", 0.0)) * int(before.get("samples", 0))
-            summary[name] = {"samples": count, "mean": total / count,
-                             "min": min(fractions + ([before["min"]] if "min" in before else [])),
-                             "max": max(fractions + ([before["max"]] if "max" in before else []))}
-        return summary, nearly_zero
-
     def _teacher_outputs(self, batch, keys: list[str]
                          ) -> tuple[dict[str, np.ndarray], list[boxes_.TeacherBoxes], list[str | None]]:
         """The batch's features, with ``--boxes`` each sample's predictions (else an empty list), and per
@@ -406,7 +253,7 @@ class Builder:
                 features, predicted, head_problems = self.teacher.features_and_checked_boxes(batch)
             else:
                 features, predicted, head_problems = self.teacher.features(batch), [], [None] * len(keys)
-            self._count_nonzero(features, keys)
+            self.nonzero.count(features, keys)
             return features, predicted, head_problems
         except Exception as exc:
             raise InputDataError(f"the teacher failed on sample(s) {', '.join(map(repr, keys))} "
@@ -423,7 +270,7 @@ class Builder:
 
     def _report_invalid(self, key: str, exc: Exception) -> None:
         self.invalid_keys.append(key)
-        self.nonzero.pop(key, None)  # the statistics are of valid samples only
+        self.nonzero.drop(key)
         logger.error("sample %r: teacher output not finite (%s); not cached, marked invalid", key, exc)
 
     # -- run --------------------------------------------------------------------------------
@@ -446,7 +293,7 @@ class Builder:
         already = int(sum(1 for row in range(len(self.keys)) if self.world.owns(row)
                           and status[row] == format.STATUS_COMPLETE)) - writer.stats.samples
         background = BackgroundWriter(writer, depth=self.options.writer_depth, on_invalid=self._report_invalid)
-        progress = _Progress(len(rows) + (probe is not None), writer, enabled=self.options.progress and self.world.is_main,
+        progress = BuildProgress(len(rows) + (probe is not None), writer, enabled=self.options.progress and self.world.is_main,
                              rank_note=f" (rank 0 of {self.world.size})" if self.world.size > 1 else "")
         try:
             if probe is not None:  # written while the teacher runs on the next samples
@@ -469,7 +316,9 @@ class Builder:
             finally:  # the bar ends at what was written (a sample is counted when it is handed to the writer)
                 progress.close(done=writer.stats.samples + writer.stats.invalid)
         self.world.barrier()
-        nonzero, nearly_zero = self._nonzero_summary(writer)
+        earlier = dict(writer.group.attrs.get(format.NONZERO_ATTRIBUTE) or {})  # earlier runs' figures
+        nonzero, nearly_zero = self.nonzero.summary(self.world, earlier, writer.manifest.layer_names,
+                                                    repair=self.options.rows is not None)
         if self.world.is_main:
             final = writer.status()
             try:
@@ -499,40 +348,6 @@ class Builder:
                              raw_bytes=writer.stats.raw_bytes, nonzero=nonzero,
                              nearly_zero_layers=tuple(nearly_zero), truncated_boxes=dict(self.truncated_boxes))
         return result
-
-
-class _Progress:
-    """tqdm bar with samples/s, ETA (tqdm's own) and MB/s written, bytes/sample (from the writer)."""
-
-    def __init__(self, total: int, writer: CacheWriter, enabled: bool, rank_note: str = "") -> None:
-        self.writer = writer
-        self.start = time.perf_counter()
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="sample", desc=f"featcache build{rank_note}", dynamic_ncols=True)
-
-    def update(self, count: int) -> None:
-        if self.bar is None:
-            return
-        stats = self.writer.stats
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        if stats.samples:
-            self.bar.set_postfix_str(f"{stats.stored_bytes / elapsed / 1e6:.1f} MB/s written, "
-                                     f"{stats.stored_bytes / stats.samples / 1e6:.2f} MB/sample "
-                                     f"({stats.raw_bytes / max(stats.stored_bytes, 1):.1f}x smaller than fp32)",
-                                     refresh=False)
-        self.bar.update(count)
-
-    def close(self, done: int | None = None) -> None:
-        """Close the bar, showing ``done`` samples if given: a write that failed is not shown as done."""
-        if self.bar is not None:
-            if done is not None and done != self.bar.n:
-                self.bar.n = done
-                self.bar.set_description_str(f"{self.bar.desc} (stopped)", refresh=False)
-                self.bar.refresh()
-            self.bar.close()
 
 
 def build_cache(options: BuildOptions) -> BuildResult:
