@@ -16,6 +16,17 @@ TEST_CONFIGS = REPO / "tests" / "configs"
 CACHE_LAYERS = "pts_middle_encoder,pts_neck"  # what the shared reference cache (conftest) holds
 
 
+#: What mmengine logs as it builds a dataset, the first step of a teacher's set-up.
+DATASET_BUILT = "The length of "
+
+
+def assert_refused_before_set_up(result: subprocess.CompletedProcess, where: str = "") -> None:
+    """A featcache command (run with its output captured) stopped before it built the teacher's dataset,
+    let alone the model: the evidence is in what it logged, not in how long it took."""
+    output = result.stdout + result.stderr
+    assert DATASET_BUILT not in output, (where, output[-3000:])
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(mount_point: Path, options: str):
     """A tmpfs mounted at ``mount_point`` (created) with mount ``options`` (e.g. ``size=12m`` for a full

@@ -606,8 +606,6 @@ def test_reg_on_a_transfusion_teacher_says_what_works_instead():
 
 def test_head_outputs_a_transfusion_head_lacks_are_refused_before_model_and_dataset(tmp_path, monkeypatch):
     # the build used to find out only once the teacher model and its dataset were built (~9 s for BEVFusion)
-    import time
-
     from featcache.teacher.options import resolve_config_path
 
     config = tmp_path / "bevfusion_like.py"
@@ -622,12 +620,10 @@ def test_head_outputs_a_transfusion_head_lacks_are_refused_before_model_and_data
     monkeypatch.setattr(models, "build_model", built)
     monkeypatch.setattr(models, "build_dataset", built)
     for wanted, refused in (("all", "reg,height,dim,rot,vel"), ("heatmap,dim", "dim")):
-        start = time.monotonic()
         with pytest.raises(ConfigError, match=rf"--head-outputs {refused}: pts_bbox_head \(TransFusionHead\) regresses "
                                               r"boxes per object query.*--kd heatmap=10,label=1"):
             build_cache(BuildOptions(str(config), str(checkpoint), str(tmp_path / "out"), head_outputs=wanted,
                                      num_workers=0, progress=False))
-        assert time.monotonic() - start < 5
     assert not (tmp_path / "out").exists()
     # a registered subclass of TransFusionHead counts too; a CenterHead config passes
     from mmdet3d.registry import MODELS
