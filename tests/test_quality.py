@@ -84,6 +84,20 @@ def test_committed_report_is_what_the_committed_records_render():
     assert report.render_report(state, state["context"], False, writer) == committed
 
 
+def test_paired_difference_is_scipys_paired_t_interval_over_the_seeds_both_trained():
+    from scipy.stats import ttest_rel
+
+    recipe = [{"seed": seed, "mAP": value} for seed, value in enumerate([0.781, 0.802, 0.766, 0.790, 0.771])]
+    no_kd = [{"seed": seed, "mAP": value} for seed, value in enumerate([0.631, 0.647, 0.621, 0.640])][::-1]
+    no_kd.append({"seed": 9, "mAP": 0.1})  # a seed the recipe did not train is not paired
+    paired = report.paired_difference(recipe, no_kd)
+    reference = ttest_rel([r["mAP"] for r in recipe[:4]], [0.631, 0.647, 0.621, 0.640]).confidence_interval(0.95)
+    assert paired.seeds == 4
+    assert paired.mean == pytest.approx(sum(r["mAP"] for r in recipe[:4]) / 4 - (0.631 + 0.647 + 0.621 + 0.640) / 4)
+    assert (paired.low, paired.high) == (pytest.approx(reference.low), pytest.approx(reference.high))
+    assert str(paired).endswith("(4)") and report.paired_difference(recipe[:1], no_kd) is None  # one seed: no interval
+
+
 def test_run_key_changes_with_every_field_it_holds_and_only_with_them():
     """Two contexts (or runs) that differ in one field give different keys; equal ones give the same key."""
     context = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "r", "cache_codecs": "c",

@@ -30,6 +30,34 @@ def compare(values: list[float], base: list[float]) -> tuple[float, float | None
 
 
 @dataclass(frozen=True)
+class PairedDifference:
+    """A recipe minus its no-KD twin, seed by seed (the same seed: the same initialisation and data order), and
+    the 95% Student-t interval of the mean difference over those seeds."""
+
+    mean: float
+    low: float
+    high: float
+    seeds: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] ({self.seeds})"
+
+
+def paired_difference(records: list[dict], base: list[dict]) -> PairedDifference | None:
+    """``records``' mAP minus ``base``'s at each seed both trained; None under two such seeds (no interval)."""
+    from scipy.stats import t
+
+    base_by_seed = {record["seed"]: record["mAP"] for record in base}
+    differences = [record["mAP"] - base_by_seed[record["seed"]] for record in sorted(records, key=lambda r: r["seed"])
+                   if record["seed"] in base_by_seed]
+    if len(differences) < 2:
+        return None
+    mean = statistics.mean(differences)
+    half_width = float(t.ppf(0.975, len(differences) - 1)) * statistics.stdev(differences) / len(differences) ** 0.5
+    return PairedDifference(mean, mean - half_width, mean + half_width, len(differences))
+
+
+@dataclass(frozen=True)
 class Writer:
     """Where and when a report was written (its header says so; the runs' own machine may differ)."""
 
@@ -83,36 +111,41 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
              + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",
              f"Teacher: mAP **{teacher['mAP']:.4f}**, {teacher['params']:,} parameters.", ""]
     header = ["student", "recipe", "targets", "seeds", "mAP mean ± std", "min..max", "retention", "gain over no-KD",
-              "gap / larger std", "params", "step s", "train s"]
+              "gap / larger std", "paired difference [95% interval] (seeds)", "params", "step s", "train s"]
     rows = []
     verdicts = []
     for (student, recipe, targets), values in sorted(groups.items(), key=lambda item: (item[0][0], item[0][2],
                                                                                         item[0][1] != NO_KD, item[0][1])):
         mean, std = describe(values)
         base = groups.get((student, NO_KD, "none"))
-        gain = gap = None
+        gain = gap = paired = None
         if base and recipe != NO_KD:
             gain, gap = compare(values, base)
+            paired = paired_difference(records_by_group[(student, recipe, targets)],
+                                       records_by_group[(student, NO_KD, "none")])
             # a codec arm is judged against the default cache's runs (its section), not drawn as a recipe
             if gap is not None and len(values) >= 3 and len(base) >= 3 and not heatmap_codec_of(targets):
-                verdicts.append((student, recipe, targets, gain, gap))
+                verdicts.append((student, recipe, targets, gain, gap, paired))
         records = records_by_group[(student, recipe, targets)]
         step = [r["step_s"] for r in records if r.get("step_s")]
         rows.append([student, f"`{recipe}`", targets, str(len(values)),
                      f"{mean:.4f} ± {std:.4f}" if std == std else f"{mean:.4f}",
                      f"{min(values):.4f}..{max(values):.4f}", f"{mean / teacher['mAP']:.3f}",
                      "" if gain is None else f"{gain:+.4f}", "" if gap is None else f"{gap:+.2f}",
-                     f"{records[0]['params']:,}", f"{statistics.median(step):.3f}" if step else "",
+                     "" if paired is None else str(paired), f"{records[0]['params']:,}", f"{statistics.median(step):.3f}" if step else "",
                      f"{statistics.median(r['train_s'] for r in records):.0f}"])
     lines += ["## mAP per recipe", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", "Gap = (recipe mean - no-KD mean) / the larger of the two standard deviations. Step s: median "
+    lines += ["", "Gap = (recipe mean - no-KD mean) / the larger of the two standard deviations. Paired difference: "
+              "the recipe's mAP minus its no-KD twin's at each seed both trained (same seed: same initialisation and "
+              "data order), their mean and its 95% Student-t interval; an interval above 0 says the recipe helps "
+              "beyond the seed-to-seed spread of that difference. Step s: median "
               "logged iteration time at one torch thread with another training beside it, and possibly other jobs "
               "(tests) on the machine: a record of the run, not a speed figure (BENCHMARKS.md figure 7 times the "
               "terms side by side).", "",
               "![mAP per recipe, one dot per seed](quality.png)", "", "## What the runs say", ""]
     best = best_recipe(state["runs"], "half")
-    lines += conclusions(groups, verdicts, best)
+    lines += conclusions(groups, verdicts, best, records_by_group)
     lines += ["", "## Targets (issue #15)", ""] + target_table(groups, teacher["mAP"], best)
     lines += heatmap_codec_section(records_by_group, best, state.get("heatmap_caches", {}), context)
     missing = missing_runs(state, quick)
@@ -127,15 +160,20 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
     return "\n".join(lines) + "\n"
 
 
-def conclusions(groups, verdicts, best: str | None) -> list[str]:
+def _paired_note(paired: PairedDifference | None) -> str:
+    return "" if paired is None else f"; paired by seed: {paired}"
+
+
+def conclusions(groups, verdicts, best: str | None, records_by_group: dict[tuple[str, str, str], list[dict]]
+                ) -> list[str]:
     lines = []
     clear = [v for v in verdicts if v[3] > 0 and v[4] > 3]
-    for student, recipe, targets, gain, gap in sorted(verdicts, key=lambda v: -v[3]):
+    for student, recipe, targets, gain, gap, paired in sorted(verdicts, key=lambda v: -v[3]):
         judgement = ("beats no-KD beyond the spread" if gap > 3 else
                      "is above no-KD, within the spread" if gain > 0 else "is not better than no-KD")
         source = {"cache": "from the cache", "online": "from the teacher run online", "none": "(no teacher targets)"}
         lines.append(f"- {student} student, `{recipe}` {source.get(targets, targets)}: {judgement} "
-                     f"({gain:+.4f} mAP, {gap:+.2f} x the larger std).")
+                     f"({gain:+.4f} mAP, {gap:+.2f} x the larger std{_paired_note(paired)}).")
     if not verdicts:
         lines.append("- No recipe has 3 seeds beside 3 no-KD seeds yet; no comparison is drawn.")
     elif not clear:
@@ -143,7 +181,7 @@ def conclusions(groups, verdicts, best: str | None) -> list[str]:
                      "on this benchmark, distillation from the cache does not measurably help yet.")
     crd = [v for v in verdicts if v[1] == "crd=1" and v[0] == "half"]
     if crd:
-        _, _, _, gain, gap = crd[0]
+        _, _, _, gain, gap, _ = crd[0]
         top = max((v for v in verdicts if v[0] == "half"), key=lambda v: v[3])
         lines.append(f"- CRD alone (`crd=1`) changes the half student's mAP by {gain:+.4f} ({gap:+.2f} x the "
                      f"larger std) against no-KD; the best half recipe here is `{top[1]}` ({top[3]:+.4f}).")
@@ -153,8 +191,10 @@ def conclusions(groups, verdicts, best: str | None) -> list[str]:
         values, base = groups.get(("half", recipe, targets)), groups.get(("half", under, targets_of(under)))
         if values and base and len(values) >= 3 and len(base) >= 3:
             change, gap = compare(values, base)
+            paired = paired_difference(records_by_group[("half", recipe, targets)],
+                                       records_by_group[("half", under, targets_of(under))])
             lines.append(f"- {what}: `{recipe}`{versus} changes the half student's mAP by {change:+.4f} "
-                         f"({float('nan') if gap is None else gap:+.2f} x the larger std).")
+                         f"({float('nan') if gap is None else gap:+.2f} x the larger std{_paired_note(paired)}).")
 
     if best is not None and best != INIT and INIT in best.split(","):  # what the cache adds to the weights alone
         on_top("The cached targets on top of the teacher's weights", best, targets_of(best), INIT,
