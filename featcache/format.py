@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Collection, Sequence
 
 import numpy as np
@@ -135,12 +136,13 @@ class LayerSpec:
     # "stated" | "assumed", "evidence": {layout: score}}; None: written before featcache recorded layouts
     layout: dict[str, Any] | None = None
 
-    @property
+    # derived once per spec (the reader asks them on every row, and tells the values array by identity)
+    @cached_property
     def values_array(self) -> ArraySpec:
         """The array of the layer's stored values (``features/<layer>``)."""
         return ArraySpec(feature_path(self.name), self.shape, self.codec.storage_dtype, self.codec)
 
-    @property
+    @cached_property
     def qparams_array(self) -> ArraySpec | None:
         """The array of its per-channel (scale, offset) (``qparams/<layer>``) when its codec carries them
         (``CodecSpec.has_qparams``: int8), else None."""

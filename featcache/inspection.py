@@ -38,7 +38,8 @@ def stored_bytes_per_sample(cache: FeatureCache, arrays: Sequence[format.ArraySp
     if not rows or is_hdf5(cache.location):
         return None
     root = cache._open()
-    total = sum(store.chunk_nbytes(root[array.path], row) or 0 for array in arrays for row in rows)
+    opened = [root[array.path] for array in arrays]  # each lookup reads the array's metadata: once per array
+    total = sum(store.chunk_nbytes(array, row) or 0 for array in opened for row in rows)
     return total / len(rows) if total else None
 
 
