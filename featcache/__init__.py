@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "open_cache": "featcache.reader", "FeatureCache": "featcache.reader", "CachedTargetsDataset": "featcache.teacher.paired",
-    "build_cache": "featcache.teacher.build", "BuildOptions": "featcache.teacher.build",
+    "build_cache": "featcache.teacher.build", "BuildOptions": "featcache.teacher.options",
     "verify_cache": "featcache.verify", "Manifest": "featcache.format", "CodecSpec": "featcache.codecs",
 }
 __all__ = sorted(_LAZY)

@@ -287,7 +287,7 @@ def decode(stored: np.ndarray, codec: CodecSpec, qparams: np.ndarray | None = No
             scores = np.square(np.sin(stored.astype(np.float32) * np.float32(np.pi / _ASIN8_STEPS)))
         scores = np.clip(scores, np.float32(SCORE8_FLOOR), np.float32(1 - SCORE8_FLOOR))
         return np.log(scores / (1 - scores)).astype(np.float32, copy=False)
-    if codec.precision != "int8":
+    if not codec.has_qparams:
         return stored.astype(np.float32, copy=False)
     if qparams is None:
         raise ValueError("int8 features need their per-channel scale/offset to decode")
@@ -335,7 +335,7 @@ def affine_tensors(codec: CodecSpec, qparams: "torch.Tensor | None", dtype: "tor
     if not codec.linear:
         raise ValueError(f"codec {codec.name} does not decode by an affine map; decode the values read "
                          "(codecs.decode_tensor) before any linear read")
-    if codec.precision != "int8":
+    if not codec.has_qparams:
         return None
     if qparams is None:
         raise ValueError("int8 features need their per-channel scale/offset to decode")

@@ -61,7 +61,7 @@ class Builder:
     def __init__(self, options: BuildOptions) -> None:
         self.options = options
         # every option and --out first: a mistake fails now, before the model, dataset and teacher set-up
-        self.target: location.LocationState = options.validate()
+        options.validate()
         self.device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {self.device}: CUDA is not available here (torch {torch.__version__}); "

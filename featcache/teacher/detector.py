@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from featcache import boxes
 from featcache.teacher import heads, models, recording
+from featcache.teacher.options import split_layer_names
 from featcache.teacher.samples import dataset_keys, dataset_sources
 from featcache.errors import ConfigError, InputDataError
 
@@ -69,7 +70,7 @@ class Teacher:
     def __init__(self, config: str, checkpoint: str, layers: str | Sequence[str] | None = None, split: str = "train",
                  cfg_options: dict[str, Any] | None = None, device: str = "cpu",
                  trust_globals: Sequence[str] = (), head_outputs: str | Sequence[str] | None = None) -> None:
-        self.modules = recording.split_layer_names(layers) if layers is not None else None
+        self.modules = split_layer_names(layers) if layers is not None else None
         head_kinds = heads.parse_head_outputs(head_outputs)
         self.cfg = models.load_config(config, cfg_options)
         heads.check_config_head_outputs(self.cfg, head_kinds)  # a refusal before the dataset and model are built

@@ -38,10 +38,6 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     return names
 
 
-#: the modules a detector's dense head is taken from: ``--codec`` may name head outputs by them
-HEAD_MODULES = heads.HEAD_MODULES
-
-
 def check_codec_option(text: str | None, modules: Sequence[str] | None = None, head_outputs: Sequence[str] = (),
                        head_kinds: Mapping[str, str] | None = None) -> codecs.CodecOption:
     """``--codec`` (parsed by ``codecs.CodecOption.parse``) against what the build records, as far as it is known:
@@ -52,7 +48,7 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None, h
     (:func:`check_score_codecs`). ``BuildOptions.validate`` calls it before any model work, the build once more
     when the model is built; which outputs a module has is known once the teacher ran (``CodecOption.choose``)."""
     option = codecs.CodecOption.parse(text)
-    named = [*modules, *(HEAD_MODULES if head_outputs else ())] if modules is not None else None
+    named = [*modules, *(heads.HEAD_MODULES if head_outputs else ())] if modules is not None else None
     # what each codec lands on, as far as the options (and the model, once built) say: (what, head output kind or
     # None for a feature layer, codec)
     targets: list[tuple[str, str | None, codecs.CodecSpec]] = []
@@ -68,9 +64,9 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None, h
             if any(_names(selector, module) for module in modules if module not in head_kinds):
                 targets.append((selector, None, codec))
             targets += [(name, kind, codec) for name, kind in head_kinds.items() if codecs.selects(selector, name)]
-        elif selector in HEAD_MODULES and head_outputs:  # every head output, of each kind asked for
+        elif selector in heads.HEAD_MODULES and head_outputs:  # every head output, of each kind asked for
             targets += [(f"{selector}'s {kind} outputs", kind, codec) for kind in head_outputs]
-        elif not (head_outputs and any(_names(selector, head) for head in HEAD_MODULES)):
+        elif not (head_outputs and any(_names(selector, head) for head in heads.HEAD_MODULES)):
             targets.append((selector, None, codec))  # a feature layer (of --layers, or of the detector's own)
         # else a part of the head (pts_bbox_head.task_heads.0.reg): its kind is known once the model is built
     check_score_codecs(text, targets)

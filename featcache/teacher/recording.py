@@ -17,7 +17,6 @@ from torch import nn
 
 from featcache.errors import ConfigError
 from featcache.format import layer_name
-from featcache.teacher.options import split_layer_names  # noqa: F401  (``--layers`` parsing lives with the options)
 
 
 class _AllLayersRecorded(Exception):

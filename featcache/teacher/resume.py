@@ -78,11 +78,11 @@ def resume_problems(writer: CacheWriter, identity: dict[str, Any], *, modules: S
     problems = [] if recorded == list(modules) else [
         f"modules: cache has {recorded}, this build has {list(modules)}"]
     problems += identity_mismatches(writer.manifest, identity)
-    cache_keys = writer.keys()
+    cache_keys, cache_sources = writer.keys(), writer.sources()
     if writer.manifest.dataset_id != identity["dataset_id"]:
         problems += key_differences(cache_keys, keys)
-    problems += [f"sample {line}" for line in source_mismatches(cache_keys, writer.sources(), keys, sources)[:5]]
-    prefix = source_prefix_difference(cache_keys, writer.sources(), keys, sources)
+    problems += [f"sample {line}" for line in source_mismatches(cache_keys, cache_sources, keys, sources)[:5]]
+    prefix = source_prefix_difference(cache_keys, cache_sources, keys, sources)
     problems += [prefix] if prefix else []
     if writer.manifest.teacher_code is not None:  # caches written before it was recorded: not checked
         problems += models.source_differences(writer.manifest.teacher_code, teacher_code)
