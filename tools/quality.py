@@ -37,9 +37,6 @@ sys.path[:0] = [str(REPO)]
 
 from trainer.quality import benchmark, keys, report, runs  # noqa: E402
 
-# quality.trainer_revision(): the revision every run key holds
-from trainer.quality.keys import trainer_revision  # noqa: E402,F401
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -67,11 +64,7 @@ def main() -> None:
     parser.add_argument("--rekey-baseline", default=None, metavar="QUALITY_JSON",
                         help="with --rekey-proof on another machine than the records': the same runs trained here "
                              "at the records' trainer revision, which the proof must reproduce")
-    parser.add_argument("--run-spec", help=argparse.SUPPRESS)  # internal: one run, in its own process
     args = parser.parse_args()
-    if args.run_spec:
-        runs.run_spec(args.run_spec)
-        return
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.work_dir = args.work_dir or str(REPO / ("work_dirs/quality_quick" if args.quick else "work_dirs/quality"))
     if args.rekey_proof:

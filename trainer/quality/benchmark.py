@@ -59,7 +59,7 @@ def build_cache(work: Path, data: Path, heatmap_codec: str | None) -> dict[str, 
                                       *CACHE_OUTPUTS, *options], check=True)
     reader = open_cache(str(cache))
     return {"cache_codecs": cache_codecs(reader), "codecs_by_kind": codecs_by_kind(reader), "cache": str(cache),
-            "heatmap_codec": heatmaps, "heatmap_bytes_per_value": heatmap_bytes_per_value(cache, reader)}
+            "heatmap_codec": heatmaps, "heatmap_bytes_per_value": heatmap_bytes_per_value(reader)}
 
 
 def execute(args: argparse.Namespace) -> None:

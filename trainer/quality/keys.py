@@ -96,7 +96,7 @@ def codecs_by_kind(cache: Any) -> dict[str, str]:
     return {kind: ", ".join(sorted(entries)) for kind, entries in kinds.items()}
 
 
-def heatmap_bytes_per_value(path: Path, cache: Any) -> float:
+def heatmap_bytes_per_value(cache: Any) -> float:
     """Stored (compressed) bytes per heatmap value over the cache's samples (``store.chunk_nbytes``)."""
     from featcache.inspection import stored_bytes_per_sample
 

@@ -43,13 +43,19 @@ class PairedDifference:
         return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}] ({self.seeds})"
 
 
+def differences_by_seed(records: list[dict], base: list[dict]) -> dict[int, float]:
+    """``records``' mAP minus ``base``'s at each seed both trained (same seed: same initialisation and data
+    order), by seed in order."""
+    base_by_seed = {record["seed"]: record["mAP"] for record in base}
+    return {record["seed"]: record["mAP"] - base_by_seed[record["seed"]]
+            for record in sorted(records, key=lambda r: r["seed"]) if record["seed"] in base_by_seed}
+
+
 def paired_difference(records: list[dict], base: list[dict]) -> PairedDifference | None:
-    """``records``' mAP minus ``base``'s at each seed both trained; None under two such seeds (no interval)."""
+    """The mean of :func:`differences_by_seed` and its interval; None under two such seeds (no interval)."""
     from scipy.stats import t
 
-    base_by_seed = {record["seed"]: record["mAP"] for record in base}
-    differences = [record["mAP"] - base_by_seed[record["seed"]] for record in sorted(records, key=lambda r: r["seed"])
-                   if record["seed"] in base_by_seed]
+    differences = list(differences_by_seed(records, base).values())
     if len(differences) < 2:
         return None
     mean = statistics.mean(differences)
@@ -217,19 +223,20 @@ def heatmap_codec_section(records_by_group: dict[tuple[str, str, str], list[dict
     from featcache import head_layers
 
     arms = heatmap_codec_arms(best) if best else ()
-    default = {r["seed"]: r["mAP"] for r in records_by_group.get(("slim", best, "cache"), [])}
+    default = records_by_group.get(("slim", best, "cache"), [])
     if not arms or not default:
         return []
     default_codec = context.get("heatmap_codec", head_layers.HEATMAP_CODEC.name)
     header = ["heatmaps", "bytes / value", "seeds", "mAP mean ± std", "minus default, seed by seed", "mean difference"]
     rows = []
     for codec, targets in [(default_codec, "cache")] + [(codec, f"cache:{codec}") for codec in arms]:
-        by_seed = {r["seed"]: r["mAP"] for r in records_by_group.get(("slim", best, targets), [])}
+        arm = records_by_group.get(("slim", best, targets), [])
+        by_seed = {r["seed"]: r["mAP"] for r in arm}
         if not by_seed:
             rows.append([f"`{codec}`", "", "0", "not run yet", "", ""])
             continue
         mean, std = describe(list(by_seed.values()))
-        paired = {seed: value - default[seed] for seed, value in sorted(by_seed.items()) if seed in default}
+        paired = differences_by_seed(arm, default)
         size = bytes_per_value.get(codec)
         rows.append([f"`{codec}`" + (" (default)" if targets == "cache" else ""),
                      "" if size is None else f"{size:.2f}", str(len(by_seed)),
