@@ -202,3 +202,46 @@ def test_the_reg_term_reads_the_same_targets_from_regression_outputs_kept_at_box
                 if layer.kind in ("reg", "height", "dim", "rot", "vel"):
                     kept |= (stored[layer.name] != 0).any(axis=0)
             assert kept.ravel()[cells.numpy()].all() and kept.mean() < 0.05
+
+
+@pytest.mark.parametrize("student", ["student_half.py", "student_coarse.py"])
+def test_the_heatmap_term_reads_the_students_logits_though_centerhead_sigmoids_them_in_place(regression_caches,
+                                                                                          student, monkeypatch):
+    """CenterHead's loss turns its heatmap outputs into scores in place (``clip_sigmoid``: ``sigmoid_``), after
+    the distiller's hook recorded them: the term must still get what the head produced. On the half student
+    (the teacher's grid) and the coarse one (its own grid: the 50x50 teacher maps resampled onto 40x40)."""
+    from mmdet3d.registry import MODELS
+    from mmengine.dataset import pseudo_collate
+
+    from trainer.terms.heatmap import HeatmapTerm
+    from trainer.train import TrainOptions, build_runner_config
+
+    root, options = regression_caches
+    seen, produced = {}, {}
+    original = HeatmapTerm.layer_loss
+    monkeypatch.setattr(HeatmapTerm, "layer_loss",
+                        lambda self, layer: seen.setdefault(layer.key, layer.student.detach().clone())
+                        is None or original(self, layer))
+    cfg = build_runner_config(TrainOptions(str(REPO / "configs/demo" / student), str(root / "centres"),
+                                           kd={"heatmap": {"weight": 1.0, "loss": "focal"}},
+                                           cfg_options={**options, "train_dataloader.num_workers": 0,
+                                                        "train_dataloader.persistent_workers": False}))
+    dataset = models.build_dataset(models.unwrap_dataset_cfg(cfg.train_dataloader.dataset))
+    models.init_mmdet3d_scope()
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    heads = {f"pts_bbox_head__task_heads__{task}__heatmap": model.student.pts_bbox_head.task_heads[task].heatmap
+             for task in range(4)}
+    for key, module in heads.items():
+        module.register_forward_hook(lambda _m, _i, output, key=key: produced.__setitem__(key, output.detach().clone()))
+    batch = model.data_preprocessor(pseudo_collate([dataset[0]]), True)
+    losses = model.loss(batch["inputs"], batch["data_samples"])
+    assert set(seen) == set(heads)
+    for key in heads:
+        torch.testing.assert_close(seen[key], produced[key], rtol=0, atol=0)  # logits, as produced
+        assert seen[key].min() < 0  # scores would lie in (0, 1)
+        grid = 40 if student == "student_coarse.py" else 50
+        assert seen[key].shape[-2:] == (grid, grid)
+    kd = [value for name, value in losses.items() if name.startswith("loss_kd_heatmap")]
+    assert len(kd) == 4 and all(torch.isfinite(value) and value > 0 for value in kd)
+    assert all(torch.isfinite(losses[f"task{task}.loss_heatmap"]) for task in range(4))

@@ -366,9 +366,15 @@ class CacheDistiller(BaseModel):
             for name, term in self.terms.items():
                 if term.changes_gt and self.weights[name] > 0:
                     added[name] = self._add_label_targets(term, data_samples, teacher)
-        recorder = LayerRecorder(self.student, self.student_modules, detach=False)
+        # heatmaps as the head produced them (logits): the head's own loss turns them into scores in place
+        recorder = LayerRecorder(self.student, self.student_modules, detach=False, clone=self.heatmap_pairs)
         with recorder:
             losses = self.student.loss(inputs, data_samples)
+        changed = [layer for layer in recorder.modified() if layer in self.pairs]
+        if changed:
+            raise ConfigError(f"the student's own loss changed {', '.join(changed)} in place after the layer ran, so "
+                              "a distillation term would read altered values; distil another layer, or report the "
+                              "head (featcache copies heatmaps for this reason)")
         step = self._step(recorder.outputs, raw, data_samples, boxes, labels, teacher, unaugmented_frame)
         if self.training and int(self.steps) == 0:
             self._warn_low_overlap(step)

@@ -10,7 +10,7 @@ consumer needs the dense map, and at BEV resolutions the dense form compresses w
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -66,29 +66,41 @@ class LayerRecorder:
 
     Use as a context manager around a forward pass. With ``detach=True`` the recorded tensors are
     detached copies (safe against later in-place ops); with ``detach=False`` they stay in the
-    autograd graph (a student's features for a distillation loss).
+    autograd graph (a student's features for a distillation loss), and whatever runs after the hook
+    sees the same tensors: a loss that changes one in place (CenterHead's and TransFusionHead's
+    ``clip_sigmoid`` turns the heatmap logits into scores with ``sigmoid_``) changes what was recorded.
+    The layers in ``clone`` are therefore recorded as differentiable copies (the values the module
+    produced, gradient flowing back through the copy), and :meth:`modified` names every other recorded
+    tensor changed in place since its hook ran.
     """
 
     def __init__(self, model: nn.Module, module_names: Sequence[str], detach: bool = True,
-                 stop_when_done: bool = False) -> None:
+                 stop_when_done: bool = False, clone: Collection[str] = ()) -> None:
         self.modules = find_modules(model, module_names)
         self.detach = detach
         self.stop_when_done = stop_when_done
+        self.clone = frozenset(clone)
         self.outputs: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int] = {}
         self._seen: set[str] = set()
         self._handles: list[Any] = []
 
     def _hook(self, name: str) -> Callable:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             for layer, tensor in flatten_output(name, output).items():
-                self.outputs[layer] = tensor.detach().clone() if self.detach else tensor
+                if self.detach:
+                    tensor = tensor.detach().clone()
+                elif layer in self.clone:
+                    tensor = tensor.clone()
+                self.outputs[layer] = tensor
+                self._versions[layer] = tensor._version
             self._seen.add(name)
             if self.stop_when_done and len(self._seen) == len(self.modules):
                 raise _AllLayersRecorded
         return hook
 
     def __enter__(self) -> "LayerRecorder":
-        self.outputs, self._seen = {}, set()
+        self.outputs, self._versions, self._seen = {}, {}, set()
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
         return self
 
@@ -100,6 +112,10 @@ class LayerRecorder:
 
     def missing(self) -> list[str]:
         return [name for name in self.modules if name not in self._seen]
+
+    def modified(self) -> list[str]:
+        """Recorded layers whose tensor was changed in place after its hook ran (``Tensor._version``)."""
+        return [layer for layer, tensor in self.outputs.items() if tensor._version != self._versions[layer]]
 
 
 @torch.no_grad()
