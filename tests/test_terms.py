@@ -46,6 +46,14 @@ def test_kd_spec_parses_weights_and_names_the_valid_terms():
         parse_kd_spec("infonse=1")
     with pytest.raises(ValueError, match="not a number"):
         parse_kd_spec("pkd=x")
+    # a term's parameters follow its weight: one recipe string, whatever the student config says
+    assert parse_kd_spec("heatmap=2:loss=focal:beta=1.5:confidence_weighted=false,reg") == {
+        "heatmap": {"weight": 2.0, "loss": "focal", "beta": 1.5, "confidence_weighted": False}, "reg": 1.0}
+    with pytest.raises(ValueError, match="'gamma=2' is not PARAMETER=VALUE of 'heatmap', which takes loss, "
+                                         "confidence_weighted, gt_weight, beta, peak_threshold"):
+        parse_kd_spec("heatmap=1:gamma=2")
+    with pytest.raises(ValueError, match="'focal' is not PARAMETER=VALUE"):
+        parse_kd_spec("heatmap=1:focal")
     with pytest.raises(ValueError, match="unknown distillation term"):
         build_term("nope", _context(4, 4))
     with pytest.raises(ValueError, match="has no parameter tau; it takes feat_dim, temperature"):
@@ -277,8 +285,59 @@ def test_terms_read_only_the_pairs_of_their_kind():
     assert float(build_term("heatmap", _context(3, 3))(DistillStep([same]))["neck"]) == pytest.approx(0, abs=1e-7)
     same.channel_map = torch.tensor([-1, -1, -1])
     assert float(build_term("heatmap", _context(3, 3))(DistillStep([same]))["neck"]) == 0
-    with pytest.raises(ValueError, match="'mse' \\(SparseKD\\) or 'l1'"):
+    with pytest.raises(ValueError, match="'mse' \\(SparseKD\\), 'l1' \\(UniDistill\\), 'focal'"):
         build_term("heatmap", _context(3, 3), loss="kl")
+    with pytest.raises(ValueError, match="confidence_weighted applies to loss='mse' or 'l1'"):
+        build_term("heatmap", _context(3, 3), loss="focal", confidence_weighted=True)
+
+
+@pytest.mark.parametrize("loss, beta, gt_weight", [("focal", 2.0, 0.0), ("focal", 1.0, 4.0), ("bce", 2.0, 0.0)])
+def test_soft_target_heatmap_losses_match_mmdets_quality_focal_loss_per_teacher_peak(loss, beta, gt_weight):
+    from mmdet.models.losses.gfocal_loss import quality_focal_loss_tensor_target
+
+    # teacher classes (car, truck, ped), student classes (ped, bus, car): bus has no teacher channel
+    teacher = torch.randn(2, 3, 8, 8) * 3 - 3
+    teacher[0, 0, 2, 3] = teacher[1, 2, 5, 5] = teacher[1, 2, 6, 1] = 4.0  # confident objects
+    student = torch.randn(2, 3, 8, 8, requires_grad=True)
+    valid = torch.rand(2, 8, 8) > 0.1
+    step = _step(student, teacher, valid, meta={"transformation_3d_flow": ["HF"]})  # y -> -y: rows reversed
+    layer = step.layers[0]
+    layer.kind, layer.channel_map = "heatmap", torch.tensor([2, -1, 0])
+    layer.foreground = torch.rand(2, 8, 8)
+    term = build_term("heatmap", _context(3, 3), loss=loss, beta=beta, gt_weight=gt_weight, peak_threshold=0.3)
+    value = term(step)["neck"]
+    # reference: mmdet's quality focal loss (GFL) per cell over the shared classes, soft targets the flipped
+    # teacher's scores; normalised by the teacher's 3x3 peaks >= 0.3 on valid cells, counted in numpy
+    t = torch.from_numpy(_sigmoid(teacher.numpy()[:, :, ::-1, :])[:, [2, 0]].copy())
+    s = student.detach()[:, [0, 2]]
+    per_cell = quality_focal_loss_tensor_target(s.permute(0, 2, 3, 1).reshape(-1, 2), t.permute(0, 2, 3, 1).reshape(-1, 2),
+                                                beta=0.0 if loss == "bce" else beta, reduction="none").reshape(2, 8, 8)
+    w = valid.float() * (1 + gt_weight * layer.foreground)
+    tn = t.numpy()
+    padded = np.pad(tn, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-1)
+    neighbourhood = np.max([padded[:, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)], axis=0)
+    peaks = int(((tn >= neighbourhood) & (tn >= 0.3) & valid.numpy()[:, None]).sum())
+    assert peaks >= 3
+    assert float(value) == pytest.approx(float((w * per_cell).sum()) / peaks, rel=1e-5)
+    value.backward()
+    assert student.grad[:, 1].abs().sum() == 0 and student.grad[:, [0, 2]].abs().sum() > 0  # bus: no target
+
+
+def test_the_focal_heatmap_loss_still_teaches_an_object_the_student_misses():
+    # the student scores 0.01 where the teacher scores 0.9: the score MSE's gradient per logit vanishes
+    # (2 (s - t) s (1 - s) = -0.018), the soft-target focal loss's does not (its BCE part alone is s - t)
+    teacher = torch.full((1, 1, 5, 5), -6.0)
+    teacher[0, 0, 2, 2] = math.log(0.9 / 0.1)
+    gradients = {}
+    for loss in ("mse", "focal"):
+        student = torch.full((1, 1, 5, 5), -6.0)
+        student[0, 0, 2, 2] = math.log(0.01 / 0.99)
+        student.requires_grad_(True)
+        step = _step(student, teacher)
+        step.layers[0].kind, step.layers[0].channel_map = "heatmap", torch.tensor([0])
+        build_term("heatmap", _context(1, 1), loss=loss)(step)["neck"].backward()
+        gradients[loss] = float(student.grad[0, 0, 2, 2])
+    assert -0.05 < gradients["mse"] < 0 and gradients["focal"] < -0.5
 
 
 def test_every_terms_cells_of_a_layer_are_gathered_once_with_the_gradients_of_separate_gathers(monkeypatch):

@@ -21,7 +21,7 @@ def _pairs(text: str | None) -> dict[str, str] | None:
     return pairs
 
 
-def _kd(text: str | None) -> dict[str, float] | None:
+def _kd(text: str | None) -> dict[str, float | dict] | None:
     if text is None:  # not given: the student config's terms
         return None
     from trainer.terms import parse_kd_spec
@@ -43,8 +43,9 @@ def _kd(text: str | None) -> dict[str, float] | None:
 @click.option("--work-dir", default=None, help="Default: work_dirs/<config name>.")
 @click.option("--kd", default=None, metavar="TERM=WEIGHT,...",
               help="Distillation terms and weights, e.g. infonce=1,pkd=5 (terms: crd, infonce, mse, pkd; heatmap, "
-                   "reg from a cache built with --head-outputs; label from a cache built with --boxes). Default: the "
-                   "student config's distill.terms, else crd=1.")
+                   "reg from a cache built with --head-outputs; label from a cache built with --boxes); a term's "
+                   "parameters follow its weight after colons (heatmap=1:loss=focal). Default: the student "
+                   "config's distill.terms, else crd=1.")
 @click.option("--kd-warmup", type=click.IntRange(min=0), default=None, metavar="ITERS",
               help="Raise the distillation weights linearly over the first ITERS iterations.")
 @click.option("--loss", type=click.Choice(["crd", "infonce", "mse", "pkd"]), default=None,

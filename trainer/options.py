@@ -17,7 +17,7 @@ class TrainOptions:
     student_config: str
     cache: str | None
     work_dir: str | None = None
-    kd: dict[str, float] | None = None  # term -> weight (--kd infonce=1,pkd=5)
+    kd: dict[str, float | dict] | None = None  # term -> weight or dict(weight=..., **params) (--kd pkd=5,heatmap=2:loss=focal)
     kd_warmup: int | None = None  # iterations of linear weight warm-up (None: the config's, else 0)
     loss: str | None = None  # deprecated (--loss X): same as kd={X: alpha}
     alpha: float | None = None  # deprecated (--alpha-crd): the weight of --loss's term
@@ -61,7 +61,10 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
             1.0 if options.alpha is None else options.alpha)
         kd = {loss: 1.0 if options.alpha is None else float(options.alpha)}
     if kd is not None:
-        terms = {name: {**config_terms.get(name, {}), "weight": float(weight)} for name, weight in kd.items()}
+        # --kd's weight and parameters (heatmap=2:loss=focal) over the config's entry of the same term
+        terms = {name: {**config_terms.get(name, {}),
+                        **(dict(value) if isinstance(value, dict) else {"weight": float(value)})}
+                 for name, value in kd.items()}
     else:
         terms = config_terms or {"crd": {"weight": 1.0}}
     for name, params in terms.items():

@@ -26,10 +26,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from featcache import head_layers
+
 __all__ = ["REGRESSION_KINDS", "augment_points", "augment_yaw", "augment_velocity", "augmented_targets"]
 
-#: CenterHead outputs that encode box fields (everything but the heatmap).
-REGRESSION_KINDS = ("reg", "height", "dim", "rot", "vel")
+#: CenterHead outputs that encode box fields (everything but the heatmap): the format's list, one owner.
+REGRESSION_KINDS = head_layers.REGRESSION_OUTPUTS
 
 
 def _flow(meta: dict[str, Any]) -> list[str]:

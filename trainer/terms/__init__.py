@@ -13,7 +13,8 @@ Terms (:data:`TERMS`, registered in this order):
 * ``infonce`` (:mod:`.infonce`): InfoNCE over sampled BEV cells, plus InfoNCE over GT instances.
 * ``mse`` (:mod:`.mse`): masked feature regression through a 1x1 adapter.
 * ``pkd`` (:mod:`.pkd`): PKD, 1 - Pearson's r per channel over the compared valid cells.
-* ``heatmap`` (:mod:`.heatmap`): response distillation on CenterHead class heatmaps (SparseKD, UniDistill).
+* ``heatmap`` (:mod:`.heatmap`): response distillation on CenterHead class heatmaps: score MSE / L1 (SparseKD,
+  UniDistill) or a soft-target focal / BCE loss on logits that still teaches where the student misses.
 * ``reg`` (:mod:`.reg`): response distillation on CenterHead regression outputs at GT centres and the
   teacher's confident peaks.
 * ``label`` (:mod:`.label`): label distillation: confident teacher boxes join the student's GT.
@@ -32,11 +33,11 @@ from trainer.terms.base import (TERMS, DistillStep, KDTerm, LayerStep, TermConte
 from trainer.terms.crd import CRDTerm
 from trainer.terms.infonce import InfoNCETerm
 from trainer.terms.mse import MSETerm
-from trainer.terms.pkd import PKDTerm, pkd_standardise
-from trainer.terms.heatmap import HeatmapTerm, clamped_sigmoid
+from trainer.terms.pkd import PKDTerm
+from trainer.terms.heatmap import HeatmapTerm
 from trainer.terms.reg import RegressionTerm
 from trainer.terms.label import LabelTerm
 
 __all__ = ["LayerStep", "DistillStep", "TermContext", "KDTerm", "TERMS", "register_term", "build_term",
-           "parse_kd_spec", "pkd_standardise", "clamped_sigmoid", "CRDTerm", "InfoNCETerm", "MSETerm", "PKDTerm",
+           "parse_kd_spec", "CRDTerm", "InfoNCETerm", "MSETerm", "PKDTerm",
            "HeatmapTerm", "RegressionTerm", "LabelTerm"]

@@ -239,24 +239,49 @@ def build_term(name: str, context: TermContext, **params: Any) -> KDTerm:
     return TERMS[name](context, **params)
 
 
-def parse_kd_spec(text: str) -> dict[str, float]:
-    """``'infonce=1,pkd=5'`` -> ``{'infonce': 1.0, 'pkd': 5.0}``; a bare name weighs 1. Names are checked
-    against :data:`TERMS`."""
-    spec: dict[str, float] = {}
+def parse_kd_spec(text: str) -> dict[str, float | dict[str, Any]]:
+    """``'infonce=1,pkd=5'`` -> ``{'infonce': 1.0, 'pkd': 5.0}``; a bare name weighs 1. A term's parameters
+    follow its weight after colons: ``'heatmap=2:loss=focal,reg=1'`` -> ``{'heatmap': {'weight': 2.0, 'loss':
+    'focal'}, 'reg': 1.0}`` (a number is read as a float, ``true``/``false`` as booleans, anything else as
+    text), so a recipe is one string whatever the student config's ``distill.terms`` say. Names are checked
+    against :data:`TERMS`, parameter names against the term's (:meth:`KDTerm.parameters`)."""
+    spec: dict[str, float | dict[str, Any]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, weight = item.partition("=")
+        head, *settings = item.split(":")
+        name, sep, weight_text = head.partition("=")
         name = name.strip()
         if name not in TERMS:
             raise ValueError(f"--kd {text!r}: unknown term {name!r}; choose from {', '.join(sorted(TERMS))}")
         try:
-            spec[name] = float(weight) if sep else 1.0
+            weight = float(weight_text) if sep else 1.0
         except ValueError:
-            raise ValueError(f"--kd {text!r}: the weight of {name!r} is not a number: {weight!r}") from None
-        if not math.isfinite(spec[name]) or spec[name] < 0:
+            raise ValueError(f"--kd {text!r}: the weight of {name!r} is not a number: {weight_text!r}") from None
+        if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"--kd {text!r}: the weight of {name!r} must be a finite number >= 0")
+        if not settings:
+            spec[name] = weight
+            continue
+        params: dict[str, Any] = {"weight": weight}
+        for setting in settings:
+            key, has_value, value = (part.strip() for part in setting.partition("="))
+            if not has_value or key not in TERMS[name].parameters():
+                raise ValueError(f"--kd {text!r}: {setting!r} is not PARAMETER=VALUE of {name!r}, which takes "
+                                 f"{', '.join(TERMS[name].parameters()) or 'none'}")
+            params[key] = _parameter_value(value)
+        spec[name] = params
     if not spec:
         raise ValueError(f"--kd {text!r} names no term; e.g. --kd infonce=1,pkd=5")
     return spec
+
+
+def _parameter_value(text: str) -> Any:
+    """A ``--kd`` parameter's value: a float where it reads as a number, a bool for true/false, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def projection_heads(context: TermContext, feat_dim: int) -> nn.ModuleDict:
