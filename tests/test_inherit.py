@@ -73,6 +73,15 @@ def test_inheritance_slices_narrower_tensors_keeps_what_the_teacher_cannot_give_
         inherit_from_teacher(nn.Linear(2, 2), TEACHER, TEACHER_CKPT)
 
 
+def test_a_student_on_another_voxel_grid_cannot_inherit_and_is_told_what_to_do():
+    student = _build(str(REPO / "configs/demo/student_coarse.py"))
+    before = {name: value.clone() for name, value in student.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"teacher voxelises at \[0.32, 0.32, 8.0\] m .* the student at "
+                                          r"\[0.4, 0.4, 8.0\] m .* train it without --init-from-teacher"):
+        inherit_from_teacher(student, TEACHER, TEACHER_CKPT)
+    assert all(torch.equal(before[name], value) for name, value in student.state_dict().items())  # nothing copied
+
+
 def test_featcache_train_inherits_before_the_first_step(tmp_path):
     from trainer.train import TrainOptions, _runner_class, build_runner_config
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 logger = logging.getLogger("trainer.inherit")
 
-__all__ = ["InheritReport", "inherit_weights", "concat_groups", "inherit_from_teacher"]
+__all__ = ["InheritReport", "inherit_weights", "concat_groups", "check_same_grid", "inherit_from_teacher"]
 
 
 @dataclass
@@ -103,6 +103,31 @@ def inherit_weights(student: nn.Module, teacher_state: dict[str, Tensor],
     return report
 
 
+def voxel_grid(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """(voxel size, point cloud range) the model's voxelisation discretises its input with; None for a
+    model that voxelises nothing (no ``data_preprocessor.voxel_layer``)."""
+    layer = getattr(getattr(model, "data_preprocessor", None), "voxel_layer", None)
+    if layer is None or not hasattr(layer, "voxel_size"):
+        return None
+    return (tuple(float(v) for v in layer.voxel_size), tuple(float(v) for v in layer.point_cloud_range))
+
+
+def check_same_grid(student: nn.Module, teacher: nn.Module, config: str) -> None:
+    """Refuse a student whose voxel grid is not the teacher's: every copied layer would read features of
+    another discretisation (the pillar encoder's offsets in other units, BEV kernels spanning other
+    distances, head offsets in other cells); a weight copy is no start for it. Such a student learns
+    from the cache's targets, which are resampled onto its grid."""
+    student_grid, teacher_grid = voxel_grid(student), voxel_grid(teacher)
+    if student_grid is not None and teacher_grid is not None and student_grid != teacher_grid:
+        from featcache.errors import ConfigError
+
+        raise ConfigError(
+            f"--init-from-teacher {config}: the teacher voxelises at {list(teacher_grid[0])} m over "
+            f"{list(teacher_grid[1])}, the student at {list(student_grid[0])} m over {list(student_grid[1])}; "
+            "weights learned on another grid are no start for this student: train it without "
+            "--init-from-teacher (the cache's targets are resampled onto its grid)")
+
+
 def inherit_from_teacher(student: nn.Module, config: str, checkpoint: str) -> InheritReport:
     """Build the teacher of ``config`` with ``checkpoint`` (its weights only: never run) and
     :func:`inherit_weights` into ``student``. The global random generator is left as it was, so the
@@ -111,6 +136,7 @@ def inherit_from_teacher(student: nn.Module, config: str, checkpoint: str) -> In
 
     with torch.random.fork_rng(devices=[]):
         teacher = models.build_model(models.load_config(config), checkpoint)
+    check_same_grid(student, teacher, config)
     report = inherit_weights(student, teacher.state_dict(), concat_groups(student, teacher))
     if not report.copied and not report.sliced:
         from featcache.errors import ConfigError
