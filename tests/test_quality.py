@@ -206,6 +206,28 @@ def test_rekey_moves_records_only_where_the_proof_reproduces_them_bit_for_bit(mo
     assert state["rekeyed"][0]["proof"][0].startswith("half/no-kd/")
 
 
+def test_rekey_leaves_the_records_of_an_altered_term_to_retrain(monkeypatch):
+    """A change that fixes one term (the heatmap term read CenterHead's in-place sigmoid scores): proven on runs
+    without it, every record but those distilling that kind (from the cache or an online teacher) is re-keyed."""
+    context = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "old", "heatmap_codec": "asin8-zstd3",
+               "codecs_by_kind": {"feature": "f", "heatmap": "h asin8-zstd3", "reg": "r"}}
+    runs = [Run("half", "no-kd", 0, "none"), Run("half", "init", 0, "none"), Run("half", "pkd=5", 0, "cache"),
+            Run("half", "heatmap=10,reg=1,init", 0, "cache"), Run("half", "heatmap=10,reg=1,init", 0, "online"),
+            Run("half", "reg=1,init", 0, "cache")]
+    state = {"runs": [{**asdict(run), "mAP": 0.6, "key": run_key(run, context, False)} for run in runs],
+             "superseded_runs": [], "context": context, "teacher": {"key": "x"}}
+    monkeypatch.setattr(keys, "trainer_revision", lambda: "new")
+    new = {**context, "trainer_revision": "new"}
+    proof = {"context": new, "runs": [{**record, "key": run_key(record_run(record), new, False)}
+                                      for record in state["runs"][:2]]}
+    message = rekey(state, proof, False, retrain_kinds=["heatmap"])
+    assert "re-keyed 4 of 6 records" in message and "2 records distilling heatmap left to retrain" in message
+    moved = [record_run(r).name for r in state["runs"] if r["key"] == run_key(record_run(r), new, False)]
+    assert moved == ["half/no-kd/none/seed0", "half/init/none/seed0", "half/pkd=5/cache/seed0",
+                     "half/reg=1+init/cache/seed0"]
+    assert state["rekeyed"][0]["left_to_retrain"] == 2 and state["rekeyed"][0]["retrain_kinds"] == ["heatmap"]
+
+
 def test_rekey_on_another_machine_compares_with_a_baseline_trained_here(monkeypatch):
     """Float results depend on the CPU's kernels: on another machine the proof must reproduce the same runs trained
     there at the records' revision (the baseline), not the records; a baseline of another revision is refused."""

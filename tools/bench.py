@@ -213,7 +213,8 @@ def figure_train(ctx: Context) -> Section:
     cached = {"crd": {"crd": 1.0}, "infonce": {"infonce": 1.0}, "mse": {"mse": 1.0}, "pkd": {"pkd": 5.0},
               "heatmap": {"heatmap": 10.0}, "infonce+pkd": {"infonce": 1.0, "pkd": 5.0},
               "heatmap+infonce": {"heatmap": 10.0, "infonce": 1.0}, "heatmap+reg": {"heatmap": 10.0, "reg": 1.0},
-              "heatmap+reg+label": {"heatmap": 10.0, "reg": 1.0, "label": 1.0}}
+              "heatmap+reg+label": {"heatmap": 10.0, "reg": 1.0, "label": 1.0},
+              "heatmap(focal)+reg": {"heatmap": {"weight": 1.0, "loss": "focal"}, "reg": 1.0}}
     variants = {no_kd_label: (TrainOptions(student, None, no_distill=True, cfg_options=options), steps),
                 **{f"cached KD, {name}": (TrainOptions(student, cache, kd=kd, cfg_options=options), steps)
                    for name, kd in cached.items()},
@@ -240,10 +241,11 @@ def figure_train(ctx: Context) -> Section:
              "(round robin, the same batches in the same order), so machine drift reaches all alike. The cache holds "
              "figure 3's layers (default codec), the teacher's head outputs (`--head-outputs all`, default codecs) and "
              "boxes (`--boxes`), built here like figure 3's. Cached variants: each feature term and `heatmap` of "
-             "`trainer/terms/` alone (`--kd NAME=W`), infonce+pkd, heatmap+infonce, heatmap+reg and "
-             "heatmap+reg+label together (the seeded teacher's boxes are noise: label KD adds those that are "
-             "plausible, up to hundreds per scan, to the GT, which makes that variant's target assignment heavier "
-             "than a trained teacher's would). Online KD runs the voxel0075 teacher in the training "
+             "`trainer/terms/` alone (`--kd NAME=W`), infonce+pkd, heatmap+infonce, heatmap+reg, "
+             "heatmap+reg+label and the focal heatmap loss with reg (`heatmap=1:loss=focal,reg=1`) together (the "
+             "seeded teacher's boxes are noise: label KD adds those that are plausible, up to hundreds per scan, to "
+             "the GT, which makes that variant's target assignment heavier than a trained teacher's would). Online "
+             "KD runs the voxel0075 teacher in the training "
              "process on the student's batch, with infonce, compared with the cached infonce variant.", ""]
     lines += table(["variant", "steps", "median s/step", "min", "max", "/ no KD"], rows)
     # What online KD costs over cached KD should be the teacher alone: compare with the time the online

@@ -45,10 +45,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings side by side (threads split between them)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    parser.add_argument("--only", choices=["half", "slim", "online"], default=None)
+    parser.add_argument("--only", choices=["half", "slim", "coarse", "online"], default=None)
     parser.add_argument("--recipes", nargs="+", default=None,
-                        help="a pilot: train only these recipes of the half student (--only slim: of the slim "
-                             "one); give --out-dir elsewhere")
+                        help="a pilot: train only these recipes of the half student (--only slim / coarse: of "
+                             "that one); give --out-dir elsewhere")
     parser.add_argument("--heatmap-codec", default=None,
                         help="a pilot: cache the teacher's heatmaps in this codec (e.g. fp16-zstd1) instead of "
                              "the build's default; give --out-dir elsewhere")
@@ -64,13 +64,17 @@ def main() -> None:
     parser.add_argument("--rekey-baseline", default=None, metavar="QUALITY_JSON",
                         help="with --rekey-proof on another machine than the records': the same runs trained here "
                              "at the records' trainer revision, which the proof must reproduce")
+    parser.add_argument("--rekey-retrain", nargs="+", default=(), metavar="KIND",
+                        help="with --rekey-proof: kinds of teacher maps whose distillation the trainer change did alter "
+                             "(e.g. heatmap): records of recipes distilling them are left to retrain")
     args = parser.parse_args()
     args.seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     args.work_dir = args.work_dir or str(REPO / ("work_dirs/quality_quick" if args.quick else "work_dirs/quality"))
     if args.rekey_proof:
         state = runs.load(Path(args.out_dir) / "quality.json")
         benchmark.log(keys.rekey(state, runs.load(Path(args.rekey_proof)), args.quick,
-                                 runs.load(Path(args.rekey_baseline)) if args.rekey_baseline else None))
+                                 runs.load(Path(args.rekey_baseline)) if args.rekey_baseline else None,
+                                 args.rekey_retrain))
         runs.save(Path(args.out_dir) / "quality.json", state)
         report.write_report(Path(args.out_dir), state, state["context"], args.quick)
         return

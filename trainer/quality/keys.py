@@ -11,9 +11,10 @@ import functools
 import hashlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
-from trainer.quality.plan import NO_KD, REPO, STUDENTS, Run, heatmap_codec_of, kinds_read, record_run, target_source
+from trainer.quality.plan import (NO_KD, REPO, STUDENTS, Run, heatmap_codec_of, kinds_read, recipe_kinds, record_run,
+                                  target_source)
 from trainer.quality.runs import now
 
 # What decides the outcome of a run: every trainer module that shapes a result, sub-packages included (paths
@@ -117,14 +118,17 @@ def arm_context(context: dict[str, Any], run: Run) -> dict[str, Any]:
     return {**context, "codecs_by_kind": kinds}
 
 
-def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool, baseline: dict[str, Any] | None = None) -> str:
+def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool, baseline: dict[str, Any] | None = None,
+          retrain_kinds: Collection[str] = ()) -> str:
     """Move the records of ``state``'s trainer revision to the current one, where ``proof`` (the quality.json of
     runs trained at the current revision, e.g. ``--recipes no-kd heatmap=10,reg=1,init --seeds 0 --only half``)
     reproduces the recorded mAP of every one of its runs bit for bit: a trainer change that leaves results alone
     need not retrain the plan. On another machine than the records' (float results depend on the CPU's kernels),
     ``baseline`` holds the same runs trained there at the records' revision, and the proof must reproduce those.
     Every current record whose key is its run's key under the old revision (checked, not assumed) is re-keyed;
-    the proof is kept in ``state["rekeyed"]``. Refuses (SystemExit) otherwise."""
+    the proof is kept in ``state["rekeyed"]``. Refuses (SystemExit) otherwise. ``retrain_kinds``: kinds of teacher
+    maps whose distillation the change did alter (a fixed bug in a term): records of recipes distilling any of them
+    keep their old key (the next run supersedes and retrains them), whichever source their targets came from."""
     old_context = state["context"]
     new_context = {**old_context, "trainer_revision": trainer_revision()}
     if proof["context"]["trainer_revision"] != new_context["trainer_revision"]:
@@ -152,16 +156,23 @@ def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool, baseline: d
         proven.append(f"{run.name} {record['mAP']!r}" + ("" if baseline is None else " (baseline on this machine)"))
     if not any(name.startswith(f"half/{NO_KD}/") for name in proven) or not any("init" in name for name in proven):
         raise SystemExit("the proof must hold a no-KD run and an init recipe run of the half student")
-    moved = 0
+    moved = kept = 0
     records = {record_run(record): record for record in state["runs"]}
     for run, record in records.items():
+        if recipe_kinds(run.recipe) & set(retrain_kinds):
+            kept += 1
+            continue
         if record["key"] == run_key(run, arm_context(old_context, run), quick):
             record["key"] = run_key(run, arm_context(new_context, run), quick)
             moved += 1
     if state["teacher"].get("key") == teacher_key(old_context):
         state["teacher"]["key"] = teacher_key(new_context)
     state["context"] = new_context
-    state.setdefault("rekeyed", []).append({"from": old_context["trainer_revision"], "to": new_context["trainer_revision"],
-                                            "proof": proven, "records": moved, "at": now()})
+    entry = {"from": old_context["trainer_revision"], "to": new_context["trainer_revision"], "proof": proven,
+             "records": moved, "at": now()}
+    if retrain_kinds:
+        entry.update(retrain_kinds=sorted(retrain_kinds), left_to_retrain=kept)
+    state.setdefault("rekeyed", []).append(entry)
     return (f"re-keyed {moved} of {len(records)} records from trainer {old_context['trainer_revision']} to "
-            f"{new_context['trainer_revision']} (reproduced: {'; '.join(proven)})")
+            f"{new_context['trainer_revision']} (reproduced: {'; '.join(proven)})"
+            + (f"; {kept} records distilling {', '.join(sorted(retrain_kinds))} left to retrain" if kept else ""))

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 TEACHER_CONFIG = REPO / "configs/demo/teacher_pillar.py"
 TEACHER_CKPT = REPO / "checkpoints/demo_teacher_pillar.pth"
-STUDENTS = {"half": REPO / "configs/demo/student_half.py", "slim": REPO / "configs/demo/student_slim.py"}
+STUDENTS = {"half": REPO / "configs/demo/student_half.py", "slim": REPO / "configs/demo/student_slim.py",
+            "coarse": REPO / "configs/demo/student_coarse.py"}
 NO_KD = "no-kd"
 # The recipes of the half student. Weights: crd, infonce and pkd losses are O(1) at the start, mse
 # depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6);
@@ -41,6 +42,12 @@ CACHE_OUTPUTS = ["--layers", "pts_neck", "--head-outputs", "all", "--boxes"]
 # once beside the default one. The slim student with the teacher's weights: its paired seeds stay close
 # enough to tell codecs apart, where from-scratch students diverge by +-0.02 a seed.
 HEATMAP_CODEC_ARMS = ("score8-zstd3", "fp16-zstd1")
+# The student that cannot inherit (its own pillar grid; configs/demo/student_coarse.py): only the cache can carry
+# the teacher to it. Its recipe was fixed before any of its runs (no selection on the runs that then credit it):
+# the soft-target focal heatmap loss, normalised per teacher peak like the detection heatmap loss beside it
+# (weight 1), with the regression outputs at GT centres and teacher peaks. Five seeds against its no-KD twin.
+COARSE_RECIPE = "heatmap=1:loss=focal,reg=1"
+COARSE_SEEDS = (0, 1, 2, 3, 4)
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
 
 
@@ -80,15 +87,22 @@ class Run:
         return f"{self.student}/{self.recipe.replace(',', '+')}/{self.targets.replace(':', '-')}/seed{self.seed}"
 
 
+def recipe_kinds(recipe: str) -> set[str]:
+    """The kinds of teacher maps a recipe's terms distil (``KDTerm.kinds``), wherever its targets come from."""
+    kd, _ = recipe_parts(recipe)
+    if kd is None:
+        return set()
+    from trainer.terms import TERMS, parse_kd_spec
+
+    return {kind for name in parse_kd_spec(kd) for kind in TERMS[name].kinds}
+
+
 def kinds_read(run: Run) -> list[str]:
     """The kinds of cached layers a run's terms distil (``KDTerm.kinds``: "feature", "heatmap", "reg", ...);
     none for a run without terms or with an online teacher, which reads no cached target."""
-    kd, _ = recipe_parts(run.recipe)
-    if kd is None or target_source(run.targets) != "cache":
+    if target_source(run.targets) != "cache":
         return []
-    from trainer.terms import TERMS, parse_kd_spec
-
-    return sorted({kind for name in parse_kd_spec(kd) for kind in TERMS[name].kinds})
+    return sorted(recipe_kinds(run.recipe))
 
 
 def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | None,
@@ -96,14 +110,18 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
     """In order: the half student's core recipes seed by seed (every recipe's first seed before any
     recipe's second); once they are done, the best of them (``best_recipe``) for the slim student
     beside its no-KD twin, its online-teacher twin (one seed) and the half student with CRD on top of
-    it; then the other half recipes, seed by seed. ``recipes`` (a pilot) trains those recipes only, of the
-    half student (``only="slim"``: of the slim one)."""
+    it; then the other half recipes, seed by seed. Before all of them: the coarse student (it cannot inherit)
+    under ``COARSE_RECIPE`` beside its no-KD twin, ``COARSE_SEEDS``. ``recipes`` (a pilot) trains those recipes
+    only, of the half student (``only`` naming a student: of that one)."""
     if recipes:
-        student = "slim" if only == "slim" else "half"
+        student = only if only in STUDENTS else "half"
         return [Run(student, recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
     if quick:
         return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in (NO_KD, "pkd=5")]
     runs: list[Run] = []
+    if only in (None, "coarse"):  # the headline comparison first: the student only the cache can teach
+        runs += [Run("coarse", recipe, seed, targets_of(recipe)) for seed in sorted(set(COARSE_SEEDS) | set(seeds))
+                 for recipe in (NO_KD, COARSE_RECIPE)]
     if only in (None, "half"):
         runs += [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in CORE_RECIPES]
     best = best_recipe(records, "half", len(seeds))

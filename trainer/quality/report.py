@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.quality.keys import TRAINER_FILES
-from trainer.quality.plan import (CORE_RECIPES, INIT, NO_KD, best_recipe, group_records, heatmap_codec_arms,
-                                  heatmap_codec_of, missing_runs, targets_of, with_crd)
+from trainer.quality.plan import (COARSE_RECIPE, COARSE_SEEDS, CORE_RECIPES, INIT, NO_KD, best_recipe, group_records,
+                                  heatmap_codec_arms, heatmap_codec_of, missing_runs, targets_of, with_crd)
 from trainer.quality.runs import now
 
 
@@ -104,7 +104,10 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
              f"- versions: {writer.versions}",
              *(f"- re-keyed from trainer revision {entry['from']} to {entry['to']} ({entry['at']}, {entry['records']} "
                f"records, none retrained): these runs trained again at both revisions on the re-keying machine gave "
-               f"the same mAP bit for bit: {'; '.join(entry['proof'])}" for entry in state.get("rekeyed", [])),
+               f"the same mAP bit for bit: {'; '.join(entry['proof'])}"
+               + (f"; the {entry['left_to_retrain']} records distilling {', '.join(entry['retrain_kinds'])} were not "
+                  "re-keyed (the change altered those terms) and are retrained" if entry.get("left_to_retrain") else "")
+               for entry in state.get("rekeyed", [])),
              f"- trainer revision {context['trainer_revision']} (sha256 of trainer/{{{','.join(TRAINER_FILES)}}}); "
              f"teacher checkpoint sha256 {context['teacher_sha256'][:12]}; scenes stamp {context['data_stamp']}",
              f"- benchmark: the demo's generated scenes ({'6 train / 3 val' if quick else '400 train / 100 val'} "
@@ -112,7 +115,9 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
              "(`configs/demo/teacher_pillar.py`), its `pts_neck` map, every CenterHead output and its decoded boxes "
              "(`--boxes`: label KD, reg's teacher peaks) cached once "
              f"(codecs: {context.get('cache_codecs', 'not recorded')}), students trained "
-             f"{1 if quick else 4} epoch(s) (the demo schedule) with `featcache train --kd RECIPE --cfg-options randomness.seed=SEED`; "
+             f"{1 if quick else 4} epoch(s) (the demo schedule; the coarse student's rate anneals per iteration to "
+             "1e-3 of its peak, `configs/demo/student_coarse.py`) with `featcache train --kd RECIPE --cfg-options "
+             "randomness.seed=SEED`; "
              "mAP = nuScenes centre-distance AP over 0.5/1/2/4 m on the val split (`trainer/evaluation.py`)"
              + (" — QUICK smoke-test sizes, not representative" if quick else ""), "",
              f"Teacher: mAP **{teacher['mAP']:.4f}**, {teacher['params']:,} parameters.", ""]
@@ -152,6 +157,8 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
               "![mAP per recipe, one dot per seed](quality.png)", "", "## What the runs say", ""]
     best = best_recipe(state["runs"], "half")
     lines += conclusions(groups, verdicts, best, records_by_group)
+    lines += ["", "## Targets (issue #30: distillation that teaches)", ""]
+    lines += teaching_targets(records_by_group, teacher["mAP"], best)
     lines += ["", "## Targets (issue #15)", ""] + target_table(groups, teacher["mAP"], best)
     lines += heatmap_codec_section(records_by_group, best, state.get("heatmap_caches", {}), context)
     missing = missing_runs(state, quick)
@@ -251,6 +258,39 @@ def heatmap_codec_section(records_by_group: dict[tuple[str, str, str], list[dict
             "heatmap chunks' stored bytes over their values, on the demo teacher (a trained head's maps are "
             "mostly background).", "",
             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def teaching_targets(records_by_group: dict[tuple[str, str, str], list[dict]], teacher_map: float,
+                     best: str | None) -> list[str]:
+    """Issue #30's targets, each from the runs above: the student that cannot inherit against its no-KD twin
+    (paired by seed, ``COARSE_SEEDS``), the half and slim students' retention, the cached targets beyond ``init``."""
+    def result(ok: bool | None) -> str:
+        return "not run yet" if ok is None else "PASS" if ok else "MISS"
+
+    def runs(student: str, recipe: str | None) -> list[dict]:
+        return records_by_group.get((student, recipe, targets_of(recipe)), []) if recipe else []
+
+    rows = []
+    paired = paired_difference(runs("coarse", COARSE_RECIPE), runs("coarse", NO_KD))
+    enough = paired is not None and paired.seeds >= len(COARSE_SEEDS)
+    rows.append([f"coarse (cannot inherit), `{COARSE_RECIPE}` minus its no-KD twin, paired by seed",
+                 f">= +0.05 mAP, 95% interval above 0, {len(COARSE_SEEDS)} seeds",
+                 "" if paired is None else str(paired),
+                 result(None if not enough else paired.mean >= 0.05 and paired.low > 0)])
+    for student, goal in (("half", 0.98), ("slim", 0.90)):
+        values = [record["mAP"] for record in runs(student, best)]
+        retention = statistics.mean(values) / teacher_map if len(values) >= 3 else None
+        rows.append([f"{student}, best core recipe{f' `{best}`' if best else ''}: retention (mean mAP / teacher mAP)",
+                     f">= {goal:.2f}", "" if retention is None else f"{retention:.3f} ({len(values)} seeds)",
+                     result(None if retention is None else retention >= goal)])
+    beyond = (paired_difference(runs("half", best), runs("half", INIT))
+              if best and best != INIT and INIT in best.split(",") else None)
+    rows.append(["half, the cached targets beyond the teacher's weights (best core recipe minus `init`, paired)",
+                 "stated; aiming for a 95% interval above 0 over 5 seeds", "" if beyond is None else str(beyond),
+                 "not run yet" if beyond is None else "above 0" if beyond.low > 0 else "interval spans 0"
+                 if beyond.high > 0 else "below 0"])
+    lines = ["| target | goal | measured | result |", "|---|---|---|---|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def target_table(groups, teacher_map: float, best: str | None) -> list[str]:
