@@ -143,6 +143,8 @@ class CacheWriter:
             if qparams is not None:
                 self._qparams[layer.name][row] = qparams
                 checksums.append(format.checksum(stored, qparams))
+                # the int8 scales are stored bytes too (inspection.stored_bytes_per_sample counts them alike)
+                self.stats.stored_bytes += store.chunk_nbytes(self._qparams[layer.name], row) or 0
             else:
                 checksums.append(format.checksum(stored))
             self.stats.raw_bytes += value.size * 4

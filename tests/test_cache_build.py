@@ -190,7 +190,15 @@ def test_other_checkpoint_is_refused_and_force_starts_over(reference_cache, nus_
     assert verify_cache(str(out)).ok  # the refused runs changed nothing
     result = build_cache(_options(nus_six, other_pillar_ckpt, out, force=True))
     assert result.written == 6
-    assert open_cache(out).manifest.checkpoint_sha256 == format.sha256_file(str(other_pillar_ckpt))
+    cache = open_cache(out)
+    assert cache.manifest.checkpoint_sha256 == format.sha256_file(str(other_pillar_ckpt))
+    # the build's stored bytes are the chunks inspect counts, the int8 scale chunks included
+    from featcache.inspection import stored_bytes_per_sample
+
+    scales = [layer.qparams_array for layer in cache.manifest.layers if layer.qparams_array is not None]
+    assert scales and stored_bytes_per_sample(cache, scales, range(6)) > 0
+    arrays = [array for layer in cache.manifest.layers for array in layer.arrays()]  # no boxes here; records aside
+    assert result.stored_bytes == round(6 * stored_bytes_per_sample(cache, arrays, range(6)))
 
 
 def test_kill_9_mid_build_then_resume_equals_uninterrupted(reference_cache, nus_six, pillar_ckpt, tmp_path):
