@@ -223,12 +223,6 @@ class CodecOption:
         return chosen
 
 
-def parse_codec_option(text: str | None, layer_names: Sequence[str], defaults: dict[str, CodecSpec] | None = None,
-                       kinds: dict[str, str] | None = None) -> dict[str, CodecSpec]:
-    """``--codec`` applied to the recorded layers: :meth:`CodecOption.parse`, then :meth:`CodecOption.choose`."""
-    return CodecOption.parse(text).choose(layer_names, defaults, kinds)
-
-
 _ENCODE_CHANNELS = 16
 #: asin8 codes per quarter turn: q = 255 stands for the angle pi / 2 (score 1)
 _ASIN8_STEPS = 510

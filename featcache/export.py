@@ -87,8 +87,8 @@ def export_hdf5(location: str, out: str, storage_options=None, compression_level
     # values checked against the records too: the export copies those checksums, and HDF5 reads sum the values
     cache = open_cache(location, storage_options=storage_options, check_values=True)
     root = cache._open()
-    for array in (array for layer in cache.manifest.layers for array in layer.arrays()):
-        try:  # every array the manifest names, before the export file is started
+    for array in cache.manifest.arrays():
+        try:  # every array the manifest names (boxes and records too), before the export file is started
             root[array.path]
         except Exception as exc:  # noqa: BLE001 - a missing array, a name zarr refuses ('../x')
             raise store.array_problem(location, array.path, exc) from exc

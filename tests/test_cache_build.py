@@ -108,20 +108,20 @@ def test_score_codecs_keep_heatmap_scores_on_their_grid(name):
 
 
 def test_codec_option_parsing_names_the_problem():
-    chosen = codecs.parse_codec_option("pts_neck=int8-zstd3", ["pts_middle_encoder", "pts_neck.0"])
+    chosen = codecs.CodecOption.parse("pts_neck=int8-zstd3").choose(["pts_middle_encoder", "pts_neck.0"])
     assert chosen["pts_neck.0"].name == "int8-zstd3" and chosen["pts_middle_encoder"] == codecs.DEFAULT_CODEC
     with pytest.raises(ValueError, match="pts_head.*not recorded"):
-        codecs.parse_codec_option("pts_head=fp32-none", ["pts_neck.0"])
+        codecs.CodecOption.parse("pts_head=fp32-none").choose(["pts_neck.0"])
     with pytest.raises(ValueError, match="fp12-zstd.*precision.*fp32, fp16, bf16, int8"):
         codecs.parse_codec("fp12-zstd")
     # head outputs can be named by kind: every task's heatmap at once
     names = ["pts_neck.0", "head.task_heads.0.heatmap", "head.task_heads.1.heatmap", "head.task_heads.0.reg"]
     kinds = {names[1]: "heatmap", names[2]: "heatmap", names[3]: "reg"}
-    chosen = codecs.parse_codec_option("heatmap=asin8-zstd3", names, kinds=kinds)
+    chosen = codecs.CodecOption.parse("heatmap=asin8-zstd3").choose(names, kinds=kinds)
     assert [chosen[name].name for name in names] == [codecs.DEFAULT_CODEC.name, "asin8-zstd3", "asin8-zstd3",
                                                      codecs.DEFAULT_CODEC.name]
     with pytest.raises(ValueError, match="'vel', which is not recorded.*head output kind: heatmap, reg"):
-        codecs.parse_codec_option("vel=fp16-zstd1", names, kinds=kinds)
+        codecs.CodecOption.parse("vel=fp16-zstd1").choose(names, kinds=kinds)
 
 
 # -- build and read back ---------------------------------------------------------------------

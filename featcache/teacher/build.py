@@ -86,8 +86,8 @@ class Builder:
         self.head_outputs = self.teacher.head_outputs
         # the model is built: --codec once more, against the detector's own layers (without --layers) and each head
         # output layer's kind, before the teacher runs
-        check_codec_option(options.codec, self.modules, heads.parse_head_outputs(options.head_outputs),
-                           {name: output.kind for name, output in self.head_outputs.items()})
+        self.codec_option = check_codec_option(options.codec, self.modules, heads.parse_head_outputs(options.head_outputs),
+                                               {name: output.kind for name, output in self.head_outputs.items()})
         self.sources = self.teacher.sources
         self.dataset_cfg = self.teacher.dataset_cfg
         self.invalid_keys: list[str] = []
@@ -135,8 +135,8 @@ class Builder:
         """``--codec`` per layer (checked in ``_set_up``); head outputs default to ``head_layers.default_codec`` of
         their kind."""
         kinds = {name: self.head_outputs[name].kind for name in names if name in self.head_outputs}
-        return codecs.parse_codec_option(self.options.codec, names, kinds=kinds,
-                                         defaults={name: head_layers.default_codec(kind) for name, kind in kinds.items()})
+        return self.codec_option.choose(names, kinds=kinds,
+                                        defaults={name: head_layers.default_codec(kind) for name, kind in kinds.items()})
 
     def _manifest(self, shapes: dict[str, tuple[int, ...]]) -> format.Manifest:
         names = list(shapes)
