@@ -338,6 +338,20 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def library_versions() -> dict[str, str]:
+    """The installed versions a manifest records (``Manifest.versions``; the reports' headers too): package
+    metadata only, nothing imported; absent packages left out."""
+    import importlib.metadata as metadata
+
+    versions = {}
+    for package in ("featcache", "torch", "mmdet3d", "mmdet", "mmengine", "mmcv", "spconv", "zarr", "numcodecs", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
 def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
     """Hex sha256 of a file's bytes, read in blocks: the one digest of a file (checkpoints, teacher code,
     deploy exports)."""

@@ -279,7 +279,7 @@ STEPS: tuple[Callable[[Context], Section | None], ...] = (
 
 def header(ctx: Context, wall_s: float, quick: bool) -> list[str]:
     """Date, machine, versions, sizes, cold-read method, wall time."""
-    from featcache.teacher.build import library_versions
+    from featcache.format import library_versions
     import h5py
 
     versions = {**library_versions(), "h5py": h5py.__version__, "python": platform.python_version()}

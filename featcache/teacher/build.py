@@ -19,12 +19,12 @@ import torch
 
 from featcache import boxes as boxes_
 from featcache import codecs, format, head_layers, layout, location
+from featcache.format import library_versions
 from featcache.teacher import heads, models, resume
 from featcache.teacher.options import resolve_config_path
 from featcache.teacher.centres import CentreCells, bev_range
 from featcache.teacher.nonzero import NonzeroFractions
 from featcache.teacher.progress import BuildProgress
-from featcache.teacher.resume import library_versions  # also featcache.teacher.build.library_versions
 from featcache.teacher.samples import annotated_centres
 from featcache import lock as cache_lock
 from featcache.errors import ConfigError, FeatcacheError, InputDataError

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from featcache import boxes
 from featcache.teacher import heads, models, recording
 from featcache.teacher.options import split_layer_names
-from featcache.teacher.samples import dataset_keys, dataset_sources
+from featcache.teacher.samples import dataset_keys, item_sources
 from featcache.errors import ConfigError, InputDataError
 
 
@@ -79,7 +79,7 @@ class Teacher:
         if len(self.dataset) == 0:
             raise ConfigError(f"split {split!r} of {config} has no samples")
         self.keys = dataset_keys(self.dataset)
-        self.sources = dataset_sources(self.dataset)  # each key's lidar file, relative to the data root
+        self.sources = item_sources(self.dataset)  # each key's lidar file, relative to the data root
         self.model = models.build_model(self.cfg, checkpoint, device, trust_globals).eval()
         if self.modules is None:  # the detector's own convention (pts_* or middle_encoder, backbone, neck)
             self.modules = models.default_layers(self.model)

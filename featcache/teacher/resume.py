@@ -20,19 +20,6 @@ from featcache.writer import CacheWriter
 TEACHER_LIBRARIES = ("torch", "mmcv", "mmdet3d", "mmdet", "mmengine", "spconv")
 
 
-def library_versions() -> dict[str, str]:
-    """The installed versions the manifest records (``Manifest.versions``); absent packages left out."""
-    import importlib.metadata as metadata
-
-    versions = {}
-    for package in ("featcache", "torch", "mmdet3d", "mmdet", "mmengine", "mmcv", "spconv", "zarr", "numcodecs", "numpy"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def changed_versions(recorded: dict[str, str], now: dict[str, str]) -> list[str]:
     """``name old -> new`` for each of :data:`TEACHER_LIBRARIES` whose version differs from the cache's record."""
     return [f"{name} {recorded.get(name, 'absent')} -> {now.get(name, 'absent')}" for name in TEACHER_LIBRARIES

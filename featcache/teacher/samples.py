@@ -82,7 +82,7 @@ def item_keys(dataset) -> list[str]:
 
 
 def item_sources(dataset) -> list[str]:
-    """``sample_source`` of every item, in dataset order."""
+    """``sample_source`` of every item, in dataset order (what a cache records beside the keys)."""
     root = dataset_data_root(dataset)
     return [sample_source(dataset.get_data_info(index), root) for index in range(len(dataset))]
 
@@ -133,11 +133,6 @@ def dataset_keys(dataset) -> list[str]:
         duplicate = next(key for key in keys if key in seen or seen.add(key))
         raise ConfigError(f"sample key {duplicate!r} occurs more than once in the dataset; keys must be unique")
     return keys
-
-
-def dataset_sources(dataset) -> list[str]:
-    """``sample_source`` of every item, in dataset order (what a cache records beside the keys)."""
-    return item_sources(dataset)
 
 
 def source_mismatches(cache_keys: Sequence[str], cache_sources: Sequence[str] | None, keys: Sequence[str],

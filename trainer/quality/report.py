@@ -74,7 +74,7 @@ class Writer:
 
 def this_machine() -> Writer:
     """This machine, now: the writer of a report written here."""
-    from featcache.teacher.build import library_versions
+    from featcache.format import library_versions
 
     versions = {**library_versions(), "python": platform.python_version()}
     return Writer(written=now(),
