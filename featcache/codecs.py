@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.selectors import parse_layer_items, selects
 
 if TYPE_CHECKING:
     import torch
@@ -163,16 +164,6 @@ def parse_codec(text: str) -> CodecSpec:
         raise ConfigError(f"codec {text!r}: {exc}") from None
 
 
-def selects(selector: str, layer: str) -> bool:
-    """Whether a ``--codec`` item's layer part names ``layer``: the layer itself, or a module the layer is
-    an output or a part of (``pts_neck`` names ``pts_neck.0``; ``pts_bbox_head`` every head output)."""
-    return layer == selector or layer.startswith(selector + ".")
-
-
-#: a dotted module name (``pts_neck``, ``pts_backbone.blocks.0``): each ``--layers`` item, a ``--codec`` selector
-MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
-
-
 @dataclass(frozen=True)
 class CodecOption:
     """``--codec`` parsed (:meth:`parse`): one codec for every layer (``every``), or per layer
@@ -188,20 +179,10 @@ class CodecOption:
         (``pts_neck=int8-zstd3,pts_backbone=fp16-lz4``, or a head output kind: ``heatmap=fp16-zstd1``); nothing
         (None, "") leaves every layer its default. Which layers the selectors name is checked against the build's
         options (``featcache.teacher.options.check_codec_option``) and the recorded layers (:meth:`choose`)."""
-        if not text:
-            return cls()
-        if "=" not in text:
-            return cls(every=parse_codec(text))
-        items = []
-        for item in filter(None, (part.strip() for part in text.split(","))):
-            selector, sep, codec_text = item.partition("=")
-            selector = selector.strip()
-            if not sep or not selector or not MODULE_NAME.match(selector):
-                raise ConfigError(f"--codec item {item!r} is not LAYER=CODEC (e.g. pts_neck=int8-zstd3); give one "
-                                  "codec for every layer (fp16-zstd1) or per layer "
-                                  "(pts_neck=fp32-none,pts_backbone=fp16-lz4)")
-            items.append((selector, parse_codec(codec_text)))
-        return cls(items=tuple(items))
+        every, items = parse_layer_items(text, "--codec", "CODEC", ("pts_neck=int8-zstd3", "fp16-zstd1"))
+        if every is not None:
+            return cls(every=parse_codec(every))
+        return cls(items=tuple((selector, parse_codec(value)) for selector, value in items))
 
     def choose(self, layer_names: Sequence[str], defaults: dict[str, CodecSpec] | None = None,
                kinds: dict[str, str] | None = None) -> dict[str, CodecSpec]:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.selectors import parse_layer_items
 
 _AXIS = re.compile(r"^([+-]?)([xy])([+-]?)([xy])$")
 
@@ -232,21 +233,10 @@ def weigh(scores: dict[str, float]) -> LayoutEvidence:
 def parse_layout_option(text: str | None) -> dict[str, BevLayout]:
     """``--bev-layout``: ``LAYOUT`` for every BEV layer (key ``"*"``), or ``LAYER=LAYOUT,...`` (a layer, or a
     module for all of its outputs)."""
-    if not text:
-        return {}
-    items = [part.strip() for part in str(text).split(",") if part.strip()]
-    if len(items) == 1 and "=" not in items[0]:
-        return {"*": BevLayout.parse(items[0])}
-    stated = {}
-    for item in items:
-        layer, sep, value = item.partition("=")
-        if not sep or not layer.strip():
-            raise ConfigError(f"--bev-layout item {item!r} is not LAYER=LAYOUT (e.g. pts_neck=xy); or give one layout "
-                              "for every layer (--bev-layout xy)")
-        if layer.strip() in stated:
-            raise ConfigError(f"--bev-layout names layer {layer.strip()!r} twice")
-        stated[layer.strip()] = BevLayout.parse(value)
-    return stated
+    every, items = parse_layer_items(text, "--bev-layout", "LAYOUT", ("pts_neck=xy", "xy"))
+    if every is not None:
+        return {"*": BevLayout.parse(every)}
+    return {layer: BevLayout.parse(value) for layer, value in items}
 
 
 def stated_layout(stated: dict[str, BevLayout], layer: str) -> BevLayout | None:

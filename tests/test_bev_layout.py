@@ -78,6 +78,8 @@ def test_layouts_parse_and_map_cells_consistently():
         assert np.array_equal(stored[:, row, col], canonical), layout.name
     with pytest.raises(ConfigError, match="names layer 'pts_neck' twice"):
         layouts.parse_layout_option("pts_neck=xy,pts_neck=yx")
+    with pytest.raises(ConfigError, match="--bev-layout item 'pts_neck:xy' is not LAYER=LAYOUT"):
+        layouts.parse_layout_option("pts_neck:xy,pts_backbone=yx")
     stated = layouts.parse_layout_option("pts_neck=xy,pts_bbox_head=x-y")
     assert layouts.stated_layout(stated, "pts_neck.0") == layouts.BEVFUSION
     assert layouts.stated_layout(stated, "pts_bbox_head.task_heads.0.heatmap") == layouts.BevLayout("+x", "-y")

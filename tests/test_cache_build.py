@@ -114,6 +114,11 @@ def test_codec_option_parsing_names_the_problem():
         codecs.CodecOption.parse("pts_head=fp32-none").choose(["pts_neck.0"])
     with pytest.raises(ValueError, match="fp12-zstd.*precision.*fp32, fp16, bf16, int8"):
         codecs.parse_codec("fp12-zstd")
+    # --codec and --bev-layout share one LAYER=VALUE syntax (featcache.selectors): a layer named twice is refused
+    with pytest.raises(ValueError, match="--codec names layer 'pts_neck' twice; give each layer once"):
+        codecs.CodecOption.parse("pts_neck=fp16-zstd1,pts_neck=int8-zstd3")
+    with pytest.raises(ValueError, match="--codec item 'pts_backbone' is not LAYER=CODEC .*--codec fp16-zstd1"):
+        codecs.CodecOption.parse("pts_neck=fp16-zstd1,pts_backbone")
     # head outputs can be named by kind: every task's heatmap at once
     names = ["pts_neck.0", "head.task_heads.0.heatmap", "head.task_heads.1.heatmap", "head.task_heads.0.reg"]
     kinds = {names[1]: "heatmap", names[2]: "heatmap", names[3]: "reg"}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from featcache import codecs, format, head_layers, layout, location
+from featcache import codecs, format, head_layers, layout, location, selectors
 from featcache.teacher import heads
 from featcache.errors import ConfigError
 
@@ -29,7 +29,7 @@ def split_layer_names(text: str | Sequence[str]) -> list[str]:
     names = [name for name in names if name]
     if not names:
         raise ConfigError("--layers is empty; name at least one module, e.g. pts_middle_encoder,pts_backbone")
-    bad = [name for name in names if not codecs.MODULE_NAME.match(name)]
+    bad = [name for name in names if not selectors.MODULE_NAME.match(name)]
     if bad:
         raise ConfigError(f"--layers: {', '.join(map(repr, bad))} is not a module name (dotted Python names, "
                           "e.g. pts_neck or pts_backbone.blocks.0)")
@@ -63,7 +63,7 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None, h
         elif head_kinds is not None:  # the model is built: which layers are head outputs, of which kind, is known
             if any(_names(selector, module) for module in modules if module not in head_kinds):
                 targets.append((selector, None, codec))
-            targets += [(name, kind, codec) for name, kind in head_kinds.items() if codecs.selects(selector, name)]
+            targets += [(name, kind, codec) for name, kind in head_kinds.items() if selectors.selects(selector, name)]
         elif selector in heads.HEAD_MODULES and head_outputs:  # every head output, of each kind asked for
             targets += [(f"{selector}'s {kind} outputs", kind, codec) for kind in head_outputs]
         elif not (head_outputs and any(_names(selector, head) for head in heads.HEAD_MODULES)):
@@ -75,8 +75,8 @@ def check_codec_option(text: str | None, modules: Sequence[str] | None = None, h
 
 def _names(selector: str, module: str) -> bool:
     """Whether a ``--codec`` selector names a layer of ``module``: the module itself, an output or a part of it
-    (``pts_neck.0``), or a parent of it (``codecs.selects`` either way)."""
-    return codecs.selects(module, selector) or codecs.selects(selector, module)
+    (``pts_neck.0``), or a parent of it (``selectors.selects`` either way)."""
+    return selectors.selects(module, selector) or selectors.selects(selector, module)
 
 
 def check_score_codecs(text: str | None, targets: Iterable[tuple[str, str | None, codecs.CodecSpec]]) -> None:
