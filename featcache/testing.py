@@ -161,10 +161,16 @@ def assert_same_cache(a: str | Path, b: str | Path) -> None:
 
 
 def chunk_file(location: str | Path, layer: str, row: int) -> Path:
-    """The one file holding sample ``row`` of ``layer`` in a local cache."""
-    files = [path for path in (Path(location) / "features" / layer / "c" / str(row)).rglob("*") if path.is_file()]
-    assert len(files) == 1, files
-    return files[0]
+    """The one file holding sample ``row`` of ``layer``'s values in a local cache (its array's path from the
+    manifest, its chunk key from zarr: ``store.row_chunk_key``)."""
+    from featcache import store
+    from featcache.reader import open_cache
+
+    path = open_cache(str(location)).manifest.layer(layer).values_array.path
+    array = store.open_group(location)[path]
+    chunk = Path(location) / path / store.row_chunk_key(array, row)
+    assert chunk.is_file(), chunk
+    return chunk
 
 
 def free_port() -> int:
