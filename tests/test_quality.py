@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from trainer.quality import keys, plan, report
 from trainer.quality.keys import arm_context, kinds_read, legacy_run_key, rekey, run_key, sha256
-from trainer.quality.plan import Run, record_run
+from trainer.quality.plan import STUDENTS, Run, record_run
 
 RECORD_FIELDS = {"student", "recipe", "seed", "targets", "mAP", "AP", "params", "train_s", "step_s"}
 
@@ -115,6 +115,40 @@ def test_run_key_changes_with_every_field_it_holds_and_only_with_them():
               Run("half", "pkd=5", 0, "online")]
     quick = run_key(run, context, True)
     assert len({key, quick} | {run_key(other, context, False) for other in others}) == 2 + len(others)
+
+
+def test_key_v3_holds_the_code_identity_and_no_absolute_path_and_v2_records_are_adopted_once(monkeypatch):
+    """Key v3 changes with each code field (featcache, generator, teacher config, libraries); the configs it holds
+    name no absolute path; the records of a context from before v3 take their v3 key once, when their v2 key
+    matches under the current context."""
+    v2 = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "r", "cache_codecs": "c",
+          "codecs_by_kind": {"feature": "pts_neck.0 int8-zstd3"}}
+    identity = {field: f"{field}-1" for field in keys.CODE_FIELDS}
+    v3 = {**v2, **identity}
+    run = Run("half", "pkd=5", 0, "cache")
+    key = run_key(run, v3, False)
+    assert key != run_key(run, v2, False)
+    changed = {run_key(run, {**v3, field: "other"}, False) for field in keys.CODE_FIELDS}
+    assert len(changed | {key}) == 1 + len(keys.CODE_FIELDS)
+    assert str(REPO) not in keys.config_text(STUDENTS["half"]) and str(REPO) in keys.config_text(STUDENTS["half"], False)
+    assert set(keys.code_identity()) == set(keys.CODE_FIELDS)
+
+    runs = [Run("half", "no-kd", 0, "none"), run, Run("half", "pkd=5", 1, "cache")]
+    state = {"runs": [{**asdict(r), "mAP": 0.6, "key": run_key(r, v2, False)} for r in runs], "context": v2,
+             "teacher": {"key": keys.teacher_key(v2)}}
+    state["runs"][2]["key"] = "stale"  # trained under something else: not adopted
+    assert keys.adopt_v3(state, lambda r: v3, False) == 2
+    assert [r["key"] for r in state["runs"]] == [run_key(runs[0], v3, False), key, "stale"]
+    assert state["key_v3"]["records"] == 2 and state["teacher"]["key"] == keys.teacher_key(v3)
+    state["context"] = v3
+    assert keys.adopt_v3(state, lambda r: v3, False) == 0  # once: a v3 context adopts nothing
+
+    # a re-key proof trained under another code identity than the checkout's is refused
+    monkeypatch.setattr(keys, "trainer_revision", lambda: "r2")
+    monkeypatch.setattr(keys, "code_identity", lambda: identity)
+    proof = {"context": {**v3, "trainer_revision": "r2", "libraries": "torch 0"}, "runs": []}
+    with pytest.raises(SystemExit, match="another libraries than this checkout's"):
+        rekey(state, proof, False)
 
 
 def test_run_key_holds_the_codecs_of_the_layers_a_recipe_reads_only():

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from trainer.quality.keys import (cache_codecs, codecs_by_kind, heatmap_bytes_per_value, legacy_run_key, run_key,
-                                  sha256, teacher_key, trainer_revision)
+from trainer.quality.keys import (adopt_v3, cache_codecs, code_identity, codecs_by_kind, heatmap_bytes_per_value,
+                                  legacy_run_key, run_key, sha256, teacher_key, trainer_revision)
 from trainer.quality.plan import (CACHE_OUTPUTS, REPO, SCENE_ARGS, TEACHER_CKPT, TEACHER_CONFIG, Run, heatmap_codec_of,
                                   record_run, wanted_runs)
 from trainer.quality.report import write_report
@@ -38,7 +38,7 @@ def prepare(work: Path, data: Path, quick: bool, heatmap_codec: str | None = Non
     from featcache import format
 
     return {"teacher_sha256": format.sha256_file(str(TEACHER_CKPT)), "data_stamp": sha256(stamp_text.encode())[:16],
-            "trainer_revision": trainer_revision(), **build_cache(work, data, heatmap_codec)}
+            "trainer_revision": trainer_revision(), **code_identity(), **build_cache(work, data, heatmap_codec)}
 
 
 def build_cache(work: Path, data: Path, heatmap_codec: str | None) -> dict[str, Any]:
@@ -82,6 +82,10 @@ def execute(args: argparse.Namespace) -> None:
             state["heatmap_caches"] = {c["heatmap_codec"]: c["heatmap_bytes_per_value"] for c in contexts.values()}
         return contexts[codec]
 
+    adopted = adopt_v3(state, context_of, args.quick)
+    if adopted:
+        log(f"key v3: {adopted} records of trainer revision {context['trainer_revision']} keyed v2 now hold the code "
+            "identity (featcache, generator, teacher config, libraries)")
     keys = {record_run(r): r for r in state["runs"]}
     current = {}
     for run, record in keys.items():

@@ -2,8 +2,10 @@
 
 Every record of ``quality.json`` carries the key it was trained under (``run_key``): the student config's
 text, recipe, seed, source of targets, teacher checkpoint, scenes, trainer revision and the codecs of the
-cached layers the recipe reads. A trainer change proven to leave results alone re-keys the records (``rekey``)
-instead of retraining them.
+cached layers the recipe reads, and (key v3) what else shapes a result: the featcache code that builds and reads
+the targets, the scene generator's code, the teacher config's text and the libraries' versions
+(``code_identity``). Config texts are taken relative to the repository, so a checkout elsewhere keeps its
+records. A change proven to leave results alone re-keys the records (``rekey``) instead of retraining them.
 """
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ import functools
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Callable, Collection
 
-from trainer.quality.plan import (NO_KD, REPO, STUDENTS, Run, heatmap_codec_of, kinds_read, recipe_kinds, record_run,
-                                  target_source)
+from trainer.quality.plan import (NO_KD, REPO, STUDENTS, TEACHER_CONFIG, Run, heatmap_codec_of, kinds_read,
+                                  recipe_kinds, record_run, target_source)
 from trainer.quality.runs import now
 
 # What decides the outcome of a run: every trainer module that shapes a result, sub-packages included (paths
@@ -27,22 +29,51 @@ TRAINER_FILES = tuple(sorted(path.relative_to(REPO / "trainer").as_posix() for p
                              and path.relative_to(REPO / "trainer").parts[0] != "quality"))
 
 
+# The featcache code a run's targets pass through: the storage core (codecs, reader, backends) and the teacher
+# wing (recording, build), not deploy/ nor the benchmarks' figures. And the scene generator's code (its version
+# string, in the scenes' stamp, is bumped by hand).
+FEATCACHE_FILES = tuple(sorted(path.relative_to(REPO).as_posix() for folder in ("featcache", "featcache/teacher")
+                               for path in (REPO / folder).glob("*.py")))
+GENERATOR_FILES = ("featcache/scenes.py", "tools/generate_scenes.py")
+#: the context fields ``code_identity`` adds, in key v3 (a context without them is keyed v2)
+CODE_FIELDS = ("featcache_revision", "generator_revision", "teacher_config_sha256", "libraries")
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def trainer_revision() -> str:
+def _files_revision(root: Path, names: Collection[str]) -> str:
     digest = hashlib.sha256()
-    for name in TRAINER_FILES:
-        digest.update(name.encode() + b"\0" + (REPO / "trainer" / name).read_bytes())
+    for name in names:
+        digest.update(name.encode() + b"\0" + (root / name).read_bytes())
     return digest.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)  # every run key holds it: parse each student config once per process
-def config_text(path: Path) -> str:
+def trainer_revision() -> str:
+    return _files_revision(REPO / "trainer", TRAINER_FILES)
+
+
+def code_identity() -> dict[str, str]:
+    """What shapes a result beside the trainer: featcache's revision (``FEATCACHE_FILES``), the generator's
+    (``GENERATOR_FILES``), the teacher config's text (with its bases) and the installed libraries' versions."""
+    from featcache.format import library_versions
+
+    libraries = {name: version for name, version in library_versions().items() if name != "featcache"}
+    return {"featcache_revision": _files_revision(REPO, FEATCACHE_FILES),
+            "generator_revision": _files_revision(REPO, GENERATOR_FILES),
+            "teacher_config_sha256": sha256(config_text(TEACHER_CONFIG).encode())[:16],
+            "libraries": ", ".join(f"{name} {version}" for name, version in sorted(libraries.items()))}
+
+
+@functools.lru_cache(maxsize=None)  # every run key holds it: parse each config once per process
+def config_text(path: Path, relative: bool = True) -> str:
+    """A config's text with its bases, as mmengine lists it; each file named relative to the repository
+    (``relative=False``: by its absolute path, as key v2 held it)."""
     from featcache.teacher import models
 
-    return models.load_config(str(path)).text
+    text = models.load_config(str(path)).text
+    return text.replace(f"{REPO.as_posix()}/", "") if relative else text
 
 
 def run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
@@ -51,18 +82,23 @@ def run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
     terms read (what their targets were stored as; ``codecs_read``): a heatmap codec change retrains
     the recipes distilling heatmaps, not no-KD or the feature terms. The key holds the targets' source, not
     which cache: a run from a ``cache:score8-zstd3`` arm is the same run as one from a default cache that
-    stored score8 heatmaps."""
-    return sha256(("v2\0" + _key_text(run, context, quick, codecs_read(run, context["codecs_by_kind"]))).encode())[:24]
+    stored score8 heatmaps. With the context's ``CODE_FIELDS`` (``code_identity``) the key is v3: they join it
+    and config texts are relative to the repository; without them, v2."""
+    codecs = codecs_read(run, context["codecs_by_kind"])
+    if not all(field in context for field in CODE_FIELDS):  # v2: a context from before code_identity
+        return sha256(("v2\0" + _key_text(run, context, quick, codecs, relative=False)).encode())[:24]
+    identity = "\0".join(str(context[field]) for field in CODE_FIELDS)
+    return sha256(("v3\0" + _key_text(run, context, quick, codecs) + "\0" + identity).encode())[:24]
 
 
 def legacy_run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
     """The key of records written before ``run_key`` v2, which held every layer's codecs
     (``cache_codecs``): such a record that matches it under the current context is current and is re-keyed."""
-    return sha256(_key_text(run, context, quick, context["cache_codecs"]).encode())[:24]
+    return sha256(_key_text(run, context, quick, context["cache_codecs"], relative=False).encode())[:24]
 
 
-def _key_text(run: Run, context: dict[str, Any], quick: bool, codecs: str) -> str:
-    return "\0".join([config_text(STUDENTS[run.student]), run.recipe, str(run.seed), target_source(run.targets),
+def _key_text(run: Run, context: dict[str, Any], quick: bool, codecs: str, relative: bool = True) -> str:
+    return "\0".join([config_text(STUDENTS[run.student], relative), run.recipe, str(run.seed), target_source(run.targets),
                       context["teacher_sha256"], context["data_stamp"], context["trainer_revision"], codecs,
                       "quick" if quick else "full"])
 
@@ -74,8 +110,12 @@ def codecs_read(run: Run, codecs_by_kind: dict[str, str]) -> str:
 
 
 def teacher_key(context: dict[str, Any]) -> str:
-    """The key of the teacher's evaluation: its checkpoint, the scenes and the trainer revision (the evaluation code)."""
-    return sha256((context["teacher_sha256"] + context["data_stamp"] + context["trainer_revision"]).encode())
+    """The key of the teacher's evaluation: its checkpoint, the scenes and the trainer revision (the evaluation
+    code); with ``code_identity`` in the context, that too."""
+    text = context["teacher_sha256"] + context["data_stamp"] + context["trainer_revision"]
+    if all(field in context for field in CODE_FIELDS):
+        text += "\0" + "\0".join(str(context[field]) for field in CODE_FIELDS)
+    return sha256(text.encode())
 
 
 def cache_codecs(cache: Any) -> str:
@@ -130,10 +170,14 @@ def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool, baseline: d
     maps whose distillation the change did alter (a fixed bug in a term): records of recipes distilling any of them
     keep their old key (the next run supersedes and retrains them), whichever source their targets came from."""
     old_context = state["context"]
-    new_context = {**old_context, "trainer_revision": trainer_revision()}
+    new_context = {**old_context, "trainer_revision": trainer_revision(), **code_identity()}
     if proof["context"]["trainer_revision"] != new_context["trainer_revision"]:
         raise SystemExit(f"the proof was trained at trainer revision {proof['context']['trainer_revision']}, the "
                          f"trainer now is {new_context['trainer_revision']}: train the proof again")
+    other = [field for field in CODE_FIELDS if field in proof["context"] and proof["context"][field] != new_context[field]]
+    if other:
+        raise SystemExit(f"the proof was trained under another {', '.join(other)} than this checkout's: train the "
+                         "proof again")
     records = {record_run(record): record for record in state["runs"]}
     if baseline is not None:
         records = {}
@@ -176,3 +220,31 @@ def rekey(state: dict[str, Any], proof: dict[str, Any], quick: bool, baseline: d
     return (f"re-keyed {moved} of {len(records)} records from trainer {old_context['trainer_revision']} to "
             f"{new_context['trainer_revision']} (reproduced: {'; '.join(proven)})"
             + (f"; {kept} records distilling {', '.join(sorted(retrain_kinds))} left to retrain" if kept else ""))
+
+
+def without_code(context: dict[str, Any]) -> dict[str, Any]:
+    """``context`` without ``CODE_FIELDS``: what a run was keyed under before key v3."""
+    return {key: value for key, value in context.items() if key not in CODE_FIELDS}
+
+
+def adopt_v3(state: dict[str, Any], context_of: Callable[[Run], dict[str, Any]], quick: bool) -> int:
+    """Once, when ``state``'s context predates key v3: every current record whose key is its run's v2 key under
+    the current context (same trainer revision, teacher, scenes, codecs) takes its v3 key. Such records were
+    trained or re-keyed by proof at this trainer revision, and v2 keys held neither the code identity nor
+    repository-relative configs; the adoption is recorded (``state["key_v3"]``). Returns how many were adopted;
+    0 (nothing done) once the context holds the code identity."""
+    if not state.get("runs") or all(field in state.get("context", {}) for field in CODE_FIELDS):
+        return 0
+    adopted = 0
+    for record in state["runs"]:
+        run = record_run(record)
+        if record["key"] == run_key(run, without_code(context_of(run)), quick):
+            record["key"] = run_key(run, context_of(run), quick)
+            adopted += 1
+    if adopted:
+        context = context_of(Run("half", NO_KD, 0, "none"))
+        state["key_v3"] = {"records": adopted, "trainer_revision": context["trainer_revision"], "at": now(),
+                           **{field: context[field] for field in CODE_FIELDS}}
+        if state.get("teacher") and state["teacher"].get("key") == teacher_key(without_code(context)):
+            state["teacher"]["key"] = teacher_key(context)
+    return adopted
