@@ -110,7 +110,8 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
                for entry in state.get("rekeyed", [])),
              *([f"- key v3 adopted {state['key_v3']['at']} by {state['key_v3']['records']} records of trainer revision "
                 f"{state['key_v3']['trainer_revision']} keyed v2 (which held neither the code identity below nor "
-                "repository-relative configs): trained, or re-keyed by proof, at that revision under this code"]
+                "repository-relative configs); the identity they hold is the code's at adoption, their runs' own "
+                "featcache code is not recorded"]
                if state.get("key_v3") else []),
              *([f"- code identity in every run key: featcache {context['featcache_revision']}, scene generator "
                 f"{context['generator_revision']}, teacher config {context['teacher_config_sha256']}; libraries: "
