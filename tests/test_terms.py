@@ -250,16 +250,23 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.clip(1 / (1 + np.exp(-x)), 1e-4, 1 - 1e-4)
 
 
-@pytest.mark.parametrize("loss, gt_weight", [("mse", 0.0), ("l1", 0.0), ("mse", 8.0)])
-def test_heatmap_term_compares_matched_class_scores_on_the_augmented_grid(loss, gt_weight):
-    # teacher classes (car, truck, ped), student classes (ped, bus, car): bus has no teacher channel
-    teacher = torch.randn(2, 3, 8, 8) * 3
-    student = torch.randn(2, 3, 8, 8, requires_grad=True)
-    valid = torch.rand(2, 8, 8) > 0.2
-    step = _step(student, teacher, valid, meta={"transformation_3d_flow": ["HF"]})  # y -> -y: rows reversed
+def _flipped_heatmap_step(student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor) -> DistillStep:
+    """A heatmap pair of teacher classes (car, truck, ped) and student classes (ped, bus, car: bus has no teacher
+    channel) on a vertically flipped sample (y -> -y: rows reversed), with a random GT Gaussian."""
+    step = _step(student, teacher, valid, meta={"transformation_3d_flow": ["HF"]})
     layer = step.layers[0]
     layer.kind, layer.channel_map = "heatmap", torch.tensor([2, -1, 0])
     layer.foreground = torch.rand(2, 8, 8)
+    return step
+
+
+@pytest.mark.parametrize("loss, gt_weight", [("mse", 0.0), ("l1", 0.0), ("mse", 8.0)])
+def test_heatmap_term_compares_matched_class_scores_on_the_augmented_grid(loss, gt_weight):
+    teacher = torch.randn(2, 3, 8, 8) * 3
+    student = torch.randn(2, 3, 8, 8, requires_grad=True)
+    valid = torch.rand(2, 8, 8) > 0.2
+    step = _flipped_heatmap_step(student, teacher, valid)
+    layer = step.layers[0]
     value = build_term("heatmap", _context(3, 3), loss=loss, gt_weight=gt_weight)(step)["neck"]
     # reference in numpy: the flipped teacher's sigmoid scores of the shared classes, weighted by their max
     t = _sigmoid(teacher.numpy()[:, :, ::-1, :])[:, [2, 0]]
@@ -295,15 +302,12 @@ def test_terms_read_only_the_pairs_of_their_kind():
 def test_soft_target_heatmap_losses_match_mmdets_quality_focal_loss_per_teacher_peak(loss, beta, gt_weight):
     from mmdet.models.losses.gfocal_loss import quality_focal_loss_tensor_target
 
-    # teacher classes (car, truck, ped), student classes (ped, bus, car): bus has no teacher channel
     teacher = torch.randn(2, 3, 8, 8) * 3 - 3
     teacher[0, 0, 2, 3] = teacher[1, 2, 5, 5] = teacher[1, 2, 6, 1] = 4.0  # confident objects
     student = torch.randn(2, 3, 8, 8, requires_grad=True)
     valid = torch.rand(2, 8, 8) > 0.1
-    step = _step(student, teacher, valid, meta={"transformation_3d_flow": ["HF"]})  # y -> -y: rows reversed
+    step = _flipped_heatmap_step(student, teacher, valid)
     layer = step.layers[0]
-    layer.kind, layer.channel_map = "heatmap", torch.tensor([2, -1, 0])
-    layer.foreground = torch.rand(2, 8, 8)
     term = build_term("heatmap", _context(3, 3), loss=loss, beta=beta, gt_weight=gt_weight, peak_threshold=0.3)
     value = term(step)["neck"]
     # reference: mmdet's quality focal loss (GFL) per cell over the shared classes, soft targets the flipped
