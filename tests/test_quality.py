@@ -303,3 +303,11 @@ def test_quality_retention_is_the_recipes_mean_over_seeds_of_the_student_trained
     assert plan.quality_retention(str(path), "init", [half]) == {half: (0.7 / 0.8, 1)}
     assert plan.quality_retention(str(path), None, [half]) == {}
     assert plan.quality_retention(str(tmp_path / "absent.json"), "pkd=5", [half]) == {}
+
+
+def test_the_pilot_seed_that_chose_the_coarse_recipe_never_credits_it():
+    records = [{"seed": seed, "mAP": 0.5} for seed in range(6)]
+    assert [r["seed"] for r in report.crediting(records, "coarse", plan.COARSE_RECIPE)] == list(plan.COARSE_SEEDS)
+    assert report.crediting(records, "coarse", plan.COARSE_PILOT[0]) == records  # a pilot recipe: its one seed
+    assert report.crediting(records, "half", plan.COARSE_RECIPE) == records
+    assert plan.COARSE_PILOT_SEED not in plan.COARSE_SEEDS and plan.COARSE_RECIPE in plan.COARSE_PILOT

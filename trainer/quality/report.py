@@ -140,7 +140,7 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
         gain = gap = paired = None
         if base and recipe != NO_KD:
             gain, gap = compare(values, base)
-            paired = paired_difference(records_by_group[(student, recipe, targets)],
+            paired = paired_difference(crediting(records_by_group[(student, recipe, targets)], student, recipe),
                                        records_by_group[(student, NO_KD, "none")])
             # a codec arm is judged against the default cache's runs (its section), not drawn as a recipe
             if gap is not None and len(values) >= 3 and len(base) >= 3 and not heatmap_codec_of(targets):
@@ -158,7 +158,8 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
     lines += ["", "Gap = (recipe mean - no-KD mean) / the larger of the two standard deviations. Paired difference: "
               "the recipe's mAP minus its no-KD twin's at each seed both trained (same seed: same initialisation and "
               "data order), their mean and its 95% Student-t interval; an interval above 0 says the recipe helps "
-              "beyond the seed-to-seed spread of that difference. Step s: median "
+              "beyond the seed-to-seed spread of that difference (the coarse student's chosen recipe: on the fresh "
+              f"seeds only, not the seed-{COARSE_PILOT_SEED} pilot that chose it). Step s: median "
               "logged iteration time at one torch thread with another training beside it, and possibly other jobs "
               "(tests) on the machine: a record of the run, not a speed figure (BENCHMARKS.md figure 7 times the "
               "terms side by side).", "",
@@ -179,6 +180,14 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
         lines += ["", f"{len(state['superseded_runs'])} earlier runs were trained under another trainer revision, "
                   "teacher, data or config; they are kept in `quality.json` (`superseded_runs`) and not shown."]
     return "\n".join(lines) + "\n"
+
+
+def crediting(records: list[dict], student: str, recipe: str) -> list[dict]:
+    """The records that may credit a recipe: all, but for the coarse student's chosen recipe the pilot seed that
+    chose it (its paired difference is taken on the fresh ``COARSE_SEEDS``)."""
+    if (student, recipe) != ("coarse", COARSE_RECIPE):
+        return records
+    return [record for record in records if record["seed"] != COARSE_PILOT_SEED]
 
 
 def _paired_note(paired: PairedDifference | None) -> str:
