@@ -222,6 +222,7 @@ def test_rekey_moves_records_only_where_the_proof_reproduces_them_bit_for_bit(mo
              "superseded_runs": [], "context": context,
              "teacher": {"mAP": 0.8, "key": sha256(b"tdold")}}
     monkeypatch.setattr(keys, "trainer_revision", lambda: "new")
+    monkeypatch.setattr(keys, "code_identity", dict)  # these contexts are keyed v2: no code identity to compare
     new = {**context, "trainer_revision": "new"}
     proof = {"context": new, "runs": [{**record, "key": run_key(record_run(record), new, False)}
                                       for record in state["runs"][:2]]}
@@ -251,6 +252,7 @@ def test_rekey_leaves_the_records_of_an_altered_term_to_retrain(monkeypatch):
     state = {"runs": [{**asdict(run), "mAP": 0.6, "key": run_key(run, context, False)} for run in runs],
              "superseded_runs": [], "context": context, "teacher": {"key": "x"}}
     monkeypatch.setattr(keys, "trainer_revision", lambda: "new")
+    monkeypatch.setattr(keys, "code_identity", dict)  # these contexts are keyed v2: no code identity to compare
     new = {**context, "trainer_revision": "new"}
     proof = {"context": new, "runs": [{**record, "key": run_key(record_run(record), new, False)}
                                       for record in state["runs"][:2]]}
@@ -276,6 +278,7 @@ def test_rekey_on_another_machine_compares_with_a_baseline_trained_here(monkeypa
 
     state = {"runs": records("old", 0.0), "superseded_runs": [], "context": context, "teacher": {"key": "x"}}
     monkeypatch.setattr(keys, "trainer_revision", lambda: "new")
+    monkeypatch.setattr(keys, "code_identity", dict)  # these contexts are keyed v2: no code identity to compare
     proof = {"context": {**context, "trainer_revision": "new"}, "runs": records("new", 1e-4)}
     with pytest.raises(SystemExit, match="not reproduced bit for bit"):
         rekey(state, proof, False)
