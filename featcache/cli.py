@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -297,6 +298,47 @@ def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quan
     click.echo(f"{out}: model.onnx (opset {spec.onnx.opset}, {spec.source['num_parameters']:,} parameters, "
                f"ORT vs PyTorch max|diff| {spec.check['max_abs_diff_fp32']:.2g}"
                + (f"; int8: {spec.onnx.int8['file']}" if spec.onnx.int8 else "") + f") in {result.seconds:.1f}s")
+
+
+@main.command(name="unlabelled-infos")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--from-infos", "from_infos", type=click.Path(dir_okay=False), default=None,
+              help="An mmdet3d nuScenes info file: every keyframe's lidar_sweeps become samples, keyed by their "
+                   "sample_data_token, each with its own earlier sweeps.")
+@click.option("--from-scans", "from_scans", type=click.Path(file_okay=False), default=None,
+              help="A folder of .bin scans (every one below it): samples keyed by their path relative to the folder.")
+@click.option("--max-earlier-sweeps", type=click.IntRange(min=0), default=None,
+              help="--from-infos: earlier sweeps kept per sample for multi-sweep input (default: all its keyframe has).")
+@click.option("--relative-to", type=click.Path(file_okay=False), default=None,
+              help="--from-scans: the directory the dataset's data_prefix.pts names (lidar paths are written relative "
+                   "to it; default: the scans' folder).")
+@click.option("--num-pts-feats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="--from-scans: float32 values per point in the files (nuScenes 5, KITTI 4).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@fail_cleanly
+def unlabelled_infos(out: str, from_infos: str | None, from_scans: str | None, max_earlier_sweeps: int | None,
+                     relative_to: str | None, num_pts_feats: int, overwrite: bool) -> None:
+    """Write OUT (.pkl), an mmdet3d info file of unlabelled scans, for `featcache build` and `featcache train
+    --unlabelled`: teacher targets where no labels exist."""
+    from featcache.errors import ConfigError
+    from featcache.teacher import unlabelled
+
+    if (from_infos is None) == (from_scans is None):
+        raise ConfigError("give one of --from-infos (nuScenes sweeps) or --from-scans (a folder of .bin scans)")
+    if os.path.exists(out) and not overwrite:
+        raise ConfigError(f"{out} exists; give --overwrite to replace it, or another path")
+    if from_infos is not None:
+        infos = unlabelled.load_infos(from_infos)
+        data_list, report = unlabelled.sweep_infos(infos, from_infos, max_earlier_sweeps)
+        unlabelled.write_infos(out, data_list, infos.get("metainfo", {}))
+        click.echo(f"{out}: {report.summary()}. Build it with the labelled split's data_root and prefixes "
+                   f"(--cfg-options train_dataloader.dataset.ann_file={out}, or the dataset below a CBGS wrapper)")
+    else:
+        data_list = unlabelled.scan_infos(from_scans, num_pts_feats, relative_to)
+        unlabelled.write_infos(out, data_list, {})
+        click.echo(f"{out}: {len(data_list)} unlabelled scans from {from_scans}, lidar paths relative to "
+                   f"{relative_to or from_scans} (the dataset's data_prefix.pts must name it). Build their targets with "
+                   f"--cfg-options train_dataloader.dataset.ann_file={out} (or the dataset below a CBGS wrapper)")
 
 
 @main.command()

@@ -269,6 +269,12 @@ class Manifest:
         }
 
     @property
+    def unlabelled_samples(self) -> int:
+        """How many of the cache's samples are scans nobody annotated (``featcache.teacher.unlabelled``): targets
+        for a student's distillation terms only, never GT."""
+        return int(self.extra.get("unlabelled_samples", 0))
+
+    @property
     def regression_cells(self) -> dict[str, Any] | None:
         """Where the regression head outputs hold the teacher's values: ``{"at": "box centres", "margin",
         "teacher_boxes", "annotated_centres_sha256"}`` (``featcache.head_layers.centre_cells``: the cells of the

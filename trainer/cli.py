@@ -68,13 +68,22 @@ def _kd(text: str | None) -> dict[str, float | dict] | None:
 @click.option("--force-alignment", is_flag=True,
               help="Train even where the check before training refuses a pair (its teacher map agrees with the "
                    "scans clearly better transposed, or (almost) none of the student's cells lie on the teacher's grid).")
+@click.option("--unlabelled", default=None, metavar="INFOS",
+              help="An info file of unlabelled scans (featcache unlabelled-infos) whose teacher targets are cached: "
+                   "each step adds them to the labelled batch; the distillation terms train on them, the detection "
+                   "loss never does.")
+@click.option("--unlabelled-cache", default=None, metavar="CACHE",
+              help="The cache holding the unlabelled scans' targets (default: --cache).")
+@click.option("--unlabelled-per-labelled", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Unlabelled scans per labelled sample in each step (default 1).")
 @storage_option
 @fail_cleanly
 def train(student_config: str, cache: str | None, work_dir: str | None, kd: str | None, kd_warmup: int | None,
           loss: str | None, alpha: float | None, temperature: float | None, feat_dim: int | None, pairs: str | None,
           resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool, online_teacher: tuple[str, str] | None,
           teacher_cfg_options: tuple[str, ...], no_distill: bool, init_from_teacher: tuple[str, str] | None,
-          force_alignment: bool, storage_options: str | None) -> None:
+          force_alignment: bool, unlabelled: str | None, unlabelled_cache: str | None,
+          unlabelled_per_labelled: int | None, storage_options: str | None) -> None:
     """Train STUDENT_CONFIG with detection + distillation losses against cached teacher features.
 
     No teacher is run when --cache is given (--init-from-teacher loads its weights once, before the first
@@ -89,7 +98,8 @@ def train(student_config: str, cache: str | None, work_dir: str | None, kd: str 
         cfg_options=parse_cfg_options(cfg_options), storage_options=parse_storage_options(storage_options),
         skip_corrupt=skip_corrupt, online_teacher=tuple(online_teacher) if online_teacher else None,
         teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill,
-        init_from_teacher=tuple(init_from_teacher) if init_from_teacher else None, force_alignment=force_alignment))
+        init_from_teacher=tuple(init_from_teacher) if init_from_teacher else None, force_alignment=force_alignment,
+        unlabelled=dict(ann_file=unlabelled, cache=unlabelled_cache, per_labelled=unlabelled_per_labelled)))
 
 
 if __name__ == "__main__":

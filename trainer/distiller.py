@@ -28,6 +28,7 @@ from trainer.heads import head_key
 from trainer.targets import TeacherMaps
 from trainer.terms import TERMS, DistillStep, LayerStep, TermContext, build_term
 from trainer.transforms import qparams_field, target_field
+from trainer.unlabelled import is_labelled, labelled_first, split_inputs, teacher_only_forward
 
 logger = logging.getLogger("trainer.distiller")
 # Below this share of student cells with a teacher target at the first step, the two grids barely
@@ -356,7 +357,39 @@ class CacheDistiller(BaseModel):
                     "Is the cache from a teacher with another point_cloud_range? Distillation still runs, "
                     "on those cells only.", 100 * fraction, layer.key, self.teacher_range, self.student_range)
 
+    def _student_forward(self, inputs: dict, data_samples: list) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The student's detection losses and its recorded layers. Labelled samples (all of them, but with
+        ``--unlabelled``) go through the student's own loss; teacher-only samples (``is_labelled`` False, placed
+        after them by ``loss``) through its forward alone (``teacher_only_forward``), never its loss, and their
+        layers are recorded after the labelled ones'."""
+        labelled = sum(1 for sample in data_samples if is_labelled(sample))
+        parts = [(inputs, data_samples)] if labelled == len(data_samples) else [
+            (split_inputs(self.data_preprocessor, inputs, range(labelled), data_samples[:labelled]), data_samples[:labelled]),
+            (split_inputs(self.data_preprocessor, inputs, range(labelled, len(data_samples)), data_samples[labelled:]),
+             data_samples[labelled:])]
+        recorded: list[dict[str, Tensor]] = []
+        losses: dict[str, Tensor] = {}
+        for number, (part_inputs, part_samples) in enumerate(parts):
+            # heatmaps as the head produced them (logits): the head's own loss turns them into scores in place
+            recorder = LayerRecorder(self.student, self.student_modules, detach=False, clone=self.heatmap_pairs)
+            with recorder:
+                if number == 0:
+                    losses = self.student.loss(part_inputs, part_samples)
+                else:
+                    teacher_only_forward(self.student, part_inputs, part_samples)
+            changed = [layer for layer in recorder.modified() if layer in self.pairs]
+            if changed:
+                raise ConfigError(f"the student's own loss changed {', '.join(changed)} in place after the layer ran, so "
+                                  "a distillation term would read altered values; distil another layer, or report the "
+                                  "head (featcache copies heatmaps for this reason)")
+            recorded.append(recorder.outputs)
+        if len(recorded) == 1:
+            return losses, recorded[0]
+        return losses, {layer: torch.cat([part[layer] for part in recorded]) for layer in recorded[0]}
+
     def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
+        # teacher-only samples (--unlabelled) after the labelled ones, whose detection loss they never reach
+        data_samples, inputs, unlabelled = labelled_first(inputs, data_samples)
         # GT as annotated (and pasted), taken before label KD adds teacher boxes and before the student's
         # loss runs (anchor heads replace the boxes in place)
         boxes, labels = gt_boxes(data_samples), gt_labels(data_samples)
@@ -366,16 +399,8 @@ class CacheDistiller(BaseModel):
             for name, term in self.terms.items():
                 if term.changes_gt and self.weights[name] > 0:
                     added[name] = self._add_label_targets(term, data_samples, teacher)
-        # heatmaps as the head produced them (logits): the head's own loss turns them into scores in place
-        recorder = LayerRecorder(self.student, self.student_modules, detach=False, clone=self.heatmap_pairs)
-        with recorder:
-            losses = self.student.loss(inputs, data_samples)
-        changed = [layer for layer in recorder.modified() if layer in self.pairs]
-        if changed:
-            raise ConfigError(f"the student's own loss changed {', '.join(changed)} in place after the layer ran, so "
-                              "a distillation term would read altered values; distil another layer, or report the "
-                              "head (featcache copies heatmaps for this reason)")
-        step = self._step(recorder.outputs, raw, data_samples, boxes, labels, teacher, unaugmented_frame)
+        losses, recorded = self._student_forward(inputs, data_samples)
+        step = self._step(recorded, raw, data_samples, boxes, labels, teacher, unaugmented_frame)
         if self.training and int(self.steps) == 0:
             self._warn_low_overlap(step)
         step.plan(list(self.terms.values()))  # every term's cell requests first: one gather per layer
@@ -387,6 +412,8 @@ class CacheDistiller(BaseModel):
             losses[f"kd_valid_fraction_{layer.key}"] = layer.valid.float().mean().detach()
         for name, boxes_per_sample in added.items():
             losses[f"kd_{name}_boxes_per_sample"] = boxes_per_sample
+        if unlabelled:
+            losses["kd_unlabelled_samples"] = torch.tensor(float(unlabelled))
         if self.training:
             self.steps += 1
         return losses

@@ -19,10 +19,11 @@ from featcache.teacher import models
 from featcache.teacher.recording import LayerRecorder
 from featcache.teacher.samples import check_sources, dataset_data_root, dataset_keys
 from trainer.grids import bev_range, cache_layouts, cache_point_cloud_range, student_bev_range
-from trainer.options import TrainOptions, resolve_terms
+from trainer.options import TrainOptions, resolve_terms, resolve_unlabelled
 from trainer.response_pairs import (TeacherOutput, config_head_type, online_head_outputs, response_pairs,
                                     teacher_class_names)
 from trainer.terms import TERMS
+from trainer.unlabelled import add_unlabelled
 
 log = logging.getLogger("trainer.train")
 
@@ -158,6 +159,10 @@ def cache_side(cfg, options: TrainOptions, inner: dict, student, terms: dict[str
     modules = list(dict.fromkeys(layer.module for layer in layers))
     _check_cache_covers(dataset, cache, options.student_config)
     check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
+    unlabelled = resolve_unlabelled(cfg, options)
+    if unlabelled:  # after the pipeline packs cached targets: the unlabelled scans' pipeline is a copy of it
+        add_unlabelled(cfg, inner, dataset, unlabelled, options.cache, names, options.storage_options, terms,
+                       teacher_boxes)
     return TeacherSide(dataset=dataset, teacher_range=teacher_range, modules=modules,
                        shapes={layer.name: layer.shape for layer in layers},
                        layouts=cache_layouts(cache.manifest, layers, options.cache),
@@ -260,6 +265,8 @@ def distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons, "
                           "or --no-distill for the student alone)")
     terms, warmup = resolve_terms(cfg, options)
+    if not options.cache:
+        resolve_unlabelled(cfg, options)  # refused with an online teacher, in one line
     inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
     models.init_mmdet3d_scope()
     student = models.build_model(cfg)

@@ -33,6 +33,8 @@ class TrainOptions:
     no_distill: bool = False  # the student alone (no-KD baseline, or training a teacher); no cache needed
     init_from_teacher: tuple[str, str] | None = None  # (config, checkpoint): start from its sliced weights
     force_alignment: bool = False  # train even where the pre-training alignment check refuses a pair
+    # --unlabelled: scans with teacher targets only, dict(ann_file=..., cache=None (--cache), per_labelled=1)
+    unlabelled: dict[str, Any] | None = None
 
 
 def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
@@ -45,10 +47,11 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
     from trainer.terms import TERMS
 
     configured = dict(cfg.get("distill") or {})
-    unknown = sorted(set(configured) - {"terms", "warmup_iters"})
+    unknown = sorted(set(configured) - {"terms", "warmup_iters", "unlabelled"})
     if unknown:
         raise ConfigError(f"{options.student_config}: distill has no setting {', '.join(unknown)} "
-                          "(it takes terms=dict(name=weight or dict(weight=..., ...)) and warmup_iters=N)")
+                          "(it takes terms=dict(name=weight or dict(weight=..., ...)), warmup_iters=N and "
+                          "unlabelled=dict(ann_file=..., cache=..., per_labelled=N))")
     config_terms = {name: (dict(value) if isinstance(value, dict) else {"weight": float(value)})
                     for name, value in dict(configured.get("terms") or {}).items()}
     kd = dict(options.kd) if options.kd else None
@@ -79,3 +82,39 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
     if warmup < 0:
         raise ConfigError(f"distillation warm-up must be >= 0 iterations, got {warmup}")
     return terms, warmup
+
+
+UNLABELLED_SETTINGS = ("ann_file", "cache", "per_labelled")
+
+
+def resolve_unlabelled(cfg, options: TrainOptions) -> dict[str, Any] | None:
+    """The run's unlabelled scans: ``--unlabelled`` (with ``--unlabelled-cache``, ``--unlabelled-per-labelled``)
+    over the student config's ``distill.unlabelled``; None without either. dict(ann_file, cache (None: the run's
+    --cache), per_labelled (unlabelled scans per labelled sample in each step, default 1))."""
+    configured = dict((cfg.get("distill") or {}).get("unlabelled") or {})
+    given = {key: value for key, value in (options.unlabelled or {}).items() if value is not None}
+    if options.no_distill:  # the plain student: the config's distill section is not read, --unlabelled refused
+        if given:
+            raise ConfigError(f"--unlabelled {given.get('ann_file', '')}: unlabelled scans are trained on through "
+                              "cached teacher targets only, and --no-distill trains none; give --cache and --kd, or "
+                              "leave --unlabelled out")
+        return None
+    spec = {**configured, **given}
+    if not spec:
+        return None
+    unknown = sorted(set(spec) - set(UNLABELLED_SETTINGS))
+    if unknown:
+        raise ConfigError(f"{options.student_config}: distill.unlabelled has no setting {', '.join(unknown)} (it "
+                          f"takes {', '.join(UNLABELLED_SETTINGS)})")
+    if not spec.get("ann_file"):
+        raise ConfigError("--unlabelled-cache / --unlabelled-per-labelled need --unlabelled INFOS (or "
+                          "distill.unlabelled.ann_file): the info file of the unlabelled scans")
+    per_labelled = spec.setdefault("per_labelled", 1)
+    if not isinstance(per_labelled, int) or per_labelled < 1:
+        raise ConfigError(f"unlabelled per_labelled must be an integer >= 1 (unlabelled scans per labelled sample in "
+                          f"each step), got {per_labelled!r}")
+    if options.online_teacher or not options.cache:
+        raise ConfigError(f"--unlabelled {spec['ann_file']}: unlabelled scans are trained on through cached teacher "
+                          "targets only (--online-teacher is for comparisons on labelled data); give --cache and --kd")
+    spec.setdefault("cache", None)
+    return spec

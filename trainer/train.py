@@ -21,11 +21,11 @@ from featcache.errors import ConfigError
 from featcache.teacher import models
 from featcache.teacher.checkpoint import openmmlab_safe_globals
 from trainer.model_config import distiller_model_cfg
-from trainer.options import TrainOptions
+from trainer.options import TrainOptions, resolve_unlabelled
 
 __all__ = ["TrainOptions", "build_runner_config", "train", "save_student", "check_checkpoint_fits"]
 
-TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms", "trainer.samplers"]
+TRAINER_IMPORTS = ["trainer.distiller", "trainer.transforms", "trainer.samplers", "trainer.unlabelled"]
 
 
 def build_runner_config(options: TrainOptions):
@@ -37,6 +37,8 @@ def build_runner_config(options: TrainOptions):
 
     if not options.no_distill:
         cfg.model = distiller_model_cfg(cfg, options)
+    else:
+        resolve_unlabelled(cfg, options)  # --unlabelled with --no-distill: refused in one line
     imports = list(cfg.get("custom_imports", {}).get("imports", []))
     cfg.custom_imports = dict(imports=list(dict.fromkeys(imports + TRAINER_IMPORTS)), allow_failed_imports=False)
     cfg.work_dir = options.work_dir or cfg.get("work_dir") or os.path.join(

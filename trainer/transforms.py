@@ -29,6 +29,7 @@ from mmengine.structures import BaseDataElement, InstanceData
 from featcache import open_cache
 from featcache.errors import CorruptSampleError, SampleNotCachedError
 from featcache.teacher.samples import sample_key
+from trainer.unlabelled import LABELLED
 
 logger = logging.getLogger("trainer.transforms")
 # Recorded augmentation the distiller needs to warp targets; Pack3DDetInputs' defaults miss some.
@@ -136,11 +137,14 @@ class PackDetInputsWithCache(Pack3DDetInputs):
         teacher_boxes: dict(classes=[the student's class names, in label order], point_cloud_range=[...])
             to attach the sample's cached teacher boxes (``teacher_instances``) as
             ``data_sample.teacher_instances_3d``; None (default): no boxes are read.
+        labelled: False for the pipeline of unlabelled scans (``featcache train --unlabelled``): their samples
+            carry ``labelled=False`` in their metainfo, and ``CacheDistiller`` keeps them out of the detection
+            loss.
     """
 
     def __init__(self, cache: str, layers: Sequence[str] | None = None, skip_corrupt: bool = False,
                  storage_options: dict[str, Any] | None = None, data_root: str | None = None,
-                 teacher_boxes: dict[str, Any] | None = None, **pack_kwargs: Any) -> None:
+                 teacher_boxes: dict[str, Any] | None = None, labelled: bool = True, **pack_kwargs: Any) -> None:
         meta_keys = tuple(pack_kwargs.pop("meta_keys", Pack3DDetInputs.__init__.__defaults__[0]))
         super().__init__(meta_keys=tuple(dict.fromkeys(meta_keys + AUGMENTATION_META_KEYS)), **pack_kwargs)
         self.cache_location = cache
@@ -149,6 +153,7 @@ class PackDetInputsWithCache(Pack3DDetInputs):
         self.skip_corrupt = skip_corrupt
         self.data_root = data_root
         self.teacher_boxes = dict(teacher_boxes) if teacher_boxes else None
+        self.labelled = bool(labelled)
         self.skipped = 0
 
     def transform(self, results: dict) -> dict | None:
@@ -165,7 +170,7 @@ class PackDetInputsWithCache(Pack3DDetInputs):
             return None
         packed = super().transform(results)
         data_sample = packed["data_samples"]
-        data_sample.set_metainfo({"cache_row": row, "cache_key": key})
+        data_sample.set_metainfo({"cache_row": row, "cache_key": key, **({} if self.labelled else {LABELLED: False})})
         # stored values (float16, uint8 + scale/offset): CacheDistiller decodes them on the training device
         fields = {}
         for name, (values, qparams) in features.items():

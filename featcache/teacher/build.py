@@ -26,6 +26,7 @@ from featcache.teacher.centres import CentreCells, bev_range
 from featcache.teacher.nonzero import NonzeroFractions
 from featcache.teacher.progress import BuildProgress
 from featcache.teacher.samples import annotated_centres
+from featcache.teacher.unlabelled import unlabelled_rows
 from featcache import lock as cache_lock
 from featcache.errors import ConfigError, FeatcacheError, InputDataError
 from featcache.teacher.options import BuildOptions, check_codec_option  # noqa: F401  (featcache.teacher.build.BuildOptions)
@@ -109,10 +110,20 @@ class Builder:
                                   if output.kind in head_layers.REGRESSION_OUTPUTS]
         self.at_centres = bool(self.regression_layers) and not options.dense_head_outputs
         self.centres: CentreCells | None = None
+        # scans nobody annotated (featcache.teacher.unlabelled): recorded in the manifest; their regression outputs
+        # can only be kept at the teacher's own boxes
+        self.unlabelled = unlabelled_rows([self.teacher.dataset.get_data_info(row) for row in range(len(self.keys))])
+        if self.unlabelled and self.at_centres and not options.boxes:
+            raise ConfigError(f"{len(self.unlabelled)} of the split's {len(self.keys)} samples are unlabelled scans "
+                              f"(e.g. {self.keys[self.unlabelled[0]]!r}): regression outputs are kept at box centres, "
+                              "and these have no annotated boxes; add --boxes (the teacher's own boxes' centres), or "
+                              "--dense-head-outputs")
         if self.at_centres:
             self.centres = CentreCells(annotated_centres(self.teacher.dataset), bev_range(self.cfg),
                                        self.regression_layers, bool(options.boxes))
-            if not any(len(centres) for centres in self.centres.annotated):
+            if len(self.unlabelled) == len(self.keys):
+                logger.info("every sample is an unlabelled scan: regression outputs are kept at the teacher's own boxes")
+            elif not any(len(centres) for centres in self.centres.annotated):
                 logger.warning("the teacher's dataset annotates no boxes: its regression outputs are kept at the "
                                "teacher's own boxes only%s", "" if options.boxes else
                                " and without --boxes at none; add --boxes, or --dense-head-outputs")
@@ -155,7 +166,8 @@ class Builder:
             extra={"modules": list(self.modules), "checkpoint_path": os.path.abspath(self.options.checkpoint),
                    "cfg_options": self.options.cfg_options,
                    "point_cloud_range": list(self.cfg.get("point_cloud_range", [])),
-                   **({"regression_cells": identity["regression_cells"]} if identity["regression_cells"] else {})},
+                   **({"regression_cells": identity["regression_cells"]} if identity["regression_cells"] else {}),
+                   **({"unlabelled_samples": len(self.unlabelled)} if self.unlabelled else {})},
             key_scheme=format.KEY_SCHEME, teacher_code=self.teacher_code, boxes=self.boxes_spec)
 
     def _meaning(self, name: str) -> dict[str, Any] | None:
