@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings side by side (threads split between them)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    parser.add_argument("--only", choices=["half", "slim", "coarse", "online"], default=None)
+    parser.add_argument("--only", choices=["half", "slim", "coarse", "coarse_long", "online"], default=None)
     parser.add_argument("--recipes", nargs="+", default=None,
                         help="a pilot: train only these recipes of the half student (--only slim / coarse: of "
                              "that one); give --out-dir elsewhere")

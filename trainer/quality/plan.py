@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 TEACHER_CONFIG = REPO / "configs/demo/teacher_pillar.py"
 TEACHER_CKPT = REPO / "checkpoints/demo_teacher_pillar.pth"
 STUDENTS = {"half": REPO / "configs/demo/student_half.py", "slim": REPO / "configs/demo/student_slim.py",
-            "coarse": REPO / "configs/demo/student_coarse.py"}
+            "coarse": REPO / "configs/demo/student_coarse.py",
+            # a pilot: the coarse student trained twice as long (1,600 iterations), both arms
+            "coarse_long": REPO / "configs/demo/student_coarse_long.py"}
 NO_KD = "no-kd"
 # The recipes of the half student. Weights: crd, infonce and pkd losses are O(1) at the start, mse
 # depends on the teacher's feature scale; pkd=5 follows mmrazor's PKD configs (loss_weight 6);
