@@ -307,6 +307,9 @@ def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quan
                    "sample_data_token, each with its own earlier sweeps.")
 @click.option("--from-scans", "from_scans", type=click.Path(file_okay=False), default=None,
               help="A folder of .bin scans (every one below it): samples keyed by their path relative to the folder.")
+@click.option("--data-prefix", nargs=2, default=("samples/LIDAR_TOP", "sweeps/LIDAR_TOP"), show_default=True,
+              metavar="PTS SWEEPS", help="--from-infos: the dataset's data_prefix.pts and .sweeps, which place each "
+                                         "sweep's own file.")
 @click.option("--max-earlier-sweeps", type=click.IntRange(min=0), default=None,
               help="--from-infos: earlier sweeps kept per sample for multi-sweep input (default: all its keyframe has).")
 @click.option("--relative-to", type=click.Path(file_okay=False), default=None,
@@ -316,8 +319,9 @@ def deploy(student_config: str, checkpoint: str, out: str, overwrite: bool, quan
               help="--from-scans: float32 values per point in the files (nuScenes 5, KITTI 4).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @fail_cleanly
-def unlabelled_infos(out: str, from_infos: str | None, from_scans: str | None, max_earlier_sweeps: int | None,
-                     relative_to: str | None, num_pts_feats: int, overwrite: bool) -> None:
+def unlabelled_infos(out: str, from_infos: str | None, from_scans: str | None, data_prefix: tuple[str, str],
+                     max_earlier_sweeps: int | None, relative_to: str | None, num_pts_feats: int,
+                     overwrite: bool) -> None:
     """Write OUT (.pkl), an mmdet3d info file of unlabelled scans, for `featcache build` and `featcache train
     --unlabelled`: teacher targets where no labels exist."""
     from featcache.errors import ConfigError
@@ -329,7 +333,7 @@ def unlabelled_infos(out: str, from_infos: str | None, from_scans: str | None, m
         raise ConfigError(f"{out} exists; give --overwrite to replace it, or another path")
     if from_infos is not None:
         infos = unlabelled.load_infos(from_infos)
-        data_list, report = unlabelled.sweep_infos(infos, from_infos, max_earlier_sweeps)
+        data_list, report = unlabelled.sweep_infos(infos, from_infos, max_earlier_sweeps, *data_prefix)
         unlabelled.write_infos(out, data_list, infos.get("metainfo", {}))
         click.echo(f"{out}: {report.summary()}. Build it with the labelled split's data_root and prefixes "
                    f"(--cfg-options train_dataloader.dataset.ann_file={out}, or the dataset below a CBGS wrapper)")

@@ -71,7 +71,8 @@ def keyframe_with_sweeps(tmp_path_factory, nus_one) -> Path:
         shutil.copy(scan, root / "sweeps" / "LIDAR_TOP" / name)
         sweeps.append({"timestamp": keyframe["timestamp"] - 0.05 * (index + 1), "ego2global": sweep_e2g.tolist(),
                        "sample_data_token": f"sweep-token-{index}",
-                       "lidar_points": {"lidar_path": name, "lidar2ego": sweep_l2e.tolist(),
+                       "lidar_points": {"lidar_path": f"./data/nuscenes/sweeps/LIDAR_TOP/{name}",  # as converted
+                                        "lidar2ego": sweep_l2e.tolist(),
                                         "lidar2sensor": _converter_lidar2sensor(key_l2e, key_e2g, sweep_l2e,
                                                                                 sweep_e2g).tolist()}})
     keyframe["lidar_sweeps"] = sweeps
@@ -98,6 +99,7 @@ def test_sweeps_become_samples_placed_as_mmdet3ds_converter_places_a_keyframes_s
     assert [len(info["lidar_sweeps"]) for info in data_list] == [2, 1, 0]
     assert report.earlier_sweeps == {2: 1, 1: 1, 0: 1} and "not linked" in report.summary()
     assert all(unlabelled.is_unlabelled(info) and info["instances"] == [] for info in data_list)
+    assert data_list[0]["lidar_points"]["lidar_path"] == "../../sweeps/LIDAR_TOP/sweep0.pcd.bin"
     out = unlabelled.write_infos(keyframe_with_sweeps / "unlabelled.pkl", data_list, infos["metainfo"])
 
     # mmdet3d reads them as a split: sweep 0 as a sample with its two earlier sweeps, moved into its frame
@@ -105,9 +107,13 @@ def test_sweeps_become_samples_placed_as_mmdet3ds_converter_places_a_keyframes_s
                 dict(type="LoadPointsFromMultiSweeps", sweeps_num=9, use_dim=[0, 1, 2, 3, 4], remove_close=False,
                      test_mode=True)]
     dataset = NuScenesDataset(str(keyframe_with_sweeps) + "/", out, pipeline=pipeline, test_mode=True,
-                              data_prefix=dict(pts="sweeps/LIDAR_TOP", sweeps="sweeps/LIDAR_TOP"),
+                              data_prefix=dict(pts="samples/LIDAR_TOP", sweeps="sweeps/LIDAR_TOP"),
                               modality=dict(use_lidar=True, use_camera=False))
     scan = np.fromfile(keyframe_with_sweeps / "sweeps" / "LIDAR_TOP" / "sweep0.pcd.bin", dtype=np.float32).reshape(-1, 5)
+    from featcache.teacher.samples import item_keys, item_sources
+
+    assert item_keys(dataset) == [info["token"] for info in data_list]
+    assert item_sources(dataset) == [f"sweeps/LIDAR_TOP/sweep{index}.pcd.bin" for index in range(3)]
     points = dataset[0]["points"].tensor.numpy()
     assert len(points) == 3 * len(scan)
     stored = np.asarray(data_list[0]["lidar_sweeps"][0]["lidar_points"]["lidar2sensor"])

@@ -117,8 +117,20 @@ class SweepReport:
                    "name no previous sample), so the oldest sweeps of each keyframe have fewer" if counts else ""))
 
 
-def sweep_infos(infos: dict[str, Any], source: str = "the info file",
-                max_earlier_sweeps: int | None = None) -> tuple[list[dict[str, Any]], SweepReport]:
+def sweep_lidar_path(path: str, pts_prefix: str, sweeps_prefix: str) -> str:
+    """A sweep's file as a sample's ``lidar_points.lidar_path``, which mmdet3d joins to ``data_prefix.pts``.
+
+    mmdet3d's converter stores a sweep's path as nuScenes gave it (``./data/nuscenes/sweeps/LIDAR_TOP/...``)
+    and its datasets read the file name below ``data_prefix.sweeps`` (``data_prefix.pts`` for a path naming
+    ``samples``); the same file relative to the ``pts`` directory (``../../sweeps/LIDAR_TOP/...``)."""
+    directory = pts_prefix if "samples" in path else sweeps_prefix
+    return Path(os.path.relpath(os.path.join("/", directory, os.path.basename(path)), os.path.join("/", pts_prefix))
+                ).as_posix()
+
+
+def sweep_infos(infos: dict[str, Any], source: str = "the info file", max_earlier_sweeps: int | None = None,
+                pts_prefix: str = "samples/LIDAR_TOP", sweeps_prefix: str = "sweeps/LIDAR_TOP"
+                ) -> tuple[list[dict[str, Any]], SweepReport]:
     """Every keyframe's ``lidar_sweeps`` of mmdet3d nuScenes infos as standalone unlabelled samples.
 
     A sweep becomes a sample keyed by its ``sample_data_token``, at its own pose (``ego2global``,
@@ -126,7 +138,8 @@ def sweep_infos(infos: dict[str, Any], source: str = "the info file",
     ``lidar_sweeps`` are the sweeps recorded before it in the same keyframe's list (nuScenes lists them newest
     first), each re-expressed relative to it (:func:`lidar2sensor`), at most ``max_earlier_sweeps``. Cameras are
     left out (lidar-only samples). Sweeps listed under two keyframes are written once. ``source`` names the
-    file in errors."""
+    file in errors; ``pts_prefix`` / ``sweeps_prefix`` are the dataset's ``data_prefix`` (nuScenes' by default),
+    which place a sweep's own file (:func:`sweep_lidar_path`)."""
     data_list, report, seen = [], SweepReport(), set()
     for position, keyframe in enumerate(infos.get("data_list", [])):
         where = f"{source}, keyframe {keyframe.get('token', position)!r}"
@@ -150,7 +163,8 @@ def sweep_infos(infos: dict[str, Any], source: str = "the info file",
             data_list.append({
                 "sample_idx": len(data_list), "token": str(token), "timestamp": sweep.get("timestamp"),
                 "ego2global": sweep["ego2global"],
-                "lidar_points": {"lidar_path": lidar["lidar_path"], "lidar2ego": lidar["lidar2ego"],
+                "lidar_points": {"lidar_path": sweep_lidar_path(str(lidar["lidar_path"]), pts_prefix, sweeps_prefix),
+                                 "lidar2ego": lidar["lidar2ego"],
                                  **({"num_pts_feats": num_pts_feats} if num_pts_feats is not None else {})},
                 "lidar_sweeps": [{"timestamp": sweeps[j].get("timestamp"), "ego2global": sweeps[j]["ego2global"],
                                   "sample_data_token": sweeps[j].get("sample_data_token"),
