@@ -90,6 +90,18 @@ def bev_extent(point_cloud_range: Sequence[float] | None) -> list[float] | None:
     return [float(extent[index]) for index in (0, 1, 3, 4)] if len(extent) == 6 else None
 
 
+def bev_range(point_cloud_range: Sequence[float] | None, where: str, purpose: str = "to place its BEV grid") -> list[float]:
+    """:func:`bev_extent`, or a ConfigError saying that ``where`` has no 6-number ``point_cloud_range`` and what it
+    is needed for (``purpose``): the one rule from a config's range to a BEV extent, for teacher and student."""
+    extent = bev_extent(point_cloud_range)
+    if extent is None:
+        from featcache.errors import ConfigError
+
+        raise ConfigError(f"{where} has no point_cloud_range [x0, y0, z0, x1, y1, z1] (it has "
+                          f"{list(point_cloud_range or []) or 'none'}) {purpose}")
+    return extent
+
+
 #: How the teacher boxes (``--boxes``) are stored: exact float32, zstd level 3 (``inspect`` reports it).
 BOXES_CODEC = CodecSpec("fp32", "zstd", 3)
 

@@ -62,7 +62,7 @@ def test_kd_spec_parses_weights_and_names_the_valid_terms():
 
 
 def test_crd_term_needs_two_rows_and_says_what_to_use_instead():
-    with pytest.raises(ValueError, match="at least 2 cache rows.*--kd infonce=1"):
+    with pytest.raises(ValueError, match="at least 2 cached samples.*--kd infonce=1"):
         build_term("crd", _context(4, 4, num_samples=1))
 
 

@@ -26,7 +26,7 @@ from featcache.teacher.recording import LayerRecorder
 from trainer.bev_warp import BevAlignment, gaussian_foreground
 from trainer.heads import head_key
 from trainer.targets import TeacherMaps
-from trainer.terms import TERMS, DistillStep, LayerStep, TermContext, build_term
+from trainer.terms import DistillStep, LayerStep, TermContext, build_term
 from trainer.transforms import qparams_field, target_field
 from trainer.unlabelled import is_labelled, labelled_first, split_inputs, teacher_only_forward
 
@@ -173,15 +173,15 @@ class CacheDistiller(BaseModel):
             for name, params in terms.items():
                 params = dict(params)
                 self.weights[name] = float(params.pop("weight", 1.0))
-                if name in TERMS and TERMS[name].changes_gt and self.weights[name] not in (0.0, 1.0):
-                    raise ConfigError(f"{name}={self.weights[name]:g}: the {name} term adds teacher boxes to the GT "
-                                      "of the student's detection loss, which weighs them like GT; give "
-                                      f"{name}=1 (or 0: off) and its parameters in the student config's "
-                                      f"distill.terms.{name}")
                 try:
                     self.terms[name] = build_term(name, context, **params)
                 except ValueError as exc:
                     raise ConfigError(f"distillation term {name!r}: {exc}") from exc
+                if self.terms[name].changes_gt and self.weights[name] not in (0.0, 1.0):
+                    raise ConfigError(f"{name}={self.weights[name]:g}: the {name} term adds teacher boxes to the GT "
+                                      "of the student's detection loss, which weighs them like GT; give "
+                                      f"{name}=1 (or 0: off) and its parameters in the student config's "
+                                      f"distill.terms.{name}")
             if online_teacher:
                 self._build_online_teacher(online_teacher)
 

@@ -6,17 +6,9 @@ import logging
 from typing import Any, Sequence
 
 from featcache import format
+from featcache.format import bev_range
 from featcache.errors import CacheMismatchError, ConfigError
 from featcache.layout import CANONICAL
-
-
-def bev_range(point_cloud_range: Sequence[float], where: str) -> list[float]:
-    """[x_min, y_min, x_max, y_max] of ``point_cloud_range`` (``format.bev_extent``); a ConfigError naming
-    ``where`` when it is not 6 numbers."""
-    extent = format.bev_extent(point_cloud_range)
-    if extent is None:
-        raise ConfigError(f"{where} has no point_cloud_range [x0, y0, z0, x1, y1, z1] to place its BEV grid")
-    return extent
 
 
 _RANGE_KEYS = ("point_cloud_range", "pc_range")

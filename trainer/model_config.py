@@ -18,7 +18,8 @@ from featcache.layout import CANONICAL, BevLayout
 from featcache.teacher import models
 from featcache.teacher.recording import LayerRecorder
 from featcache.teacher.samples import check_sources, dataset_data_root, dataset_keys
-from trainer.grids import bev_range, cache_layouts, cache_point_cloud_range, student_bev_range
+from featcache.format import bev_range
+from trainer.grids import cache_layouts, cache_point_cloud_range, student_bev_range
 from trainer.options import TrainOptions, resolve_terms, resolve_unlabelled
 from trainer.response_pairs import (TeacherOutput, config_head_type, online_head_outputs, response_pairs,
                                     teacher_class_names)
@@ -178,7 +179,8 @@ def online_side(options: TrainOptions, inner: dict, student, needs: TermNeeds) -
     teacher_range = bev_range(teacher_cfg.get("point_cloud_range", []), options.online_teacher[0])
     modules = list(models.MVX_LAYERS) if needs.features else []  # what a build caches of an MVX-style teacher
     dataset = models.build_dataset(inner)
-    shapes, outputs, layouts = _probe_teacher_shapes(options, dataset, modules, needs.response_kinds, teacher_range)
+    shapes, outputs, layouts = _probe_teacher_shapes(options, teacher_cfg, dataset, modules, needs.response_kinds,
+                                                     teacher_range)
     heatmaps: dict[str, tuple[str, list[int]]] = {}
     regressions: dict[str, tuple[str, dict]] = {}
     if needs.response_kinds:
@@ -194,15 +196,6 @@ def online_side(options: TrainOptions, inner: dict, student, needs: TermNeeds) -
         side.box_label_map = [student_classes.index(name) if name in student_classes else -1
                               for name in teacher_classes]
     return side
-
-
-def check_min_samples(terms: dict[str, dict], num_samples: int, where: str) -> None:
-    """Every term gets the cache rows it needs (``KDTerm.min_samples``)."""
-    for name in terms:
-        if num_samples < TERMS[name].min_samples:
-            raise ConfigError(f"the {name} term needs at least {TERMS[name].min_samples} cached samples; {where} "
-                              f"has {num_samples}. Use more samples, or a term that works per sample: --kd infonce=1 "
-                              "(or pkd=1, mse=1)")
 
 
 def layer_pairs(options: TrainOptions, terms: dict[str, dict], side: TeacherSide,
@@ -276,7 +269,6 @@ def distiller_model_cfg(cfg, options: TrainOptions) -> dict:
             else online_side(options, inner, student, needs))
     student_shapes = _probe_student(student, side.dataset,
                                     list(dict.fromkeys([*side.modules, *side.heatmaps, *side.regressions])))
-    check_min_samples(terms, side.num_samples, options.cache or options.student_config)
     pairs = layer_pairs(options, terms, side, student_shapes)
     log_pairs(pairs, side, student_range, student_shapes)
     if options.cache:
@@ -296,10 +288,11 @@ def distiller_model_cfg(cfg, options: TrainOptions) -> dict:
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))
 
 
-def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str], kinds: Sequence[str],
+def _probe_teacher_shapes(options: TrainOptions, teacher_cfg, dataset, modules: Sequence[str], kinds: Sequence[str],
                           teacher_range: Sequence[float]
                           ) -> tuple[dict[str, tuple[int, ...]], list["TeacherOutput"], dict[str, str]]:
-    """The online teacher's per-sample output shapes of ``modules`` and of its head outputs of ``kinds``,
+    """The online teacher's (``teacher_cfg``, loaded once by ``online_side``) per-sample output shapes of ``modules``
+    and of its head outputs of ``kinds``,
     those head outputs described, and each map's BEV layout, measured as ``featcache build`` measures it
     (``featcache.layout.decide_layouts``: the sample's points against the maps)."""
     from mmengine.dataset import pseudo_collate
@@ -307,7 +300,6 @@ def _probe_teacher_shapes(options: TrainOptions, dataset, modules: Sequence[str]
     from featcache.layout import decide_layouts
     from featcache.teacher.recording import record_teacher
 
-    teacher_cfg = models.load_config(options.online_teacher[0], options.teacher_cfg_options)
     teacher = models.build_model(teacher_cfg, options.online_teacher[1]).eval()
     outputs = online_head_outputs(teacher, teacher_cfg, kinds, options.online_teacher[0]) if kinds else []
     batch = pseudo_collate([dataset[0]])

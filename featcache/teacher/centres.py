@@ -16,18 +16,13 @@ import numpy as np
 
 from featcache import boxes as boxes_
 from featcache import format, head_layers, layout
-from featcache.errors import ConfigError
 
 
 def bev_range(cfg) -> list[float]:
-    """The extent of the teacher's BEV outputs (``format.bev_extent`` of its ``point_cloud_range``)."""
-    extent = format.bev_extent(cfg.get("point_cloud_range"))
-    if extent is None:
-        raise ConfigError(f"the teacher config has no point_cloud_range (6 numbers; it has "
-                          f"{list(cfg.get('point_cloud_range') or []) or 'none'}): the cells holding box centres, "
-                          "where regression outputs are kept, are not known; set it, or build with "
-                          "--dense-head-outputs")
-    return extent
+    """The extent of the teacher's BEV outputs (``format.bev_range`` of its ``point_cloud_range``)."""
+    return format.bev_range(cfg.get("point_cloud_range"), "the teacher config",
+                            "to place the cells holding box centres, where regression outputs are kept; set it, or "
+                            "build with --dense-head-outputs")
 
 
 class CentreCells:

@@ -236,6 +236,10 @@ def build_term(name: str, context: TermContext, **params: Any) -> KDTerm:
     if unknown:
         raise ValueError(f"distillation term {name!r} has no parameter {', '.join(unknown)}; "
                          f"it takes {', '.join(accepted) or 'none'}")
+    if context.num_samples < TERMS[name].min_samples:  # the one check of KDTerm.min_samples
+        raise ValueError(f"the {name} term needs at least {TERMS[name].min_samples} cached samples (cache rows); the "
+                         f"cache has {context.num_samples}. Build the cache over more samples, or use a term that works "
+                         "per sample (--kd infonce=1, pkd=1 or mse=1)")
     return TERMS[name](context, **params)
 
 

@@ -144,11 +144,6 @@ class CRDTerm(KDTerm):
     def __init__(self, context: TermContext, feat_dim: int = 128, temperature: float = 0.07,
                  nce_k: int = 4096, momentum: float = 0.5) -> None:
         super().__init__(context)
-        if context.num_samples < self.min_samples:
-            raise ValueError(f"the crd term contrasts samples against each other and needs at least "
-                             f"{self.min_samples} cache rows; "
-                             f"this cache has {context.num_samples}. Build the cache over more samples, or use "
-                             "a term that works per sample (--kd infonce=1, pkd=1 or mse=1)")
         self.heads = projection_heads(context, feat_dim)
         self.criteria = nn.ModuleDict({key: CRDLoss(feat_dim, context.num_samples, nce_k=nce_k,
                                                     temperature=temperature, momentum=momentum,
