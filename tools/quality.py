@@ -38,6 +38,20 @@ sys.path[:0] = [str(REPO)]
 from trainer.quality import benchmark, keys, report, runs  # noqa: E402
 
 
+def only_choice(value: str) -> str:
+    from trainer.quality.plan import STUDENTS, student_parts
+
+    if value in ("online", "scarce") or value in STUDENTS:
+        return value
+    try:
+        name, labelled = student_parts(value)
+    except ValueError:
+        name, labelled = "", None
+    if name in STUDENTS and labelled:
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: give half, slim, coarse, coarse_long, online, scarce or STUDENT@N")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -45,7 +59,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings side by side (threads split between them)")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
-    parser.add_argument("--only", choices=["half", "slim", "coarse", "coarse_long", "online"], default=None)
+    parser.add_argument("--only", type=only_choice, default=None,
+                        help="half, slim, coarse, coarse_long, online, scarce (the scarce-label curve), or with "
+                             "--recipes a scarce-label student STUDENT@N (its first N train scans labelled)")
     parser.add_argument("--recipes", nargs="+", default=None,
                         help="a pilot: train only these recipes of the half student (--only slim / coarse: of "
                              "that one); give --out-dir elsewhere")

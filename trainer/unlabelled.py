@@ -169,11 +169,12 @@ class WithUnlabelledBatchSampler:
 
 def unlabelled_dataset_cfg(inner: dict, ann_file: str, cache: str) -> dict:
     """The labelled dataset's config (``inner``, its pipeline already packing cached targets) for the unlabelled
-    scans: their info file, no empty-GT filter (they have no GT), no GT paste (the teacher never saw pasted
+    scans: their info file (all of it), no empty-GT filter (they have no GT), no GT paste (the teacher never saw pasted
     objects, and pasted boxes would be the only GT of a scan nobody labelled), their targets' cache, packed as
     teacher-only samples."""
     dataset = copy.deepcopy(inner)
     dataset.update(ann_file=ann_file, filter_empty_gt=False)
+    dataset.pop("indices", None)  # a subset of the labelled info file (mmengine's indices) is not one of these
     pipeline = [dict(step) for step in dataset["pipeline"] if step["type"] not in ("ObjectSample", "ObjectSampleRecorded")]
     for step in pipeline:
         if step["type"] == "PackDetInputsWithCache":

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Collection
 
-from trainer.quality.plan import (NO_KD, REPO, STUDENTS, TEACHER_CONFIG, Run, heatmap_codec_of, kinds_read,
-                                  recipe_kinds, record_run, target_source)
+from trainer.quality.plan import (NO_KD, REPO, TEACHER_CONFIG, Run, heatmap_codec_of, kinds_read, recipe_kinds,
+                                  record_run, student_config, student_parts, target_source)
 from trainer.quality.runs import now
 
 # What decides the outcome of a run: every trainer module that shapes a result, sub-packages included (paths
@@ -98,9 +98,11 @@ def legacy_run_key(run: Run, context: dict[str, Any], quick: bool) -> str:
 
 
 def _key_text(run: Run, context: dict[str, Any], quick: bool, codecs: str, relative: bool = True) -> str:
-    return "\0".join([config_text(STUDENTS[run.student], relative), run.recipe, str(run.seed), target_source(run.targets),
-                      context["teacher_sha256"], context["data_stamp"], context["trainer_revision"], codecs,
-                      "quick" if quick else "full"])
+    labelled = student_parts(run.student)[1]
+    return "\0".join([config_text(student_config(run.student), relative), run.recipe, str(run.seed),
+                      target_source(run.targets), context["teacher_sha256"], context["data_stamp"],
+                      context["trainer_revision"], codecs, "quick" if quick else "full",
+                      *([f"labelled={labelled}"] if labelled is not None else [])])
 
 
 def codecs_read(run: Run, codecs_by_kind: dict[str, str]) -> str:

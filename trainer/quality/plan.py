@@ -55,13 +55,39 @@ COARSE_PILOT_SEED = 0
 COARSE_RECIPE = "heatmap=4:loss=focal,reg=1,pkd=5"  # the pilot's best (seed 0: +0.035 over no-KD)
 COARSE_SEEDS = (1, 2, 3, 4, 5)
 SCENE_ARGS = {"full": ["--train", "400", "--val", "100"], "quick": ["--train", "6", "--val", "3"]}
+# Scarce labels (issue #31): "coarse@100" is the coarse student with only the first 100 train scans labelled, trained
+# the same iterations as with all 400 (more epochs; its rate still anneals per iteration to the floor). A recipe
+# with the UNLABELLED token also trains on the other train scans as teacher-only samples (featcache train
+# --unlabelled: the detection loss never sees them). The curve (no-KD at SCARCE_COUNTS) says where the student is
+# data-limited, the setting the unlabelled scans are measured in.
+LABELLED_SEPARATOR = "@"
+UNLABELLED = "unlabelled"
+SCARCE_STUDENT = "coarse"
+SCARCE_COUNTS = (25, 50, 100)
+SCARCE_CURVE_SEED = 0
 
 
 
 def recipe_parts(recipe: str) -> tuple[str | None, bool]:
     """(--kd spec or None for the detection loss alone, whether the student inherits the teacher's weights)."""
-    parts = [part for part in recipe.split(",") if part and part != INIT]
+    parts = [part for part in recipe.split(",") if part and part not in (INIT, UNLABELLED)]
     return (None if recipe == NO_KD or not parts else ",".join(parts)), INIT in recipe.split(",")
+
+
+def uses_unlabelled(recipe: str) -> bool:
+    """Whether a recipe also trains on the train scans it does not label, as teacher-only samples."""
+    return UNLABELLED in recipe.split(",")
+
+
+def student_parts(student: str) -> tuple[str, int | None]:
+    """``"coarse@100"`` -> ``("coarse", 100)`` (the first 100 train scans labelled); ``"half"`` -> ``("half", None)``."""
+    name, separator, count = student.partition(LABELLED_SEPARATOR)
+    return name, (int(count) if separator else None)
+
+
+def student_config(student: str) -> Path:
+    """The config a plan student trains from (a scarce-label student's is its full-data one's)."""
+    return STUDENTS[student_parts(student)[0]]
 
 
 def targets_of(recipe: str) -> str:
@@ -121,8 +147,11 @@ def wanted_runs(records: list[dict], seeds: list[int], quick: bool, only: str | 
     fresh ``COARSE_SEEDS``. ``recipes`` (a pilot) trains those recipes
     only, of the half student (``only`` naming a student: of that one)."""
     if recipes:
-        student = only if only in STUDENTS else "half"
+        student = only if only and student_parts(only)[0] in STUDENTS else "half"
         return [Run(student, recipe, seed, targets_of(recipe)) for seed in seeds for recipe in recipes]
+    if only == "scarce":  # the curve first: where is the student that cannot inherit data-limited
+        return [Run(f"{SCARCE_STUDENT}{LABELLED_SEPARATOR}{count}", NO_KD, SCARCE_CURVE_SEED, "none")
+                for count in SCARCE_COUNTS]
     if quick:
         return [Run("half", recipe, seed, targets_of(recipe)) for seed in seeds for recipe in (NO_KD, "pkd=5")]
     runs: list[Run] = []

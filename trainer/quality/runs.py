@@ -18,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from trainer.quality.plan import REPO, STUDENTS, TEACHER_CKPT, TEACHER_CONFIG, Run, recipe_parts
+from trainer.quality.plan import (REPO, TEACHER_CKPT, TEACHER_CONFIG, Run, recipe_parts, student_config, student_parts,
+                                  uses_unlabelled)
 
 
 def data_options(data: Path) -> list[str]:
@@ -49,11 +50,17 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
 
     run = Run(**spec["run"])
     work_dir = spec["work_dir"]
-    options = parse_cfg_options(spec["cfg_options"] + [f"randomness.seed={run.seed}"])
-    config = str(STUDENTS[run.student])
+    config = str(student_config(run.student))
+    labelled = student_parts(run.student)[1]
+    options = parse_cfg_options(spec["cfg_options"] + [f"randomness.seed={run.seed}"]
+                                + ([] if labelled is None else scarce_options(config, spec["cfg_options"], labelled)))
     kd, inherit = recipe_parts(run.recipe)
     common = dict(student_config=config, work_dir=work_dir, cfg_options=options,
                   init_from_teacher=(str(TEACHER_CONFIG), str(TEACHER_CKPT)) if inherit else None)
+    if uses_unlabelled(run.recipe):
+        if kd is None or labelled is None:
+            raise ValueError(f"{run.name}: unlabelled scans need a --kd recipe and a scarce-label student (student@N)")
+        common["unlabelled"] = dict(ann_file=write_unlabelled_rest(config, spec["cfg_options"], labelled, work_dir))
     if kd is None:
         train_options = TrainOptions(cache=None, no_distill=True, **common)
     elif run.targets == "online":
@@ -72,6 +79,47 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
             "AP": finite_or_none({name[3:]: value for name, value in metrics.items() if name.startswith("AP_")}),
             "params": evaluation.num_parameters, "train_s": round(train_s, 1), "step_s": median_step_time(work_dir),
             "torch_threads": torch.get_num_threads(), "finished": now()}
+
+
+def _train_infos(config: str, cfg_options: list[str]) -> tuple[Any, str]:
+    """The student config (with the run's options) and the path of its train info file."""
+    from featcache.teacher import models
+    from featcache.teacher.options import parse_cfg_options
+
+    cfg = models.load_config(config, parse_cfg_options(cfg_options))
+    dataset = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
+    return cfg, os.path.join(str(dataset.get("data_root") or ""), str(dataset["ann_file"]))
+
+
+def scarce_options(config: str, cfg_options: list[str], labelled: int) -> list[str]:
+    """Only the first ``labelled`` train scans (mmengine's ``indices``), trained the iterations the full split
+    trains: ``max_epochs`` scaled by the batches per epoch, the cosine's length with it (``param_scheduler.1``, the
+    demo students' CosineAnnealingLR, converted to iterations)."""
+    import math
+
+    from featcache.teacher.unlabelled import load_infos
+
+    cfg, infos = _train_infos(config, cfg_options)
+    total = len(load_infos(infos)["data_list"])
+    if not 0 < labelled < total:
+        raise ValueError(f"{labelled} labelled scans: the train split holds {total}; give 0 < N < {total}")
+    batch = int(cfg.train_dataloader.batch_size)
+    iterations = int(cfg.train_cfg.max_epochs) * math.ceil(total / batch)
+    epochs = max(1, round(iterations / math.ceil(labelled / batch)))
+    return [f"train_dataloader.dataset.indices={labelled}", f"train_cfg.max_epochs={epochs}",
+            f"param_scheduler.1.T_max={epochs}", f"param_scheduler.1.end={epochs}"]
+
+
+def write_unlabelled_rest(config: str, cfg_options: list[str], labelled: int, work_dir: str) -> str:
+    """An info file of the train scans past the first ``labelled``, as unlabelled scans (their annotations
+    dropped, keyed as in the benchmark's cache, which holds their targets); returns its path."""
+    from featcache.teacher.unlabelled import UNLABELLED as FIELD
+    from featcache.teacher.unlabelled import load_infos, write_infos
+
+    _, path = _train_infos(config, cfg_options)
+    infos = load_infos(path)
+    rest = [{**info, "instances": [], FIELD: True} for info in infos["data_list"][labelled:]]
+    return write_infos(os.path.join(work_dir, f"unlabelled_after_{labelled}.pkl"), rest, infos.get("metainfo", {}))
 
 
 def median_step_time(work_dir: str) -> float | None:
