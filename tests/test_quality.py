@@ -314,3 +314,35 @@ def test_the_pilot_seed_that_chose_the_coarse_recipe_never_credits_it():
     assert report.crediting(records, "coarse", plan.COARSE_PILOT[0]) == records  # a pilot recipe: its one seed
     assert report.crediting(records, "half", plan.COARSE_RECIPE) == records
     assert plan.COARSE_PILOT_SEED not in plan.COARSE_SEEDS and plan.COARSE_RECIPE in plan.COARSE_PILOT
+
+
+def test_a_scarce_label_student_trains_the_full_splits_iterations_on_its_first_scans(tmp_path):
+    import pickle
+
+    from trainer.quality import runs
+
+    infos = {"metainfo": {"version": "test"},
+             "data_list": [{"token": f"t{index}", "lidar_points": {"lidar_path": f"s{index}.bin"},
+                            "instances": [{"bbox_3d": [0.0] * 7, "bbox_label_3d": 0}]} for index in range(400)]}
+    (tmp_path / "nuscenes_infos_train.pkl").write_bytes(pickle.dumps(infos))
+    options = [f"train_dataloader.dataset.data_root={tmp_path}/"]
+    config = str(STUDENTS["coarse"])
+    full_iterations = 4 * 200  # the coarse student: 4 epochs of 400 scans, 2 per step
+    for labelled in (25, 50, 100):
+        scarce = runs.scarce_options(config, options, labelled)
+        epochs = int(scarce[1].rpartition("=")[2])
+        assert scarce[0] == f"train_dataloader.dataset.indices={labelled}"
+        assert scarce[2:] == [f"param_scheduler.1.T_max={epochs}", f"param_scheduler.1.end={epochs}"]
+        assert abs(epochs * math.ceil(labelled / 2) - full_iterations) <= math.ceil(labelled / 2) / 2
+    with pytest.raises(ValueError, match="the train split holds 400"):
+        runs.scarce_options(config, options, 400)
+    rest = pickle.loads(open(runs.write_unlabelled_rest(config, options, 100, str(tmp_path)), "rb").read())
+    assert [info["token"] for info in rest["data_list"]] == [f"t{index}" for index in range(100, 400)]
+    assert all(info["unlabelled"] and info["instances"] == [] for info in rest["data_list"])
+    # the labelled count joins the key of a scarce-label run only: full-data keys stay what they were
+    context = {"teacher_sha256": "t", "data_stamp": "d", "trainer_revision": "r", "codecs_by_kind": {}}
+    full = keys._key_text(Run("coarse", "no-kd", 0, "none"), context, False, "")
+    assert "labelled" not in full and keys._key_text(Run("coarse@100", "no-kd", 0, "none"), context, False, "") == \
+        full + "\0labelled=100"
+    assert [run.student for run in plan.wanted_runs([], [0], False, "scarce")] == ["coarse@25", "coarse@50", "coarse@100"]
+    assert plan.recipe_parts("heatmap=4:loss=focal,pkd=5,unlabelled") == ("heatmap=4:loss=focal,pkd=5", False)
