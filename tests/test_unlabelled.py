@@ -243,13 +243,42 @@ def test_unlabelled_scans_reach_every_distillation_term_and_never_the_detection_
     assert set(drawn) == unlabelled_keys and all(drawn.count(key) == 2 for key in unlabelled_keys)
 
 
+def test_the_pseudo_label_baseline_trains_the_detection_loss_on_the_teachers_confident_boxes(
+        two_caches, scans_with_unlabelled, tmp_path, monkeypatch):
+    from mmdet3d.models.detectors import MVXTwoStageDetector
+
+    from trainer.train import train
+
+    labelled_cache, unlabelled_cache = two_caches
+    root, ann_file = scans_with_unlabelled
+    seen, boxes = [], []
+    original_loss = MVXTwoStageDetector.loss
+
+    def detection_loss(self, inputs, data_samples, **kwargs):
+        for sample in data_samples:
+            if sample.metainfo.get("pseudo_labelled"):
+                teacher = sample.teacher_instances_3d
+                confident = teacher.scores_3d >= 0.3
+                assert torch.equal(sample.gt_instances_3d.bboxes_3d.tensor, teacher.bboxes_3d.tensor[confident])
+                assert torch.equal(sample.gt_instances_3d.labels_3d, teacher.labels_3d[confident])
+                boxes.append(int(confident.sum()))
+        seen.append(sum(1 for sample in data_samples if sample.metainfo.get("pseudo_labelled")))
+        return original_loss(self, inputs, data_samples, **kwargs)
+
+    monkeypatch.setattr(MVXTwoStageDetector, "loss", detection_loss)
+    train(_options(root, cache=labelled_cache, work_dir=str(tmp_path / "wd"), kd={"heatmap": 1.0},
+                   unlabelled=dict(ann_file=ann_file, cache=unlabelled_cache, pseudo_labels=0.3)))
+    assert seen[-3:] == [2, 2, 2]  # each step: its 2 labelled samples and 2 pseudo-labelled scans in one loss
+    assert sum(boxes) > 0  # the demo teacher's confident boxes became GT
+
+
 def test_unlabelled_scans_not_in_their_cache_or_also_labelled_are_refused_by_name(two_caches, scans_with_unlabelled):
     from trainer.train import build_runner_config
 
     labelled_cache, unlabelled_cache = two_caches
     root, ann_file = scans_with_unlabelled
-    with pytest.raises(CacheMismatchError, match=rf"--unlabelled {ann_file}: 3 of its 3 scans are not in cache "
-                                                 rf"{labelled_cache}, e.g. 'samples/LIDAR_TOP/{DRIVE}/unlabelled0"):
+    with pytest.raises(CacheMismatchError, match=rf"3 of --unlabelled {ann_file}'s 3 scans are not in cache "
+                                                 rf"{labelled_cache} .*e.g. 'samples/LIDAR_TOP/{DRIVE}/unlabelled0"):
         build_runner_config(_options(root, cache=labelled_cache, kd={"pkd": 1.0}, unlabelled=dict(ann_file=ann_file)))
     with pytest.raises(ConfigError, match=r"--kd crd keeps a memory row per cached sample"):
         build_runner_config(_options(root, cache=labelled_cache, kd={"crd": 1.0},

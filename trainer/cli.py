@@ -76,6 +76,9 @@ def _kd(text: str | None) -> dict[str, float | dict] | None:
               help="The cache holding the unlabelled scans' targets (default: --cache).")
 @click.option("--unlabelled-per-labelled", type=click.IntRange(min=1), default=None, metavar="N",
               help="Unlabelled scans per labelled sample in each step (default 1).")
+@click.option("--unlabelled-pseudo-labels", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              metavar="SCORE", help="A baseline, not the method: the teacher's cached boxes scoring >= SCORE become the "
+                                    "unlabelled scans' GT and they go through the detection loss (hard pseudo-labels).")
 @storage_option
 @fail_cleanly
 def train(student_config: str, cache: str | None, work_dir: str | None, kd: str | None, kd_warmup: int | None,
@@ -83,7 +86,8 @@ def train(student_config: str, cache: str | None, work_dir: str | None, kd: str 
           resume: bool, cfg_options: tuple[str, ...], skip_corrupt: bool, online_teacher: tuple[str, str] | None,
           teacher_cfg_options: tuple[str, ...], no_distill: bool, init_from_teacher: tuple[str, str] | None,
           force_alignment: bool, unlabelled: str | None, unlabelled_cache: str | None,
-          unlabelled_per_labelled: int | None, storage_options: str | None) -> None:
+          unlabelled_per_labelled: int | None, unlabelled_pseudo_labels: float | None,
+          storage_options: str | None) -> None:
     """Train STUDENT_CONFIG with detection + distillation losses against cached teacher features.
 
     No teacher is run when --cache is given (--init-from-teacher loads its weights once, before the first
@@ -99,7 +103,8 @@ def train(student_config: str, cache: str | None, work_dir: str | None, kd: str 
         skip_corrupt=skip_corrupt, online_teacher=tuple(online_teacher) if online_teacher else None,
         teacher_cfg_options=parse_cfg_options(teacher_cfg_options), no_distill=no_distill,
         init_from_teacher=tuple(init_from_teacher) if init_from_teacher else None, force_alignment=force_alignment,
-        unlabelled=dict(ann_file=unlabelled, cache=unlabelled_cache, per_labelled=unlabelled_per_labelled)))
+        unlabelled=dict(ann_file=unlabelled, cache=unlabelled_cache, per_labelled=unlabelled_per_labelled,
+                        pseudo_labels=unlabelled_pseudo_labels)))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from trainer.heads import head_key
 from trainer.targets import TeacherMaps
 from trainer.terms import DistillStep, LayerStep, TermContext, build_term
 from trainer.transforms import qparams_field, target_field
-from trainer.unlabelled import is_labelled, labelled_first, split_inputs, teacher_only_forward
+from trainer.unlabelled import is_labelled, labelled_first, pseudo_label, split_inputs, teacher_only_forward
 
 logger = logging.getLogger("trainer.distiller")
 # Below this share of student cells with a teacher target at the first step, the two grids barely
@@ -128,7 +128,7 @@ class CacheDistiller(BaseModel):
                  target_codecs: dict[str, str] | None = None, heatmap_pairs: dict[str, Sequence[int]] | None = None,
                  regression_pairs: dict[str, dict] | None = None, teacher_boxes: bool = False,
                  box_label_map: Sequence[int] | None = None, teacher_layouts: dict[str, str] | None = None,
-                 init_cfg: dict | None = None) -> None:
+                 pseudo_label_score: float | None = None, init_cfg: dict | None = None) -> None:
         student_model = MODELS.build(student)
         super().__init__(data_preprocessor=None, init_cfg=init_cfg)
         self.student = student_model
@@ -150,6 +150,10 @@ class CacheDistiller(BaseModel):
         self.foreground = dict(min_radius=2, min_overlap=0.1, **(foreground or {}))
         self.warmup_iters = int(warmup_iters)
         self.teacher_boxes = bool(teacher_boxes)
+        self.pseudo_label_score = None if pseudo_label_score is None else float(pseudo_label_score)
+        if self.pseudo_label_score is not None and not self.teacher_boxes:
+            raise ConfigError("pseudo_label_score (hard pseudo-labels on unlabelled scans) needs the teacher's boxes "
+                              "(teacher_boxes=True, a cache built with --boxes)")
         self.box_label_map = [int(label) for label in box_label_map or ()]
         if self.teacher_boxes and online_teacher and not self.box_label_map:
             raise ConfigError("an online teacher's boxes need box_label_map (teacher label -> student label)")
@@ -388,6 +392,10 @@ class CacheDistiller(BaseModel):
         return losses, {layer: torch.cat([part[layer] for part in recorded]) for layer in recorded[0]}
 
     def loss(self, inputs: dict, data_samples: list) -> dict[str, Tensor]:
+        pseudo = 0
+        if self.pseudo_label_score is not None:  # the hard pseudo-label baseline: teacher boxes as their GT
+            pseudo = sum(pseudo_label(sample, self.pseudo_label_score, self._plausible) for sample in data_samples
+                         if not is_labelled(sample))
         # teacher-only samples (--unlabelled) after the labelled ones, whose detection loss they never reach
         data_samples, inputs, unlabelled = labelled_first(inputs, data_samples)
         # GT as annotated (and pasted), taken before label KD adds teacher boxes and before the student's
@@ -414,6 +422,8 @@ class CacheDistiller(BaseModel):
             losses[f"kd_{name}_boxes_per_sample"] = boxes_per_sample
         if unlabelled:
             losses["kd_unlabelled_samples"] = torch.tensor(float(unlabelled))
+        if self.pseudo_label_score is not None:
+            losses["kd_pseudo_labels_per_step"] = torch.tensor(float(pseudo))
         if self.training:
             self.steps += 1
         return losses

@@ -12,12 +12,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from featcache import format, open_cache
-from featcache.errors import CacheMismatchError, ConfigError
+from featcache import open_cache
+from featcache.errors import ConfigError
 from featcache.layout import CANONICAL, BevLayout
 from featcache.teacher import models
 from featcache.teacher.recording import LayerRecorder
-from featcache.teacher.samples import check_sources, dataset_data_root, dataset_keys
+from featcache.teacher.samples import check_covered, check_sources, dataset_data_root, dataset_keys
 from featcache.format import bev_range
 from trainer.grids import cache_layouts, cache_point_cloud_range, student_bev_range
 from trainer.options import TrainOptions, resolve_terms, resolve_unlabelled
@@ -44,22 +44,6 @@ def _replace_pack(pipeline: list, cache: str, layers: Sequence[str], options: Tr
     step.update(type="PackDetInputsWithCache", cache=cache, layers=list(layers), skip_corrupt=options.skip_corrupt,
                 storage_options=options.storage_options, data_root=data_root, teacher_boxes=teacher_boxes)
     return pipeline[:packs[0]] + [step] + pipeline[packs[0] + 1:]
-
-
-def _check_cache_covers(dataset, cache, config: str) -> None:
-    keys = dataset_keys(dataset)
-    missing = [key for key in keys if key not in cache]
-    if missing:
-        raise CacheMismatchError(
-            f"{len(missing)} of {len(keys)} training samples of {config} are not in cache {cache.location} "
-            f"(dataset id {cache.manifest.dataset_id[:12]}..., split {cache.manifest.split!r}), e.g. "
-            f"{', '.join(missing[:5])}; build the cache from the same infos (featcache build --split ...)")
-    status = cache.status()
-    incomplete = [key for key in keys if status[cache.row_of(key)] != format.STATUS_COMPLETE]
-    if incomplete:
-        raise CacheMismatchError(f"{len(incomplete)} training samples are not complete in {cache.location}, e.g. "
-                                 f"{', '.join(incomplete[:5])}; finish it with `featcache build` (it resumes) "
-                                 "or check `featcache verify`")
 
 
 def _probe_student(student, dataset, module_names: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -125,12 +109,15 @@ def _teacher_boxes_missing(terms: dict[str, dict], cache: str) -> None:
 
 
 def cache_side(cfg, options: TrainOptions, inner: dict, student, terms: dict[str, dict],
-               needs: TermNeeds) -> TeacherSide:
+               needs: TermNeeds, unlabelled: dict | None = None) -> TeacherSide:
     """The teacher side from the cache: the layers read, the train pipeline rewired to carry them (and the
     teacher's boxes) and the train sampler to announce upcoming samples (``CacheReadaheadSampler``); the
     cache checked against the student's training data."""
     cache = open_cache(options.cache, storage_options=options.storage_options)
     dataset = models.build_dataset(inner)
+    if unlabelled and unlabelled["pseudo_labels"] is not None and cache.manifest.boxes is None:
+        raise ConfigError(f"--unlabelled-pseudo-labels makes the teacher's boxes the unlabelled scans' GT, and cache "
+                          f"{options.cache} holds none; build it with `featcache build ... --boxes`")
     if needs.boxes and cache.manifest.boxes is None:
         _teacher_boxes_missing(terms, options.cache)
     teacher_boxes = needs.boxes and cache.manifest.boxes is not None
@@ -158,9 +145,10 @@ def cache_side(cfg, options: TrainOptions, inner: dict, student, terms: dict[str
                                         cache=options.cache, layers=names, storage_options=options.storage_options)
     teacher_range = bev_range(cache_point_cloud_range(cache.manifest), f"cache {options.cache}")
     modules = list(dict.fromkeys(layer.module for layer in layers))
-    _check_cache_covers(dataset, cache, options.student_config)
+    keys = dataset_keys(dataset)
+    check_covered(cache, keys, f"{len(keys)} training samples of {options.student_config}",
+                  "build the cache from the same infos (featcache build --split ...)")
     check_sources(cache, dataset)  # same keys, same scans: never another scan's targets
-    unlabelled = resolve_unlabelled(cfg, options)
     if unlabelled:  # after the pipeline packs cached targets: the unlabelled scans' pipeline is a copy of it
         add_unlabelled(cfg, inner, dataset, unlabelled, options.cache, names, options.storage_options, terms,
                        teacher_boxes)
@@ -258,14 +246,16 @@ def distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         raise ConfigError("featcache train needs --cache (or --online-teacher CONFIG CKPT for comparisons, "
                           "or --no-distill for the student alone)")
     terms, warmup = resolve_terms(cfg, options)
-    if not options.cache:
-        resolve_unlabelled(cfg, options)  # refused with an online teacher, in one line
     inner = models.unwrap_dataset_cfg(cfg.train_dataloader.dataset)
     models.init_mmdet3d_scope()
     student = models.build_model(cfg)
     needs = term_needs(terms, bool(options.pairs))
+    unlabelled = resolve_unlabelled(cfg, options)
+    pseudo_labels = unlabelled["pseudo_labels"] if unlabelled else None
+    if pseudo_labels is not None:  # the hard pseudo-label baseline reads the teacher's boxes
+        needs = needs._replace(boxes=True)
     student_range = student_bev_range(cfg, options.student_config)
-    side = (cache_side(cfg, options, inner, student, terms, needs) if options.cache
+    side = (cache_side(cfg, options, inner, student, terms, needs, unlabelled) if options.cache
             else online_side(options, inner, student, needs))
     student_shapes = _probe_student(student, side.dataset,
                                     list(dict.fromkeys([*side.modules, *side.heatmaps, *side.regressions])))
@@ -282,7 +272,7 @@ def distiller_model_cfg(cfg, options: TrainOptions) -> dict:
         target_codecs={k: v for k, v in side.codecs.items() if k in pairs.values()},
         heatmap_pairs={s_layer: channels for s_layer, (_, channels) in side.heatmaps.items()},
         regression_pairs={s_layer: spec for s_layer, (_, spec) in side.regressions.items()},
-        teacher_boxes=side.teacher_boxes, box_label_map=side.box_label_map,
+        teacher_boxes=side.teacher_boxes, box_label_map=side.box_label_map, pseudo_label_score=pseudo_labels,
         teacher_layouts={k: v for k, v in side.layouts.items() if k in pairs.values()},
         online_teacher=(dict(config=options.online_teacher[0], checkpoint=options.online_teacher[1],
                              cfg_options=options.teacher_cfg_options) if options.online_teacher else None))

@@ -84,13 +84,15 @@ def resolve_terms(cfg, options: TrainOptions) -> tuple[dict[str, dict], int]:
     return terms, warmup
 
 
-UNLABELLED_SETTINGS = ("ann_file", "cache", "per_labelled")
+UNLABELLED_SETTINGS = ("ann_file", "cache", "per_labelled", "pseudo_labels")
 
 
 def resolve_unlabelled(cfg, options: TrainOptions) -> dict[str, Any] | None:
     """The run's unlabelled scans: ``--unlabelled`` (with ``--unlabelled-cache``, ``--unlabelled-per-labelled``)
     over the student config's ``distill.unlabelled``; None without either. dict(ann_file, cache (None: the run's
-    --cache), per_labelled (unlabelled scans per labelled sample in each step, default 1))."""
+    --cache), per_labelled (unlabelled scans per labelled sample in each step, default 1), pseudo_labels (None; a
+    score: the baseline of hard pseudo-labels, the teacher's cached boxes scoring at least that as the unlabelled
+    scans' GT, trained through the detection loss))."""
     configured = dict((cfg.get("distill") or {}).get("unlabelled") or {})
     given = {key: value for key, value in (options.unlabelled or {}).items() if value is not None}
     if options.no_distill:  # the plain student: the config's distill section is not read, --unlabelled refused
@@ -116,5 +118,9 @@ def resolve_unlabelled(cfg, options: TrainOptions) -> dict[str, Any] | None:
     if options.online_teacher or not options.cache:
         raise ConfigError(f"--unlabelled {spec['ann_file']}: unlabelled scans are trained on through cached teacher "
                           "targets only (--online-teacher is for comparisons on labelled data); give --cache and --kd")
+    pseudo = spec.setdefault("pseudo_labels", None)
+    if pseudo is not None and not 0 < float(pseudo) <= 1:
+        raise ConfigError(f"unlabelled pseudo_labels (--unlabelled-pseudo-labels) is the teacher's box score above "
+                          f"which its boxes become GT, in (0, 1]; got {pseudo!r}")
     spec.setdefault("cache", None)
     return spec

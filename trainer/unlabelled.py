@@ -30,9 +30,9 @@ from torch.utils.data import Dataset
 from featcache import open_cache
 from featcache.errors import CacheMismatchError, ConfigError
 from featcache.teacher import models
-from featcache.teacher.samples import check_sources, dataset_keys
+from featcache.teacher.samples import check_covered, check_sources, dataset_keys
 
-__all__ = ["LABELLED", "is_labelled", "WithUnlabelled", "WithUnlabelledBatchSampler", "add_unlabelled", "labelled_first",
+__all__ = ["LABELLED", "PSEUDO_LABELLED", "is_labelled", "pseudo_label", "WithUnlabelled", "WithUnlabelledBatchSampler", "add_unlabelled", "labelled_first",
            "split_inputs", "teacher_only_forward"]
 
 log = logging.getLogger("trainer.train")
@@ -40,6 +40,25 @@ log = logging.getLogger("trainer.train")
 LABELLED = "labelled"
 # what must agree between the labelled cache and the one holding the unlabelled scans' targets
 SAME_TEACHER_FIELDS = ("teacher_model_sha256", "checkpoint_sha256")
+
+
+# data sample metainfo: True for an unlabelled scan whose GT are the teacher's boxes (the pseudo-label baseline)
+PSEUDO_LABELLED = "pseudo_labelled"
+
+
+def pseudo_label(data_sample: Any, score: float, plausible: Any) -> int:
+    """The hard pseudo-label baseline (``--unlabelled-pseudo-labels SCORE``): an unlabelled sample's GT becomes the
+    teacher's boxes (``teacher_instances_3d``, in its augmented frame) scoring >= ``score`` that ``plausible``
+    keeps, and the sample is labelled from then on (it reaches the detection loss). Returns the boxes made GT."""
+    from mmengine.structures import InstanceData
+
+    teacher = data_sample.teacher_instances_3d
+    keep = (teacher.scores_3d >= score) & plausible(teacher.bboxes_3d.tensor).to(teacher.scores_3d.device)
+    gt = data_sample.gt_instances_3d
+    data_sample.gt_instances_3d = InstanceData(metainfo=gt.metainfo, bboxes_3d=teacher.bboxes_3d[keep],
+                                               labels_3d=teacher.labels_3d[keep].long())
+    data_sample.set_metainfo({LABELLED: True, PSEUDO_LABELLED: True})
+    return int(keep.sum())
 
 
 def is_labelled(data_sample: Any) -> bool:
@@ -245,19 +264,9 @@ def add_unlabelled(cfg, inner: dict, labelled_dataset, spec: dict, cache_locatio
         raise ConfigError(f"--unlabelled {ann_file}: {len(both)} of its samples are labelled training samples too "
                           f"(e.g. {both[0]!r}); a scan is either labelled or not: write the unlabelled infos without them")
     cache = open_cache(location, storage_options=storage_options)
-    missing = [key for key in keys if key not in cache]
-    if missing:
-        raise CacheMismatchError(
-            f"--unlabelled {ann_file}: {len(missing)} of its {len(keys)} scans are not in cache {location}, e.g. "
-            f"{', '.join(map(repr, missing[:5]))}; build their targets with `featcache build ... --cfg-options "
-            f"train_dataloader.dataset.ann_file={ann_file}` (and give that cache with --unlabelled-cache)")
-    from featcache import format
-
-    status = cache.status()
-    incomplete = [key for key in keys if status[cache.row_of(key)] != format.STATUS_COMPLETE]
-    if incomplete:
-        raise CacheMismatchError(f"--unlabelled {ann_file}: {len(incomplete)} of its scans are not complete in "
-                                 f"{location}, e.g. {', '.join(map(repr, incomplete[:5]))}; finish the build (it resumes)")
+    check_covered(cache, keys, f"--unlabelled {ann_file}'s {len(keys)} scans",
+                  f"build their targets with `featcache build ... --cfg-options train_dataloader.dataset.ann_file="
+                  f"{ann_file}` (and give that cache with --unlabelled-cache)")
     check_sources(cache, dataset)
     if location != cache_location:
         _check_same_targets(open_cache(cache_location, storage_options=storage_options), cache, cache_location,

@@ -206,3 +206,23 @@ def check_sources(cache, dataset) -> int:
             f"{len(problems)} sample(s) of the dataset are other scans than the ones cache {cache.location} holds "
             f"under the same key, e.g. " + "; ".join(problems[:5]) + "." + advice)
     return sum(1 for key in keys if key in cache)
+
+
+def check_covered(cache, keys: Sequence[str], what: str, missing_advice: str) -> None:
+    """Refuse samples a cache lacks or holds incomplete: ``what`` names them (``"6 training samples of CONFIG"``,
+    ``"--unlabelled INFOS: 3 scans"``: "N of" is put before it), ``missing_advice`` says how to build the missing
+    ones. Raises CacheMismatchError naming the first few keys."""
+    from featcache import format
+    from featcache.errors import CacheMismatchError
+
+    missing = [key for key in keys if key not in cache]
+    if missing:
+        raise CacheMismatchError(f"{len(missing)} of {what} are not in cache {cache.location} (dataset id "
+                                 f"{cache.manifest.dataset_id[:12]}..., split {cache.manifest.split!r}), e.g. "
+                                 f"{', '.join(map(repr, missing[:5]))}; {missing_advice}")
+    status = cache.status()
+    incomplete = [key for key in keys if status[cache.row_of(key)] != format.STATUS_COMPLETE]
+    if incomplete:
+        raise CacheMismatchError(f"{len(incomplete)} of {what} are not complete in {cache.location}, e.g. "
+                                 f"{', '.join(map(repr, incomplete[:5]))}; finish it with `featcache build` (it "
+                                 "resumes) or check `featcache verify`")
