@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.quality.keys import CODE_FIELDS, TRAINER_FILES
-from trainer.quality.plan import (COARSE_PILOT_SEED, COARSE_RECIPE, COARSE_SEEDS, CORE_RECIPES, INIT, NO_KD, best_recipe, group_records,
+from trainer.quality.plan import (COARSE_PILOT_SEED, COARSE_RECIPE, COARSE_SEEDS, CORE_RECIPES, INIT,
+                                  LABELLED_SEPARATOR, NO_KD, SCARCE_COUNTS, SCARCE_STUDENT, best_recipe, group_records,
                                   heatmap_codec_arms, heatmap_codec_of, missing_runs, targets_of, with_crd)
 from trainer.quality.runs import now
 
@@ -168,6 +169,7 @@ def render_report(state: dict[str, Any], context: dict[str, Any], quick: bool, w
     lines += conclusions(groups, verdicts, best, records_by_group)
     lines += ["", "## Targets (issue #30: distillation that teaches)", ""]
     lines += teaching_targets(records_by_group, teacher["mAP"], best)
+    lines += ["", "## Scarce labels (issue #31)", ""] + scarce_section(records_by_group)
     lines += ["", "## Targets (issue #15)", ""] + target_table(groups, teacher["mAP"], best)
     lines += heatmap_codec_section(records_by_group, best, state.get("heatmap_caches", {}), context)
     missing = missing_runs(state, quick)
@@ -310,6 +312,33 @@ def teaching_targets(records_by_group: dict[tuple[str, str, str], list[dict]], t
                  if beyond.high > 0 else "below 0"])
     lines = ["| target | goal | measured | result |", "|---|---|---|---|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def scarce_section(records_by_group: dict[tuple[str, str, str], list[dict]]) -> list[str]:
+    """Issue #31's first step: the no-KD curve of the student that cannot inherit over labelled-scan counts (the
+    same iterations each; ``SCARCE_COUNTS`` and all 400), and where it is data-limited (>= 0.05 below its 400-scan
+    mean): the setting its unlabelled scans are measured in."""
+    full = [record["mAP"] for record in records_by_group.get((SCARCE_STUDENT, NO_KD, "none"), [])]
+    rows, limited = [], []
+    for count in SCARCE_COUNTS:
+        values = [record["mAP"] for record in
+                  records_by_group.get((f"{SCARCE_STUDENT}{LABELLED_SEPARATOR}{count}", NO_KD, "none"), [])]
+        below = statistics.mean(full) - statistics.mean(values) if values and full else None
+        if below is not None and below >= 0.05:
+            limited.append(count)
+        rows.append([str(count), "" if not values else f"{statistics.mean(values):.4f} ({len(values)} seed"
+                     f"{'s' if len(values) > 1 else ''})", "" if below is None else f"{-below:+.4f}",
+                     "not run yet" if below is None else "yes" if below >= 0.05 else "no"])
+    if full:
+        rows.append(["400 (all)", f"{statistics.mean(full):.4f} ({len(full)} seeds)", "", ""])
+    lines = [f"The `{SCARCE_STUDENT}` student (it cannot inherit) without KD, its first N train scans labelled, trained "
+             "the iterations of the full split (more epochs, the same per-iteration schedule):", "",
+             "| labelled scans | no-KD mAP | minus all 400 | data-limited (>= 0.05 below) |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", ("Data-limited at " + ", ".join(map(str, limited)) + " labelled scans: the setting where the other "
+                                        "train scans (and extra ones) join as teacher-only samples."
+                                        if limited else "No count is data-limited yet.")]
+    return lines
 
 
 def target_table(groups, teacher_map: float, best: str | None) -> list[str]:
