@@ -346,3 +346,6 @@ def test_a_scarce_label_student_trains_the_full_splits_iterations_on_its_first_s
         full + "\0labelled=100"
     assert [run.student for run in plan.wanted_runs([], [0], False, "scarce")] == ["coarse@25", "coarse@50", "coarse@100"]
     assert plan.recipe_parts("heatmap=4:loss=focal,pkd=5,unlabelled") == ("heatmap=4:loss=focal,pkd=5", False)
+    assert plan.recipe_parts("pkd=5,unlabelled:pseudo=0.3") == ("pkd=5", False)
+    assert plan.pseudo_label_score("pkd=5,unlabelled:pseudo=0.3") == 0.3 and plan.pseudo_label_score("pkd=5,unlabelled") is None
+    assert plan.uses_unlabelled("pkd=5,unlabelled:pseudo=0.3") and not plan.uses_unlabelled("pkd=5")

@@ -74,13 +74,29 @@ SCARCE_CURVE_SEED = 0
 
 def recipe_parts(recipe: str) -> tuple[str | None, bool]:
     """(--kd spec or None for the detection loss alone, whether the student inherits the teacher's weights)."""
-    parts = [part for part in recipe.split(",") if part and part not in (INIT, UNLABELLED)]
+    parts = [part for part in recipe.split(",") if part and part != INIT and part.split(":")[0] != UNLABELLED]
     return (None if recipe == NO_KD or not parts else ",".join(parts)), INIT in recipe.split(",")
 
 
+def _unlabelled_token(recipe: str) -> str | None:
+    return next((part for part in recipe.split(",") if part.split(":")[0] == UNLABELLED), None)
+
+
 def uses_unlabelled(recipe: str) -> bool:
-    """Whether a recipe also trains on the train scans it does not label, as teacher-only samples."""
-    return UNLABELLED in recipe.split(",")
+    """Whether a recipe also trains on the train scans it does not label, as teacher-only samples (``unlabelled``),
+    or as the hard pseudo-label baseline (``unlabelled:pseudo=0.3``: the teacher's boxes scoring >= 0.3 as their GT)."""
+    return _unlabelled_token(recipe) is not None
+
+
+def pseudo_label_score(recipe: str) -> float | None:
+    """The score of a recipe's hard pseudo-labels (``unlabelled:pseudo=0.3`` -> 0.3); None for soft targets only."""
+    token = _unlabelled_token(recipe)
+    for item in (token or "").split(":")[1:]:
+        name, _, value = item.partition("=")
+        if name == "pseudo":
+            return float(value)
+        raise ValueError(f"recipe {recipe!r}: {UNLABELLED} takes pseudo=SCORE only, not {item!r}")
+    return None
 
 
 def student_parts(student: str) -> tuple[str, int | None]:

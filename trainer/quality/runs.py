@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from trainer.quality.plan import (REPO, TEACHER_CKPT, TEACHER_CONFIG, Run, recipe_parts, student_config, student_parts,
-                                  uses_unlabelled)
+from trainer.quality.plan import (REPO, TEACHER_CKPT, TEACHER_CONFIG, Run, pseudo_label_score, recipe_parts,
+                                  student_config, student_parts, uses_unlabelled)
 
 
 def data_options(data: Path) -> list[str]:
@@ -60,7 +60,8 @@ def train_and_evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     if uses_unlabelled(run.recipe):
         if kd is None or labelled is None:
             raise ValueError(f"{run.name}: unlabelled scans need a --kd recipe and a scarce-label student (student@N)")
-        common["unlabelled"] = dict(ann_file=write_unlabelled_rest(config, spec["cfg_options"], labelled, work_dir))
+        common["unlabelled"] = dict(ann_file=write_unlabelled_rest(config, spec["cfg_options"], labelled, work_dir),
+                                    pseudo_labels=pseudo_label_score(run.recipe))
     if kd is None:
         train_options = TrainOptions(cache=None, no_distill=True, **common)
     elif run.targets == "online":
