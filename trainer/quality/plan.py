@@ -238,7 +238,8 @@ def record_run(record: dict[str, Any]) -> Run:
 
 def missing_runs(state: dict[str, Any], quick: bool) -> list[str]:
     done = {record_run(r) for r in state["runs"]}
-    seeds = sorted({r["seed"] for r in state["runs"]} | ({0} if quick else {0, 1, 2}))
+    # the seeds the half/slim plan was run with (the coarse student's fresh seeds are its own, COARSE_SEEDS)
+    seeds = sorted({r["seed"] for r in state["runs"] if r["student"] in ("half", "slim")} | ({0} if quick else {0, 1, 2}))
     return [run.name for run in dict.fromkeys(wanted_runs(state["runs"], seeds, quick, None)) if run not in done]
 
 
