@@ -13,7 +13,8 @@ from typing import Any
 
 from trainer.quality.keys import CODE_FIELDS, TRAINER_FILES
 from trainer.quality.plan import (COARSE_PILOT_SEED, COARSE_RECIPE, COARSE_SEEDS, CORE_RECIPES, INIT,
-                                  LABELLED_SEPARATOR, NO_KD, SCARCE_COUNTS, SCARCE_STUDENT, best_recipe, group_records,
+                                  LABELLED_SEPARATOR, NO_KD, SCARCE_COUNTS, SCARCE_LONG_COUNTS, SCARCE_LONG_STUDENT,
+                                  SCARCE_STUDENT, best_recipe, group_records,
                                   heatmap_codec_arms, heatmap_codec_of, missing_runs, targets_of, with_crd)
 from trainer.quality.runs import now
 
@@ -316,28 +317,30 @@ def teaching_targets(records_by_group: dict[tuple[str, str, str], list[dict]], t
 
 def scarce_section(records_by_group: dict[tuple[str, str, str], list[dict]]) -> list[str]:
     """Issue #31's first step: the no-KD curve of the student that cannot inherit over labelled-scan counts (the
-    same iterations each; ``SCARCE_COUNTS`` and all 400), and where it is data-limited (>= 0.05 below its 400-scan
-    mean): the setting its unlabelled scans are measured in."""
-    full = [record["mAP"] for record in records_by_group.get((SCARCE_STUDENT, NO_KD, "none"), [])]
+    same iterations each; ``SCARCE_COUNTS``, and ``SCARCE_LONG_COUNTS`` on the long schedule), against the same
+    student with all 400 labelled, and where it is data-limited (>= 0.05 below): the setting its unlabelled scans
+    are measured in."""
     rows, limited = [], []
-    for count in SCARCE_COUNTS:
-        values = [record["mAP"] for record in
-                  records_by_group.get((f"{SCARCE_STUDENT}{LABELLED_SEPARATOR}{count}", NO_KD, "none"), [])]
-        below = statistics.mean(full) - statistics.mean(values) if values and full else None
-        if below is not None and below >= 0.05:
-            limited.append(count)
-        rows.append([str(count), "" if not values else f"{statistics.mean(values):.4f} ({len(values)} seed"
-                     f"{'s' if len(values) > 1 else ''})", "" if below is None else f"{-below:+.4f}",
-                     "not run yet" if below is None else "yes" if below >= 0.05 else "no"])
-    if full:
-        rows.append(["400 (all)", f"{statistics.mean(full):.4f} ({len(full)} seeds)", "", ""])
-    lines = [f"The `{SCARCE_STUDENT}` student (it cannot inherit) without KD, its first N train scans labelled, trained "
-             "the iterations of the full split (more epochs, the same per-iteration schedule):", "",
-             "| labelled scans | no-KD mAP | minus all 400 | data-limited (>= 0.05 below) |", "|---|---|---|---|"]
+    for student, counts in ((SCARCE_STUDENT, SCARCE_COUNTS), (SCARCE_LONG_STUDENT, SCARCE_LONG_COUNTS)):
+        full = [record["mAP"] for record in records_by_group.get((student, NO_KD, "none"), [])]
+        for count in counts:
+            values = [record["mAP"] for record in
+                      records_by_group.get((f"{student}{LABELLED_SEPARATOR}{count}", NO_KD, "none"), [])]
+            below = statistics.mean(full) - statistics.mean(values) if values and full else None
+            if below is not None and below >= 0.05:
+                limited.append(f"`{student}@{count}`")
+            rows.append([f"`{student}`", str(count), "" if not values else f"{statistics.mean(values):.4f} "
+                         f"({len(values)} seed{'s' if len(values) > 1 else ''})", "" if below is None else f"{-below:+.4f}",
+                         "not run yet" if below is None else "yes" if below >= 0.05 else "no"])
+        rows.append([f"`{student}`", "400 (all)", f"{statistics.mean(full):.4f} ({len(full)} seed{'s' if len(full) > 1 else ''})"
+                     if full else "not run yet", "", ""])
+    lines = ["The student that cannot inherit, without KD, its first N train scans labelled, trained the iterations of "
+             "the full split (more epochs, the same per-iteration schedule; `coarse`: 800 iterations, `coarse_long`: "
+             "1,600):", "",
+             "| student | labelled scans | no-KD mAP | minus all 400 | data-limited (>= 0.05 below) |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", ("Data-limited at " + ", ".join(map(str, limited)) + " labelled scans: the setting where the other "
-                                        "train scans (and extra ones) join as teacher-only samples."
-                                        if limited else "No count is data-limited yet.")]
+    lines += ["", ("Data-limited: " + ", ".join(limited) + ": the setting where the other train scans (and extra "
+                   "ones) join as teacher-only samples." if limited else "No setting is data-limited yet.")]
     return lines
 
 
