@@ -332,7 +332,8 @@ def test_a_scarce_label_student_trains_the_full_splits_iterations_on_its_first_s
         scarce = runs.scarce_options(config, options, labelled)
         epochs = int(scarce[1].rpartition("=")[2])
         assert scarce[0] == f"train_dataloader.dataset.indices={labelled}"
-        assert scarce[2:] == [f"param_scheduler.1.T_max={epochs}", f"param_scheduler.1.end={epochs}"]
+        assert scarce[2:] == [f"param_scheduler.1.T_max={epochs}", f"param_scheduler.1.end={epochs}",
+                              f"default_hooks.checkpoint.interval={epochs}"]
         assert abs(epochs * math.ceil(labelled / 2) - full_iterations) <= math.ceil(labelled / 2) / 2
     with pytest.raises(ValueError, match="the train split holds 400"):
         runs.scarce_options(config, options, 400)

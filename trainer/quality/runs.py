@@ -107,8 +107,10 @@ def scarce_options(config: str, cfg_options: list[str], labelled: int) -> list[s
     batch = int(cfg.train_dataloader.batch_size)
     iterations = int(cfg.train_cfg.max_epochs) * math.ceil(total / batch)
     epochs = max(1, round(iterations / math.ceil(labelled / batch)))
+    # one checkpoint at the end, not one per (tiny) epoch: saving moves no result, and 160 of them cost minutes
     return [f"train_dataloader.dataset.indices={labelled}", f"train_cfg.max_epochs={epochs}",
-            f"param_scheduler.1.T_max={epochs}", f"param_scheduler.1.end={epochs}"]
+            f"param_scheduler.1.T_max={epochs}", f"param_scheduler.1.end={epochs}",
+            f"default_hooks.checkpoint.interval={epochs}"]
 
 
 def write_unlabelled_rest(config: str, cfg_options: list[str], labelled: int, work_dir: str) -> str:
