@@ -272,6 +272,31 @@ def test_the_pseudo_label_baseline_trains_the_detection_loss_on_the_teachers_con
     assert sum(boxes) > 0  # the demo teacher's confident boxes became GT
 
 
+def test_two_process_gloo_ddp_trains_with_unlabelled_scans(two_caches, scans_with_unlabelled, tmp_path):
+    import json
+    import os
+
+    from lidar_fixtures import cfg_option_args, free_port
+
+    labelled_cache, unlabelled_cache = two_caches
+    root, ann_file = scans_with_unlabelled
+    options = {"train_dataloader.dataset.data_root": f"{root}/", "train_cfg.max_epochs": 1,
+               "train_dataloader.num_workers": 0, "train_dataloader.persistent_workers": False,
+               "default_hooks.logger.interval": 1}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "trainer.cli", "train", STUDENT, "--cache", labelled_cache, "--work-dir",
+               str(tmp_path / "ddp"), "--kd", "heatmap=1:loss=focal,pkd=1", "--unlabelled", ann_file,
+               "--unlabelled-cache", unlabelled_cache, *cfg_option_args(options)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = [json.loads(line) for line in next((tmp_path / "ddp").glob("*/vis_data/scalars.json")).read_text().splitlines()]
+    steps = [entry for entry in logs if "kd_unlabelled_samples" in entry]
+    # 6 labelled scans / (2 ranks x batch 2): 2 steps per rank (2 and 1 labelled), each with as many unlabelled
+    assert [entry["kd_unlabelled_samples"] for entry in steps] == [2.0, 1.0]
+    assert all(np.isfinite(entry["loss"]) for entry in steps)
+
+
 def test_unlabelled_scans_not_in_their_cache_or_also_labelled_are_refused_by_name(two_caches, scans_with_unlabelled):
     from trainer.train import build_runner_config
 
