@@ -139,16 +139,24 @@ def execute(args: argparse.Namespace) -> None:
         # by --jobs, not by this batch's size: a last run alone would get every core, and a run's result
         # depends on its thread count (reduction order), which its key does not hold
         threads = max(1, (os.cpu_count() or 2) // args.jobs)
+        failures = []
         with concurrent.futures.ThreadPoolExecutor(len(batch)) as pool:
             futures = {pool.submit(run_one, spec, threads): spec for spec in specs}
             for future in concurrent.futures.as_completed(futures):
-                record = future.result()
+                try:
+                    record = future.result()
+                except Exception as exc:  # noqa: BLE001 - the batch's other runs are still recorded
+                    failures.append(exc)
+                    log(f"failed {Run(**futures[future]['run']).name}: {exc}")
+                    continue
                 run = record_run(record)
                 current[run] = record
                 state["runs"] = list(current.values())
                 save(state_path, state)
                 write_report(out_dir, state, context, args.quick)
                 log(f"done {run.name}: mAP {record['mAP']:.4f} ({record['train_s']:.0f} s)")
+        if failures:
+            raise failures[0]
         if budget is not None:
             budget -= len(batch)
     write_report(out_dir, state, context, args.quick)

@@ -122,7 +122,9 @@ def write_unlabelled_rest(config: str, cfg_options: list[str], labelled: int, wo
     _, path = _train_infos(config, cfg_options)
     infos = load_infos(path)
     rest = [{**info, "instances": [], FIELD: True} for info in infos["data_list"][labelled:]]
-    return write_infos(os.path.join(work_dir, f"unlabelled_after_{labelled}.pkl"), rest, infos.get("metainfo", {}))
+    # absolute: a relative ann_file is read below the dataset's data_root (mmengine's rule)
+    return write_infos(os.path.abspath(os.path.join(work_dir, f"unlabelled_after_{labelled}.pkl")), rest,
+                       infos.get("metainfo", {}))
 
 
 def median_step_time(work_dir: str) -> float | None:
